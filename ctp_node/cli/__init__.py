@@ -1,0 +1,1 @@
+"""The `ctp-node` command line: one module per verb, joined in `main`."""

@@ -1,0 +1,37 @@
+"""Entry point of the `ctp-node` console script.
+
+Each verb lives in its own module and keeps heavy imports (torch, pydicom) inside the command
+function, so `ctp-node --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ctp_node import __version__
+from ctp_node.cli import bench_cmd, infer_cmd
+
+app = typer.Typer(
+    name="ctp-node",
+    help="Inpaint sparsely sampled CT perfusion to 1 s with a conditional diffusion model. Research use only.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctp-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ctp-node: CT perfusion temporal inpainting node (research use only)."""
+
+
+app.command("infer")(infer_cmd.infer)
+app.command("bench")(bench_cmd.bench)

@@ -1,0 +1,51 @@
+"""SR3-style training objective with a continuous noise level (the published recipe)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from model.schedule import NoiseSchedule
+
+LossType = Literal["l1", "l2"]
+
+
+def sample_noise_levels(
+    schedule: NoiseSchedule, batch_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One discrete step t ~ U{1..T} per batch, then g ~ U(gamma_prev[t-1], gamma_prev[t]) per sample.
+
+    The published trainer draws t once per batch (not per sample); kept for fidelity.
+    """
+    gamma_prev = torch.as_tensor(schedule.sqrt_alphas_cumprod_prev, dtype=torch.float64)
+    t = int(torch.randint(1, schedule.num_timesteps + 1, (1,), generator=generator).item())
+    low, high = gamma_prev[t - 1], gamma_prev[t]
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    return (high + (low - high) * u).float()
+
+
+def diffusion_loss(
+    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    noise_level: torch.Tensor,
+    loss_type: LossType = "l1",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean L1 (or L2) between the true noise and ``eps_model(x_noisy, g)``.
+
+    ``x0`` is the clean target (B, 1, D, H, W); ``eps_model`` wraps the conditioning (left/right
+    volumes, contexts) so this function knows only the diffusion maths.
+    """
+    if noise is None:
+        noise = torch.randn_like(x0)
+    g = noise_level.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    x_noisy = g * x0 + torch.sqrt(1 - g**2) * noise
+    predicted = eps_model(x_noisy, noise_level)
+    if loss_type == "l1":
+        return F.l1_loss(predicted.float(), noise.float())
+    if loss_type == "l2":
+        return F.mse_loss(predicted.float(), noise.float())
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose 'l1' or 'l2'")
