@@ -87,9 +87,7 @@ def reference_study(settings: BenchSettings, seed: int = 0) -> tuple[np.ndarray,
     """Known volumes (16, D, H, W) in model space with an ellipsoidal 'brain' and their times."""
     times = np.arange(0, settings.study_duration_s + 1, settings.study_gap_s, dtype=np.float64)
     d, h, w = settings.volume_shape
-    zz, yy, xx = np.meshgrid(
-        np.linspace(-1, 1, d), np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij"
-    )
+    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, d), np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
     brain = (yy**2 / 0.8 + xx**2 / 0.6 + zz**2 / 4) < 1
     rng = np.random.default_rng(seed)
     curve = 30 + 20 * np.exp(-(((times - 25) / 8) ** 2))
@@ -110,9 +108,7 @@ def _published_loop_ms_per_step(net: UNet3D, settings: BenchSettings, device: to
 
     def run(steps: int) -> None:
         with torch.no_grad():
-            sample_ancestral(
-                eps, torch.randn(1, 1, d, h, w, device=device), NoiseSchedule.build(n_timestep=steps)
-            )
+            sample_ancestral(eps, torch.randn(1, 1, d, h, w, device=device), NoiseSchedule.build(n_timestep=steps))
 
     run(2)  # warm-up: allocator, kernels
     return 1000 * _timed(lambda: run(settings.published_steps_timed), device) / settings.published_steps_timed
@@ -126,9 +122,7 @@ def run_benchmark(
     torch.manual_seed(0)
     net = UNet3D(config).to(device).eval()
     flops = flops_per_volume(config, settings.volume_shape)
-    log(
-        f"network {settings.network}: {net.num_parameters():,} parameters, {flops / 1e12:.3f} TFLOP per volume forward"
-    )
+    log(f"network {settings.network}: {net.num_parameters():,} parameters, {flops / 1e12:.3f} TFLOP per volume forward")
 
     log(f"(a) published loop: fp32, batch 1, ancestral, {settings.published_steps_timed} warm steps")
     published_ms = _published_loop_ms_per_step(net, settings, device)
@@ -167,6 +161,7 @@ def run_benchmark(
         "flops_per_volume_forward": flops,
         "settings": asdict(settings),
         "batch_size": engine.batch_size_for(n_targets, settings.volume_shape),
+        "compiled": engine.compiled,
         "published_loop": {
             "ms_per_step": published_ms,
             "tflops": flops / (published_ms / 1000) / 1e12,

@@ -147,15 +147,11 @@ def _check_schedule(buffers: Mapping[str, torch.Tensor], notes: list[str]) -> di
         info["schedule"] = "linear"
     else:
         info["schedule"] = "unknown"
-        notes.append(
-            "stored betas are not a linear schedule: sample with the schedule the model was trained on"
-        )
+        notes.append("stored betas are not a linear schedule: sample with the schedule the model was trained on")
     if info["schedule"] == "linear":
         expected = rebuilt.buffers()
         for name, value in buffers.items():
-            if name in expected and not np.allclose(
-                value.double().cpu().numpy(), expected[name], rtol=1e-4, atol=1e-6
-            ):
+            if name in expected and not np.allclose(value.double().cpu().numpy(), expected[name], rtol=1e-4, atol=1e-6):
                 notes.append(f"schedule buffer {name!r} is inconsistent with the stored betas")
     return info
 
@@ -191,9 +187,7 @@ def read_checkpoint(path: str | Path, *, prefer: str = "ema") -> Checkpoint:
     if raw.get("format") == OWN_FORMAT:
         version = raw.get("version")
         if version != OWN_FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: ctp-node checkpoint version {version} is not supported (expected 1)"
-            )
+            raise CheckpointError(f"{path}: ctp-node checkpoint version {version} is not supported (expected 1)")
         try:
             config = UNetConfig.from_dict(dict(raw["network"]))
         except (KeyError, TypeError, ValueError) as exc:

@@ -46,7 +46,7 @@ class EngineSettings:
     spacing: Spacing = "logsnr"
     batch_size: int | None = None  # None: as many targets per pass as memory allows
     precision: Precision = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA (falls back to eager if compilation fails), off for CPU
     max_memory_gib: float = 20.0
     seed: int = 0
     n_samples: int = 1
@@ -114,7 +114,28 @@ class Inpainter:
         self.net = net.to(self.device).eval()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self._forward = torch.compile(self.net) if self.settings.compile else self.net
+        use_compile = self.settings.compile if self.settings.compile is not None else self.device.type == "cuda"
+        self._compiled = torch.compile(self.net) if use_compile else None
+        self._compile_verified = False
+        self._batch_sizes: dict[tuple[int, ...], int] = {}
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self.net(*args)
+        if self._compile_verified:
+            return self._compiled(*args)
+        try:
+            out = self._compiled(*args)
+        except Exception as exc:  # compilation needs a toolchain a site may lack: run eagerly instead
+            log.warning("torch.compile failed (%s: %s); running the network eagerly", type(exc).__name__, exc)
+            self._compiled = None
+            return self.net(*args)
+        self._compile_verified = True
+        return out
 
     def _eps_fn(
         self, left: torch.Tensor, right: torch.Tensor, local: torch.Tensor, scenario: torch.Tensor
@@ -137,20 +158,19 @@ class Inpainter:
         gen = torch.Generator(device=self.device).manual_seed(pass_seed)
         if s.sampler == "ancestral":
             # The authors rebuild the schedule with fewer steps and the same start and end betas.
-            sched = (
-                self.schedule
-                if s.steps == self.schedule.num_timesteps
-                else NoiseSchedule.build(n_timestep=s.steps)
-            )
+            sched = self.schedule if s.steps == self.schedule.num_timesteps else NoiseSchedule.build(n_timestep=s.steps)
             return sample_ancestral(eps_fn, x, sched, generator=gen, callback=on_step)
         levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing)
         sampler = sample_ddim if s.sampler == "ddim" else sample_dpmpp_2m
         return sampler(eps_fn, x, levels, generator=gen, callback=on_step)
 
     def batch_size_for(self, n_items: int, volume_shape: Sequence[int]) -> int:
-        """The configured batch size, or the largest that fits the memory budget."""
+        """The configured batch size, or the largest that fits the memory budget (measured once per shape)."""
         if self.settings.batch_size is not None:
             return self.settings.batch_size
+        key = (n_items, *volume_shape)
+        if key in self._batch_sizes:
+            return self._batch_sizes[key]
 
         def probe(batch: int) -> None:
             d, h, w = volume_shape
@@ -161,7 +181,10 @@ class Inpainter:
             with torch.inference_mode(), autocast(self.device, self.dtype):
                 self.net(x, ctx, scen, g)
 
-        return auto_batch_size(probe, self.device, n_items, max_memory_gib=self.settings.max_memory_gib)
+        self._batch_sizes[key] = auto_batch_size(
+            probe, self.device, n_items, max_memory_gib=self.settings.max_memory_gib
+        )
+        return self._batch_sizes[key]
 
     def inpaint(
         self,
@@ -238,9 +261,7 @@ class Inpainter:
         )
 
     @torch.inference_mode()
-    def _sample_targets(
-        self, volumes: np.ndarray, plan: InpaintPlan, progress: ProgressFn | None
-    ) -> np.ndarray | None:
+    def _sample_targets(self, volumes: np.ndarray, plan: InpaintPlan, progress: ProgressFn | None) -> np.ndarray | None:
         """(n_samples, n_targets, D, H, W) model-space samples, or None when nothing is missing."""
         s = self.settings
         targets = plan.targets
@@ -256,24 +277,23 @@ class Inpainter:
         done = 0
         out = np.empty((s.n_samples, len(targets), *shape), dtype=np.float32)
         for start in range(0, len(jobs), batch):
-            chunk = jobs[start : start + batch]
+            real = jobs[start : start + batch]
+            # Every pass has the same shape (the last one padded with repeats) so cuDNN autotuning and
+            # torch.compile see one shape; per-target seeds keep the repeats from changing anything.
+            chunk = real + [real[-1]] * (batch - len(real))
             left = known[[by_second[t.left] for _, t, _ in chunk]].unsqueeze(1)
             right = known[[by_second[t.right] for _, t, _ in chunk]].unsqueeze(1)
             local = torch.tensor([t.local_context for _, t, _ in chunk], device=self.device)
             scenario = torch.tensor([t.global_context for _, t, _ in chunk], device=self.device)
-            x = (
-                torch.cat([_target_noise(s.seed, t, n, shape) for _, t, n in chunk])
-                .unsqueeze(1)
-                .to(self.device)
-            )
+            x = torch.cat([_target_noise(s.seed, t, n, shape) for _, t, n in chunk]).unsqueeze(1).to(self.device)
 
-            def on_step(step: int, _total: int, n: int = len(chunk), base: int = done) -> None:
+            def on_step(step: int, _total: int, n: int = len(real), base: int = done) -> None:
                 if progress is not None:
                     progress(base + step * n, total)
 
             result = self._sample(self._eps_fn(left, right, local, scenario), x, s.seed + start, on_step)
-            done += len(chunk) * steps_per_pass
+            done += len(real) * steps_per_pass
             result_np = result.squeeze(1).float().cpu().numpy()
-            for (k, _target, n), vol in zip(chunk, result_np):
+            for (k, _target, n), vol in zip(real, result_np):
                 out[n, k] = vol
         return out

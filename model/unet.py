@@ -116,9 +116,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, cfg: UNetConfig) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(
-            _norm(channels, cfg), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1)
-        )
+        self.in_layers = nn.Sequential(_norm(channels, cfg), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(3 * cfg.embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             _norm(out_channels, cfg),
@@ -224,12 +222,8 @@ class UNet3D(nn.Module):
         ch0, emb = cfg.model_channels, cfg.embed_dim
         self.gradient_checkpointing = False
 
-        self.time_embed = nn.Sequential(
-            NoiseLevelEncoding(ch0), nn.Linear(ch0, emb), nn.SiLU(), nn.Linear(emb, emb)
-        )
-        self.local_context_embed = nn.Sequential(
-            nn.Linear(cfg.local_context_dim, emb), nn.SiLU(), nn.Linear(emb, emb)
-        )
+        self.time_embed = nn.Sequential(NoiseLevelEncoding(ch0), nn.Linear(ch0, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.local_context_embed = nn.Sequential(nn.Linear(cfg.local_context_dim, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.global_context_embed_matrix = nn.Parameter(torch.randn(cfg.num_scenarios, emb) / math.sqrt(emb))
 
         self.input_blocks = nn.ModuleList([EmbedSequential([nn.Conv3d(cfg.in_channels, ch0, 3, padding=1)])])
@@ -248,9 +242,7 @@ class UNet3D(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = EmbedSequential(
-            [ResBlock(ch, ch, cfg), AttentionBlock(ch, cfg), ResBlock(ch, ch, cfg)]
-        )
+        self.middle_block = EmbedSequential([ResBlock(ch, ch, cfg), AttentionBlock(ch, cfg), ResBlock(ch, ch, cfg)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):

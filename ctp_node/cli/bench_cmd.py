@@ -26,7 +26,9 @@ def bench(
     ),
     sampler: str | None = typer.Option(None, help="Engine sampler (default dpmpp_2m)."),
     batch: int | None = typer.Option(None, "--batch", help="Engine batch (default: as many as fit)."),
-    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the engine's network."),
+    compile_net: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the engine's network (default: on for CUDA)."
+    ),
     published_steps: int | None = typer.Option(None, help="Warm steps timed for the published loop."),
     warm_runs: int | None = typer.Option(None, help="Warm runs of the whole study (median reported)."),
 ) -> None:

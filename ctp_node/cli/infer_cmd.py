@@ -88,7 +88,9 @@ def infer(
     ),
     device: str = typer.Option("auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
-    compile_net: bool = typer.Option(False, "--compile", help="torch.compile the network (slow first pass)."),
+    compile_net: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the network (default: on for CUDA, off for CPU)."
+    ),
     long_gap: str = typer.Option("error", help="Gaps over 8 s: error, or linear (interpolated and marked)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

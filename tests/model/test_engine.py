@@ -87,15 +87,9 @@ def test_results_do_not_depend_on_batch_size():
 def test_seed_changes_samples_and_is_reproducible():
     volumes, times = study()
     net = tiny_net()
-    a = Inpainter(net, EngineSettings(steps=2, seed=1, mask_min_voxels=10), device="cpu").inpaint(
-        volumes, times
-    )
-    b = Inpainter(net, EngineSettings(steps=2, seed=1, mask_min_voxels=10), device="cpu").inpaint(
-        volumes, times
-    )
-    c = Inpainter(net, EngineSettings(steps=2, seed=2, mask_min_voxels=10), device="cpu").inpaint(
-        volumes, times
-    )
+    a = Inpainter(net, EngineSettings(steps=2, seed=1, mask_min_voxels=10), device="cpu").inpaint(volumes, times)
+    b = Inpainter(net, EngineSettings(steps=2, seed=1, mask_min_voxels=10), device="cpu").inpaint(volumes, times)
+    c = Inpainter(net, EngineSettings(steps=2, seed=2, mask_min_voxels=10), device="cpu").inpaint(volumes, times)
     assert np.array_equal(a.sequence, b.sequence)
     assert not np.allclose(a.sequence, c.sequence)
 
@@ -115,9 +109,7 @@ def test_long_gap_policies():
     engine = Inpainter(tiny_net(), EngineSettings(steps=2, mask_min_voxels=10), device="cpu")
     with pytest.raises(LongGapError, match="10 s"):
         engine.inpaint(volumes, times)
-    linear = Inpainter(
-        tiny_net(), EngineSettings(steps=2, long_gap="linear", mask_min_voxels=10), device="cpu"
-    )
+    linear = Inpainter(tiny_net(), EngineSettings(steps=2, long_gap="linear", mask_min_voxels=10), device="cpu")
     result = linear.inpaint(volumes, times)
     assert list(np.flatnonzero(result.fallback)) == list(range(5, 14))
     expected, _, _ = linear_inpaint(volumes, times)
@@ -173,3 +165,28 @@ def test_tissue_mask_follows_the_published_rule():
     assert mask[3, 17, 17] and not mask[0, 0, 0]
     assert mask.sum() == 6 * 30 * 30
     assert not tissue_mask(known).any()  # the published 6000-voxel rule removes an object this small
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken_compile(net):
+        def run(*args):
+            raise RuntimeError("no C compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    volumes, times = study(n=2)
+    net = tiny_net()
+    engine = Inpainter(net, EngineSettings(steps=1, compile=True, mask_min_voxels=10), device="cpu")
+    assert engine.compiled
+    with caplog.at_level("WARNING"):
+        result = engine.inpaint(volumes, times)
+    assert not engine.compiled and "running the network eagerly" in caplog.text
+    eager = Inpainter(net, EngineSettings(steps=1, compile=False, mask_min_voxels=10), device="cpu").inpaint(
+        volumes, times
+    )
+    np.testing.assert_array_equal(result.sequence, eager.sequence)
+
+
+def test_compile_defaults_to_off_on_cpu():
+    assert not Inpainter(tiny_net(), EngineSettings(), device="cpu").compiled
