@@ -1,0 +1,35 @@
+"""`ctp-node config`: print the effective configuration, or check a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ctp_node.cli.progress import stderr
+
+
+def config(
+    config_file: Path | None = typer.Option(
+        None, "--config", "-c", envvar="CTP_NODE_CONFIG", help="TOML configuration file (default: embedded defaults)."
+    ),
+    check: bool = typer.Option(False, "--check", help="Only validate; exit 0 when valid, 2 with the reasons if not."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
+) -> None:
+    """Print the effective configuration (file, then CTP_NODE_<SECTION>__<KEY> environment overrides)."""
+    import tomli_w
+
+    from ctp_node.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(config_file)
+    except ConfigError as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if check:
+        stderr.print(f"configuration valid ({config_file or 'embedded defaults'})")
+        return
+    data = settings.to_toml_dict()
+    data["jobs"]["database_url"] = settings.database_url
+    typer.echo(json.dumps(data, indent=2) if as_json else tomli_w.dumps(data))

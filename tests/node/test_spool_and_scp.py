@@ -1,0 +1,118 @@
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from ctp_node.config import AllowedCaller, DicomSettings
+from ctp_node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
+from ctp_node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from tests.node.dicom_helpers import ct_instance, free_port, require, run
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0.1", "2.25.123456789012345678901234567890"])
+def test_valid_uids(uid):
+    assert check_uid(uid, "X") == uid
+
+
+@pytest.mark.parametrize("uid", ["", None, "1..2", "1.02", "../etc", "1.2/3", "1.2.3a", "1." + "1" * 70, ".1"])
+def test_invalid_uids_never_become_paths(uid):
+    with pytest.raises(InvalidUIDError, match="not a valid DICOM UID"):
+        check_uid(uid, "SeriesInstanceUID")
+
+
+def test_spool_write_is_atomic_and_replaces(tmp_path):
+    spool = Spool(tmp_path)
+    key = SeriesKey("1.2.3", "1.2.3.4")
+    path = spool.write(key, "1.2.3.4.5", b"first")
+    assert path == tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm" and path.read_bytes() == b"first"
+    spool.write(key, "1.2.3.4.5", b"second")
+    assert path.read_bytes() == b"second" and spool.instances(key) == [path]
+    (path.parent / ".1.2.3.4.6.dcm.99.1.part").write_bytes(b"half")  # a crash mid-write
+    assert spool.instances(key) == [path]
+    assert spool.remove_partial_files() == 1
+    (tmp_path / "not-a-uid").mkdir()
+    assert list(spool.iter_series()) == [key]
+
+
+@pytest.fixture()
+def node(tmp_path):
+    received = []
+    settings = DicomSettings(ae_title="CTPNODE", bind_address="127.0.0.1", port=free_port())
+    spool = Spool(tmp_path / "spool")
+    server = start_scp(settings, spool, received.append)
+    yield settings, spool, received
+    server.shutdown()
+
+
+def test_echo_and_called_ae_check(node):
+    settings, _, _ = node
+    echoscu = require("echoscu")
+    assert run(echoscu, "-aec", "CTPNODE", "127.0.0.1", str(settings.port)).returncode == 0
+    refused = run(echoscu, "-aec", "WRONGAE", "127.0.0.1", str(settings.port))
+    assert refused.returncode != 0 and "called ae title not recogni" in (refused.stderr + refused.stdout).lower()
+
+
+def test_storescu_uncompressed_and_jpeg_lossless(node, tmp_path):
+    settings, spool, received = node
+    storescu, dcmcjpeg = require("storescu"), require("dcmcjpeg")
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"plain{i}.dcm")
+        ct_instance(files[-1], study=study, series=series, value=10 * i)
+    jpeg = tmp_path / "jpeg.dcm"
+    assert run(dcmcjpeg, "+e1", str(files[0]), str(jpeg)).returncode == 0  # JPEG Lossless SV1
+    original = pydicom.dcmread(files[0]).pixel_array
+    os.remove(files[0])
+    files[0] = jpeg
+    result = run(
+        storescu, "-xs", "-aet", "SCANNER", "-aec", "CTPNODE", "127.0.0.1", str(settings.port), *map(str, files)
+    )
+    assert result.returncode == 0, result.stderr
+    key = SeriesKey(study, series)
+    stored = spool.instances(key)
+    assert len(stored) == 3 and len(received) == 3
+    assert {r.calling_ae for r in received} == {"SCANNER"} and received[0].calling_host == "127.0.0.1"
+    back = {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in stored}
+    assert "1.2.840.10008.1.2.4.70" in back  # stored as received, not re-encoded
+    jpeg_back = next(p for p in stored if pydicom.dcmread(p).file_meta.TransferSyntaxUID.is_compressed)
+    np.testing.assert_array_equal(pydicom.dcmread(jpeg_back).pixel_array, original)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_invalid_uid_is_refused_with_a_reason(node, tmp_path):
+    settings, spool, received = node
+    ds = ct_instance(tmp_path / "bad.dcm", study="1.2.3", series="1.2.3.4")
+    ds.SeriesInstanceUID = "1.2.3/../../escape"
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title="CTPNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+    assert "SeriesInstanceUID" in status.ErrorComment
+    assert not received and not any(spool.root.rglob("*.dcm"))
+    assert not (tmp_path / "escape").exists()
+
+
+def test_allow_list_checks_ae_title_and_host(tmp_path):
+    echoscu = require("echoscu")
+    settings = DicomSettings(
+        ae_title="CTPNODE",
+        bind_address="127.0.0.1",
+        port=free_port(),
+        allowed_callers=(AllowedCaller(ae_title="SCANNER"), AllowedCaller(ae_title="PACS", host="10.9.9.9")),
+    )
+    server = start_scp(settings, Spool(tmp_path), lambda r: None)
+    try:
+        args = ["-aec", "CTPNODE", "127.0.0.1", str(settings.port)]
+        assert run(echoscu, "-aet", "SCANNER", *args).returncode == 0
+        assert run(echoscu, "-aet", "INTRUDER", *args).returncode != 0
+        assert run(echoscu, "-aet", "PACS", *args).returncode != 0  # right title, wrong host
+    finally:
+        server.shutdown()
