@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from ctp_node import __version__
-from ctp_node.cli import bench_cmd, config_cmd, infer_cmd
+from ctp_node.cli import bench_cmd, config_cmd, infer_cmd, perfusion_cmd, phantom_cmd
 
 app = typer.Typer(
     name="ctp-node",
@@ -36,3 +36,5 @@ def _root(
 app.command("infer")(infer_cmd.infer)
 app.command("bench")(bench_cmd.bench)
 app.command("config")(config_cmd.config)
+app.command("perfusion")(perfusion_cmd.perfusion)
+app.command("phantom")(phantom_cmd.phantom)

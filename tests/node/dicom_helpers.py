@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from tests.dcmtk import require  # noqa: F401  (re-exported for the node tests)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def dcmtk(tool: str) -> str | None:
-    """The DCMTK binary, not pynetdicom's Python apps of the same name that sit in the venv."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(folder) / tool
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            with open(candidate, "rb") as fh:
-                if fh.read(2) != b"#!":
-                    return str(candidate)
-    return None
-
-
-def require(tool: str) -> str:
-    path = dcmtk(tool)
-    if path is None:
-        pytest.skip(f"{tool} (DCMTK) is not installed; .ci/run installs it")
-    return path
 
 
 def ct_instance(path: Path, *, study: str, series: str, sop: str | None = None, value: int = 100) -> Dataset:

@@ -1,0 +1,361 @@
+"""`assemble_series`: DICOM instances of one CT perfusion series -> a `CTPSeries`.
+
+Rules (docs/ctp-data.md):
+
+- Single-frame CT Image Storage: group instances by slice position, sort each group by time
+  (AcquisitionDate/Time, else ContentDate/Time; AcquisitionNumber and InstanceNumber only break
+  ties); the k-th member of every group forms volume k.
+- Enhanced CT Image Storage: every frame is a slice with its own position and time
+  (FrameAcquisitionDateTime, else the instance's AcquisitionDateTime or ContentDate/Time); when
+  every frame carries a TemporalPositionIndex, frames are ordered by it (the number of volumes is the
+  number of distinct values, never a stated maximum) and then by time.
+
+Everything is checked, nothing repaired: one series, one grid, evenly spaced slices, complete
+volumes that do not interleave in time, at least two time points, decodable pixels. Violations raise
+the matching ``ctp_node.errors`` exception with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ctp_node.errors import (
+    IncompleteSeriesError,
+    MixedGeometryError,
+    MixedSeriesError,
+    NotCTPError,
+    UndecodableError,
+)
+from ctp_node.series import CTPSeries
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+POSITION_DECIMALS = 2  # slices closer than 0.01 mm are the same position
+ORIENTATION_TOLERANCE = 1e-4
+SPACING_TOLERANCE_MM = 0.01
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """One 2D image: a single-frame instance, or one frame of a multi-frame instance."""
+
+    path: Path
+    frame: int  # 0 for single-frame instances
+    sop_uid: str
+    position: tuple[float, float, float]
+    moment: datetime
+    order: tuple  # sort key within a slice position
+    slope: float
+    intercept: float
+
+
+@dataclass(frozen=True)
+class _Grid:
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+
+
+def assemble_series(paths: Iterable[str | Path]) -> CTPSeries:
+    """Read and check the instances in ``paths`` and return the 4D series in HU.
+
+    Raises a ``ctp_node.errors.CTPInputError`` subclass if the files are not one complete CTP series.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise NotCTPError("no files given: point to the folder holding the CTP series' DICOM files")
+    headers = [_read_header(p) for p in paths]
+    _check_one_series(headers, paths)
+    grid = _check_one_grid(headers, paths)
+    slices = [s for path, ds in zip(paths, headers, strict=True) for s in _slices(path, ds)]
+    _check_unique(slices)
+    normal = np.cross(grid.orientation[:3], grid.orientation[3:])
+    positions, volumes = _volumes(slices, normal)
+    spacing_z = _slice_spacing(positions, normal)
+    hu = _pixels(volumes, grid)
+    start = min(s.moment for s in volumes[0])
+    times = np.array([(min(s.moment for s in v) - start).total_seconds() for v in volumes])
+    direction = np.column_stack([grid.orientation[:3], grid.orientation[3:], normal])
+    first = headers[0]
+    return CTPSeries(
+        hu=hu,
+        times_s=times,
+        origin=tuple(float(v) for v in positions[0]),
+        spacing_mm=(spacing_z, grid.pixel_spacing[0], grid.pixel_spacing[1]),
+        direction=direction,
+        sop_instance_uids=[tuple(dict.fromkeys(s.sop_uid for s in v)) for v in volumes],
+        study_uid=str(first.StudyInstanceUID),
+        series_uid=str(first.SeriesInstanceUID),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        start=start,
+    )
+
+
+def _read_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises several types for damaged files
+        raise UndecodableError(f"{path} is not a readable DICOM file ({exc}); remove it or resend the series") from exc
+
+
+def _check_one_series(headers: list, paths: list[Path]) -> None:
+    for path, ds in zip(paths, headers, strict=True):
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class not in (CT_IMAGE, ENHANCED_CT_IMAGE) or ds.get("Modality") != "CT":
+            raise NotCTPError(
+                f"{path} is not a CT image (SOP class {sop_class or 'missing'}, modality "
+                f"{ds.get('Modality', 'missing')}): CTP needs CT Image or Enhanced CT Image Storage"
+            )
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        values = {str(ds.get(keyword, "")) for ds in headers}
+        if len(values) > 1:
+            raise MixedSeriesError(
+                f"the files hold {len(values)} different {keyword} values ({', '.join(sorted(values))}); "
+                "assemble one series at a time"
+            )
+
+
+def _check_one_grid(headers: list, paths: list[Path]) -> _Grid:
+    grids = {}
+    for path, ds in zip(paths, headers, strict=True):
+        orientation = _attribute(ds, "PlaneOrientationSequence", "ImageOrientationPatient", frame=0)
+        spacing = _attribute(ds, "PixelMeasuresSequence", "PixelSpacing", frame=0)
+        if orientation is None or spacing is None:
+            raise MixedGeometryError(f"{path} lacks ImageOrientationPatient or PixelSpacing: no usable geometry")
+        grid = _Grid(
+            tuple(float(v) for v in orientation), tuple(float(v) for v in spacing), int(ds.Rows), int(ds.Columns)
+        )
+        grids[path] = grid
+    reference = next(iter(grids.values()))
+    for path, grid in grids.items():
+        same = (
+            np.allclose(grid.orientation, reference.orientation, atol=ORIENTATION_TOLERANCE)
+            and np.allclose(grid.pixel_spacing, reference.pixel_spacing, atol=1e-4)
+            and (grid.rows, grid.columns) == (reference.rows, reference.columns)
+        )
+        if not same:
+            raise MixedGeometryError(
+                f"{path} has orientation {grid.orientation}, pixel spacing {grid.pixel_spacing}, matrix "
+                f"{grid.rows}x{grid.columns}; {paths[0]} has {reference.orientation}, {reference.pixel_spacing}, "
+                f"{reference.rows}x{reference.columns}: all images of a CTP series must share one grid"
+            )
+    return reference
+
+
+def _attribute(ds, group: str, keyword: str, frame: int | None = None):
+    """An attribute from the per-frame group, else the shared group, else the top level."""
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        item = ds.PerFrameFunctionalGroupsSequence[frame]
+        if group in item and keyword in item[group][0]:
+            return item[group][0][keyword].value
+    if "SharedFunctionalGroupsSequence" in ds:
+        item = ds.SharedFunctionalGroupsSequence[0]
+        if group in item and keyword in item[group][0]:
+            return item[group][0][keyword].value
+    return ds.get(keyword)
+
+
+def _slices(path: Path, ds) -> list[_Slice]:
+    if str(ds.SOPClassUID) == ENHANCED_CT_IMAGE:
+        return _enhanced_slices(path, ds)
+    position = ds.get("ImagePositionPatient")
+    if position is None:
+        raise MixedGeometryError(f"{path} lacks ImagePositionPatient: cannot place the slice")
+    moment = _instance_moment(ds)
+    if moment is None:
+        raise NotCTPError(
+            f"{path} has neither AcquisitionTime nor ContentTime: the time of its volume is unknown, "
+            "so it cannot be part of a perfusion series"
+        )
+    acquisition = ds.get("AcquisitionNumber")
+    order = (moment, int(acquisition) if acquisition not in (None, "") else 0, int(ds.get("InstanceNumber") or 0))
+    return [
+        _Slice(
+            path,
+            0,
+            str(ds.SOPInstanceUID),
+            tuple(float(v) for v in position),
+            moment,
+            order,
+            float(ds.get("RescaleSlope", 1.0)),
+            float(ds.get("RescaleIntercept", 0.0)),
+        )
+    ]
+
+
+def _enhanced_slices(path: Path, ds) -> list[_Slice]:
+    frames = int(ds.get("NumberOfFrames", 1))
+    fallback = _parse_dt(ds.get("AcquisitionDateTime")) or _instance_moment(ds)
+    slices = []
+    for frame in range(frames):
+        position = _attribute(ds, "PlanePositionSequence", "ImagePositionPatient", frame)
+        if position is None:
+            raise MixedGeometryError(f"{path} frame {frame + 1} lacks a Plane Position: cannot place it")
+        moment = _parse_dt(_attribute(ds, "FrameContentSequence", "FrameAcquisitionDateTime", frame)) or fallback
+        if moment is None:
+            raise NotCTPError(
+                f"{path} frame {frame + 1} has no FrameAcquisitionDateTime and the instance no acquisition "
+                "or content time: the time of its volume is unknown"
+            )
+        index = _attribute(ds, "FrameContentSequence", "TemporalPositionIndex", frame)
+        slices.append(
+            _Slice(
+                path,
+                frame,
+                str(ds.SOPInstanceUID),
+                tuple(float(v) for v in position),
+                moment,
+                (int(index) if index is not None else -1, moment),
+                float(_attribute(ds, "PixelValueTransformationSequence", "RescaleSlope", frame) or 1.0),
+                float(_attribute(ds, "PixelValueTransformationSequence", "RescaleIntercept", frame) or 0.0),
+            )
+        )
+    has_index = {s.order[0] >= 0 for s in slices}
+    if len(has_index) > 1:
+        raise MixedSeriesError(f"{path}: only some frames carry a TemporalPositionIndex; cannot order its frames")
+    return slices
+
+
+def _instance_moment(ds) -> datetime | None:
+    for prefix in ("Acquisition", "Content"):
+        time = ds.get(f"{prefix}Time")
+        if time:
+            return _parse_da_tm(ds.get(f"{prefix}Date") or ds.get("StudyDate") or "19000101", str(time))
+    return None
+
+
+def _parse_da_tm(date: str, time: str) -> datetime:
+    text = str(time).strip().replace(":", "")
+    whole, _, fraction = text.partition(".")
+    whole = whole.ljust(6, "0")
+    try:
+        return datetime.strptime(f"{str(date).strip()[:8]}{whole}", "%Y%m%d%H%M%S").replace(
+            microsecond=int(fraction.ljust(6, "0")[:6] or 0)
+        )
+    except ValueError as exc:
+        raise NotCTPError(
+            f"unreadable date/time {date!r} {time!r} ({exc}): the acquisition times are unusable"
+        ) from exc
+
+
+def _parse_dt(value) -> datetime | None:
+    if not value:
+        return None
+    text = str(value).strip()
+    for sign in ("+", "-"):  # drop a UTC offset: all times of one series share it
+        if sign in text[8:]:
+            text = text[: 8 + text[8:].index(sign)]
+    return _parse_da_tm(text[:8], text[8:] or "000000")
+
+
+def _check_unique(slices: list[_Slice]) -> None:
+    seen: dict[tuple[str, int], Path] = {}
+    for s in slices:
+        key = (s.sop_uid, s.frame)
+        if key in seen and seen[key] != s.path:
+            raise MixedSeriesError(
+                f"SOPInstanceUID {s.sop_uid} appears in {seen[key]} and {s.path}: remove the duplicate file"
+            )
+        seen[key] = s.path
+
+
+def _volumes(slices: list[_Slice], normal: np.ndarray) -> tuple[list[np.ndarray], list[list[_Slice]]]:
+    """Slice positions (sorted along the normal) and the slices of each volume in that order."""
+    groups: dict[tuple[float, ...], list[_Slice]] = defaultdict(list)
+    for s in slices:
+        groups[tuple(np.round(s.position, POSITION_DECIMALS))].append(s)
+    keys = sorted(groups, key=lambda k: float(np.dot(k, normal)))
+    counts = {k: len(groups[k]) for k in keys}
+    expected = max(counts.values())
+    short = {k: n for k, n in counts.items() if n != expected}
+    if short:
+        listed = ", ".join(f"{_mm(k)} has {n}" for k, n in list(short.items())[:5])
+        raise IncompleteSeriesError(
+            f"{len(short)} of {len(keys)} slice positions lack instances ({listed}; the others have "
+            f"{expected}): some volume is incomplete; wait until the series has arrived or resend it"
+        )
+    if expected < 2:
+        raise NotCTPError(
+            f"only one time point ({len(keys)} slices, one per position): a perfusion series needs several "
+            "volumes over time; check that the whole series was sent"
+        )
+    for k in keys:
+        groups[k].sort(key=lambda s: s.order)
+    volumes = [[groups[k][t] for k in keys] for t in range(expected)]
+    for t in range(expected - 1):
+        if max(s.moment for s in volumes[t]) >= min(s.moment for s in volumes[t + 1]):
+            raise MixedSeriesError(
+                f"volumes {t + 1} and {t + 2} overlap in time (or share a time): the slices cannot be grouped "
+                "into volumes; the input may mix two acquisitions or repeat instances"
+            )
+    for t, volume in enumerate(volumes):
+        indices = {s.order[0] for s in volume if isinstance(s.order[0], int)}
+        if len(indices) > 1:
+            raise MixedSeriesError(
+                f"volume {t + 1} mixes TemporalPositionIndex values {sorted(indices)}: some time point lacks frames"
+            )
+    return [np.asarray(groups[k][0].position, dtype=np.float64) for k in keys], volumes
+
+
+def _mm(position: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in position) + ") mm"
+
+
+def _slice_spacing(positions: list[np.ndarray], normal: np.ndarray) -> float:
+    if len(positions) == 1:
+        raise NotCTPError("a single slice position: the phantom, perfusion and inpainting need a volume")
+    offsets = np.array([p - positions[0] for p in positions])
+    along = offsets @ normal
+    in_plane = offsets - np.outer(along, normal)
+    if np.abs(in_plane).max() > SPACING_TOLERANCE_MM * 10:
+        raise MixedGeometryError(
+            "slice positions do not lie on one line along the slice normal (gantry tilt or shifted slices)"
+        )
+    steps = np.diff(along)
+    if np.ptp(steps) > SPACING_TOLERANCE_MM:
+        raise MixedGeometryError(
+            f"slices are not evenly spaced (steps {np.round(steps, 3).tolist()} mm): "
+            "a CTP volume must be a regular stack"
+        )
+    return float(np.mean(steps))
+
+
+def _pixels(volumes: list[list[_Slice]], grid: _Grid) -> np.ndarray:
+    hu = np.empty((len(volumes), len(volumes[0]), grid.rows, grid.columns), dtype=np.float32)
+    where: dict[Path, list[tuple[int, int, _Slice]]] = defaultdict(list)
+    for t, volume in enumerate(volumes):
+        for z, s in enumerate(volume):
+            where[s.path].append((t, z, s))
+    for path, targets in where.items():
+        frames = _decode(path)
+        if frames.ndim == 2:
+            frames = frames[None]
+        for t, z, s in targets:
+            hu[t, z] = frames[s.frame].astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
+    return hu
+
+
+def _decode(path: Path) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises several types for damaged files
+        raise UndecodableError(f"{path} is not a readable DICOM file ({exc}); remove it or resend the series") from exc
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean the same to the caller
+        syntax = ds.file_meta.get("TransferSyntaxUID", "missing")
+        raise UndecodableError(
+            f"cannot decode the pixel data of {path} (transfer syntax {getattr(syntax, 'name', syntax)}): {exc}. "
+            "The file may be truncated (resend it) or need a decoder plugin (pylibjpeg-libjpeg for JPEG Lossless)"
+        ) from exc

@@ -1,0 +1,1 @@
+"""Evaluation of candidate series against the truth: image and perfusion-map agreement."""

@@ -1,0 +1,54 @@
+"""Writing an analysis: maps as .npz (always) or NIfTI (SimpleITK), and a JSON summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ctp_node.perfusion.maps import PerfusionMaps
+
+MAP_NAMES = ("cbf", "cbv", "mtt", "tmax", "ttp")
+MASK_NAMES = ("brain_mask", "tissue_mask", "core_mask", "hypoperfusion_mask")
+
+
+def write_npz(path: Path, maps: PerfusionMaps) -> Path:
+    names = (*MAP_NAMES, *MASK_NAMES, "aif_curve", "aif_voxels", "times_s")
+    arrays = {name: getattr(maps, name) for name in names}
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_nifti(
+    folder: Path,
+    maps: PerfusionMaps,
+    spacing_mm: Sequence[float] | None,
+    origin: Sequence[float] | None = None,
+    direction: np.ndarray | None = None,
+) -> list[Path]:
+    """One ``<name>.nii.gz`` per map and mask, with CTPSeries geometry: ``spacing_mm`` (z, y, x),
+    ``origin`` (x, y, z) mm and the 3 x 3 ``direction`` (columns: x, y, z index axes), when known."""
+    import SimpleITK as sitk
+
+    written = []
+    for name in MAP_NAMES + MASK_NAMES:
+        array = getattr(maps, name)
+        image = sitk.GetImageFromArray(array.astype(np.uint8) if array.dtype == bool else array)
+        if spacing_mm is not None:
+            image.SetSpacing([float(s) for s in reversed(spacing_mm)])  # SimpleITK wants (x, y, z)
+        if origin is not None:
+            image.SetOrigin([float(v) for v in origin])
+        if direction is not None:
+            image.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).ravel()])
+        path = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(path))
+        written.append(path)
+    return written
+
+
+def write_summary(path: Path, maps: PerfusionMaps, extra: dict | None = None) -> Path:
+    summary = maps.summary() | (extra or {})
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

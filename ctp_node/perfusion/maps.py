@@ -1,0 +1,285 @@
+"""`compute_perfusion`: a 4D HU series and its acquisition times to CBF, CBV, MTT, Tmax and TTP maps.
+
+Steps: bolus arrival and baseline S0 (mean of the pre-arrival frames) -> brain mask on S0 ->
+concentration curves S - S0 -> linear resampling to a uniform grid -> automatic AIF -> block-
+circulant deconvolution (bSVD or oSVD) or a model-based fit (``parametric``) -> maps -> core and
+hypoperfusion (see ``lesion``).
+
+Units: CBF mL/100 g/min, CBV mL/100 g, MTT s, Tmax s (time of the maximum of the residue, i.e. the
+delay of the tissue relative to the AIF), TTP s from the first acquisition. Outside the brain mask
+every map is 0.
+
+CBF = k * max(F R) * 6000. CBV is the area ratio ``k * 100 * integral(C) / integral(AIF)`` rather
+than ``k * sum(R) * dt * 100``: for the block-circulant solution the two are the same number (the
+zero-frequency singular value is the largest and is never truncated), but the area ratio does not
+depend on the truncation threshold, on oSVD's per-voxel choice or on the delay, and needs no
+deconvolution at all. MTT = CBV / CBF * 60 (central volume theorem).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from ctp_node.perfusion import aif as aif_select
+from ctp_node.perfusion import deconvolution as dec
+from ctp_node.perfusion import lesion, parametric, timing
+from ctp_node.perfusion.brain_mask import CSF_MAX_HU
+from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
+from ctp_node.perfusion.errors import NoAIFError, PerfusionError
+
+# Large-vessel to capillary haematocrit (0.45 vs 0.25) and brain density 1.05 g/mL.
+DEFAULT_K = (1 - 0.45) / (1 - 0.25) / 1.05
+Method = Literal["bsvd", "osvd", "parametric"]
+METHODS = ("bsvd", "osvd", "parametric")
+OSVD_MAX_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class PerfusionSettings:
+    """Analysis knobs; the defaults follow the conventions in docs/ctp-data.md."""
+
+    k: float = DEFAULT_K
+    svd_threshold: float = dec.BSVD_THRESHOLD
+    oscillation_index: float = dec.OSVD_INDEX
+    grid_step_s: float | None = None  # None: shortest sampling interval, clipped to 0.25..1 s
+    aif_min_peak_hu: float = aif_select.MIN_AIF_PEAK_HU
+    aif_voxels: int = 12
+    vof_scaling: bool = False  # scale the AIF area up to the venous one (partial-volume correction)
+    # In-plane Gaussian sigma (voxels) applied to the tissue curves inside the brain before
+    # deconvolution, as clinical packages do against CT noise; 0 = none. The AIF is never smoothed.
+    smoothing_sigma_vox: float = 0.0
+    csf_max_hu: float = CSF_MAX_HU
+    core_rcbf: float = lesion.CORE_RCBF
+    hypoperfusion_tmax_s: float = lesion.HYPOPERFUSION_TMAX_S
+    severe_tmax_s: float = lesion.SEVERE_TMAX_S
+    core_within_hypoperfusion: bool = True
+    mask_majority_size: int = 3  # in-plane majority filter of the lesion masks; 1 = raw thresholds
+    residue_family: parametric.ResidueFamily = "exponential"  # the model of method="parametric"
+
+
+@dataclass
+class PerfusionMaps:
+    """Maps (Z, Y, X) float32, masks (Z, Y, X) bool and what the analysis chose."""
+
+    cbf: np.ndarray
+    cbv: np.ndarray
+    mtt: np.ndarray
+    tmax: np.ndarray
+    ttp: np.ndarray
+    brain_mask: np.ndarray
+    tissue_mask: np.ndarray
+    core_mask: np.ndarray
+    hypoperfusion_mask: np.ndarray
+    aif_curve: np.ndarray  # (T,) HU above baseline at the acquisition times (after any VOF scaling)
+    aif_voxels: np.ndarray  # (n, 3) int (z, y, x)
+    times_s: np.ndarray
+    method: str
+    k: float
+    grid_step_s: float
+    arrival_time_s: float
+    baseline_frames: np.ndarray
+    reference_cbf: float
+    vof_scale: float
+    voxel_volume_ml: float | None
+    core_volume_ml: float | None = None
+    hypoperfusion_volume_ml: float | None = None
+    severe_hypoperfusion_volume_ml: float | None = None
+    mismatch_volume_ml: float | None = None
+    hypoperfusion_intensity_ratio: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready scalars: volumes, reference values, the AIF and how it was found."""
+        keys = (
+            "method", "k", "grid_step_s", "arrival_time_s", "reference_cbf", "vof_scale", "voxel_volume_ml",
+            "core_volume_ml", "hypoperfusion_volume_ml", "severe_hypoperfusion_volume_ml",
+            "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes",
+        )  # fmt: skip
+        out = {key: value for key, value in asdict(self).items() if key in keys}
+        out["baseline_frames"] = [int(i) for i in self.baseline_frames]
+        out["times_s"] = [float(t) for t in self.times_s]
+        out["aif_curve_hu"] = [round(float(v), 3) for v in self.aif_curve]
+        out["aif_voxels_zyx"] = self.aif_voxels.tolist()
+        out["brain_voxels"] = int(self.brain_mask.sum())
+        return out
+
+
+def compute_perfusion(
+    hu: np.ndarray,
+    times_s: np.ndarray,
+    voxel_volume_ml: float | None = None,
+    method: Method = "bsvd",
+    brain_mask: np.ndarray | None = None,
+    aif_mask: np.ndarray | None = None,
+    settings: PerfusionSettings | None = None,
+) -> PerfusionMaps:
+    """Perfusion maps of a (T, Z, Y, X) HU series acquired at ``times_s`` (s, any sampling).
+
+    ``brain_mask`` / ``aif_mask`` (Z, Y, X) bool override the automatic ones. ``voxel_volume_ml``
+    turns voxel counts into the summary volumes (None: volumes are not reported).
+    """
+    cfg = settings or PerfusionSettings()
+    if method not in METHODS:
+        raise PerfusionError(f"unknown deconvolution method {method!r}: use one of {', '.join(METHODS)}")
+    times = timing.validate_series(hu, times_s)
+    hu = np.asarray(hu, dtype=np.float32)
+    if not np.isfinite(hu.sum(dtype=np.float64)):
+        raise PerfusionError("the series contains NaN or inf voxels: fill or mask them before analysis")
+    shape = hu.shape[1:]
+    brain_given = _check_mask(brain_mask, shape, "brain_mask")
+    aif_given = _check_mask(aif_mask, shape, "aif_mask")
+
+    # 1. Bolus arrival and the pre-contrast baseline S0.
+    soft = brain_given if brain_given is not None else (hu[0] > -50) & (hu[0] < 150)
+    arrival = timing.detect_bolus_arrival(hu, times, soft)
+    baseline = hu[arrival.baseline_frames].mean(axis=0)
+    brain = brain_given if brain_given is not None else find_brain_mask(baseline)
+    if not brain.any():
+        raise PerfusionError("the brain mask is empty: is the series in HU (air -1000, brain 20-40)?")
+
+    # 2. Concentration curves of the brain voxels, (V, T) and on the uniform grid (V, N).
+    step = cfg.grid_step_s or timing.default_grid_step(times)
+    grid = timing.uniform_grid(times, step)
+    interp = timing.interpolation_matrix(times, grid).astype(np.float32)
+    flat_index = np.flatnonzero(brain)
+    peak = hu.max(axis=0) - baseline
+    tissue_hu = hu
+    if cfg.smoothing_sigma_vox > 0:
+        # Parenchyma only: CSF has no signal to give and vessels hundreds of HU to smear.
+        parenchyma = brain & (baseline > cfg.csf_max_hu) & (peak < cfg.aif_min_peak_hu)
+        tissue_hu = _smooth_in_mask(hu, parenchyma, cfg.smoothing_sigma_vox)
+    conc = _curves(tissue_hu, baseline, flat_index)  # (V, T)
+    conc_grid = conc @ interp.T  # (V, N)
+
+    # 3. Arterial input function (and optional venous scaling), from the unsmoothed series.
+    aif_curve, aif_index, vof_scale = _arterial_input(hu, baseline, brain, peak, interp, grid, arrival, aif_given, cfg)
+    aif_grid = interp @ aif_curve.astype(np.float64)
+    aif_area = float(aif_grid.sum())
+    if aif_area <= 0:
+        raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
+
+    # 4. Deconvolution and the maps.
+    if method == "bsvd":
+        stats = dec.deconvolve_bsvd(conc_grid, aif_grid, step, threshold=cfg.svd_threshold)
+    elif method == "osvd":
+        stats = dec.deconvolve_osvd(conc_grid, aif_grid, step, oscillation_bound=cfg.oscillation_index)
+    else:
+        # Fitted at the acquisition times themselves: no resampling of the tissue curves.
+        stats, _ = parametric.deconvolve_parametric(conc, times, aif_curve, cfg.residue_family)
+    cbf_v = cfg.k * stats.flow * 6000.0
+    cbv_v = cfg.k * 100.0 * conc_grid.sum(axis=1, dtype=np.float64) / aif_area
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mtt_v = np.where(cbf_v > 1e-3, cbv_v / cbf_v * 60.0, 0.0)
+    ttp_v = times[np.argmax(conc, axis=1)] - times[0]
+
+    per_voxel = {"cbf": cbf_v, "cbv": cbv_v, "mtt": mtt_v, "tmax": stats.tmax_s, "ttp": ttp_v}
+    maps = {name: _to_volume(values, flat_index, shape) for name, values in per_voxel.items()}
+
+    # 5. Core and hypoperfusion.
+    tissue = lesion.tissue_mask(brain, baseline, maps["cbv"], cfg.csf_max_hu)
+    masks = lesion.lesion_masks(
+        tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
+        cfg.core_within_hypoperfusion, cfg.mask_majority_size,
+    )  # fmt: skip
+    result = PerfusionMaps(
+        **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
+        hypoperfusion_mask=masks.hypoperfusion, aif_curve=aif_curve.astype(np.float32),
+        aif_voxels=np.column_stack(np.unravel_index(aif_index, shape)).astype(np.int64), times_s=times,
+        method=method, k=cfg.k, grid_step_s=step, arrival_time_s=arrival.time_s,
+        baseline_frames=arrival.baseline_frames, reference_cbf=masks.reference_cbf, vof_scale=vof_scale,
+        voxel_volume_ml=voxel_volume_ml,
+        hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks),
+    )  # fmt: skip
+    if voxel_volume_ml is not None:
+        _fill_volumes(result, masks, voxel_volume_ml)
+    if np.ptp(np.diff(times)) > 1e-3:
+        result.notes.append(f"non-uniform sampling: curves linearly resampled to a {step:g} s grid")
+    if method == "osvd" and np.max(np.diff(times)) > OSVD_MAX_INTERVAL_S:
+        result.notes.append(
+            "oSVD on intervals over 2 s: linearly interpolated curves look smooth to the oscillation "
+            "index, which then under-regularises (Tmax several seconds late at 8 s sampling); prefer bsvd"
+        )
+    return result
+
+
+def _arterial_input(
+    hu: np.ndarray,
+    baseline: np.ndarray,
+    brain: np.ndarray,
+    peak: np.ndarray,
+    interp: np.ndarray,
+    grid: np.ndarray,
+    arrival: timing.BolusArrival,
+    aif_given: np.ndarray | None,
+    cfg: PerfusionSettings,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(AIF enhancement at the acquisition times, its flat voxel indices, VOF scale applied)."""
+    candidates = None
+    if aif_given is not None:
+        index = np.flatnonzero(aif_given)
+        if index.size == 0:
+            raise NoAIFError("aif_mask is empty: mark at least one arterial voxel")
+        curve = _curves(hu, baseline, index).mean(axis=0)
+    else:
+        candidates = aif_select.candidate_voxels(peak, brain, cfg.aif_min_peak_hu)
+        candidate_curves = _curves(hu, baseline, candidates)
+        rows = aif_select.select_aif(candidate_curves @ interp.T, grid, arrival.time_s, n_voxels=cfg.aif_voxels)
+        index, curve = candidates[rows], candidate_curves[rows].mean(axis=0)
+    if not cfg.vof_scaling:
+        return curve, index, 1.0
+    if candidates is None:
+        candidates = aif_select.candidate_voxels(peak, brain, cfg.aif_min_peak_hu)
+    scale = _vof_scale(_curves(hu, baseline, candidates) @ interp.T, grid, interp @ curve.astype(np.float64))
+    return curve * scale, index, scale
+
+
+def _fill_volumes(result: PerfusionMaps, masks: lesion.LesionMasks, voxel_ml: float) -> None:
+    result.core_volume_ml = float(masks.core.sum()) * voxel_ml
+    result.hypoperfusion_volume_ml = float(masks.hypoperfusion.sum()) * voxel_ml
+    result.severe_hypoperfusion_volume_ml = float(masks.severe.sum()) * voxel_ml
+    result.mismatch_volume_ml = result.hypoperfusion_volume_ml - result.core_volume_ml
+
+
+def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise PerfusionError(f"{name} has shape {mask.shape}, but the volumes are {shape} (Z, Y, X)")
+    return mask.astype(bool)
+
+
+def _curves(hu: np.ndarray, baseline: np.ndarray, flat_index: np.ndarray) -> np.ndarray:
+    """Enhancement S - S0 of the given voxels, (V, T) float32."""
+    frames = hu.reshape(hu.shape[0], -1)[:, flat_index]
+    return np.ascontiguousarray((frames - baseline.reshape(-1)[flat_index]).T, dtype=np.float32)
+
+
+def _to_volume(values: np.ndarray, flat_index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    out[flat_index] = values
+    return out.reshape(shape)
+
+
+def _vof_scale(candidate_grid: np.ndarray, grid: np.ndarray, aif_grid: np.ndarray) -> float:
+    """Partial-volume correction: AIF area scaled up to the venous area (never down)."""
+    aif_ttp = float(grid[np.argmax(aif_grid)])
+    rows = aif_select.select_vof(candidate_grid, grid, aif_ttp)
+    if rows is None:
+        return 1.0
+    return max(1.0, float(candidate_grid[rows].mean(axis=0).sum() / aif_grid.sum()))
+
+
+def _smooth_in_mask(hu: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """In-plane Gaussian smoothing of every frame inside ``mask``, normalised to it (nothing outside
+    the mask bleeds in, and the mask edge keeps its level); voxels outside keep their values."""
+    weight = np.maximum(ndimage.gaussian_filter(mask.astype(np.float32), (0, sigma, sigma)), 1e-6)
+    out = hu.copy()
+    for t in range(hu.shape[0]):
+        smooth = ndimage.gaussian_filter(np.where(mask, hu[t], np.float32(0)), (0, sigma, sigma)) / weight
+        out[t][mask] = smooth[mask]
+    return out

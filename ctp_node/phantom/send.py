@@ -1,0 +1,90 @@
+"""C-STORE the written phantom files to a DICOM peer (pynetdicom SCU).
+
+One association for all files, proposing exactly the (SOP class, transfer syntax) pairs the files
+use, since the files are sent as stored (no transcoding). TCP_NODELAY is switched on once the
+association is up: C-STORE exchanges many small PDUs and Nagle's algorithm would add latency to
+each. A failed status is returned as a value per file, not raised, so the caller decides.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A C-STORE destination parsed from ``HOST:PORT:AET``."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"--send {text!r} must look like HOST:PORT:AET, e.g. 127.0.0.1:11112:STORESCP")
+        host, port, aet = parts
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--send {text!r}: port {port!r} is not a TCP port number")
+        if len(aet) > 16:
+            raise ValueError(f"--send {text!r}: AE titles have at most 16 characters")
+        return cls(host, int(port), aet)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None  # DIMSE status; None when no response arrived
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status in (0x0000, 0xB000, 0xB007, 0xB006)
+
+
+def send_files(
+    paths: Sequence[Path],
+    peer: Peer,
+    calling_ae_title: str = "CTPNODE_PHANTOM",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[SendResult]:
+    """Send ``paths`` over one association; ConnectionError if no association could be made."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    contexts = sorted(
+        {
+            (str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID))
+            for h in (dcmread(p, stop_before_pixels=True) for p in paths)
+        }
+    )
+    ae = AE(ae_title=calling_ae_title)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(
+            f"no association with {peer.ae_title} at {peer.host}:{peer.port}: check the address, the AE title "
+            "and that the peer accepts CT Image / Enhanced CT storage in this transfer syntax"
+        )
+    results = []
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        missing = [c for c in contexts if c not in accepted]
+        if missing:
+            raise ConnectionError(
+                f"{peer.ae_title} rejected {missing} (SOP class, transfer syntax): send with "
+                "--transfer-syntax explicit or configure the peer to accept it"
+            )
+        for done, path in enumerate(paths, start=1):
+            response = assoc.send_c_store(dcmread(path))
+            results.append(SendResult(path, int(response.Status) if "Status" in response else None))
+            if progress:
+                progress(done, len(paths))
+    finally:
+        assoc.release()
+    return results
