@@ -112,18 +112,22 @@ def handle_store(event: evt.Event, spool: Spool, on_stored: OnStored) -> int | D
     except OSError as exc:
         log.error("could not store %s from %s@%s: %s", sop_uid, calling_ae, host, exc)
         return _failure(STATUS_OUT_OF_RESOURCES, f"node cannot store: {exc.strerror or exc}")
-    on_stored(
-        ReceivedInstance(
-            key=key,
-            sop_uid=sop_uid,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            path=path,
-            calling_ae=calling_ae,
-            calling_host=host,
-            modality=str(header.get("Modality", "")),
-            received_at=datetime.now(timezone.utc),
+    try:
+        on_stored(
+            ReceivedInstance(
+                key=key,
+                sop_uid=sop_uid,
+                sop_class_uid=str(event.request.AffectedSOPClassUID),
+                path=path,
+                calling_ae=calling_ae,
+                calling_host=host,
+                modality=str(header.get("Modality", "")),
+                received_at=datetime.now(timezone.utc),
+            )
         )
-    )
+    except Exception as exc:  # the file is on disk, but without a job row the sender must retry
+        log.error("could not record %s from %s@%s: %s", sop_uid, calling_ae, host, exc)
+        return _failure(STATUS_OUT_OF_RESOURCES, f"node cannot record the instance: {exc}")
     return STATUS_SUCCESS
 
 

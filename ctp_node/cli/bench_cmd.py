@@ -11,19 +11,13 @@ from ctp_node.cli.progress import stderr
 
 
 def bench(
-    output: Path = typer.Option(
-        Path("bench.json"), "--output", "-o", help="Where to write the JSON results."
-    ),
+    output: Path = typer.Option(Path("bench.json"), "--output", "-o", help="Where to write the JSON results."),
     device: str = typer.Option("auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."),
     network: str | None = typer.Option(
         None, help="published (104 M, default on GPU), small (13.5 M) or tiny (default on CPU)."
     ),
-    volume: str | None = typer.Option(
-        None, help="Volume D x H x W, e.g. 8x192x192 (default on GPU) or 8x64x64 (CPU)."
-    ),
-    steps: int | None = typer.Option(
-        None, help="Engine sampler steps (default: the engine's default on GPU)."
-    ),
+    volume: str | None = typer.Option(None, help="Volume D x H x W, e.g. 8x192x192 (default on GPU) or 8x64x64 (CPU)."),
+    steps: int | None = typer.Option(None, help="Engine sampler steps (default: the engine's default on GPU)."),
     sampler: str | None = typer.Option(None, help="Engine sampler (default dpmpp_2m)."),
     batch: int | None = typer.Option(None, "--batch", help="Engine batch (default: as many as fit)."),
     compile_net: bool | None = typer.Option(

@@ -29,9 +29,7 @@ def _parse_indices(text: str | None) -> list[int]:
     try:
         return [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError as exc:
-        raise typer.BadParameter(
-            f"--unusable must be comma-separated volume indices, e.g. 3,7: {exc}"
-        ) from exc
+        raise typer.BadParameter(f"--unusable must be comma-separated volume indices, e.g. 3,7: {exc}") from exc
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -46,12 +44,8 @@ def _inputs(path: Path) -> list[Path]:
 
 
 def infer(
-    input_path: Path = typer.Argument(
-        ..., help="A .npy sequence (8 x 192 x 192 x T, 0..80 HU) or a folder of them."
-    ),
-    output: Path = typer.Option(
-        Path("out"), "--output", "-o", help="Folder for <stem>_1s.npy and <stem>_1s.json."
-    ),
+    input_path: Path = typer.Argument(..., help="A .npy sequence (8 x 192 x 192 x T, 0..80 HU) or a folder of them."),
+    output: Path = typer.Option(Path("out"), "--output", "-o", help="Folder for <stem>_1s.npy and <stem>_1s.json."),
     checkpoint: Path = typer.Option(
         ...,
         "--checkpoint",
@@ -59,9 +53,7 @@ def infer(
         envvar="CTP_NODE_CHECKPOINT",
         help="Published-format or ctp-node checkpoint.",
     ),
-    gap: float | None = typer.Option(
-        None, "--gap", help="The file holds volumes acquired every GAP seconds."
-    ),
+    gap: float | None = typer.Option(None, "--gap", help="The file holds volumes acquired every GAP seconds."),
     times: str | None = typer.Option(
         None, "--times", help="Acquisition time of each volume in the file, e.g. 0,1.5,3,6."
     ),
@@ -71,21 +63,13 @@ def infer(
         help="The file is a 1 s sequence: keep every N-th volume as known and inpaint the rest "
         "(the authors' evaluation protocol).",
     ),
-    unusable: str | None = typer.Option(
-        None, "--unusable", help="Volume indices to treat as missing, e.g. 3,7."
-    ),
+    unusable: str | None = typer.Option(None, "--unusable", help="Volume indices to treat as missing, e.g. 3,7."),
     sampler: str = typer.Option("dpmpp_2m", help="dpmpp_2m, ddim, or ancestral (the published sampler)."),
     steps: int = typer.Option(20, help="Sampler steps (the published ancestral sampler uses 1500)."),
-    spacing: str = typer.Option(
-        "logsnr", help="Noise-level spacing of fast samplers: logsnr, karras, uniform."
-    ),
+    spacing: str = typer.Option("logsnr", help="Noise-level spacing of fast samplers: logsnr, karras, uniform."),
     batch: int | None = typer.Option(None, "--batch", help="Targets per GPU pass (default: as many as fit)."),
-    seed: int = typer.Option(
-        0, help="Seed of the initial noise (per target second, independent of batching)."
-    ),
-    samples: int = typer.Option(
-        1, help="Draws per target; >1 also writes the per-voxel spread (_spread.npy)."
-    ),
+    seed: int = typer.Option(0, help="Seed of the initial noise (per target second, independent of batching)."),
+    samples: int = typer.Option(1, help="Draws per target; >1 also writes the per-voxel spread (_spread.npy)."),
     device: str = typer.Option("auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
     compile_net: bool | None = typer.Option(
@@ -101,9 +85,7 @@ def infer(
     from model.window import from_model_space, to_model_space
 
     chosen = [
-        name
-        for name, value in (("--gap", gap), ("--times", times), ("--from-full", from_full))
-        if value is not None
+        name for name, value in (("--gap", gap), ("--times", times), ("--from-full", from_full)) if value is not None
     ]
     if len(chosen) != 1:
         raise typer.BadParameter("give exactly one of --gap, --times or --from-full")

@@ -9,7 +9,17 @@ from __future__ import annotations
 import typer
 
 from ctp_node import __version__
-from ctp_node.cli import bench_cmd, config_cmd, infer_cmd, perfusion_cmd, phantom_cmd
+from ctp_node.cli import (
+    bench_cmd,
+    config_cmd,
+    demo_cmd,
+    infer_cmd,
+    jobs_cmd,
+    node_cmd,
+    perfusion_cmd,
+    phantom_cmd,
+    process_cmd,
+)
 
 app = typer.Typer(
     name="ctp-node",
@@ -38,3 +48,10 @@ app.command("bench")(bench_cmd.bench)
 app.command("config")(config_cmd.config)
 app.command("perfusion")(perfusion_cmd.perfusion)
 app.command("phantom")(phantom_cmd.phantom)
+app.command("serve")(node_cmd.serve)
+app.command("worker")(node_cmd.worker)
+app.add_typer(jobs_cmd.jobs_app, name="jobs")
+app.command("echo")(jobs_cmd.echo)
+app.command("process")(process_cmd.process)
+app.command("reprocess")(process_cmd.reprocess)
+app.command("demo")(demo_cmd.demo)

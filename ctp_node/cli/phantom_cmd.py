@@ -63,7 +63,7 @@ def phantom(
     from ctp_node.phantom.export import write_outputs
     from ctp_node.phantom.jpeg_lossless import EncoderMissingError
     from ctp_node.phantom.sampling import parse_schedule, sample_study
-    from ctp_node.phantom.send import Peer
+    from ctp_node.scu import Peer
 
     npy = layout is LayoutChoice.npy
     try:
@@ -105,7 +105,7 @@ def _integers(text: str) -> list[int]:
 def _send(paths: list[Path], peer, calling_aet: str, progress: bool) -> None:
     """C-STORE ``paths``; exit code 2 with the reason when the peer is unreachable or refuses files."""
     from ctp_node.cli.progress import stderr, step_progress
-    from ctp_node.phantom.send import send_files
+    from ctp_node.scu import send_files
 
     try:
         with step_progress(f"sending to {peer.ae_title}", enabled=progress) as update:

@@ -1,7 +1,8 @@
-"""C-STORE the written phantom files to a DICOM peer (pynetdicom SCU).
+"""The sending side: C-STORE files to a DICOM peer, and C-ECHO it (pynetdicom SCU).
 
-One association for all files, proposing exactly the (SOP class, transfer syntax) pairs the files
-use, since the files are sent as stored (no transcoding). TCP_NODELAY is switched on once the
+Used by the node to deliver results and by ``ctp-node phantom --send``. One association for all
+files, proposing exactly the (SOP class, transfer syntax) pairs the files use, since the files are
+sent as stored (no transcoding). TCP_NODELAY is switched on once the
 association is up: C-STORE exchanges many small PDUs and Nagle's algorithm would add latency to
 each. A failed status is returned as a value per file, not raised, so the caller decides.
 """
@@ -43,6 +44,27 @@ class SendResult:
     @property
     def ok(self) -> bool:
         return self.status is not None and self.status in (0x0000, 0xB000, 0xB007, 0xB006)
+
+
+def echo(peer: Peer, calling_ae_title: str, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO the peer: (True, "...") when it answers Success, else (False, the reason)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
+        return False, f"{peer.ae_title} at {peer.host}:{peer.port}: {reason}"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" in status and status.Status == 0x0000:
+        return True, f"{peer.ae_title} at {peer.host}:{peer.port} answered C-ECHO"
+    return False, f"{peer.ae_title} at {peer.host}:{peer.port}: C-ECHO failed ({status.get('Status', 'no response')})"
 
 
 def send_files(

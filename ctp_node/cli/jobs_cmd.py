@@ -1,0 +1,132 @@
+"""`ctp-node jobs`: list, show, retry and re-send series jobs; `ctp-node echo`: check destinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ctp_node.cli.node_cmd import CONFIG_OPTION, _load
+from ctp_node.cli.progress import stderr
+
+jobs_app = typer.Typer(help="List, show, retry and re-send series jobs.", no_args_is_help=True)
+
+
+def _store(config: Path | None):
+    from ctp_node.jobs import JobStore
+
+    settings = _load(config)
+    return settings, JobStore(settings.database_url)
+
+
+def _job(store, ref: str):
+    job = store.get(int(ref)) if ref.isdigit() else store.find(ref)
+    if job is None:
+        stderr.print(f"[red]error:[/red] no job with id or series UID {ref!r}; `ctp-node jobs list` shows them")
+        raise typer.Exit(2)
+    return job
+
+
+@jobs_app.command("list")
+def list_jobs(
+    config: Path | None = CONFIG_OPTION,
+    state: list[str] = typer.Option([], "--state", help="Only these states (repeatable)."),
+    limit: int = typer.Option(50, help="Newest first, at most this many."),
+) -> None:
+    """One line per series: id, state, instances, received, series UID, error."""
+    from rich.table import Table
+
+    from ctp_node.jobs import State
+
+    try:
+        states = [State(s) for s in state]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--state must be one of {', '.join(s.value for s in State)}") from exc
+    _, store = _store(config)
+    table = Table("id", "state", "instances", "last received (UTC)", "series UID", "error")
+    for job in store.list(states, limit):
+        table.add_row(
+            str(job.id), job.state.value, str(job.instances), f"{job.last_received_at:%Y-%m-%d %H:%M:%S}",
+            job.series_uid, (job.error or "")[:80],
+        )  # fmt: skip
+    stderr.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in store.counts().items() if v)
+    typer.echo(counts or "no jobs")
+
+
+@jobs_app.command("show")
+def show(ref: str = typer.Argument(..., help="Job id or series UID."), config: Path | None = CONFIG_OPTION) -> None:
+    """Everything known about one series job and its deliveries."""
+    import dataclasses
+    import json
+
+    _, store = _store(config)
+    job = _job(store, ref)
+    data = dataclasses.asdict(job)
+    data["state"] = job.state.value
+    data["deliveries"] = [dataclasses.asdict(d) for d in store.deliveries(job.id)]
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@jobs_app.command("retry")
+def retry(ref: str = typer.Argument(..., help="Job id or series UID."), config: Path | None = CONFIG_OPTION) -> None:
+    """Process a failed or ignored series again from the spool."""
+    _, store = _store(config)
+    job = _job(store, ref)
+    store.retry(job.id)
+    typer.echo(f"job {job.id} ({job.series_uid}) queued again")
+
+
+@jobs_app.command("resend")
+def resend(
+    ref: str = typer.Argument(..., help="Job id or series UID."),
+    destination: list[str] = typer.Option([], "--destination", "-d", help="Only these destinations (repeatable)."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Send an existing result again (all destinations by default), without recomputing it."""
+    settings, store = _store(config)
+    job = _job(store, ref)
+    names = destination or [d.name for d in settings.destinations]
+    unknown = sorted(set(names) - {d.name for d in settings.destinations})
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"unknown or no destinations {unknown}; configured: {[d.name for d in settings.destinations]}"
+        )
+    try:
+        store.resend(job.id, names)
+    except ValueError as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    typer.echo(f"job {job.id} ({job.series_uid}) will be sent to {', '.join(names)} by the next free worker")
+
+
+def echo(
+    target: str | None = typer.Argument(None, help="A configured destination name, or HOST:PORT:AET (default: all)."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """C-ECHO a destination (or every configured one); exit 1 if any does not answer."""
+    from ctp_node.scu import Peer
+    from ctp_node.scu import echo as c_echo
+
+    settings = _load(config)
+    peers: list[tuple[str, Peer]] = []
+    by_name = {d.name: d for d in settings.destinations}
+    if target is None:
+        peers = [(d.name, Peer(d.host, d.port, d.ae_title)) for d in settings.destinations]
+        if not peers:
+            raise typer.BadParameter("no destinations configured: give HOST:PORT:AET")
+    elif target in by_name:
+        d = by_name[target]
+        peers = [(d.name, Peer(d.host, d.port, d.ae_title))]
+    else:
+        try:
+            peers = [(target, Peer.parse(target))]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).replace("--send", "target")) from exc
+    failed = 0
+    for name, peer in peers:
+        ok, message = c_echo(peer, settings.dicom.ae_title)
+        typer.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {message}")
+        failed += not ok
+    if failed:
+        raise typer.Exit(1)

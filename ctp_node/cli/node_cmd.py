@@ -1,0 +1,120 @@
+"""`ctp-node serve` (receiver) and `ctp-node worker` (one per GPU)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from ctp_node.cli.progress import stderr
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", envvar="CTP_NODE_CONFIG", help="TOML configuration (default: embedded defaults)."
+)
+LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+LOG_FORMAT = typer.Option("text", "--log-format", help="text, or json (one JSON object per line).")
+
+
+def _load(config: Path | None):
+    from ctp_node.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def serve(
+    config: Path | None = CONFIG_OPTION,
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        help="Worker processes to start beside the receiver (one per GPU); 0: start `ctp-node worker` yourself.",
+    ),
+    worker_devices: str | None = typer.Option(
+        None, "--worker-devices", help="Devices of those workers, e.g. cuda:0,cuda:1 (default: the model.device)."
+    ),
+    log_level: str = LOG_LEVEL,
+    log_format: str = LOG_FORMAT,
+) -> None:
+    """Receive CTP series (C-STORE), spool them, queue each series once it has been quiet."""
+    from ctp_node.jobs import JobStore
+    from ctp_node.logs import setup_logging
+    from ctp_node.receiver import Receiver
+
+    setup_logging(log_level, log_format)
+    settings = _load(config)
+    devices = worker_devices.split(",") if worker_devices else [None] * workers
+    if len(devices) != workers and worker_devices:
+        workers = len(devices)
+    store = JobStore(settings.database_url)
+    receiver = Receiver(settings, store)
+    receiver.metrics.serve(settings.metrics)
+    stop = _stop_on_signals()
+    try:
+        receiver.start()
+    except OSError as exc:
+        stderr.print(f"[red]error:[/red] cannot listen on {settings.dicom.bind_address}:{settings.dicom.port}: {exc}")
+        raise typer.Exit(2) from exc
+    children = []
+    for device in devices[:workers]:
+        command = [sys.executable, "-m", "ctp_node", "worker", "--log-level", log_level, "--log-format", log_format]
+        if config:
+            command += ["--config", str(config)]
+        if device:
+            command += ["--device", device]
+        children.append(subprocess.Popen(command))
+    stderr.print(
+        f"ctp-node receiving as {settings.dicom.ae_title} on {settings.dicom.bind_address}:{settings.dicom.port}, "
+        f"data in {settings.storage.data_dir}, {len(children)} worker process(es); Ctrl-C stops"
+    )
+    try:
+        receiver.watch(stop)
+    finally:
+        receiver.stop()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=60)
+
+
+def worker(
+    config: Path | None = CONFIG_OPTION,
+    device: str | None = typer.Option(None, "--device", help="cuda:N, cpu or auto (default: model.device)."),
+    once: bool = typer.Option(False, "--once", help="Run what is runnable now, then exit."),
+    log_level: str = LOG_LEVEL,
+    log_format: str = LOG_FORMAT,
+) -> None:
+    """Claim series jobs, inpaint them on this device and deliver the results (one process per GPU)."""
+    from ctp_node.jobs import JobStore
+    from ctp_node.logs import setup_logging
+    from ctp_node.pipeline import SeriesPipeline, make_processor
+    from ctp_node.worker import Worker
+
+    setup_logging(log_level, log_format)
+    settings = _load(config)
+    try:
+        pipeline = SeriesPipeline.from_settings(settings, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    store = JobStore(settings.database_url)
+    node_worker = Worker(settings, store, make_processor(pipeline))
+    stderr.print(f"worker {node_worker.worker_id} on {pipeline.engine.device}, model {pipeline.recipe.checkpoint_id}")
+    if once:
+        while node_worker.run_once() is not None:
+            pass
+        return
+    node_worker.run_forever(_stop_on_signals())

@@ -1,0 +1,160 @@
+"""`ctp-node process` (a folder of DICOM files, offline) and `ctp-node reprocess` (a spooled series again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ctp_node.cli.node_cmd import CONFIG_OPTION, _load
+from ctp_node.cli.progress import stderr, step_progress
+
+
+def _group_by_series(folder: Path) -> dict[str, list[Path]]:
+    """DICOM files under ``folder`` by SeriesInstanceUID; non-DICOM files are listed and skipped."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[Path]] = {}
+    skipped = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError):
+            skipped.append(path)
+            continue
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if not uid:
+            skipped.append(path)
+            continue
+        groups.setdefault(uid, []).append(path)
+    if skipped:
+        stderr.print(
+            f"[yellow]note:[/yellow] {len(skipped)} files are not DICOM series members and were skipped "
+            f"(first: {skipped[0]})"
+        )
+    return groups
+
+
+def _pipeline(config: Path | None, checkpoint: Path | None, steps: int | None, sampler: str | None, device: str | None):
+    from ctp_node.pipeline import SeriesPipeline
+
+    settings = _load(config)
+    model = settings.model.model_copy(
+        update={k: v for k, v in {"checkpoint": checkpoint, "steps": steps, "sampler": sampler}.items() if v}
+    )
+    settings = settings.model_copy(update={"model": model})
+    try:
+        return settings, SeriesPipeline.from_settings(settings, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _send(settings, files: list[Path], targets: list[str]) -> int:
+    from ctp_node.scu import Peer, send_files
+
+    failures = 0
+    by_name = {d.name: d for d in settings.destinations}
+    for target in targets:
+        if target in by_name:
+            d = by_name[target]
+            peer = Peer(d.host, d.port, d.ae_title)
+        else:
+            peer = Peer.parse(target)
+        try:
+            results = send_files(files, peer, settings.dicom.ae_title)
+        except (ConnectionError, OSError) as exc:
+            stderr.print(f"[red]send to {target} failed:[/red] {exc}")
+            failures += 1
+            continue
+        refused = [r for r in results if not r.ok]
+        if refused:
+            stderr.print(f"[red]{target} refused {len(refused)} of {len(files)} instances[/red]")
+            failures += 1
+        else:
+            stderr.print(f"sent {len(files)} instances to {target}")
+    return failures
+
+
+def process(
+    folder: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="A folder of DICOM files (searched recursively)."
+    ),
+    output: Path = typer.Option(
+        Path("ctp-node-out"), "--output", "-o", help="Derived series go to OUTPUT/<series UID>/."
+    ),
+    send: list[str] = typer.Option([], "--send", help="Configured destination name or HOST:PORT:AET (repeatable)."),
+    config: Path | None = CONFIG_OPTION,
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint."),
+    steps: int | None = typer.Option(None, help="Overrides model.steps."),
+    sampler: str | None = typer.Option(None, help="Overrides model.sampler."),
+    device: str | None = typer.Option(None, help="Overrides model.device."),
+) -> None:
+    """Inpaint every CTP series in a folder of DICOM files, offline, to a folder and/or destinations."""
+    from ctp_node.errors import CTPInputError
+
+    groups = _group_by_series(folder)
+    if not groups:
+        stderr.print(f"[red]error:[/red] no DICOM series in {folder}")
+        raise typer.Exit(2)
+    settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
+    failures = 0
+    for series_uid, files in groups.items():
+        out_dir = output / series_uid
+        try:
+            with step_progress(f"series ...{series_uid[-12:]}") as progress:
+                result = pipeline.run(files, out_dir, progress=progress)
+        except CTPInputError as exc:
+            stderr.print(f"[red]{series_uid}: not processed:[/red] {type(exc).__name__}: {exc}")
+            failures += 1
+            continue
+        stderr.print(
+            f"{series_uid}: {result.derived.count} instances, {int(result.synthetic.sum())} synthetic seconds, "
+            f"{result.seconds['total']:.1f} s -> {out_dir} (series {result.derived.series_uid})"
+        )
+        for note in result.notes:
+            stderr.print(f"  note: {note}")
+        failures += _send(settings, list(result.derived.paths), send)
+    if failures:
+        raise typer.Exit(1)
+
+
+def reprocess(
+    ref: str = typer.Argument(..., help="Job id or series UID of a spooled series."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of queueing a delivery."),
+    config: Path | None = CONFIG_OPTION,
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint."),
+    steps: int | None = typer.Option(None, help="Overrides model.steps."),
+    sampler: str | None = typer.Option(None, help="Overrides model.sampler."),
+    device: str | None = typer.Option(None, help="Overrides model.device."),
+) -> None:
+    """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
+    from ctp_node.cli.jobs_cmd import _job
+    from ctp_node.errors import CTPInputError
+    from ctp_node.jobs import JobStore
+    from ctp_node.spool import SeriesKey, Spool
+
+    if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):
+        raise typer.BadParameter(
+            "--checkpoint, --steps, --sampler and --device need --output: queued jobs use the workers' configured model"
+        )
+    settings = _load(config)
+    store = JobStore(settings.database_url)
+    job = _job(store, ref)
+    files = Spool(settings.storage.spool_dir).instances(SeriesKey(job.study_uid, job.series_uid))
+    if not files:
+        stderr.print(f"[red]error:[/red] the spool holds no instances of {job.series_uid}")
+        raise typer.Exit(2)
+    if output is None:
+        store.retry(job.id)
+        typer.echo(f"job {job.id} queued again; a worker with the configured model will process and send it")
+        return
+    settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
+    try:
+        with step_progress(f"series ...{job.series_uid[-12:]}") as progress:
+            result = pipeline.run(files, output / job.series_uid, progress=progress)
+    except CTPInputError as exc:
+        stderr.print(f"[red]not processed:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(f"{result.derived.count} instances -> {output / job.series_uid}")

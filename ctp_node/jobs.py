@@ -1,0 +1,566 @@
+"""The job store: one row per received series, one per (series, destination) delivery, with leases.
+
+SQLite (WAL) by default, embedded in the data folder; PostgreSQL when several machines share the
+work (``jobs.database_url = "postgresql+psycopg://..."``), where a worker claims with ``SELECT ...
+FOR UPDATE SKIP LOCKED``. Work is at-least-once: a worker that dies leaves a lease that expires and
+another worker takes the job over; results are idempotent (deterministic output UIDs), so a repeat
+replaces rather than duplicates.
+
+Series states: receiving -> queued -> processing -> sending -> done, or failed (with the reason,
+retryable by hand) or ignored (not CTP). An instance arriving after completion re-opens the series
+(state receiving, generation + 1): the result is recomputed and replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+
+metadata = MetaData()
+
+
+class State(str, enum.Enum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+ACTIVE_STATES = (State.PROCESSING.value, State.SENDING.value)
+
+series_table = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("generation", Integer, nullable=False, default=1),
+    Column("instances", Integer, nullable=False, default=0),
+    Column("calling_ae", String(16), nullable=False, default=""),
+    Column("first_received_at", DateTime(timezone=True), nullable=False),
+    Column("last_received_at", DateTime(timezone=True), nullable=False),
+    Column("queued_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("result_dir", Text),
+    Column("result_generation", Integer),
+    Column("error", Text),
+    Column("processing_s", Float),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_uid", "series_uid", name="uq_series_uid"),
+)
+
+deliveries_table = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # pending, sent, failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("error", Text),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("instances_sent", Integer),
+    UniqueConstraint("series_id", "destination", name="uq_delivery"),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything here is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """A snapshot of one series row."""
+
+    id: int
+    study_uid: str
+    series_uid: str
+    state: State
+    generation: int
+    instances: int
+    calling_ae: str
+    first_received_at: datetime
+    last_received_at: datetime
+    attempts: int
+    next_attempt_at: datetime | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    result_dir: str | None
+    result_generation: int | None
+    error: str | None
+    processing_s: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> SeriesJob:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            study_uid=m["study_uid"],
+            series_uid=m["series_uid"],
+            state=State(m["state"]),
+            generation=m["generation"],
+            instances=m["instances"],
+            calling_ae=m["calling_ae"],
+            first_received_at=_aware(m["first_received_at"]),
+            last_received_at=_aware(m["last_received_at"]),
+            attempts=m["attempts"],
+            next_attempt_at=_aware(m["next_attempt_at"]),
+            lease_owner=m["lease_owner"],
+            lease_expires_at=_aware(m["lease_expires_at"]),
+            result_dir=m["result_dir"],
+            result_generation=m["result_generation"],
+            error=m["error"],
+            processing_s=m["processing_s"],
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    series_id: int
+    destination: str
+    generation: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    error: str | None
+    sent_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Delivery:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            series_id=m["series_id"],
+            destination=m["destination"],
+            generation=m["generation"],
+            state=m["state"],
+            attempts=m["attempts"],
+            next_attempt_at=_aware(m["next_attempt_at"]),
+            error=m["error"],
+            sent_at=_aware(m["sent_at"]),
+        )
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds the job now (our lease expired); stop without writing results."""
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+            # Let BEGIN IMMEDIATE serialise claimers instead of failing on upgrade.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    """All state transitions of series and deliveries, each one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- receiving -------------------------------------------------------------------------------
+    def record_instance(self, study_uid: str, series_uid: str, calling_ae: str, at: datetime | None = None) -> None:
+        """Count one stored instance; a series that had finished re-opens (recomputed later)."""
+        at = at or utcnow()
+        with self._tx() as conn:
+            row = conn.execute(
+                select(series_table.c.id, series_table.c.state).where(
+                    series_table.c.study_uid == study_uid, series_table.c.series_uid == series_uid
+                )
+            ).first()
+            if row is None:
+                conn.execute(
+                    series_table.insert().values(
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        state=State.RECEIVING.value,
+                        generation=1,
+                        instances=1,
+                        calling_ae=calling_ae,
+                        first_received_at=at,
+                        last_received_at=at,
+                        attempts=0,
+                        updated_at=at,
+                    )
+                )
+                return
+            values: dict[str, Any] = {
+                "instances": series_table.c.instances + 1,
+                "last_received_at": at,
+                "updated_at": at,
+            }
+            if row.state != State.RECEIVING.value:
+                # Late instance: re-open. A worker still busy with the old generation will see the
+                # generation change and not mark the stale result done.
+                values.update(
+                    state=State.RECEIVING.value,
+                    generation=series_table.c.generation + 1,
+                    attempts=0,
+                    error=None,
+                    next_attempt_at=None,
+                )
+            conn.execute(update(series_table).where(series_table.c.id == row.id).values(**values))
+
+    def queue_quiet_series(self, quiet_period_s: float, now: datetime | None = None) -> list[int]:
+        """Series with no new instance for the quiet period become queued."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=quiet_period_s)
+        with self._tx() as conn:
+            ids = [
+                r.id
+                for r in conn.execute(
+                    select(series_table.c.id).where(
+                        series_table.c.state == State.RECEIVING.value, series_table.c.last_received_at <= cutoff
+                    )
+                )
+            ]
+            if ids:
+                conn.execute(
+                    update(series_table)
+                    .where(series_table.c.id.in_(ids), series_table.c.state == State.RECEIVING.value)
+                    .values(state=State.QUEUED.value, queued_at=now, updated_at=now, next_attempt_at=None)
+                )
+        return ids
+
+    # --- working ---------------------------------------------------------------------------------
+    def claim(self, worker: str, lease_s: float, now: datetime | None = None) -> SeriesJob | None:
+        """Take the oldest runnable job: queued, or active with an expired lease, due for an attempt."""
+        now = now or utcnow()
+        c = series_table.c
+        runnable = (
+            (c.state == State.QUEUED.value)
+            | (c.state.in_(ACTIVE_STATES) & ((c.lease_expires_at.is_(None)) | (c.lease_expires_at < now)))
+        ) & ((c.next_attempt_at.is_(None)) | (c.next_attempt_at <= now))
+        query = select(series_table).where(runnable).order_by(c.queued_at, c.id).limit(1)
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        with self._tx() as conn:
+            row = conn.execute(query).first()
+            if row is None:
+                return None
+            state = State.PROCESSING.value if row.state == State.QUEUED.value else row.state
+            conn.execute(
+                update(series_table)
+                .where(c.id == row.id)
+                .values(
+                    state=state,
+                    lease_owner=worker,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    attempts=c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            return self._get(conn, row.id)
+
+    def heartbeat(self, job_id: int, worker: str, lease_s: float) -> None:
+        """Extend our lease; LeaseLost if another worker has taken the job."""
+        now = utcnow()
+        with self._tx() as conn:
+            done = conn.execute(
+                update(series_table)
+                .where(
+                    series_table.c.id == job_id,
+                    series_table.c.lease_owner == worker,
+                    series_table.c.state.in_(ACTIVE_STATES),
+                )
+                .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+            ).rowcount
+        if not done:
+            raise LeaseLost(f"job {job_id} is no longer leased to {worker}")
+
+    def processed(
+        self, job_id: int, worker: str, generation: int, result_dir: str, seconds: float, destinations: Sequence[str]
+    ) -> bool:
+        """Record a result and move to sending (or done with no destination).
+
+        False when the series was re-opened meanwhile (a newer generation): the stale result is
+        not delivered and the series goes through receiving again.
+        """
+        now = utcnow()
+        with self._tx() as conn:
+            row = conn.execute(select(series_table).where(series_table.c.id == job_id)).first()
+            if row is None or row.lease_owner != worker:
+                raise LeaseLost(f"job {job_id} is no longer leased to {worker}")
+            if row.generation != generation or row.state != State.PROCESSING.value:
+                return False
+            next_state = State.SENDING.value if destinations else State.DONE.value
+            conn.execute(
+                update(series_table)
+                .where(series_table.c.id == job_id)
+                .values(
+                    state=next_state,
+                    result_dir=result_dir,
+                    result_generation=generation,
+                    processing_s=seconds,
+                    error=None,
+                    updated_at=now,
+                    attempts=0,
+                    next_attempt_at=None,
+                    **({} if destinations else {"lease_owner": None, "lease_expires_at": None}),
+                )
+            )
+            for name in destinations:
+                existing = conn.execute(
+                    select(deliveries_table.c.id).where(
+                        deliveries_table.c.series_id == job_id, deliveries_table.c.destination == name
+                    )
+                ).first()
+                values = {
+                    "generation": generation,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "error": None,
+                }
+                if existing is None:
+                    conn.execute(deliveries_table.insert().values(series_id=job_id, destination=name, **values))
+                else:
+                    conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+            return True
+
+    def pending_deliveries(self, job_id: int) -> list[Delivery]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(deliveries_table)
+                .where(deliveries_table.c.series_id == job_id, deliveries_table.c.state == "pending")
+                .order_by(deliveries_table.c.id)
+            )
+            return [Delivery.from_row(r) for r in rows]
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(deliveries_table).where(deliveries_table.c.series_id == job_id).order_by(deliveries_table.c.id)
+            )
+            return [Delivery.from_row(r) for r in rows]
+
+    def delivery_sent(self, delivery_id: int, instances: int) -> None:
+        now = utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries_table)
+                .where(deliveries_table.c.id == delivery_id)
+                .values(
+                    state="sent",
+                    sent_at=now,
+                    error=None,
+                    instances_sent=instances,
+                    attempts=deliveries_table.c.attempts + 1,
+                )
+            )
+
+    def delivery_failed(self, delivery_id: int, error: str, retry_at: datetime | None) -> None:
+        """A failed send: retry at ``retry_at``, or give up (``None``)."""
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries_table)
+                .where(deliveries_table.c.id == delivery_id)
+                .values(
+                    state="pending" if retry_at else "failed",
+                    error=error,
+                    next_attempt_at=retry_at,
+                    attempts=deliveries_table.c.attempts + 1,
+                )
+            )
+
+    def finish_sending(self, job_id: int, worker: str) -> State:
+        """After a sending pass: done when every delivery went out, failed when one gave up, else wait."""
+        now = utcnow()
+        with self._tx() as conn:
+            rows = [
+                Delivery.from_row(r)
+                for r in conn.execute(select(deliveries_table).where(deliveries_table.c.series_id == job_id))
+            ]
+            values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+            if all(d.state == "sent" for d in rows):
+                state = State.DONE
+            elif any(d.state == "failed" for d in rows):
+                state = State.FAILED
+                values["error"] = "; ".join(f"{d.destination}: {d.error}" for d in rows if d.state == "failed")
+            else:
+                state = State.SENDING
+                pending = [d.next_attempt_at for d in rows if d.state == "pending" and d.next_attempt_at]
+                values["next_attempt_at"] = min(pending) if pending else None
+            conn.execute(
+                update(series_table)
+                .where(series_table.c.id == job_id, series_table.c.lease_owner == worker)
+                .values(state=state.value, **values)
+            )
+            return state
+
+    def failed(
+        self, job_id: int, worker: str, error: str, *, ignored: bool = False, retry_at: datetime | None = None
+    ) -> None:
+        """Processing failed: retry later (back to queued), or failed / ignored with the reason."""
+        now = utcnow()
+        final = State.IGNORED if ignored else State.FAILED
+        state = State.QUEUED.value if retry_at is not None else final.value
+        with self._tx() as conn:
+            conn.execute(
+                update(series_table)
+                .where(series_table.c.id == job_id, series_table.c.lease_owner == worker)
+                .values(
+                    state=state,
+                    error=error,
+                    next_attempt_at=retry_at,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+
+    # --- operating -------------------------------------------------------------------------------
+    def _get(self, conn: Connection, job_id: int) -> SeriesJob | None:
+        row = conn.execute(select(series_table).where(series_table.c.id == job_id)).first()
+        return SeriesJob.from_row(row) if row else None
+
+    def get(self, job_id: int) -> SeriesJob | None:
+        with self._tx() as conn:
+            return self._get(conn, job_id)
+
+    def find(self, series_uid: str) -> SeriesJob | None:
+        with self._tx() as conn:
+            row = conn.execute(select(series_table).where(series_table.c.series_uid == series_uid)).first()
+            return SeriesJob.from_row(row) if row else None
+
+    def list(self, states: Sequence[State] | None = None, limit: int = 100) -> list[SeriesJob]:
+        query = select(series_table).order_by(series_table.c.id.desc()).limit(limit)
+        if states:
+            query = query.where(series_table.c.state.in_([s.value for s in states]))
+        with self._tx() as conn:
+            return [SeriesJob.from_row(r) for r in conn.execute(query)]
+
+    def counts(self) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(select(series_table.c.state, func.count()).group_by(series_table.c.state))
+            return {state.value: 0 for state in State} | {r[0]: r[1] for r in rows}
+
+    def retry(self, job_id: int) -> None:
+        """Process a failed or ignored series again from the spool."""
+        now = utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                update(series_table)
+                .where(series_table.c.id == job_id)
+                .values(
+                    state=State.QUEUED.value,
+                    attempts=0,
+                    error=None,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    queued_at=now,
+                    updated_at=now,
+                )
+            )
+
+    def resend(self, job_id: int, destinations: Sequence[str]) -> None:
+        """Send the existing result again (to all or some destinations) without recomputing."""
+        now = utcnow()
+        with self._tx() as conn:
+            row = conn.execute(select(series_table).where(series_table.c.id == job_id)).first()
+            if row is None or row.result_dir is None:
+                raise ValueError(f"job {job_id} has no result to send; use retry to process it")
+            for name in destinations:
+                existing = conn.execute(
+                    select(deliveries_table.c.id).where(
+                        deliveries_table.c.series_id == job_id, deliveries_table.c.destination == name
+                    )
+                ).first()
+                values = {
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "error": None,
+                    "generation": row.result_generation,
+                }
+                if existing is None:
+                    conn.execute(deliveries_table.insert().values(series_id=job_id, destination=name, **values))
+                else:
+                    conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+            conn.execute(
+                update(series_table)
+                .where(series_table.c.id == job_id)
+                .values(
+                    state=State.SENDING.value,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    error=None,
+                    updated_at=now,
+                )
+            )

@@ -1,0 +1,57 @@
+"""Prometheus metrics: what was received and refused, jobs by state, processing and sending.
+
+Jobs by state are read from the job store at each scrape, so one receiver's endpoint shows the work
+of every worker sharing the store. Each process uses its own registry (no module-level state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ctp_node.config import MetricsSettings
+from ctp_node.jobs import JobStore
+
+
+class _JobStateCollector(Collector):
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("ctp_node_jobs", "Series jobs by state", labels=["state"])
+        for state, count in sorted(self.store.counts().items()):
+            family.add_metric([state], count)
+        yield family
+
+
+class NodeMetrics:
+    def __init__(self, store: JobStore | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.received = Counter(
+            "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
+        )
+        self.refused = Counter(
+            "ctp_node_refused_instances", "C-STORE requests answered with a failure", ["reason"], registry=self.registry
+        )
+        self.processing = Histogram(
+            "ctp_node_processing_seconds",
+            "Assemble + inpaint + write per series",
+            registry=self.registry,
+            buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600),
+        )
+        self.sent = Counter("ctp_node_sent_series", "Series delivered", ["destination"], registry=self.registry)
+        self.send_failures = Counter(
+            "ctp_node_send_failures", "Failed delivery attempts", ["destination"], registry=self.registry
+        )
+        self.failures = Counter(
+            "ctp_node_job_failures", "Jobs ended failed or ignored", ["kind"], registry=self.registry
+        )
+        if store is not None:
+            self.registry.register(_JobStateCollector(store))
+
+    def serve(self, settings: MetricsSettings) -> None:
+        if settings.port is not None:
+            start_http_server(settings.port, addr=settings.bind_address, registry=self.registry)

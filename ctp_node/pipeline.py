@@ -1,0 +1,164 @@
+"""The path of one series, as plain functions over plain data (docs: architecture.md):
+
+    assemble -> to_model_grid -> inpaint (per 8-slice slab) -> from_model_grid -> write derived
+
+Shared by the worker (``make_processor``), ``ctp-node process`` and ``ctp-node reprocess``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctp_node import __version__
+from ctp_node.assemble import assemble_series
+from ctp_node.config import ModelSettings, OutputSettings, Settings
+from ctp_node.derived import DerivedRecipe, DerivedSeries, write_derived_series
+from ctp_node.errors import NotCTPError
+from ctp_node.grid import from_model_grid, to_model_grid
+from ctp_node.jobs import SeriesJob
+from model import EngineSettings, Inpainter, load_denoiser
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "CTP temporal inpainting diffusion (Bae et al. MICCAI 2024)"
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineResult:
+    derived: DerivedSeries
+    times_s: np.ndarray
+    synthetic: np.ndarray
+    interpolated: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def checkpoint_id(path: Path) -> str:
+    """File name and the first 12 hex digits of its SHA-256: names the weights in every image."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.name[:48]} sha256:{digest.hexdigest()[:12]}"
+
+
+def engine_settings(model: ModelSettings) -> EngineSettings:
+    return EngineSettings(
+        sampler=model.sampler, steps=model.steps, spacing=model.spacing, batch_size=model.batch_size,
+        precision=model.precision, compile=model.compile, max_memory_gib=model.max_memory_gib, seed=model.seed,
+        long_gap=model.long_gap,
+    )  # fmt: skip
+
+
+class SeriesPipeline:
+    """A loaded model plus the output recipe; ``run`` turns the files of one series into a derived series."""
+
+    def __init__(self, engine: Inpainter, recipe: DerivedRecipe, min_time_points: int = 3) -> None:
+        self.engine = engine
+        self.recipe = recipe
+        self.min_time_points = min_time_points
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device: str | None = None) -> SeriesPipeline:
+        model = settings.model
+        if model.checkpoint is None:
+            raise FileNotFoundError(
+                "no model checkpoint configured: set [model] checkpoint in the configuration "
+                "(or CTP_NODE_MODEL__CHECKPOINT) to the published weights or a ctp-node checkpoint"
+            )
+        net = load_denoiser(model.checkpoint)
+        engine = Inpainter(net, engine_settings(model), device=device or model.device)
+        return cls(engine, recipe_for(model, settings.output, model.checkpoint), settings.series.min_time_points)
+
+    def run(
+        self,
+        files: Sequence[Path],
+        out_dir: Path,
+        *,
+        usable: np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PipelineResult:
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        series = assemble_series(files)
+        if series.hu.shape[0] < self.min_time_points:
+            raise NotCTPError(
+                f"{series.hu.shape[0]} time points: a CT perfusion series needs at least {self.min_time_points}"
+            )
+        seconds["assemble"] = time.perf_counter() - started
+
+        mark = time.perf_counter()
+        grid = to_model_grid(series)
+        seconds["to_grid"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        results = []
+        for k, slab in enumerate(grid.slabs):
+            slab_progress = None
+            if progress is not None:
+                n = len(grid.slabs)
+
+                def slab_progress(done: int, total: int, k: int = k, n: int = n) -> None:
+                    progress(k * total + done, n * total)
+
+            results.append(self.engine.inpaint(slab, series.times_s, usable=usable, progress=slab_progress))
+        seconds["inpaint"] = time.perf_counter() - mark
+        first = results[0]
+        for other in results[1:]:  # the plan depends on the times only, so all slabs agree
+            if not np.array_equal(other.synthetic, first.synthetic):
+                raise RuntimeError("slabs were planned differently; this is a bug, please report it")
+
+        mark = time.perf_counter()
+        hu_1s = from_model_grid(
+            grid, [r.sequence for r in results], first.synthetic, series, first.times_s, usable=usable
+        )
+        seconds["from_grid"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        derived = write_derived_series(
+            hu_1s, first.times_s, first.synthetic, series, list(files), out_dir, recipe=self.recipe, usable=usable
+        )
+        seconds["write"] = time.perf_counter() - mark
+        seconds["total"] = time.perf_counter() - started
+        return PipelineResult(
+            derived=derived, times_s=first.times_s, synthetic=first.synthetic, interpolated=first.fallback,
+            notes=list(first.plan.notes), seconds=seconds,
+        )  # fmt: skip
+
+
+def recipe_for(model: ModelSettings, output: OutputSettings, checkpoint: Path) -> DerivedRecipe:
+    return DerivedRecipe(
+        model_name=MODEL_NAME[:64],
+        model_version=f"ctp-node {__version__}",
+        checkpoint_id=checkpoint_id(Path(checkpoint)),
+        sampler=model.sampler,
+        steps=model.steps,
+        series_number_offset=output.series_number_offset,
+        series_description=output.series_description,
+    )
+
+
+def make_processor(pipeline: SeriesPipeline) -> Callable[[SeriesJob, Sequence[Path], Path], object]:
+    """The worker's processor: run the pipeline on the spooled files of a job."""
+    from ctp_node.worker import ProcessOutput
+
+    def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
+        if not files:
+            raise NotCTPError(f"series {job.series_uid} has no spooled instances")
+        result = pipeline.run(files, out_dir)
+        log.info(
+            "series %s: %d instances written (%d synthetic seconds) in %.1f s %s",
+            job.series_uid, result.derived.count, int(result.synthetic.sum()), result.seconds["total"],
+            {k: round(v, 2) for k, v in result.seconds.items()},
+        )  # fmt: skip
+        return ProcessOutput(out_dir, result.derived.count)
+
+    return process

@@ -1,0 +1,108 @@
+"""storescu (DCMTK) -> ctp-node -> Orthanc, read back through Orthanc's REST API."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctp_node.jobs import JobStore, State
+from ctp_node.pipeline import SeriesPipeline, make_processor
+from ctp_node.receiver import Receiver
+from ctp_node.worker import Worker
+from tests.dcmtk import require
+from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files
+from tests.node.dicom_helpers import run
+from tests.peers import start_orthanc
+
+
+def wait_for(predicate, timeout_s=60.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture()
+def orthanc(tmp_path):
+    pacs = start_orthanc(tmp_path / "orthanc")
+    yield pacs
+    pacs.stop()
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "jpeg-lossless"])
+def test_storescu_to_node_to_orthanc(tmp_path, orthanc, syntax):
+    storescu = require("storescu")
+    files = phantom_files(tmp_path / "study", syntax=syntax)
+    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc.dicom_port)
+    store = JobStore(settings.database_url)
+    receiver = Receiver(settings, store)
+    receiver.start()
+    try:
+        with Watcher(receiver):
+            sent = run(
+                storescu,
+                "-xs",
+                "-aet",
+                "SCANNER",
+                "-aec",
+                "CTPNODE",
+                "127.0.0.1",
+                str(settings.dicom.port),
+                *map(str, files),
+            )
+            assert sent.returncode == 0, sent.stderr
+            job = wait_for(lambda: (j := store.list([State.QUEUED])) and j[0], what="series queued")
+    finally:
+        receiver.stop()
+    assert job.instances == len(files) == 7 * 8
+    worker = Worker(settings, store, make_processor(SeriesPipeline.from_settings(settings)), worker_id="w1")
+    assert worker.run_once() is not None
+    done = store.get(job.id)
+    assert done.state == State.DONE, done.error
+
+    series = orthanc.get("/series")
+    assert len(series) == 1  # the node sends only the derived series
+    info = orthanc.get(f"/series/{series[0]}")
+    assert len(info["Instances"]) == 25 * 8  # 1 s grid from 0 to 24 s, 8 slices
+    derived = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i))) for i in info["Instances"]]
+    first = source[0]
+    assert {d.StudyInstanceUID for d in derived} == {first.StudyInstanceUID}
+    assert {d.FrameOfReferenceUID for d in derived} == {first.FrameOfReferenceUID}
+    assert {d.SeriesInstanceUID for d in derived} != {first.SeriesInstanceUID}
+    assert all("SYNTHETIC" in d.SeriesDescription for d in derived)
+    synthetic = [d for d in derived if "SECONDARY" in d.ImageType]
+    assert len(synthetic) == 18 * 8 and all(d.ImageType[0] == "DERIVED" for d in derived)
+    # 1 s time points, references to source instances, same pixel geometry as the source
+    temporal = sorted({int(d.TemporalPositionIdentifier) for d in derived})
+    assert temporal == list(range(1, 26))
+    source_uids = {s.SOPInstanceUID for s in source}
+    for d in synthetic[:10]:
+        assert {r.ReferencedSOPInstanceUID for r in d.SourceImageSequence} <= source_uids
+    assert {tuple(d.PixelSpacing) for d in derived} == {tuple(first.PixelSpacing)}
+    assert {(d.Rows, d.Columns) for d in derived} == {(first.Rows, first.Columns)}
+    positions = {tuple(round(float(v), 3) for v in d.ImagePositionPatient) for d in derived}
+    assert positions == {tuple(round(float(v), 3) for v in s.ImagePositionPatient) for s in source}
+    assert np.isfinite(derived[0].pixel_array).all()
+    events = [e["event"] for e in receiver.audit.read()]
+    assert events.count("received") == len(files) and events.count("sent") == 1
+
+
+def test_echoscu_and_unknown_called_ae(tmp_path):
+    echoscu = require("echoscu")
+    settings = node_settings(tmp_path / "node", tmp_path / "unused.pt", None)
+    receiver = Receiver(settings, JobStore(settings.database_url))
+    receiver.start()
+    try:
+        port = str(settings.dicom.port)
+        assert run(echoscu, "-aec", "CTPNODE", "127.0.0.1", port).returncode == 0
+        assert run(echoscu, "-aec", "SOMEONE", "127.0.0.1", port).returncode != 0
+    finally:
+        receiver.stop()

@@ -1,0 +1,139 @@
+from datetime import timedelta
+
+import pytest
+
+from ctp_node.jobs import JobStore, LeaseLost, State, utcnow
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+
+
+def received(store, series="1.2.3.4", n=3, at=None):
+    for _ in range(n):
+        store.record_instance("1.2.3", series, "SCANNER", at=at)
+    return store.find(series)
+
+
+def test_series_lifecycle_to_done(store):
+    t0 = utcnow() - timedelta(seconds=120)
+    job = received(store, at=t0)
+    assert job.state == State.RECEIVING and job.instances == 3 and job.generation == 1
+    assert store.queue_quiet_series(60) == [job.id]
+    assert store.find("1.2.3.4").state == State.QUEUED
+    claimed = store.claim("w1", lease_s=60)
+    assert claimed.id == job.id and claimed.state == State.PROCESSING and claimed.lease_owner == "w1"
+    assert store.claim("w2", lease_s=60) is None  # leased
+    assert store.processed(job.id, "w1", 1, "/results/x", 1.5, ["pacs", "archive"])
+    assert store.find("1.2.3.4").state == State.SENDING
+    deliveries = store.pending_deliveries(job.id)
+    assert [d.destination for d in deliveries] == ["pacs", "archive"]
+    for d in deliveries:
+        store.delivery_sent(d.id, 100)
+    assert store.finish_sending(job.id, "w1") == State.DONE
+    done = store.find("1.2.3.4")
+    assert done.state == State.DONE and done.lease_owner is None and done.result_dir == "/results/x"
+
+
+def test_quiet_period_is_respected(store):
+    received(store)
+    assert store.queue_quiet_series(60) == []
+    assert store.find("1.2.3.4").state == State.RECEIVING
+
+
+def test_late_instance_reopens_and_stale_result_is_not_delivered(store):
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER")  # late instance while processing
+    reopened = store.find("1.2.3.4")
+    assert reopened.state == State.RECEIVING and reopened.generation == 2
+    assert store.processed(job.id, "w1", 1, "/results/old", 1.0, ["pacs"]) is False
+    assert store.pending_deliveries(job.id) == []
+    # after a done result, a late instance re-opens again
+    store.queue_quiet_series(0)
+    claimed = store.claim("w1", lease_s=60)
+    assert claimed.generation == 2
+    assert store.processed(job.id, "w1", 2, "/results/new", 1.0, [])
+    assert store.find("1.2.3.4").state == State.DONE
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER")
+    assert store.find("1.2.3.4").generation == 3 and store.find("1.2.3.4").state == State.RECEIVING
+
+
+def test_expired_lease_is_taken_over(store):
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    later = utcnow() + timedelta(seconds=61)
+    taken = store.claim("w2", lease_s=60, now=later)
+    assert taken.id == job.id and taken.lease_owner == "w2" and taken.attempts == 2
+    with pytest.raises(LeaseLost):
+        store.heartbeat(job.id, "w1", 60)
+    with pytest.raises(LeaseLost):
+        store.processed(job.id, "w1", 1, "/r", 1.0, [])
+    store.heartbeat(job.id, "w2", 60)
+
+
+def test_sending_retries_then_fails_with_the_reason(store):
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    store.processed(job.id, "w1", 1, "/r", 1.0, ["pacs"])
+    (delivery,) = store.pending_deliveries(job.id)
+    retry_at = utcnow() + timedelta(seconds=30)
+    store.delivery_failed(delivery.id, "connection refused", retry_at)
+    assert store.finish_sending(job.id, "w1") == State.SENDING
+    waiting = store.find("1.2.3.4")
+    assert waiting.next_attempt_at == retry_at and waiting.lease_owner is None
+    assert store.claim("w1", lease_s=60) is None  # not due yet
+    again = store.claim("w1", lease_s=60, now=retry_at + timedelta(seconds=1))
+    assert again.state == State.SENDING  # resumes sending, does not recompute
+    store.delivery_failed(delivery.id, "connection refused", None)
+    assert store.finish_sending(job.id, "w1") == State.FAILED
+    failed = store.find("1.2.3.4")
+    assert "pacs: connection refused" in failed.error
+    store.resend(job.id, ["pacs"])
+    assert store.find("1.2.3.4").state == State.SENDING
+    assert [d.state for d in store.pending_deliveries(job.id)] == ["pending"]
+
+
+def test_processing_failure_retry_ignore_and_manual_retry(store):
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    store.failed(job.id, "w1", "GPU out of memory", retry_at=utcnow() + timedelta(seconds=5))
+    assert store.find("1.2.3.4").state == State.QUEUED
+    store.claim("w1", lease_s=60, now=utcnow() + timedelta(seconds=6))
+    store.failed(job.id, "w1", "not a CT perfusion series: one time point", ignored=True)
+    ignored = store.find("1.2.3.4")
+    assert ignored.state == State.IGNORED and "one time point" in ignored.error
+    store.retry(job.id)
+    assert store.find("1.2.3.4").state == State.QUEUED and store.find("1.2.3.4").error is None
+    with pytest.raises(ValueError, match="no result"):
+        store.resend(job.id, ["pacs"])
+
+
+def test_counts_and_listing(store):
+    received(store, "1.2.3.4")
+    received(store, "1.2.3.5", at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    counts = store.counts()
+    assert counts["receiving"] == 1 and counts["queued"] == 1 and counts["done"] == 0
+    assert [j.series_uid for j in store.list([State.QUEUED])] == ["1.2.3.5"]
+    assert len(store.list()) == 2
+
+
+def test_two_stores_on_one_file_never_claim_the_same_job(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    a, b = JobStore(url), JobStore(url)
+    for i in range(6):
+        a.record_instance("1.2.3", f"1.2.3.{i}", "S", at=utcnow() - timedelta(seconds=120))
+    a.queue_quiet_series(60)
+    claimed = []
+    for _ in range(4):
+        for store, name in ((a, "wa"), (b, "wb")):
+            job = store.claim(name, lease_s=60)
+            if job:
+                claimed.append(job.id)
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6

@@ -1,0 +1,99 @@
+"""Real DICOM peers for integration tests, started on loopback ports and stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not listen on {port} within {timeout_s} s") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class Orthanc:
+    """A headless Orthanc PACS (Debian package) with its REST API on loopback."""
+
+    proc: subprocess.Popen
+    http_port: int
+    dicom_port: int
+    ae_title: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if response.headers.get_content_type() == "application/json" else body
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self.get(f"/instances/{instance_id}/file")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_orthanc(folder: Path, ae_title: str = "ORTHANC", modalities: dict | None = None) -> Orthanc:
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        pytest.skip("Orthanc (Debian package orthanc) is not installed; .ci/run installs it")
+    folder.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "ctp-node-test",
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ae_title,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "DicomModalities": modalities or {},
+        "StableAge": 1,
+        "Plugins": [],
+        "DicomCheckCalledAet": True,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(http_port, proc, "Orthanc")
+        wait_for_port(dicom_port, proc, "Orthanc DICOM")
+    except Exception:
+        proc.kill()
+        raise
+    return Orthanc(proc, http_port, dicom_port, ae_title)
