@@ -67,12 +67,14 @@ class Orthanc:
                 self.proc.wait()
 
 
-def start_orthanc(folder: Path, ae_title: str = "ORTHANC", modalities: dict | None = None) -> Orthanc:
+def start_orthanc(
+    folder: Path, ae_title: str = "ORTHANC", modalities: dict | None = None, dicom_port: int | None = None
+) -> Orthanc:
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.skip("Orthanc (Debian package orthanc) is not installed; .ci/run installs it")
     folder.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_port(), dicom_port or free_port()
     config = {
         "Name": "ctp-node-test",
         "HttpPort": http_port,

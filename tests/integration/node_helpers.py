@@ -70,3 +70,24 @@ class Watcher:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """The settings as a TOML file for `ctp-node serve` / `worker` subprocesses."""
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(settings.to_toml_dict()))
+    return path
+
+
+def start_node_process(verb: str, config: Path, log: Path, *extra: str):
+    """`ctp-node serve` or `ctp-node worker` as a real process (stopped by the test by PID)."""
+    import subprocess
+    import sys
+
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ctp_node", verb, "--config", str(config), "--log-level", "INFO", *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

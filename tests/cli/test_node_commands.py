@@ -1,0 +1,109 @@
+"""`ctp-node jobs`, `echo`, `process`, `reprocess` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+import pytest
+from typer.testing import CliRunner
+
+from ctp_node.cli.main import app
+from ctp_node.jobs import JobStore, State, utcnow
+from ctp_node.scp import start_scp
+from ctp_node.spool import SeriesKey, Spool
+from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files, write_config
+
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    return " ".join(re.sub("[│╭╮╰╯─┃━┏┓┗┛┡┩]", " ", text).split())
+
+
+@pytest.fixture()
+def configured(tmp_path):
+    settings = node_settings(tmp_path / "node", tmp_path / "net.pt", 4242)
+    return settings, write_config(tmp_path / "ctp-node.toml", settings)
+
+
+def test_jobs_list_show_retry_resend(configured):
+    settings, config = configured
+    store = JobStore(settings.database_url)
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    job = store.claim("w", 60)
+    store.failed(job.id, "w", "IncompleteSeriesError: volume 3 lacks slice 7")
+    result = runner.invoke(app, ["jobs", "list", "-c", str(config)])
+    assert result.exit_code == 0 and "failed 1" in result.output and "volume 3 lacks" in flat(result.output)
+    shown = json.loads(runner.invoke(app, ["jobs", "show", "1.2.3.4", "-c", str(config)]).output)
+    assert shown["state"] == "failed" and shown["deliveries"] == []
+    assert runner.invoke(app, ["jobs", "retry", str(job.id), "-c", str(config)]).exit_code == 0
+    assert store.get(job.id).state == State.QUEUED
+    refused = runner.invoke(app, ["jobs", "resend", str(job.id), "-c", str(config)])
+    assert refused.exit_code == 2 and "no result" in flat(refused.output)
+    store.claim("w", 60)
+    store.processed(job.id, "w", 1, "/results", 1.0, ["pacs"])
+    store.finish_sending(job.id, "w")
+    assert runner.invoke(app, ["jobs", "resend", str(job.id), "-c", str(config)]).exit_code == 0
+    assert store.get(job.id).state == State.SENDING
+    missing = runner.invoke(app, ["jobs", "show", "9.9.9", "-c", str(config)])
+    assert missing.exit_code == 2 and "no job" in flat(missing.output)
+    bad_state = runner.invoke(app, ["jobs", "list", "--state", "weird", "-c", str(config)])
+    assert bad_state.exit_code != 0
+
+
+def test_echo_configured_and_explicit_peers(tmp_path, configured):
+    settings, config = configured
+    peer = node_settings(tmp_path / "peer", tmp_path / "x.pt", None).dicom
+    server = start_scp(peer, Spool(tmp_path / "peer-spool"), lambda r: None)
+    try:
+        ok = runner.invoke(app, ["echo", f"127.0.0.1:{peer.port}:{peer.ae_title}", "-c", str(config)])
+        assert ok.exit_code == 0 and ok.output.startswith("ok")
+        down = runner.invoke(app, ["echo", "pacs", "-c", str(config)])  # configured on port 4242: nobody there
+        assert down.exit_code == 1 and "FAIL" in down.output
+        bad = runner.invoke(app, ["echo", "not-a-peer", "-c", str(config)])
+        assert bad.exit_code != 0
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_process_a_folder_and_reprocess_from_the_spool(tmp_path):
+    files = phantom_files(tmp_path / "study" / "ctp", duration_s=13)
+    (tmp_path / "study" / "README.txt").write_text("not DICOM")
+    checkpoint = cpu_checkpoint(tmp_path / "net.pt")
+    settings = node_settings(tmp_path / "node", checkpoint, None)
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["process", str(tmp_path / "study"), "-o", str(out), "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "not DICOM series members" in flat(result.output)
+    (series_dir,) = list(out.iterdir())
+    assert len(list(series_dir.glob("*.dcm"))) == 13 * 8
+
+    import pydicom
+
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    key = SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    spool, store = Spool(settings.storage.spool_dir), JobStore(settings.database_url)
+    for path in files:
+        spool.write(key, pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID, path.read_bytes())
+        store.record_instance(key.study_uid, key.series_uid, "S")
+    again = runner.invoke(
+        app, ["reprocess", key.series_uid, "-o", str(tmp_path / "again"), "--steps", "2", "-c", str(config)]
+    )
+    assert again.exit_code == 0, again.output
+    assert len(list((tmp_path / "again" / key.series_uid).glob("*.dcm"))) == 13 * 8
+    queued = runner.invoke(app, ["reprocess", key.series_uid, "-c", str(config)])
+    assert queued.exit_code == 0 and store.find(key.series_uid).state == State.QUEUED
+    refused = runner.invoke(app, ["reprocess", key.series_uid, "--steps", "3", "-c", str(config)])
+    assert refused.exit_code != 0
+
+
+def test_process_reports_an_empty_folder(tmp_path, configured):
+    _, config = configured
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["process", str(tmp_path / "empty"), "-c", str(config)])
+    assert result.exit_code == 2 and "no DICOM series" in flat(result.output)

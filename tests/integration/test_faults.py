@@ -1,0 +1,210 @@
+"""Faults with real processes and peers: a destination that is down, SIGKILL while receiving,
+processing and sending, and bad input while the node keeps serving. Every series must end up in
+Orthanc exactly once, with every instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from ctp_node.jobs import JobStore, State
+from ctp_node.pipeline import SeriesPipeline, make_processor
+from ctp_node.spool import SeriesKey, Spool
+from ctp_node.worker import Worker
+from tests.dcmtk import require
+from tests.integration.node_helpers import (
+    cpu_checkpoint,
+    node_settings,
+    phantom_files,
+    start_node_process,
+    write_config,
+)
+from tests.node.dicom_helpers import ct_instance, run
+from tests.peers import free_port, start_orthanc, wait_for_port
+
+pytestmark = pytest.mark.slow
+SECONDS, SLICES = 17, 8  # phantom: 17 s sampled every 4 s (5 volumes), 8 slices
+
+
+def wait_for(predicate, timeout_s=90.0, what="condition", interval=0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def orthanc_instances(orthanc) -> int:
+    return sum(len(orthanc.get(f"/series/{s}")["Instances"]) for s in orthanc.get("/series"))
+
+
+@pytest.fixture()
+def node(tmp_path):
+    """Config for a node sending to a real Orthanc; the test starts the processes it needs."""
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    settings = node_settings(
+        tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc.dicom_port,
+        jobs={"lease_s": 4, "heartbeat_s": 1},
+    )  # fmt: skip
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    procs: list[subprocess.Popen] = []
+    yield settings, config, orthanc, procs
+    for proc in procs:
+        kill(proc)
+    orthanc.stop()
+
+
+def serve(settings, config, tmp_path, procs):
+    proc = start_node_process("serve", config, tmp_path / "serve.log")
+    procs.append(proc)
+    wait_for_port(settings.dicom.port, proc, "ctp-node serve")
+    return proc
+
+
+def storescu_args(settings, files):
+    return [
+        require("storescu"),
+        "-aet",
+        "SCANNER",
+        "-aec",
+        "CTPNODE",
+        "127.0.0.1",
+        str(settings.dicom.port),
+        *map(str, files),
+    ]
+
+
+def test_destination_down_then_back_is_delivered_once(tmp_path):
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    port = free_port()
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), port)
+    store = JobStore(settings.database_url)
+    spool = Spool(settings.storage.spool_dir)
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spool.write(SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID), ds.SOPInstanceUID, path.read_bytes())
+        store.record_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, "SCANNER")
+    store.queue_quiet_series(0)
+    worker = Worker(settings, store, make_processor(SeriesPipeline.from_settings(settings)), worker_id="w1")
+    job = worker.run_once()  # PACS down: processed, the send fails and is scheduled again
+    waiting = store.get(job.id)
+    assert waiting.state == State.SENDING and "no association" in store.deliveries(job.id)[0].error
+    orthanc = start_orthanc(tmp_path / "orthanc", dicom_port=port)  # the PACS comes back
+    try:
+        wait_for(lambda: worker.run_once() and store.get(job.id).state == State.DONE, what="delivery", interval=0.3)
+        assert len(orthanc.get("/series")) == 1
+        assert orthanc_instances(orthanc) == SECONDS * SLICES
+        assert [d.state for d in store.deliveries(job.id)] == ["sent"]
+    finally:
+        orthanc.stop()
+
+
+def test_sigkill_while_receiving_loses_nothing(tmp_path, node):
+    settings, config, orthanc, procs = node
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    server = serve(settings, config, tmp_path, procs)
+    sender = subprocess.Popen(storescu_args(settings, files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spool = settings.storage.spool_dir
+    wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= len(files) // 3, what="a third of the study")
+    kill(server)
+    sender.wait(timeout=30)
+    # Restarted, the node is sent the whole study again (what a scanner or PACS does after a failure).
+    serve(settings, config, tmp_path, procs)
+    assert run(*storescu_args(settings, files)).returncode == 0
+    assert len(list(spool.rglob("*.dcm"))) == len(files)
+    assert not list(spool.rglob("*.part"))
+    store = JobStore(settings.database_url)
+    wait_for(lambda: store.list([State.QUEUED]), what="series queued")
+    procs.append(start_node_process("worker", config, tmp_path / "worker.log", "--once"))
+    procs[-1].wait(timeout=300)
+    job = store.list()[0]
+    assert job.state == State.DONE, (job.error, (tmp_path / "worker.log").read_text()[-2000:])
+    assert len(orthanc.get("/series")) == 1 and orthanc_instances(orthanc) == SECONDS * SLICES
+
+
+@pytest.mark.parametrize("moment", [State.PROCESSING, State.SENDING])
+def test_sigkill_while_working_is_taken_over_and_delivered_once(tmp_path, node, moment):
+    settings, config, orthanc, procs = node
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    serve(settings, config, tmp_path, procs)
+    assert run(*storescu_args(settings, files)).returncode == 0
+    store = JobStore(settings.database_url)
+    wait_for(lambda: store.list([State.QUEUED]), what="series queued")
+    first = start_node_process("worker", config, tmp_path / "worker1.log")
+    procs.append(first)
+    wait_for(lambda: store.list([moment]), what=f"state {moment.value}", interval=0.01, timeout_s=300)
+    kill(first)
+    job = store.list()[0]
+    assert job.state == moment
+    # Its lease expires (4 s); a second worker takes the job over.
+    procs.append(start_node_process("worker", config, tmp_path / "worker2.log"))
+    done = wait_for(lambda: store.get(job.id).state == State.DONE and store.get(job.id), what="done", timeout_s=300)
+    assert done.state == State.DONE
+    assert "claimed series" in (tmp_path / "worker2.log").read_text()  # the second worker finished it
+    assert len(orthanc.get("/series")) == 1 and orthanc_instances(orthanc) == SECONDS * SLICES
+
+
+def _send(port: int, datasets) -> list[int]:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTPNODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_bad_input_is_refused_with_a_reason_while_the_node_keeps_serving(tmp_path, node):
+    settings, config, orthanc, procs = node
+    serve(settings, config, tmp_path, procs)
+    port = settings.dicom.port
+    study = generate_uid()
+    # 1. not CTP: one time point
+    single = [
+        ct_instance(tmp_path / f"single{i}.dcm", study=study, series="1.2.826.0.1.3680043.10.1.1", value=i)
+        for i in range(2)
+    ]
+    for i, ds in enumerate(single):
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 5.0 * i], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.AcquisitionTime = [0.5, 0.5], "120000"
+    # 2. corrupt: pixel data shorter than the header says
+    corrupt = ct_instance(tmp_path / "corrupt.dcm", study=study, series="1.2.826.0.1.3680043.10.1.2")
+    corrupt.PixelData = corrupt.PixelData[:100]
+    # 3. absurd header: zero rows
+    absurd = ct_instance(tmp_path / "absurd.dcm", study=study, series="1.2.826.0.1.3680043.10.1.3")
+    absurd.Rows = 0
+    assert _send(port, [*single, corrupt, absurd]) == [0, 0, 0, 0]  # stored as received; judged when complete
+    # 4. truncated: a phantom study with one instance missing
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    assert run(*storescu_args(settings, files[:-1])).returncode == 0
+    store = JobStore(settings.database_url)
+    wait_for(lambda: len(store.list([State.QUEUED])) == 4, what="four series queued")
+    procs.append(start_node_process("worker", config, tmp_path / "worker.log", "--once"))
+    procs[-1].wait(timeout=300)
+    by_series = {j.series_uid: j for j in store.list()}
+    assert by_series["1.2.826.0.1.3680043.10.1.1"].state == State.IGNORED
+    assert "time point" in by_series["1.2.826.0.1.3680043.10.1.1"].error
+    for uid in ("1.2.826.0.1.3680043.10.1.2", "1.2.826.0.1.3680043.10.1.3"):
+        assert by_series[uid].state in (State.FAILED, State.IGNORED) and by_series[uid].error
+    truncated = [j for j in store.list() if not j.series_uid.startswith("1.2.826.0.1.3680043.10.1.")][0]
+    assert truncated.state == State.FAILED and "Incomplete" in truncated.error
+    assert orthanc.get("/series") == []
+    # ... and the node still answers
+    assert run(require("echoscu"), "-aec", "CTPNODE", "127.0.0.1", str(port)).returncode == 0
