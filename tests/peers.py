@@ -54,6 +54,11 @@ class Orthanc:
             body = response.read()
         return json.loads(body) if response.headers.get_content_type() == "application/json" else body
 
+    def upload(self, path: Path) -> None:
+        request = urllib.request.Request(self.url + "/instances", data=Path(path).read_bytes(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
     def instance_file(self, instance_id: str) -> bytes:
         return self.get(f"/instances/{instance_id}/file")
 

@@ -120,8 +120,46 @@ def process(
         raise typer.Exit(1)
 
 
+def _peer(settings, target: str):
+    from ctp_node.scu import Peer
+
+    by_name = {d.name: d for d in settings.destinations}
+    if target in by_name:
+        d = by_name[target]
+        return Peer(d.host, d.port, d.ae_title)
+    try:
+        return Peer.parse(target)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{target!r} is neither a configured destination nor HOST:PORT:AET") from exc
+
+
+def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
+    from ctp_node.retrieve import retrieve_series
+    from ctp_node.spool import InvalidUIDError, Spool
+
+    if not study:
+        raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
+    try:
+        got = retrieve_series(
+            _peer(settings, target), study, series_uid, Spool(settings.storage.spool_dir), settings.dicom.ae_title
+        )
+    except (ConnectionError, InvalidUIDError) as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    for _ in got.paths:
+        store.record_instance(got.key.study_uid, got.key.series_uid, "C-GET")
+    stderr.print(
+        f"pulled {len(got.paths)} instances of {series_uid} from {target}"
+        + (f" ({got.failed} failed)" if got.failed else "")
+    )
+
+
 def reprocess(
-    ref: str = typer.Argument(..., help="Job id or series UID of a spooled series."),
+    ref: str = typer.Argument(..., help="Job id or series UID of a spooled series (a series UID with --from-pacs)."),
+    from_pacs: str | None = typer.Option(
+        None, "--from-pacs", help="Pull the series first with C-GET from this destination name or HOST:PORT:AET."
+    ),
+    study: str | None = typer.Option(None, "--study", help="StudyInstanceUID of the series (with --from-pacs)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of queueing a delivery."),
     config: Path | None = CONFIG_OPTION,
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint."),
@@ -141,6 +179,8 @@ def reprocess(
         )
     settings = _load(config)
     store = JobStore(settings.database_url)
+    if from_pacs:
+        _pull(settings, store, from_pacs, study, ref)
     job = _job(store, ref)
     files = Spool(settings.storage.spool_dir).instances(SeriesKey(job.study_uid, job.series_uid))
     if not files:

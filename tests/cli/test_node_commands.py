@@ -107,3 +107,32 @@ def test_process_reports_an_empty_folder(tmp_path, configured):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["process", str(tmp_path / "empty"), "-c", str(config)])
     assert result.exit_code == 2 and "no DICOM series" in flat(result.output)
+
+
+@pytest.mark.slow
+def test_reprocess_pulls_a_series_from_pacs_with_c_get(tmp_path):
+    import pydicom
+
+    from tests.peers import start_orthanc
+
+    files = phantom_files(tmp_path / "study", duration_s=9)
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), None)
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    modalities = {"ctpnode": {"AET": "CTPNODE", "Host": "127.0.0.1", "Port": settings.dicom.port, "AllowGet": True}}
+    orthanc = start_orthanc(tmp_path / "orthanc", modalities=modalities)
+    try:
+        for path in files:
+            orthanc.upload(path)
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        pacs = f"127.0.0.1:{orthanc.dicom_port}:ORTHANC"
+        args = ["reprocess", ds.SeriesInstanceUID, "--from-pacs", pacs, "--study", ds.StudyInstanceUID]
+        result = runner.invoke(app, [*args, "-o", str(tmp_path / "out"), "-c", str(config)])
+        assert result.exit_code == 0, result.output
+        assert f"pulled {len(files)} instances" in flat(result.output)
+        assert len(list((tmp_path / "out" / ds.SeriesInstanceUID).glob("*.dcm"))) == 9 * 8
+        missing = runner.invoke(
+            app, ["reprocess", "1.2.3.999", "--from-pacs", pacs, "--study", "1.2.3", "-c", str(config)]
+        )
+        assert missing.exit_code == 2 and "C-GET" in flat(missing.output)
+    finally:
+        orthanc.stop()
