@@ -5,9 +5,33 @@ import pytest
 from ctp_node.jobs import JobStore, LeaseLost, State, utcnow
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    url = request.getfixturevalue("postgres").url
+    from sqlalchemy import create_engine
+
+    from ctp_node.jobs import metadata
+
+    engine = create_engine(url)
+    metadata.drop_all(engine)  # a clean store per test
+    engine.dispose()
+    return url
+
+
 @pytest.fixture()
-def store(tmp_path):
-    return JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+def store(database_url):
+    return JobStore(database_url)
 
 
 def received(store, series="1.2.3.4", n=3, at=None):
@@ -124,16 +148,25 @@ def test_counts_and_listing(store):
     assert len(store.list()) == 2
 
 
-def test_two_stores_on_one_file_never_claim_the_same_job(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    a, b = JobStore(url), JobStore(url)
-    for i in range(6):
-        a.record_instance("1.2.3", f"1.2.3.{i}", "S", at=utcnow() - timedelta(seconds=120))
-    a.queue_quiet_series(60)
-    claimed = []
-    for _ in range(4):
-        for store, name in ((a, "wa"), (b, "wb")):
-            job = store.claim(name, lease_s=60)
-            if job:
+def test_concurrent_claimers_never_take_the_same_job(database_url):
+    """Eight threads on four stores (connection pools) race for 40 jobs: each is claimed exactly once."""
+    import threading
+
+    stores = [JobStore(database_url) for _ in range(4)]
+    for i in range(40):
+        stores[0].record_instance("1.2.3", f"1.2.3.{i}", "S", at=utcnow() - timedelta(seconds=120))
+    stores[0].queue_quiet_series(60)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(store, name):
+        while (job := store.claim(name, lease_s=60)) is not None:
+            with lock:
                 claimed.append(job.id)
-    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6
+
+    threads = [threading.Thread(target=claimer, args=(stores[i % 4], f"w{i}")) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
