@@ -19,6 +19,7 @@ import numpy as np
 from ctp_node import __version__
 from ctp_node.assemble import assemble_series
 from ctp_node.config import ModelSettings, OutputSettings, Settings
+from ctp_node.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.errors import NotCTPError
 from ctp_node.grid import from_model_grid, to_model_grid
@@ -88,6 +89,7 @@ class SeriesPipeline:
     ) -> PipelineResult:
         seconds: dict[str, float] = {}
         started = time.perf_counter()
+        refuse_own_output(files[0])
         series = assemble_series(files)
         if series.hu.shape[0] < self.min_time_points:
             raise NotCTPError(
@@ -132,6 +134,15 @@ class SeriesPipeline:
             derived=derived, times_s=first.times_s, synthetic=first.synthetic, interpolated=first.fallback,
             notes=list(first.plan.notes), seconds=seconds,
         )  # fmt: skip
+
+
+def refuse_own_output(path: Path) -> None:
+    """A series this node wrote (routed back to it by a PACS rule) is not inpainted again."""
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer", "ImageType"])
+    if str(header.get("Manufacturer", "")) == DERIVED_MANUFACTURER and "DERIVED" in list(header.get("ImageType", [])):
+        raise NotCTPError("the series is ctp-node's own synthetic output (Manufacturer ctp-node, DERIVED)")
 
 
 def recipe_for(model: ModelSettings, output: OutputSettings, checkpoint: Path) -> DerivedRecipe:

@@ -128,6 +128,14 @@ class Worker:
         """Run the pipeline; True when the job moves on to sending."""
         files = self.spool.instances(SeriesKey(job.study_uid, job.series_uid))
         out_dir = self.settings.storage.results_dir / job.study_uid / job.series_uid / f"g{job.generation}"
+        self.audit.write(
+            "processing",
+            series_uid=job.series_uid,
+            worker=self.worker_id,
+            attempt=job.attempts,
+            generation=job.generation,
+            instances=len(files),
+        )
         started = time.perf_counter()
         try:
             output = self.processor(job, files, out_dir)
@@ -152,6 +160,14 @@ class Worker:
             return False
         seconds = time.perf_counter() - started
         self.metrics.processing.observe(seconds)
+        self.audit.write(
+            "processed",
+            series_uid=job.series_uid,
+            worker=self.worker_id,
+            generation=job.generation,
+            instances=output.files,
+            seconds=round(seconds, 3),
+        )
         moved = self.store.processed(
             job.id, self.worker_id, job.generation, str(output.result_dir), seconds, list(self.destinations)
         )

@@ -169,9 +169,7 @@ def test_infer_long_gap_linear_policy(tmp_path, checkpoint):
 def test_bad_checkpoint_is_reported(tmp_path):
     sequence(tmp_path / "s.npy")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    result = runner.invoke(
-        app, ["infer", str(tmp_path / "s.npy"), "--gap", "4", "-c", str(tmp_path / "bad.pt")]
-    )
+    result = runner.invoke(app, ["infer", str(tmp_path / "s.npy"), "--gap", "4", "-c", str(tmp_path / "bad.pt")])
     assert result.exit_code == 2
     assert "truncated or corrupt" in flat(result.output)
 

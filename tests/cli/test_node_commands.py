@@ -82,6 +82,9 @@ def test_process_a_folder_and_reprocess_from_the_spool(tmp_path):
     assert "not DICOM series members" in flat(result.output)
     (series_dir,) = list(out.iterdir())
     assert len(list(series_dir.glob("*.dcm"))) == 13 * 8
+    # Its own output, routed back by a PACS rule, is refused rather than inpainted again.
+    loop = runner.invoke(app, ["process", str(out), "-o", str(tmp_path / "loop"), "-c", str(config)])
+    assert loop.exit_code == 1 and "own synthetic output" in flat(loop.output)
 
     import pydicom
 
