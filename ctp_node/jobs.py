@@ -218,6 +218,20 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _upsert_delivery(conn: Connection, job_id: int, destination: str, generation: int) -> None:
+    """A pending delivery of ``generation`` to ``destination``, replacing any earlier one."""
+    values = {"generation": generation, "state": "pending", "attempts": 0, "next_attempt_at": None, "error": None}
+    existing = conn.execute(
+        select(deliveries_table.c.id).where(
+            deliveries_table.c.series_id == job_id, deliveries_table.c.destination == destination
+        )
+    ).first()
+    if existing is None:
+        conn.execute(deliveries_table.insert().values(series_id=job_id, destination=destination, **values))
+    else:
+        conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+
+
 class JobStore:
     """All state transitions of series and deliveries, each one short transaction."""
 
@@ -374,22 +388,7 @@ class JobStore:
                 )
             )
             for name in destinations:
-                existing = conn.execute(
-                    select(deliveries_table.c.id).where(
-                        deliveries_table.c.series_id == job_id, deliveries_table.c.destination == name
-                    )
-                ).first()
-                values = {
-                    "generation": generation,
-                    "state": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": None,
-                    "error": None,
-                }
-                if existing is None:
-                    conn.execute(deliveries_table.insert().values(series_id=job_id, destination=name, **values))
-                else:
-                    conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+                _upsert_delivery(conn, job_id, name, generation)
             return True
 
     def pending_deliveries(self, job_id: int) -> list[Delivery]:
@@ -536,22 +535,7 @@ class JobStore:
             if row is None or row.result_dir is None:
                 raise ValueError(f"job {job_id} has no result to send; use retry to process it")
             for name in destinations:
-                existing = conn.execute(
-                    select(deliveries_table.c.id).where(
-                        deliveries_table.c.series_id == job_id, deliveries_table.c.destination == name
-                    )
-                ).first()
-                values = {
-                    "state": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": None,
-                    "error": None,
-                    "generation": row.result_generation,
-                }
-                if existing is None:
-                    conn.execute(deliveries_table.insert().values(series_id=job_id, destination=name, **values))
-                else:
-                    conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+                _upsert_delivery(conn, job_id, name, row.result_generation)
             conn.execute(
                 update(series_table)
                 .where(series_table.c.id == job_id)

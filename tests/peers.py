@@ -36,6 +36,28 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float
             time.sleep(0.05)
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(predicate, timeout_s: float = 90.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy (returned), or TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
 @dataclass
 class Orthanc:
     """A headless Orthanc PACS (Debian package) with its REST API on loopback."""
@@ -63,13 +85,7 @@ class Orthanc:
         return self.get(f"/instances/{instance_id}/file")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_orthanc(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port, wait_for_port
+from tests.peers import free_port, stop_process, wait_for_port
 
 
 def _bin(tool: str) -> str | None:
@@ -75,11 +74,5 @@ class PostgresServer:
         return f"postgresql+psycopg://ctp@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.folder, ignore_errors=True)

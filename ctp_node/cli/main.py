@@ -19,6 +19,7 @@ from ctp_node.cli import (
     perfusion_cmd,
     phantom_cmd,
     process_cmd,
+    train_cmd,
 )
 
 app = typer.Typer(
@@ -48,6 +49,7 @@ app.command("bench")(bench_cmd.bench)
 app.command("config")(config_cmd.config)
 app.command("perfusion")(perfusion_cmd.perfusion)
 app.command("phantom")(phantom_cmd.phantom)
+app.command("train")(train_cmd.train)
 app.command("serve")(node_cmd.serve)
 app.command("worker")(node_cmd.worker)
 app.add_typer(jobs_cmd.jobs_app, name="jobs")

@@ -52,16 +52,11 @@ def _pipeline(config: Path | None, checkpoint: Path | None, steps: int | None, s
 
 
 def _send(settings, files: list[Path], targets: list[str]) -> int:
-    from ctp_node.scu import Peer, send_files
+    from ctp_node.scu import send_files
 
     failures = 0
-    by_name = {d.name: d for d in settings.destinations}
     for target in targets:
-        if target in by_name:
-            d = by_name[target]
-            peer = Peer(d.host, d.port, d.ae_title)
-        else:
-            peer = Peer.parse(target)
+        peer = _peer(settings, target)
         try:
             results = send_files(files, peer, settings.dicom.ae_title)
         except (ConnectionError, OSError) as exc:

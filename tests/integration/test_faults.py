@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pydicom
 import pytest
@@ -28,20 +27,10 @@ from tests.integration.node_helpers import (
     write_config,
 )
 from tests.node.dicom_helpers import ct_instance, run
-from tests.peers import free_port, start_orthanc, wait_for_port
+from tests.peers import free_port, start_orthanc, wait_for, wait_for_port
 
 pytestmark = pytest.mark.slow
 SECONDS, SLICES = 17, 8  # phantom: 17 s sampled every 4 s (5 volumes), 8 slices
-
-
-def wait_for(predicate, timeout_s=90.0, what="condition", interval=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pydicom
@@ -16,17 +15,7 @@ from ctp_node.worker import Worker
 from tests.dcmtk import require
 from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files
 from tests.node.dicom_helpers import run
-from tests.peers import start_orthanc
-
-
-def wait_for(predicate, timeout_s=60.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
+from tests.peers import start_orthanc, wait_for
 
 
 @pytest.fixture()

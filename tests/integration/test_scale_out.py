@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from datetime import datetime
 
 import pydicom
@@ -22,22 +21,12 @@ from tests.integration.node_helpers import (
     start_node_process,
     write_config,
 )
-from tests.peers import start_orthanc
+from tests.peers import start_orthanc, wait_for
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.slow
 SECONDS, SLICES, SERIES = 13, 8, 3
 LEASE_S = 4
-
-
-def wait_for(predicate, timeout_s=300.0, what="condition", interval=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def test_two_workers_on_postgres_with_one_killed_mid_job(tmp_path):
@@ -68,7 +57,7 @@ def test_two_workers_on_postgres_with_one_killed_mid_job(tmp_path):
         victim = next(w for w in workers if first["worker"].endswith(f":{w.pid}"))
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        wait_for(lambda: store.counts()["done"] == SERIES, what="all series done")
+        wait_for(lambda: store.counts()["done"] == SERIES, timeout_s=300, what="all series done")
 
         events = audit.read()
         for series_uid in {e["series_uid"] for e in events if e["event"] == "processing"}:

@@ -20,9 +20,7 @@ def tiny_net(seed: int = 0, config: UNetConfig = TINY) -> UNet3D:
     return net.eval()
 
 
-def published_state(
-    net: UNet3D, schedule_buffers: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
+def published_state(net: UNet3D, schedule_buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict as the published code stores it: DataParallel(GaussianDiffusion)."""
     state = {f"module.{k}": v.float() for k, v in (schedule_buffers or {}).items()}
     state.update({f"module.denoise_fn.{k}": v for k, v in net.state_dict().items()})

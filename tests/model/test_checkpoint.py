@@ -68,9 +68,7 @@ def test_other_prefixes_are_stripped(tmp_path, prefix):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_own_format_round_trip(tmp_path, dtype):
     net, ema = tiny_net(1), tiny_net(2)
-    path = save_checkpoint(
-        tmp_path / "own.pt", net, ema=ema, step=7, schedule={"schedule": "linear"}, dtype=dtype
-    )
+    path = save_checkpoint(tmp_path / "own.pt", net, ema=ema, step=7, schedule={"schedule": "linear"}, dtype=dtype)
     loaded = load_denoiser(path)
     assert loaded.checkpoint_info["format"] == "ctp-node" and loaded.checkpoint_info["step"] == 7
     expected = forward(ema)
@@ -134,10 +132,7 @@ def test_nan_weights_are_rejected(tmp_path):
 def test_foreign_schedule_is_reported_not_refused(tmp_path):
     state = published_state(
         tiny_net(),
-        {
-            k: torch.from_numpy(v).float()
-            for k, v in NoiseSchedule.build("quad", 1000, 1e-4, 2e-2).buffers().items()
-        },
+        {k: torch.from_numpy(v).float() for k, v in NoiseSchedule.build("quad", 1000, 1e-4, 2e-2).buffers().items()},
     )
     path = tmp_path / "quad.pt"
     torch.save({"ema": state}, path)

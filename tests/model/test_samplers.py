@@ -18,9 +18,7 @@ def oracle(x, g):
 @pytest.mark.parametrize("steps", [1500, 50])
 def test_ancestral_with_oracle_recovers_clean_volume(steps):
     x = torch.randn_like(X0)
-    out = sample_ancestral(
-        oracle, x, NoiseSchedule.build(n_timestep=steps), generator=torch.Generator().manual_seed(1)
-    )
+    out = sample_ancestral(oracle, x, NoiseSchedule.build(n_timestep=steps), generator=torch.Generator().manual_seed(1))
     assert (out - X0).abs().max().item() < 1e-3
 
 
@@ -34,9 +32,7 @@ def test_fast_samplers_with_oracle_recover_clean_volume(sampler, spacing):
 
 def test_ancestral_step_matches_the_published_posterior(seed_dir):
     """The first step of a two-step loop, redone by hand from the buffers of the published checkpoint."""
-    stored = torch.load(seed_dir / "seed_format_tiny_checkpoint.pt", map_location="cpu", weights_only=True)[
-        "ema"
-    ]
+    stored = torch.load(seed_dir / "seed_format_tiny_checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
     two = NoiseSchedule(NoiseSchedule.build().betas[:2])  # its steps 1 and 0 are the published ones
     torch.manual_seed(5)
     x = torch.randn(1, 1, 2, 4, 4)
@@ -51,14 +47,8 @@ def test_ancestral_step_matches_the_published_posterior(seed_dir):
     sample_ancestral(record, x, two, generator=torch.Generator().manual_seed(9))
     i = 1
     assert levels[0] == pytest.approx(float(stored["module.sqrt_alphas_cumprod"][i]), rel=1e-6)
-    x0 = (
-        stored["module.sqrt_recip_alphas_cumprod"][i] * x
-        - stored["module.sqrt_recipm1_alphas_cumprod"][i] * eps
-    )
-    mean = (
-        stored["module.posterior_mean_coef1"][i] * x0.clamp(-1, 1)
-        + stored["module.posterior_mean_coef2"][i] * x
-    )
+    x0 = stored["module.sqrt_recip_alphas_cumprod"][i] * x - stored["module.sqrt_recipm1_alphas_cumprod"][i] * eps
+    mean = stored["module.posterior_mean_coef1"][i] * x0.clamp(-1, 1) + stored["module.posterior_mean_coef2"][i] * x
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
     expected = mean + torch.exp(0.5 * stored["module.posterior_log_variance_clipped"][i]) * z
     torch.testing.assert_close(states[1], expected, rtol=1e-5, atol=1e-6)

@@ -7,9 +7,7 @@ from model.schedule import SCHEDULE_BUFFER_NAMES, NoiseSchedule, make_betas
 
 
 def test_schedule_equals_buffers_stored_in_the_published_checkpoint(seed_dir):
-    stored = torch.load(seed_dir / "seed_format_tiny_checkpoint.pt", map_location="cpu", weights_only=True)[
-        "ema"
-    ]
+    stored = torch.load(seed_dir / "seed_format_tiny_checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
     rebuilt = NoiseSchedule.build().buffers()
     assert set(rebuilt) == set(SCHEDULE_BUFFER_NAMES) and len(rebuilt) == 12
     for name, values in rebuilt.items():

@@ -1,0 +1,45 @@
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from training.datasets import DataError, npy_datasets
+from training.loader import BatchStream, TupleSampler
+
+from .helpers import tiny_config, write_npy_data
+
+
+def worker_pids() -> list[int]:
+    """Forked children of this process (DataLoader workers share our command line)."""
+    me = os.getpid()
+    children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    cmdline = Path(f"/proc/{me}/cmdline").read_bytes()
+    return [int(pid) for pid in children if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_dataloader_workers_survive_ctrl_c_so_the_main_process_can_stop_cleanly(tmp_path):
+    train, _ = npy_datasets(tiny_config(write_npy_data(tmp_path / "data"), tmp_path / "run").data)
+    stream = BatchStream(train, 2, sampler=TupleSampler(train.weights()), num_workers=1)
+    batches = iter(stream)
+    next(batches)
+    workers = worker_pids()
+    assert workers
+    for pid in workers:  # what a terminal's Ctrl-C does to every process of the group
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    for _ in range(40):  # more than the prefetched batches: a dead worker raises "exited unexpectedly"
+        next(batches)
+    state = stream.state_dict()
+    assert state["epoch"] * (len(train) // 2) + state["position"] == 41
+    del batches
+
+
+def test_an_epoch_smaller_than_the_batch_is_refused(tmp_path):
+    train, _ = npy_datasets(tiny_config(write_npy_data(tmp_path / "data", n_train=1), tmp_path / "run").data)
+    with pytest.raises(
+        DataError, match=r"one epoch holds \d+ training tuples per process, fewer than the batch of 500"
+    ):
+        BatchStream(train, 500, sampler=TupleSampler(train.weights()))

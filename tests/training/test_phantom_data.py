@@ -1,0 +1,65 @@
+import itertools
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from training.config import parse_config
+from training.datasets import PhantomStream, draw_phantom_frames, phantom_validation
+from training.trainer import train
+
+from .helpers import TINY_NETWORK
+
+PHANTOM = {
+    "matrix": 32,
+    "slices": 8,
+    "duration_s": [18, 22],
+    "onset_shift_s": [4, 6],
+    "samples_per_study": 3,
+    "val_studies": 1,
+}
+
+
+def phantom_config(output, **runtime):
+    return parse_config(
+        {
+            "network": TINY_NETWORK,
+            "diffusion": {"timesteps": 100},
+            "data": {"kind": "phantom", "max_tr": 4, "phantom": PHANTOM},
+            "optim": {"batch_size": 2, "iterations": 2},
+            "runtime": {"num_workers": 0, "progress": False, "output": str(output), "sample_steps": 2, **runtime},
+        }
+    )
+
+
+def test_phantom_frames_are_skull_stripped_windowed_published_layout():
+    frames = draw_phantom_frames(phantom_config("x").data.phantom, np.random.default_rng(0))
+    assert frames.shape[:3] == (8, 32, 32) and 18 <= frames.shape[3] <= 22 and frames.dtype == np.float32
+    assert frames.min() >= 0 and frames.max() <= 80
+    outside = frames.sum(axis=-1) == 0
+    assert outside[:, 0, 0].all() and 0.2 < outside.mean() < 0.9  # air and skull are 0, the brain is not
+    sums = frames.sum(axis=(0, 1, 2))
+    assert sums.argmax() > 5 and sums.max() > 1.2 * sums[0]  # the bolus arrives within the kept seconds
+
+
+def test_phantom_stream_yields_model_space_items_and_differs_per_rank():
+    cfg = phantom_config("x").data
+    items = list(itertools.islice(PhantomStream(cfg, seed=0, rank=0), 4))
+    for item in items:
+        assert item.x.shape == (3, 8, 32, 32) and item.x.min() >= -1 and item.x.max() <= 1
+        assert item.local_context.min() >= 0 and item.local_context.max() <= 1
+        assert item.global_context.sum() == 1
+    other = next(iter(PhantomStream(cfg, seed=0, rank=1)))
+    assert not torch.equal(items[0].x, other.x)
+    assert phantom_validation(cfg) is not None and len(phantom_validation(cfg).sequences) == 1
+
+
+def test_training_on_phantoms_logs_validation_loss_and_sample_images(tmp_path):
+    result = train(phantom_config(tmp_path / "run", val_every=2, sample_every=2, val_batches=1))
+    assert result.step == 2 and np.isfinite(result.last_loss)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/loss_ema"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["samples/left_target_right_prediction"]
+    image = events.Images("samples/left_target_right_prediction")[0]
+    assert (image.width, image.height) == (4 * 32, 32)
