@@ -13,6 +13,7 @@ from ctp_node.cli import (
     bench_cmd,
     config_cmd,
     demo_cmd,
+    evaluate_cmd,
     infer_cmd,
     jobs_cmd,
     node_cmd,
@@ -57,3 +58,4 @@ app.command("echo")(jobs_cmd.echo)
 app.command("process")(process_cmd.process)
 app.command("reprocess")(process_cmd.reprocess)
 app.command("demo")(demo_cmd.demo)
+app.command("evaluate")(evaluate_cmd.evaluate)
