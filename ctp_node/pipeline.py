@@ -102,16 +102,7 @@ class SeriesPipeline:
         seconds["to_grid"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        results = []
-        for k, slab in enumerate(grid.slabs):
-            slab_progress = None
-            if progress is not None:
-                n = len(grid.slabs)
-
-                def slab_progress(done: int, total: int, k: int = k, n: int = n) -> None:
-                    progress(k * total + done, n * total)
-
-            results.append(self.engine.inpaint(slab, series.times_s, usable=usable, progress=slab_progress))
+        results = self.engine.inpaint_many(grid.slabs, series.times_s, usable=usable, progress=progress)
         seconds["inpaint"] = time.perf_counter() - mark
         first = results[0]
         for other in results[1:]:  # the plan depends on the times only, so all slabs agree

@@ -90,9 +90,11 @@ class InpaintResult:
         return ~(self.synthetic | self.fallback)
 
 
-def _target_noise(seed: int, target: Target, sample: int, shape: Sequence[int]) -> torch.Tensor:
-    """Initial noise of one target, seeded by (seed, second, sample) so results do not depend on batching."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + target.second * 1_009 + sample) % (2**63))
+def _target_noise(seed: int, sequence: int, target: Target, sample: int, shape: Sequence[int]) -> torch.Tensor:
+    """Initial noise of one target, seeded by (seed, sequence, second, draw): independent of batching."""
+    gen = torch.Generator().manual_seed(
+        (seed * 1_000_003 + sequence * 7_919_993 + target.second * 1_009 + sample) % (2**63)
+    )
     return torch.randn((1, *shape), generator=gen)
 
 
@@ -199,7 +201,48 @@ class Inpainter:
         ``progress(done, total)`` is called after each network evaluation with counts of
         volume-steps, so a caller can show a bar.
         """
+        return self.inpaint_many([volumes], times_s, usable=usable, progress=progress)[0]
+
+    def inpaint_many(
+        self,
+        sequences: Sequence[np.ndarray],
+        times_s: Sequence[float] | np.ndarray,
+        *,
+        usable: Sequence[bool] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[InpaintResult]:
+        """Several sequences acquired at the same times (the 8-slice slabs of one study), their targets
+        sampled together so a study with several slabs still needs as few passes as memory allows.
+
+        Each sequence is planned on its own (the peak rule uses its own frame sums), as the published
+        model sees one 8-slice sequence at a time.
+        """
         s = self.settings
+        t_start = time.perf_counter()
+        arrays = [self._checked(v, times_s) for v in sequences]
+        plans, masks = [], []
+        for volumes in arrays:
+            windowed = from_model_space(volumes)
+            plan = plan_inpainting(
+                times_s,
+                windowed.reshape(len(volumes), -1).sum(axis=1),
+                usable=usable,
+                max_tr=s.max_tr,
+                long_gap=s.long_gap,
+            )
+            plans.append(plan)
+            masks.append(tissue_mask(windowed[plan.input_second >= 0], s.mask_min_voxels))
+        for note in plans[0].notes:
+            log.info("plan: %s", note)
+        samples = self._sample_targets(arrays, plans, progress)
+        elapsed = time.perf_counter() - t_start
+        return [
+            self._assemble(volumes, plan, mask, sample, elapsed)
+            for volumes, plan, mask, sample in zip(arrays, plans, masks, samples)
+        ]
+
+    @staticmethod
+    def _checked(volumes: np.ndarray, times_s: Sequence[float] | np.ndarray) -> np.ndarray:
         volumes = np.asarray(volumes, dtype=np.float32)
         if volumes.ndim != 4:
             raise ValueError(f"volumes must be shaped (N, D, H, W), got {volumes.shape}")
@@ -212,88 +255,90 @@ class Inpainter:
                 f"volumes must be in model space [-1, 1] (got {volumes.min():.3g}..{volumes.max():.3g}); "
                 "convert windowed HU with model.window.to_model_space"
             )
-        t_start = time.perf_counter()
-        windowed = from_model_space(volumes)
-        plan = plan_inpainting(
-            times_s,
-            windowed.reshape(len(volumes), -1).sum(axis=1),
-            usable=usable,
-            max_tr=s.max_tr,
-            long_gap=s.long_gap,
-        )
-        for note in plan.notes:
-            log.info("plan: %s", note)
-        used = plan.input_second >= 0
-        mask = tissue_mask(windowed[used], s.mask_min_voxels)
+        return volumes
 
+    def _assemble(
+        self, volumes: np.ndarray, plan: InpaintPlan, mask: np.ndarray, samples: np.ndarray | None, elapsed: float
+    ) -> InpaintResult:
+        """The 1 s sequence: acquired seconds as given, synthetic ones masked, long gaps interpolated."""
         sequence = np.empty((len(plan.seconds), *volumes.shape[1:]), dtype=np.float32)
+        used = plan.input_second >= 0
         for i in np.flatnonzero(used):
             sequence[plan.index(int(plan.input_second[i]))] = volumes[i]
         if plan.fallback_seconds:
             filled = interpolate_seconds(plan, volumes, plan.fallback_seconds)
             for sec, vol in zip(plan.fallback_seconds, filled):
                 sequence[plan.index(sec)] = vol
-
-        samples = self._sample_targets(volumes, plan, progress)
-        mask_t = mask[None]
         spread = None
         if samples is not None:
-            masked = np.where(mask_t[None], samples, np.float32(-1.0))
+            masked = np.where(mask[None, None], samples, np.float32(-1.0))
             for k, target in enumerate(plan.targets):
                 sequence[plan.index(target.second)] = masked[0, k]
-            if s.n_samples > 1:
+            if self.settings.n_samples > 1:
                 spread = np.zeros_like(sequence)
                 std = masked.std(axis=0)
                 for k, target in enumerate(plan.targets):
                     spread[plan.index(target.second)] = std[k]
-
-        synthetic = np.isin(plan.seconds, [t.second for t in plan.targets])
-        fallback = np.isin(plan.seconds, plan.fallback_seconds)
         return InpaintResult(
             sequence=sequence,
             times_s=plan.times_s,
-            synthetic=synthetic,
-            fallback=fallback,
+            synthetic=np.isin(plan.seconds, [t.second for t in plan.targets]),
+            fallback=np.isin(plan.seconds, plan.fallback_seconds),
             tissue_mask=mask,
             plan=plan,
             spread=spread,
-            timings_s={"total": time.perf_counter() - t_start},
+            timings_s={"total": elapsed},
         )
 
     @torch.inference_mode()
-    def _sample_targets(self, volumes: np.ndarray, plan: InpaintPlan, progress: ProgressFn | None) -> np.ndarray | None:
-        """(n_samples, n_targets, D, H, W) model-space samples, or None when nothing is missing."""
+    def _sample_targets(
+        self, sequences: list[np.ndarray], plans: list[InpaintPlan], progress: ProgressFn | None
+    ) -> list[np.ndarray | None]:
+        """Per sequence, (n_samples, n_targets, D, H, W) model-space samples, or None when nothing is missing."""
         s = self.settings
-        targets = plan.targets
-        if not targets:
-            return None
-        shape = volumes.shape[1:]
-        by_second = {int(sec): i for i, sec in enumerate(plan.input_second) if sec >= 0}
-        known = torch.from_numpy(volumes).to(self.device)
-        jobs = [(k, target, sample) for sample in range(s.n_samples) for k, target in enumerate(targets)]
+        shape = sequences[0].shape[1:]
+        if any(v.shape[1:] != shape for v in sequences):
+            raise ValueError("all sequences sampled together must have the same volume shape")
+        out: list[np.ndarray | None] = [
+            np.empty((s.n_samples, len(p.targets), *shape), dtype=np.float32) if p.targets else None for p in plans
+        ]
+        # One row per known volume of every sequence; a job is (sequence, target index, target, draw).
+        offsets = np.cumsum([0] + [len(v) for v in sequences[:-1]])
+        rows = [
+            {int(sec): int(offsets[q]) + i for i, sec in enumerate(plan.input_second) if sec >= 0}
+            for q, plan in enumerate(plans)
+        ]
+        jobs = [
+            (q, k, target, sample)
+            for q, plan in enumerate(plans)
+            for sample in range(s.n_samples)
+            for k, target in enumerate(plan.targets)
+        ]
+        if not jobs:
+            return out
+        known = torch.from_numpy(np.concatenate(sequences)).to(self.device)
         batch = self.batch_size_for(len(jobs), shape)
-        steps_per_pass = s.steps
-        total = len(jobs) * steps_per_pass
+        total = len(jobs) * s.steps
         done = 0
-        out = np.empty((s.n_samples, len(targets), *shape), dtype=np.float32)
         for start in range(0, len(jobs), batch):
             real = jobs[start : start + batch]
             # Every pass has the same shape (the last one padded with repeats) so cuDNN autotuning and
             # torch.compile see one shape; per-target seeds keep the repeats from changing anything.
             chunk = real + [real[-1]] * (batch - len(real))
-            left = known[[by_second[t.left] for _, t, _ in chunk]].unsqueeze(1)
-            right = known[[by_second[t.right] for _, t, _ in chunk]].unsqueeze(1)
-            local = torch.tensor([t.local_context for _, t, _ in chunk], device=self.device)
-            scenario = torch.tensor([t.global_context for _, t, _ in chunk], device=self.device)
-            x = torch.cat([_target_noise(s.seed, t, n, shape) for _, t, n in chunk]).unsqueeze(1).to(self.device)
+            left = known[[rows[q][t.left] for q, _, t, _ in chunk]].unsqueeze(1)
+            right = known[[rows[q][t.right] for q, _, t, _ in chunk]].unsqueeze(1)
+            local = torch.tensor([t.local_context for _, _, t, _ in chunk], device=self.device)
+            scenario = torch.tensor([t.global_context for _, _, t, _ in chunk], device=self.device)
+            x = torch.cat([_target_noise(s.seed, q, t, n, shape) for q, _, t, n in chunk])
+            x = x.unsqueeze(1).to(self.device)
 
             def on_step(step: int, _total: int, n: int = len(real), base: int = done) -> None:
                 if progress is not None:
                     progress(base + step * n, total)
 
             result = self._sample(self._eps_fn(left, right, local, scenario), x, s.seed + start, on_step)
-            done += len(real) * steps_per_pass
+            done += len(real) * s.steps
             result_np = result.squeeze(1).float().cpu().numpy()
-            for (k, _target, n), vol in zip(real, result_np):
-                out[n, k] = vol
+            for (q, k, _target, n), vol in zip(real, result_np):
+                out[q][n, k] = vol  # type: ignore[index]
         return out

@@ -161,7 +161,7 @@ def evaluate_phantom(
             say(f"study {i + 1}/{settings.studies} (seed {seed}), acquired every {gap} s")
             series = sample_study(study, parse_schedule(f"every:{gap}"))
             grid = to_model_grid(series)
-            results = [engine.inpaint(slab, series.times_s) for slab in grid.slabs]
+            results = engine.inpaint_many(grid.slabs, series.times_s)
             first = results[0]
             model_hu = from_model_grid(grid, [r.sequence for r in results], first.synthetic, series, first.times_s)
             linear_hu, grid_s, synthetic = linear_inpaint(series.hu, series.times_s)

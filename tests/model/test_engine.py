@@ -190,3 +190,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
 def test_compile_defaults_to_off_on_cpu():
     assert not Inpainter(tiny_net(), EngineSettings(), device="cpu").compiled
+
+
+def test_slabs_of_one_study_share_the_sampling_passes():
+    a, times = study(seed=1)
+    b, _ = study(seed=2)
+    oracle = InterpolationOracle()
+    engine = Inpainter(oracle, EngineSettings(steps=3, batch_size=24, mask_min_voxels=10), device="cpu")
+    results = engine.inpaint_many([a, b], times)
+    assert len(oracle.scenarios) == 3  # 2 x 12 targets in one pass of 3 steps
+    for volumes, result in zip((a, b), results):
+        expected, _, synthetic = linear_inpaint(volumes, times)
+        mask = tissue_mask(from_model_space(volumes), min_voxels=10)
+        expected[synthetic] = np.where(mask[None], expected[synthetic], -1.0)
+        np.testing.assert_allclose(result.sequence, expected, atol=2e-3)
+    # the first sequence gets exactly what it would get alone
+    net = tiny_net()
+    together = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint_many([a, b], times)
+    alone = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint(a, times)
+    np.testing.assert_allclose(together[0].sequence, alone.sequence, atol=5e-4)
