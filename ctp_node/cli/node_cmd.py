@@ -69,12 +69,14 @@ def serve(
         stderr.print(f"[red]error:[/red] cannot listen on {settings.dicom.bind_address}:{settings.dicom.port}: {exc}")
         raise typer.Exit(2) from exc
     children = []
-    for device in devices[:workers]:
+    for index, device in enumerate(devices[:workers]):
         command = [sys.executable, "-m", "ctp_node", "worker", "--log-level", log_level, "--log-format", log_format]
         if config:
             command += ["--config", str(config)]
         if device:
             command += ["--device", device]
+        if settings.metrics.port is not None:  # each worker next to the receiver's port
+            command += ["--metrics-port", str(settings.metrics.port + 1 + index)]
         children.append(subprocess.Popen(command))
     stderr.print(
         f"ctp-node receiving as {settings.dicom.ae_title} on {settings.dicom.bind_address}:{settings.dicom.port}, "
@@ -94,6 +96,9 @@ def worker(
     config: Path | None = CONFIG_OPTION,
     device: str | None = typer.Option(None, "--device", help="cuda:N, cpu or auto (default: model.device)."),
     once: bool = typer.Option(False, "--once", help="Run what is runnable now, then exit."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve this worker's Prometheus metrics (processing, sending) on this port."
+    ),
     log_level: str = LOG_LEVEL,
     log_format: str = LOG_FORMAT,
 ) -> None:
@@ -112,6 +117,8 @@ def worker(
         raise typer.Exit(2) from exc
     store = JobStore(settings.database_url)
     node_worker = Worker(settings, store, make_processor(pipeline))
+    if metrics_port is not None:
+        node_worker.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
     stderr.print(f"worker {node_worker.worker_id} on {pipeline.engine.device}, model {pipeline.recipe.checkpoint_id}")
     if once:
         while node_worker.run_once() is not None:

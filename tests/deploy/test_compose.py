@@ -1,0 +1,189 @@
+"""deploy/compose.yaml: valid against the Compose Specification, and wired the way the node needs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ctp_node.config import load_settings
+from tests.deploy.tools import COMPOSE_DIR, DEPLOY, SCHEMA_CACHE, missing, need_module
+
+NODE_SERVICES = ("ctp-node", "worker-gpu0", "worker-gpu1")
+WORKERS = ("worker-gpu0", "worker-gpu1")
+DATA = "/var/lib/ctp-node"
+CONFIG = "/etc/ctp-node/ctp-node.toml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    yaml = need_module("yaml", ".venv/bin/pip install pyyaml")
+    # PyYAML resolves the x-ctp-node anchor and the << merges the way Compose does.
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_settings(COMPOSE_DIR / "ctp-node.toml")
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """Container path -> source of the short-syntax volumes of a service."""
+    out = {}
+    for entry in service.get("volumes", []):
+        parts = entry.split(":")
+        out[parts[1]] = parts[0]
+    return out
+
+
+def test_matches_the_compose_specification(compose):
+    jsonschema = need_module("jsonschema", ".venv/bin/pip install jsonschema")
+    if not SCHEMA_CACHE.is_file():
+        missing(f"the Compose Specification schema ({SCHEMA_CACHE})", "bash tests/deploy/fetch-compose-schema.sh")
+    schema = json.loads(SCHEMA_CACHE.read_text())
+    validator = jsonschema.Draft7Validator(schema)  # the schema says draft-07
+    errors = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
+
+
+def test_schema_check_can_fail(compose):
+    """The validator rejects what Compose rejects (misspelt key, wrong type), so a pass means something."""
+    jsonschema = need_module("jsonschema", ".venv/bin/pip install jsonschema")
+    if not SCHEMA_CACHE.is_file():
+        missing(f"the Compose Specification schema ({SCHEMA_CACHE})", "bash tests/deploy/fetch-compose-schema.sh")
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA_CACHE.read_text()))
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["ctp-node"]["depend_on"] = ["postgres"]
+    broken["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] = "gpu"
+    assert len(list(validator.iter_errors(broken))) == 2
+
+
+def test_services_and_images(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", "orthanc", *NODE_SERVICES}
+    assert services["orthanc"]["image"].startswith("orthancteam/orthanc:")
+    assert services["postgres"]["image"].startswith("postgres:")
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image.split("/")[-1] and not image.endswith(":latest"), f"{name}: pin the image, got {image}"
+        assert service.get("restart") in {"unless-stopped", "always", "on-failure"}, name
+    assert services["ctp-node"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    assert (DEPLOY / ".." / services["ctp-node"]["build"]["dockerfile"]).is_file()
+
+
+def test_roles_and_gpu_reservations(compose):
+    services = compose["services"]
+    assert services["ctp-node"]["command"][0] == "serve"
+    assert "deploy" not in services["ctp-node"], "the receiver needs no GPU"
+    host_gpus = []
+    for name in WORKERS:
+        service = services[name]
+        command = service["command"]
+        assert command[0] == "worker"
+        device = command[command.index("--device") + 1]
+        (reservation,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert reservation["driver"] == "nvidia" and "gpu" in reservation["capabilities"]
+        ids = reservation["device_ids"]
+        assert len(ids) == 1, f"{name}: one GPU per worker"
+        # Only the reserved GPUs are visible in the container, numbered from 0.
+        index = int(re.fullmatch(r"cuda:(\d+)", device).group(1))
+        assert index < len(ids), f"{name}: --device {device} but the container sees {len(ids)} GPU(s)"
+        host_gpus += ids
+        # A worker has no DICOM listener: the image's C-ECHO health check must be off.
+        assert service["healthcheck"] == {"disable": True}
+        # SIGTERM finishes the current series: the grace period must be long enough for one.
+        assert re.fullmatch(r"\d+m", service["stop_grace_period"]) and int(service["stop_grace_period"][:-1]) >= 5
+    assert sorted(host_gpus) == ["0", "1"], "each worker reserves its own GPU"
+
+
+def test_node_services_share_data_config_and_database(compose, settings):
+    services = compose["services"]
+    volumes = compose["volumes"]
+    for name in NODE_SERVICES:
+        mounts = _mounts(services[name])
+        assert mounts[DATA] in volumes, f"{name}: {DATA} must be the shared named volume"
+        assert mounts[CONFIG] == "./compose/ctp-node.toml", name
+        assert services[name]["volumes"][[v.split(":")[1] for v in services[name]["volumes"]].index(CONFIG)].endswith(
+            ":ro"
+        )
+        assert services[name]["environment"]["CTP_NODE_CONFIG"] == CONFIG
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "jobs-db" in services[name]["networks"] and "dicom" in services[name]["networks"]
+        assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
+    assert len({_mounts(services[n])[DATA] for n in NODE_SERVICES}) == 1
+    for name in WORKERS:
+        assert services[name]["depends_on"]["ctp-node"]["condition"] == "service_healthy"
+    assert str(settings.storage.data_dir) == DATA
+
+
+def test_postgres_is_the_job_store(compose, settings):
+    postgres = compose["services"]["postgres"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert _mounts(postgres)["/var/lib/postgresql/data"] in compose["volumes"]
+    url = settings.jobs.database_url
+    assert url.startswith("postgresql+psycopg://"), url
+    match = re.fullmatch(r"postgresql\+psycopg://(\w+)@(\w[\w-]*):(\d+)/(\w+)", url)
+    assert match, f"{url}: no password in the mounted file (PGPASSWORD), host = the postgres service"
+    user, host, port, database = match.groups()
+    assert (host, port) == ("postgres", "5432")
+    assert postgres["environment"]["POSTGRES_USER"] == user and postgres["environment"]["POSTGRES_DB"] == database
+    # Only the node services and PostgreSQL are on the internal job-store network; nothing published.
+    assert compose["networks"]["jobs-db"]["internal"] is True
+    assert "ports" not in postgres and postgres["networks"] == ["jobs-db"]
+
+
+def test_no_secret_in_committed_files(compose):
+    for name, service in compose["services"].items():
+        for key, value in service.get("environment", {}).items():
+            if re.search("PASSWORD|USERS", key):
+                assert "${" in str(value) and ":?" in str(value), f"{name}: {key} must come from .env, got {value!r}"
+    # The mounted files carry no credential: the database URL has no password (checked above too),
+    # Orthanc's users come from the environment.
+    userinfo = load_settings(COMPOSE_DIR / "ctp-node.toml").jobs.database_url.split("://")[1].rsplit("@", 1)[0]
+    assert ":" not in userinfo, "no password in jobs.database_url: PGPASSWORD carries it"
+
+    def keys(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from keys(value)
+
+    orthanc_keys = set(keys(json.loads((COMPOSE_DIR / "orthanc.json").read_text())))
+    assert not {k for k in orthanc_keys if re.search("password|users|credential", k, re.I)}
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()
+
+
+def test_published_ports_are_deliberate(compose, settings):
+    services = compose["services"]
+    assert "ports" not in services["worker-gpu0"] and "ports" not in services["worker-gpu1"]
+    # The node's DICOM port is reached by Orthanc over the compose network only.
+    assert all(not p.endswith(f":{settings.dicom.port}") for p in services["ctp-node"].get("ports", []))
+    assert services["ctp-node"]["ports"] == [f"127.0.0.1:{settings.metrics.port}:{settings.metrics.port}"]
+    for port in services["orthanc"]["ports"]:
+        assert port.startswith(("127.0.0.1:", "${ORTHANC_DICOM_BIND:-127.0.0.1}:")), port
+
+
+def test_node_destination_is_the_orthanc_service(compose, settings):
+    orthanc = json.loads((COMPOSE_DIR / "orthanc.json").read_text())
+    (pacs,) = settings.destinations
+    assert pacs.host == "orthanc" and "orthanc" in compose["services"]
+    assert (pacs.port, pacs.ae_title) == (orthanc["DicomPort"], orthanc["DicomAet"])
+    # Orthanc only accepts stores from registered modalities: the node's calling AE title must be one.
+    assert orthanc["DicomAlwaysAllowStore"] is False
+    assert settings.dicom.ae_title in {m["AET"] for m in orthanc["DicomModalities"].values() if m.get("AllowStore")}
+    # ... and the node only accepts Orthanc (and its own health check).
+    callers = {(c.ae_title, c.host) for c in settings.dicom.allowed_callers}
+    assert (orthanc["DicomAet"], None) in callers
+    assert (settings.dicom.ae_title, "127.0.0.1") in callers
+
+
+def test_orthanc_mounts_its_configuration_and_lua(compose):
+    orthanc = compose["services"]["orthanc"]
+    mounts = _mounts(orthanc)
+    config = json.loads((COMPOSE_DIR / "orthanc.json").read_text())
+    (script,) = config["LuaScripts"]
+    assert mounts[script] == "./compose/autoroute.lua" and (COMPOSE_DIR / "autoroute.lua").is_file()
+    json_mounts = [path for path in mounts if path.startswith("/etc/orthanc/") and path.endswith(".json")]
+    assert [mounts[p] for p in json_mounts] == ["./compose/orthanc.json"]
+    assert mounts["/var/lib/orthanc/db"] in compose["volumes"]
