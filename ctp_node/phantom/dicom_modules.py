@@ -169,7 +169,7 @@ def base_dataset(series: CTPSeries, uids: StudyUIDs, profile: VendorProfile, sop
     ds = Dataset()
     ds.SOPClassUID = sop_class
     start = volume_times(series)[0]
-    patient_study_series(ds, uids, start, f"CTP phantom {layout} {profile.name}-like (synthetic)")
+    patient_study_series(ds, uids, start, f"CTP phantom {layout} {profile.name}-like (simulated)")
     equipment(ds, profile.model_name)
     _, _, rows, columns = series.hu.shape
     pixel_format(ds, rows, columns, profile.signed, profile.bits_stored)
