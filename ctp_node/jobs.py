@@ -247,8 +247,10 @@ class JobStore:
             yield conn
 
     # --- receiving -------------------------------------------------------------------------------
-    def record_instance(self, study_uid: str, series_uid: str, calling_ae: str, at: datetime | None = None) -> None:
-        """Count one stored instance; a series that had finished re-opens (recomputed later)."""
+    def record_instance(
+        self, study_uid: str, series_uid: str, calling_ae: str, at: datetime | None = None, count: int = 1
+    ) -> None:
+        """Count ``count`` stored instances; a series that had finished re-opens (recomputed later)."""
         at = at or utcnow()
         with self._tx() as conn:
             row = conn.execute(
@@ -263,7 +265,7 @@ class JobStore:
                         series_uid=series_uid,
                         state=State.RECEIVING.value,
                         generation=1,
-                        instances=1,
+                        instances=count,
                         calling_ae=calling_ae,
                         first_received_at=at,
                         last_received_at=at,
@@ -273,7 +275,7 @@ class JobStore:
                 )
                 return
             values: dict[str, Any] = {
-                "instances": series_table.c.instances + 1,
+                "instances": series_table.c.instances + count,
                 "last_received_at": at,
                 "updated_at": at,
             }

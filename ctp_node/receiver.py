@@ -1,14 +1,20 @@
 """The receiving process: SCP into the spool, a row per series, and the completion watcher.
 
-Never touches the GPU. At start it removes half-written temporary files (never acknowledged),
-registers spooled series the job store does not know (a crash between the fsync and the database
-write), and lets the watcher queue every series that has been quiet for the configured period.
+Never touches the GPU. The spool is the record of what was received: an instance is acknowledged
+once its file is durable, and the job store and audit trail are updated from a queue by one writer
+thread in batches (a database round trip per instance would slow every sender, and a database
+outage must not stop a scanner). At start the receiver removes half-written temporary files (never
+acknowledged) and reconciles the spool with the job store: series it does not know are registered,
+and series whose files are newer than their last recorded instance are re-opened (a crash between
+the fsync and the database write). The watcher queues every series quiet for the configured period.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from datetime import datetime, timezone
 
 from ctp_node.audit import AuditLog
@@ -22,25 +28,96 @@ log = logging.getLogger(__name__)
 
 
 def recover_spool(spool: Spool, store: JobStore) -> int:
-    """Register series whose files are in the spool but not in the job store; returns how many."""
+    """Reconcile the spool with the job store; returns how many series were registered or re-opened."""
     removed = spool.remove_partial_files()
     if removed:
         log.info("removed %d partial files left by an interrupted write", removed)
-    registered = 0
+    changed = 0
     for key in spool.iter_series():
-        if store.find(key.series_uid) is not None:
-            continue
         files = spool.instances(key)
         if not files:
             continue
-        newest = max(datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc) for p in files)
-        for _ in files:
-            store.record_instance(key.study_uid, key.series_uid, "", at=newest)
-        registered += 1
-        log.warning(
-            "registered spooled series %s (%d instances) missing from the job store", key.series_uid, len(files)
-        )
-    return registered
+        mtimes = [datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc) for p in files]
+        newest = max(mtimes)
+        job = store.find(key.series_uid)
+        if job is None:
+            store.record_instance(key.study_uid, key.series_uid, "", at=newest, count=len(files))
+            log.warning(
+                "registered spooled series %s (%d instances) missing from the job store", key.series_uid, len(files)
+            )
+        elif newest > job.last_received_at:
+            unrecorded = sum(1 for m in mtimes if m > job.last_received_at)
+            store.record_instance(key.study_uid, key.series_uid, job.calling_ae, at=newest, count=unrecorded)
+            log.warning(
+                "series %s: %d spooled instances newer than the job store knew; re-opened", key.series_uid, unrecorded
+            )
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+class InstanceRecorder:
+    """Writes received instances to the job store and the audit trail, in batches, off the C-STORE thread."""
+
+    def __init__(self, store: JobStore, audit: AuditLog, metrics: NodeMetrics, batch: int = 256) -> None:
+        self.store, self.audit, self.metrics, self.batch = store, audit, metrics, batch
+        self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="instance-recorder")
+        self._thread.start()
+
+    def submit(self, instance: ReceivedInstance) -> None:
+        self._queue.put(instance)
+
+    def flush(self) -> None:
+        """Block until everything submitted so far is recorded."""
+        self._queue.join()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < self.batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            received = [i for i in items if i is not None]
+            if received:
+                self._record(received)
+            for _ in items:
+                self._queue.task_done()
+            if None in items:
+                return
+
+    def _record(self, received: list[ReceivedInstance]) -> None:
+        by_series: dict[tuple[str, str, str], list[ReceivedInstance]] = {}
+        for item in received:
+            by_series.setdefault((item.key.study_uid, item.key.series_uid, item.calling_ae), []).append(item)
+        for (study, series, calling_ae), items in by_series.items():
+            delay = 1.0
+            while True:
+                try:
+                    at = max(i.received_at for i in items)
+                    self.store.record_instance(study, series, calling_ae, at=at, count=len(items))
+                    break
+                except Exception as exc:  # the files are safe in the spool: keep trying, never drop
+                    log.error("job store unavailable (%s); retrying in %.0f s", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 60.0)
+        for item in received:
+            self.metrics.received.labels(item.calling_ae).inc()
+            self.audit.write(
+                "received",
+                study_uid=item.key.study_uid,
+                series_uid=item.key.series_uid,
+                sop_instance_uid=item.sop_uid,
+                calling_ae=item.calling_ae,
+                host=item.calling_host,
+            )
 
 
 class Receiver:
@@ -50,22 +127,16 @@ class Receiver:
         self.spool = Spool(settings.storage.spool_dir)
         self.audit = AuditLog(settings.storage.audit_log)
         self.metrics = metrics or NodeMetrics(store)
+        self.recorder: InstanceRecorder | None = None
         self._server = None
 
     def on_stored(self, instance: ReceivedInstance) -> None:
-        self.store.record_instance(instance.key.study_uid, instance.key.series_uid, instance.calling_ae)
-        self.metrics.received.labels(instance.calling_ae).inc()
-        self.audit.write(
-            "received",
-            study_uid=instance.key.study_uid,
-            series_uid=instance.key.series_uid,
-            sop_instance_uid=instance.sop_uid,
-            calling_ae=instance.calling_ae,
-            host=instance.calling_host,
-        )
+        assert self.recorder is not None, "start() the receiver first"
+        self.recorder.submit(instance)
 
     def start(self) -> None:
         recover_spool(self.spool, self.store)
+        self.recorder = InstanceRecorder(self.store, self.audit, self.metrics)
         self._server = start_scp(self.settings.dicom, self.spool, self.on_stored)
 
     def watch(self, stop: threading.Event) -> None:
@@ -84,3 +155,6 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self.recorder is not None:
+            self.recorder.stop()
+            self.recorder = None

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -90,12 +91,29 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+def _series_header(event: evt.Event) -> Dataset:
+    """The elements up to SeriesInstanceUID, read from the raw stream without copying the pixel data
+    (decoding the whole dataset costs about 1 ms per 512 x 512 instance)."""
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:
+        return event.dataset
+    stream = event.request.DataSet
+    stream.seek(0)
+    try:
+        return read_dataset(
+            stream, syntax.is_implicit_VR, syntax.is_little_endian,
+            stop_when=lambda tag, vr, length: tag > 0x0020000E,
+        )  # fmt: skip
+    finally:
+        stream.seek(0)
+
+
 def handle_store(event: evt.Event, spool: Spool, on_stored: OnStored) -> int | Dataset:
     """Write one instance to the spool; Success only once it is on disk."""
     calling_ae = event.assoc.requestor.ae_title
     host = event.assoc.requestor.address
     try:
-        header = event.dataset
+        header = _series_header(event)
         key = SeriesKey(
             check_uid(header.get("StudyInstanceUID"), "StudyInstanceUID"),
             check_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID"),

@@ -170,3 +170,72 @@ def test_concurrent_claimers_never_take_the_same_job(database_url):
     for t in threads:
         t.join()
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
+
+
+def test_recover_spool_registers_and_reopens(tmp_path):
+    import os
+    import time as _time
+
+    from ctp_node.receiver import recover_spool
+    from ctp_node.spool import SeriesKey, Spool
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    spool = Spool(tmp_path / "spool")
+    known, unknown = SeriesKey("1.2.3", "1.2.3.4"), SeriesKey("1.2.3", "1.2.3.5")
+    spool.write(known, "1.2.3.4.1", b"a")
+    store.record_instance(known.study_uid, known.series_uid, "S")
+    store.queue_quiet_series(0)
+    store.claim("w", 60)
+    store.processed(store.find(known.series_uid).id, "w", 1, "/r", 1.0, [])  # done
+    for i in range(3):
+        spool.write(unknown, f"1.2.3.5.{i}", b"b")
+    late = spool.write(known, "1.2.3.4.2", b"c")  # received, but the crash lost its database row
+    future = _time.time() + 5
+    os.utime(late, (future, future))
+    (late.parent / ".x.part").write_bytes(b"half")
+    assert recover_spool(spool, store) == 2
+    assert store.find(unknown.series_uid).instances == 3
+    reopened = store.find(known.series_uid)
+    assert reopened.state == State.RECEIVING and reopened.generation == 2 and reopened.instances == 2
+    assert not (late.parent / ".x.part").exists()
+    assert recover_spool(spool, store) == 0  # idempotent
+
+
+def test_instance_recorder_batches_and_survives_a_database_hiccup(tmp_path):
+    from ctp_node.audit import AuditLog
+    from ctp_node.metrics import NodeMetrics
+    from ctp_node.receiver import InstanceRecorder
+    from ctp_node.scp import ReceivedInstance
+    from ctp_node.spool import SeriesKey
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    real = store.record_instance
+    failures = []
+
+    def flaky(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("database is locked")
+        return real(*args, **kwargs)
+
+    store.record_instance = flaky
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    recorder = InstanceRecorder(store, audit, NodeMetrics())
+    key = SeriesKey("1.2.3", "1.2.3.4")
+    for i in range(50):
+        recorder.submit(
+            ReceivedInstance(
+                key,
+                f"1.2.3.4.{i}",
+                "1.2.840.10008.5.1.4.1.1.2",
+                tmp_path / f"{i}.dcm",
+                "SCANNER",
+                "127.0.0.1",
+                "CT",
+                utcnow(),
+            )
+        )
+    recorder.flush()
+    recorder.stop()
+    assert store.find("1.2.3.4").instances == 50
+    assert len([e for e in audit.read() if e["event"] == "received"]) == 50
