@@ -56,9 +56,8 @@ def serve(
 
     setup_logging(log_level, log_format)
     settings = _load(config)
-    devices = worker_devices.split(",") if worker_devices else [None] * workers
-    if len(devices) != workers and worker_devices:
-        workers = len(devices)
+    # --worker-devices names one device per worker; otherwise --workers workers on model.device.
+    devices: list[str | None] = list(worker_devices.split(",")) if worker_devices else [None] * workers
     store = JobStore(settings.database_url)
     receiver = Receiver(settings, store)
     receiver.metrics.serve(settings.metrics)
@@ -69,7 +68,7 @@ def serve(
         stderr.print(f"[red]error:[/red] cannot listen on {settings.dicom.bind_address}:{settings.dicom.port}: {exc}")
         raise typer.Exit(2) from exc
     children = []
-    for index, device in enumerate(devices[:workers]):
+    for index, device in enumerate(devices):
         command = [sys.executable, "-m", "ctp_node", "worker", "--log-level", log_level, "--log-format", log_format]
         if config:
             command += ["--config", str(config)]

@@ -9,6 +9,12 @@ import typer
 from ctp_node.cli.node_cmd import CONFIG_OPTION, _load
 from ctp_node.cli.progress import stderr, step_progress
 
+# Overrides of the configured [model] section, shared by process and reprocess.
+CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint.")
+STEPS_OPTION = typer.Option(None, "--steps", help="Overrides model.steps.")
+SAMPLER_OPTION = typer.Option(None, "--sampler", help="Overrides model.sampler.")
+DEVICE_OPTION = typer.Option(None, "--device", help="Overrides model.device.")
+
 
 def _group_by_series(folder: Path) -> dict[str, list[Path]]:
     """DICOM files under ``folder`` by SeriesInstanceUID; non-DICOM files are listed and skipped."""
@@ -81,10 +87,10 @@ def process(
     ),
     send: list[str] = typer.Option([], "--send", help="Configured destination name or HOST:PORT:AET (repeatable)."),
     config: Path | None = CONFIG_OPTION,
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint."),
-    steps: int | None = typer.Option(None, help="Overrides model.steps."),
-    sampler: str | None = typer.Option(None, help="Overrides model.sampler."),
-    device: str | None = typer.Option(None, help="Overrides model.device."),
+    checkpoint: Path | None = CHECKPOINT_OPTION,
+    steps: int | None = STEPS_OPTION,
+    sampler: str | None = SAMPLER_OPTION,
+    device: str | None = DEVICE_OPTION,
 ) -> None:
     """Inpaint every CTP series in a folder of DICOM files, offline, to a folder and/or destinations."""
     from ctp_node.errors import CTPInputError
@@ -157,10 +163,10 @@ def reprocess(
     study: str | None = typer.Option(None, "--study", help="StudyInstanceUID of the series (with --from-pacs)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of queueing a delivery."),
     config: Path | None = CONFIG_OPTION,
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint."),
-    steps: int | None = typer.Option(None, help="Overrides model.steps."),
-    sampler: str | None = typer.Option(None, help="Overrides model.sampler."),
-    device: str | None = typer.Option(None, help="Overrides model.device."),
+    checkpoint: Path | None = CHECKPOINT_OPTION,
+    steps: int | None = STEPS_OPTION,
+    sampler: str | None = SAMPLER_OPTION,
+    device: str | None = DEVICE_OPTION,
 ) -> None:
     """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
     from ctp_node.cli.jobs_cmd import _job

@@ -95,3 +95,32 @@ def test_echoscu_and_unknown_called_ae(tmp_path):
         assert run(echoscu, "-aec", "SOMEONE", "127.0.0.1", port).returncode != 0
     finally:
         receiver.stop()
+
+
+def test_serve_with_its_own_worker_process(tmp_path, orthanc):
+    import os
+    import signal
+
+    from tests.integration.node_helpers import start_node_process, write_config
+    from tests.peers import stop_process, wait_for_port
+
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc.dicom_port)
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    serve = start_node_process("serve", config, tmp_path / "serve.log", "--workers", "1")
+    try:
+        wait_for_port(settings.dicom.port, serve, "ctp-node serve")
+        files = phantom_files(tmp_path / "study", duration_s=9)
+        sent = run(require("storescu"), "-aec", "CTPNODE", "127.0.0.1", str(settings.dicom.port), *map(str, files))
+        assert sent.returncode == 0, sent.stderr
+        store = JobStore(settings.database_url)
+        wait_for(lambda: store.counts()["done"] == 1, timeout_s=180, what="the series done")
+        assert len(orthanc.get("/series")) == 1
+        workers = [line for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("worker ")]
+        assert workers, "the worker process did not start"
+        pid = int(workers[0].split()[1].split(":")[1])
+        os.kill(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+        assert serve.returncode == 0
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=30, what="the worker to stop with serve")
+    finally:
+        stop_process(serve)
