@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,12 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+def _row_values(cls: type, row: Any) -> dict[str, Any]:
+    """The row's columns named like the dataclass fields, datetimes made timezone-aware."""
+    m = row._mapping
+    return {f.name: _aware(m[f.name]) if isinstance(m[f.name], datetime) else m[f.name] for f in fields(cls)}
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -139,26 +145,8 @@ class SeriesJob:
 
     @classmethod
     def from_row(cls, row: Any) -> SeriesJob:
-        m = row._mapping
-        return cls(
-            id=m["id"],
-            study_uid=m["study_uid"],
-            series_uid=m["series_uid"],
-            state=State(m["state"]),
-            generation=m["generation"],
-            instances=m["instances"],
-            calling_ae=m["calling_ae"],
-            first_received_at=_aware(m["first_received_at"]),
-            last_received_at=_aware(m["last_received_at"]),
-            attempts=m["attempts"],
-            next_attempt_at=_aware(m["next_attempt_at"]),
-            lease_owner=m["lease_owner"],
-            lease_expires_at=_aware(m["lease_expires_at"]),
-            result_dir=m["result_dir"],
-            result_generation=m["result_generation"],
-            error=m["error"],
-            processing_s=m["processing_s"],
-        )
+        values = _row_values(cls, row)
+        return cls(**{**values, "state": State(values["state"])})
 
 
 @dataclass(frozen=True)
@@ -175,18 +163,7 @@ class Delivery:
 
     @classmethod
     def from_row(cls, row: Any) -> Delivery:
-        m = row._mapping
-        return cls(
-            id=m["id"],
-            series_id=m["series_id"],
-            destination=m["destination"],
-            generation=m["generation"],
-            state=m["state"],
-            attempts=m["attempts"],
-            next_attempt_at=_aware(m["next_attempt_at"]),
-            error=m["error"],
-            sent_at=_aware(m["sent_at"]),
-        )
+        return cls(**_row_values(cls, row))
 
 
 class LeaseLost(RuntimeError):

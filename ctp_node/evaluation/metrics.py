@@ -66,6 +66,18 @@ def _check_pair(candidate: np.ndarray, reference: np.ndarray) -> None:
         raise ValueError(f"candidate {np.shape(candidate)} and reference {np.shape(reference)} differ in shape")
 
 
+def _masked_diff(
+    candidate: np.ndarray, reference: np.ndarray, m: np.ndarray, window: tuple[float, float]
+) -> np.ndarray:
+    """Windowed candidate minus windowed reference, at the mask's voxels."""
+    return _window(candidate, window)[m] - _window(reference, window)[m]
+
+
+def _psnr(mse: float, window: tuple[float, float]) -> float:
+    data_range = window[1] - window[0]
+    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
+
+
 def masked_psnr(
     candidate: np.ndarray,
     reference: np.ndarray,
@@ -74,10 +86,8 @@ def masked_psnr(
 ) -> float:
     """PSNR (dB) inside ``mask`` after clipping both to ``window``; inf when identical there."""
     _check_pair(candidate, reference)
-    m = _mask_for(mask, np.shape(reference))
-    mse = float(np.mean((_window(candidate, window)[m] - _window(reference, window)[m]) ** 2))
-    data_range = window[1] - window[0]
-    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
+    diff = _masked_diff(candidate, reference, _mask_for(mask, np.shape(reference)), window)
+    return _psnr(float(np.mean(diff**2)), window)
 
 
 def masked_ssim(
@@ -125,12 +135,13 @@ def image_metrics(
     window: tuple[float, float] = WINDOW_HU,
 ) -> ImageMetrics:
     """PSNR, SSIM and mean absolute error of one (Z, Y, X) volume."""
+    _check_pair(candidate, reference)
     m = _mask_for(mask, np.shape(reference))
-    mae = float(np.mean(np.abs(_window(candidate, window)[m] - _window(reference, window)[m])))
+    diff = _masked_diff(candidate, reference, m, window)
     return ImageMetrics(
-        psnr_db=masked_psnr(candidate, reference, m, window),
+        psnr_db=_psnr(float(np.mean(diff**2)), window),
         ssim=masked_ssim(candidate, reference, m, window),
-        mae_hu=mae,
+        mae_hu=float(np.mean(np.abs(diff))),
         n_voxels=int(m.sum()),
     )
 
@@ -166,13 +177,11 @@ def sequence_image_metrics(
     m = _mask_for(mask, reference.shape[1:])
     idx = [int(i) for i in np.flatnonzero(selected)]
     per_frame = [image_metrics(candidate[i], reference[i], m, window) for i in idx]
-    pooled = np.stack([_window(candidate[i], window)[m] - _window(reference[i], window)[m] for i in idx])
-    mse = float(np.mean(pooled**2))
-    data_range = window[1] - window[0]
+    pooled = np.stack([_masked_diff(candidate[i], reference[i], m, window) for i in idx])
     return SequenceImageMetrics(
         frames=idx,
         per_frame=per_frame,
-        psnr_db=math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse),
+        psnr_db=_psnr(float(np.mean(pooled**2)), window),
         ssim=float(np.mean([f.ssim for f in per_frame])),
         mae_hu=float(np.mean([f.mae_hu for f in per_frame])),
     )

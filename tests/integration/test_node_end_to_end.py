@@ -79,7 +79,18 @@ def test_storescu_to_node_to_orthanc(tmp_path, orthanc, syntax):
     assert {(d.Rows, d.Columns) for d in derived} == {(first.Rows, first.Columns)}
     positions = {tuple(round(float(v), 3) for v in d.ImagePositionPatient) for d in derived}
     assert positions == {tuple(round(float(v), 3) for v in s.ImagePositionPatient) for s in source}
-    assert np.isfinite(derived[0].pixel_array).all()
+    # Acquired seconds (0, 4, 8, ...) reach the PACS bit for bit: same stored pixels as the source slice.
+    source_pixels = {
+        (round(float(src.AcquisitionTime or 0), 3), tuple(round(float(v), 3) for v in src.ImagePositionPatient)): p
+        for src, p in zip(source, files)
+    }
+    first_volume = {k[1]: p for k, p in source_pixels.items() if k[0] == min(t for t, _ in source_pixels)}
+    acquired_t0 = [d for d in derived if int(d.TemporalPositionIdentifier) == 1]
+    assert len(acquired_t0) == 8
+    for d in acquired_t0:
+        assert "SECONDARY" not in d.ImageType
+        original = pydicom.dcmread(first_volume[tuple(round(float(v), 3) for v in d.ImagePositionPatient)])
+        np.testing.assert_array_equal(d.pixel_array, original.pixel_array)
     events = [e["event"] for e in receiver.audit.read()]
     assert events.count("received") == len(files) and events.count("sent") == 1
 
