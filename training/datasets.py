@@ -244,8 +244,30 @@ class PhantomStream(IterableDataset[TrainingItem]):
             if weights.sum() <= 0:
                 continue
             picks = rng.choice(len(sequence.samples), size=phantom.samples_per_study, p=weights / weights.sum())
+            brain = brain_pixels(sequence.frames) if phantom.crop is not None else None
             for index in picks:
-                yield make_item(sequence.frames, sequence.samples[int(index)], bool(rng.random() < 0.5))
+                frames = sequence.frames
+                if brain is not None and phantom.crop is not None:
+                    frames = crop_around(frames, brain[int(rng.integers(len(brain)))], phantom.crop)
+                yield make_item(frames, sequence.samples[int(index)], bool(rng.random() < 0.5))
+
+
+def brain_pixels(frames: np.ndarray) -> np.ndarray:
+    """(N, 2) in-plane (row, column) of every pixel inside the brain on any slice (skull-stripped
+    sequences are exactly 0 outside); the whole plane when nothing is inside."""
+    inside = np.argwhere((frames[..., 0] > 0).any(axis=0))
+    if len(inside) == 0:
+        inside = np.argwhere(np.ones(frames.shape[1:3], dtype=bool))
+    return inside
+
+
+def crop_around(frames: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` in-plane window of (D, H, W, T) frames centred on ``centre``, shifted
+    to lie inside the plane (a view, not a copy)."""
+    height, width = frames.shape[1:3]
+    top = int(np.clip(centre[0] - size // 2, 0, height - size))
+    left = int(np.clip(centre[1] - size // 2, 0, width - size))
+    return frames[:, top : top + size, left : left + size]
 
 
 def phantom_validation(config: DataConfig, seed: int = 0) -> TupleDataset | None:

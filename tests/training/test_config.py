@@ -108,3 +108,14 @@ def test_overrides_are_validated(tmp_path):
     assert cfg.with_overrides({"optim.iterations": 7}).optim.iterations == 7
     with pytest.raises(ConfigError, match=r"optim\.iterations: Input should be greater than 0"):
         cfg.with_overrides({"optim.iterations": 0})
+
+
+def test_norm_groups_reach_the_network_and_are_checked():
+    import pytest
+
+    from training.config import ConfigError, parse_config
+
+    small = parse_config({"network": {"model_channels": 16, "norm_groups": 16}, "data": {"kind": "phantom"}})
+    assert small.network.unet().norm_groups == 16
+    with pytest.raises(ConfigError, match="norm groups"):
+        parse_config({"network": {"model_channels": 16}, "data": {"kind": "phantom"}})  # 16 channels, 32 groups

@@ -63,3 +63,40 @@ def test_training_on_phantoms_logs_validation_loss_and_sample_images(tmp_path):
     assert events.Tags()["images"] == ["samples/left_target_right_prediction"]
     image = events.Images("samples/left_target_right_prediction")[0]
     assert (image.width, image.height) == (4 * 32, 32)
+
+
+def test_crops_are_centred_on_brain_and_stay_inside_the_plane():
+    from training.datasets import brain_pixels, crop_around
+
+    frames = np.zeros((2, 40, 50, 3), np.float32)
+    frames[:, 30:35, 40:45, 0] = 20.0  # the only brain pixels
+    inside = brain_pixels(frames)
+    assert inside.min(axis=0).tolist() == [30, 40] and inside.max(axis=0).tolist() == [34, 44]
+    window = crop_around(frames, np.array([32, 42]), 16)
+    assert window.shape == (2, 16, 16, 3) and np.shares_memory(window, frames)  # a view
+    assert window[..., 0].sum() == frames[..., 0].sum()  # shifted inside the plane, brain kept
+    corner = crop_around(frames, np.array([0, 0]), 16)
+    assert corner.shape == (2, 16, 16, 3)
+    assert brain_pixels(np.zeros((1, 4, 4, 2))).shape == (16, 2)  # no brain: anywhere
+
+
+def test_phantom_stream_crops_training_items_but_validation_sees_whole_volumes():
+    cfg = parse_config(
+        {
+            "network": TINY_NETWORK,
+            "data": {"kind": "phantom", "max_tr": 4, "phantom": {**PHANTOM, "crop": 16}},
+        }
+    ).data
+    items = list(itertools.islice(PhantomStream(cfg, seed=0), 3))
+    assert all(item.x.shape == (3, 8, 16, 16) for item in items)
+    assert all((item.x > -1).any() for item in items)  # centred on brain, not on air
+    assert phantom_validation(cfg)[(0, False)].x.shape == (3, 8, 32, 32)
+
+
+def test_crop_larger_than_the_matrix_is_a_config_error():
+    import pytest
+
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="crop 64 is larger than the matrix 32"):
+        parse_config({"data": {"kind": "phantom", "phantom": {**PHANTOM, "crop": 64}}})
