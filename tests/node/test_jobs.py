@@ -239,3 +239,38 @@ def test_instance_recorder_batches_and_survives_a_database_hiccup(tmp_path):
     recorder.stop()
     assert store.find("1.2.3.4").instances == 50
     assert len([e for e in audit.read() if e["event"] == "received"]) == 50
+
+
+def test_instance_recorder_lingers_so_a_stream_of_instances_costs_one_transaction(tmp_path):
+    import time
+    from datetime import timedelta
+
+    from ctp_node.audit import AuditLog
+    from ctp_node.metrics import NodeMetrics
+    from ctp_node.receiver import InstanceRecorder
+    from ctp_node.scp import ReceivedInstance
+    from ctp_node.spool import SeriesKey
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    real, calls = store.record_instance, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("count"))
+        return real(*args, **kwargs)
+
+    store.record_instance = counted
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    recorder = InstanceRecorder(store, audit, NodeMetrics(), linger_s=0.5)
+    key, start = SeriesKey("1.2.3", "1.2.3.4"), utcnow() - timedelta(hours=1)
+    for i in range(40):  # instances arriving 2 ms apart, as over one association
+        at = start + timedelta(seconds=i)
+        recorder.submit(ReceivedInstance(key, f"1.2.3.4.{i}", "1.2", tmp_path / f"{i}.dcm", "SCANNER", "h", "CT", at))
+        time.sleep(0.002)
+    recorder.flush()
+    recorder.stop()
+    assert store.find("1.2.3.4").instances == 40
+    assert len(calls) <= 2 and sum(calls) == 40  # without the linger: one commit per instance
+    lines = [e for e in audit.read() if e["event"] == "received"]
+    # each line keeps the time its instance arrived, not the time the batch was written
+    expected = [(start + timedelta(seconds=i)).isoformat(timespec="milliseconds") for i in range(40)]
+    assert [e["time"] for e in lines] == expected

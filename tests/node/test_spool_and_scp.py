@@ -116,3 +116,64 @@ def test_allow_list_checks_ae_title_and_host(tmp_path):
         assert run(echoscu, "-aet", "PACS", *args).returncode != 0  # right title, wrong host
     finally:
         server.shutdown()
+
+
+def _fake_assoc():
+    """Just enough of an Association for an AssociationSocket to wrap a socket."""
+    import queue
+    from types import SimpleNamespace
+
+    return SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()), network_timeout=5, _server=None)
+
+
+def test_bulk_read_socket_returns_what_pynetdicom_would():
+    import socket
+    import threading
+
+    from pynetdicom.transport import AssociationSocket
+
+    from ctp_node.scp import BulkReadSocket
+
+    payload = bytes(range(256)) * 2048  # 512 KB, sent in uneven pieces
+    for cls in (AssociationSocket, BulkReadSocket):
+        ours, theirs = socket.socketpair()
+        wrapped = cls(_fake_assoc(), client_socket=ours)
+
+        def send(sock=theirs):
+            for start in range(0, len(payload), 70_001):
+                sock.sendall(payload[start : start + 70_001])
+            sock.close()  # then the peer goes away mid-PDU
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        first = wrapped.recv(131_078)
+        rest = wrapped.recv(len(payload))  # more than will ever arrive: a short read at close
+        sender.join()
+        ours.close()
+        assert bytes(first) == payload[:131_078], cls.__name__
+        assert bytes(rest) == payload[131_078:], cls.__name__
+        assert isinstance(rest, bytearray)
+
+
+def test_connections_get_nodelay_bulk_reads_and_the_configured_poll_interval():
+    import socket
+    from types import SimpleNamespace
+
+    from pynetdicom.transport import AssociationSocket
+
+    from ctp_node.config import DicomSettings
+    from ctp_node.scp import BulkReadSocket, tune_connection
+
+    ours, theirs = socket.socket(), None
+    try:
+        wrapped = AssociationSocket(_fake_assoc(), client_socket=ours)
+        dul = SimpleNamespace(socket=wrapped, _run_loop_delay=0.001)
+        tune_connection(SimpleNamespace(assoc=SimpleNamespace(dul=dul)), DicomSettings(poll_interval_ms=0.5))
+        assert isinstance(dul.socket, BulkReadSocket) and dul._run_loop_delay == 0.0005
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        closed = SimpleNamespace(socket=None, _run_loop_delay=0.001)
+        tune_connection(SimpleNamespace(assoc=SimpleNamespace(dul=closed)), DicomSettings())
+        assert closed._run_loop_delay == 0.001  # nothing to tune on a connection already gone
+    finally:
+        ours.close()
+        del theirs
