@@ -59,6 +59,25 @@ def engine_settings(model: ModelSettings) -> EngineSettings:
     )  # fmt: skip
 
 
+def default_checkpoint() -> Path:
+    """The shipped demo weights, for a node without ``[model] checkpoint``; loudly, since their
+    output must not be mistaken for the published model's."""
+    from model.checkpoint import DEMO_WEIGHTS
+
+    if not DEMO_WEIGHTS.is_file():
+        raise FileNotFoundError(
+            "no model checkpoint configured and no demo weights shipped at "
+            f"{DEMO_WEIGHTS}: set [model] checkpoint in the configuration (or CTP_NODE_MODEL__CHECKPOINT) "
+            "to the published weights or a ctp-node checkpoint"
+        )
+    log.warning(
+        "no [model] checkpoint configured: using the demo weights %s, trained on simulated phantom studies "
+        "only (model/weights/MODEL_CARD.md); not for clinical use. Configure the published weights.",
+        DEMO_WEIGHTS,
+    )
+    return DEMO_WEIGHTS
+
+
 class SeriesPipeline:
     """A loaded model plus the output recipe; ``run`` turns the files of one series into a derived series."""
 
@@ -70,14 +89,10 @@ class SeriesPipeline:
     @classmethod
     def from_settings(cls, settings: Settings, device: str | None = None) -> SeriesPipeline:
         model = settings.model
-        if model.checkpoint is None:
-            raise FileNotFoundError(
-                "no model checkpoint configured: set [model] checkpoint in the configuration "
-                "(or CTP_NODE_MODEL__CHECKPOINT) to the published weights or a ctp-node checkpoint"
-            )
-        net = load_denoiser(model.checkpoint)
+        checkpoint = model.checkpoint or default_checkpoint()
+        net = load_denoiser(checkpoint)
         engine = Inpainter(net, engine_settings(model), device=device or model.device)
-        return cls(engine, recipe_for(model, settings.output, model.checkpoint), settings.series.min_time_points)
+        return cls(engine, recipe_for(model, settings.output, checkpoint), settings.series.min_time_points)
 
     def run(
         self,

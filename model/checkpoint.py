@@ -26,6 +26,9 @@ from model.schedule import SCHEDULE_BUFFER_NAMES, NoiseSchedule
 from model.unet import UNet3D, UNetConfig
 
 OWN_FORMAT = "ctp-node-checkpoint"
+# Phantom-trained weights shipped with the code (model/weights/MODEL_CARD.md): the default of the
+# demo and of a node without a configured checkpoint. Simulated data only; not for clinical use.
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo.pt"
 OWN_FORMAT_VERSION = 1
 
 

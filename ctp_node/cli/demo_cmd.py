@@ -8,9 +8,6 @@ import typer
 
 from ctp_node.cli.progress import stderr, step_progress
 
-# Phantom-trained demo weights ship here once trained (training issue); until then the demo says so.
-DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "model" / "weights" / "demo.pt"
-
 
 def _random_weights(path: Path) -> Path:
     import torch
@@ -34,6 +31,7 @@ def demo(
     """Run the main job end to end on embedded defaults (research use only)."""
     from ctp_node.demo import run_demo
     from ctp_node.logs import setup_logging
+    from model.checkpoint import DEMO_WEIGHTS
 
     setup_logging("WARNING")
     if checkpoint is None and DEMO_WEIGHTS.exists():
