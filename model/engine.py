@@ -17,6 +17,7 @@ import torch
 
 from model.baseline import interpolate_seconds
 from model.device import Precision, auto_batch_size, autocast, autocast_dtype, choose_device
+from model.loss import eps_from_output
 from model.planner import PUBLISHED_MAX_TR, InpaintPlan, LongGapPolicy, Target, plan_inpainting
 from model.samplers import (
     SAMPLERS,
@@ -53,9 +54,19 @@ class EngineSettings:
     max_tr: int = PUBLISHED_MAX_TR
     long_gap: LongGapPolicy = "error"
     mask_min_voxels: int = PUBLISHED_MASK_MIN_VOXELS
+    # None: sample from pure noise (published). A signal fraction g in (0, 1): start at that noise
+    # level from the linear interpolation between the bracketing volumes, noised (SDEdit, Meng et
+    # al. 2022); the ``steps`` then span only the levels below it. The model refines the linear
+    # estimate instead of drawing from scratch (see model/weights/MODEL_CARD.md for when it pays).
+    start_from_linear: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.start_from_linear is not None:
+            if not 0.0 < self.start_from_linear < 1.0:
+                problems.append(f"start_from_linear must lie in (0, 1), got {self.start_from_linear}")
+            if self.sampler == "ancestral":
+                problems.append("start_from_linear needs the ddim or dpmpp_2m sampler, not ancestral")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.spacing not in SPACINGS:
@@ -117,6 +128,7 @@ class Inpainter:
         # at 8 x 192 x 192 on this project's 2-core VM, same float32 arithmetic.
         self.memory_format = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
         self.net = net.to(self.device, memory_format=self.memory_format).eval()
+        self.prediction = getattr(getattr(net, "config", None), "prediction", "eps")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         use_compile = self.settings.compile if self.settings.compile is not None else self.device.type == "cuda"
@@ -149,7 +161,7 @@ class Inpainter:
             with autocast(self.device, self.dtype):
                 stacked = torch.cat([left, x, right], dim=1).contiguous(memory_format=self.memory_format)
                 out = self._forward(stacked, local, scenario, g)
-            return out.float()
+            return eps_from_output(out.float(), x, g, self.prediction)
 
         return eps
 
@@ -166,7 +178,8 @@ class Inpainter:
             # The authors rebuild the schedule with fewer steps and the same start and end betas.
             sched = self.schedule if s.steps == self.schedule.num_timesteps else NoiseSchedule.build(n_timestep=s.steps)
             return sample_ancestral(eps_fn, x, sched, generator=gen, callback=on_step)
-        levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing)
+        start = None if s.start_from_linear is None else s.start_from_linear**2
+        levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing, start_abar=start)
         sampler = sample_ddim if s.sampler == "ddim" else sample_dpmpp_2m
         return sampler(eps_fn, x, levels, generator=gen, callback=on_step)
 
@@ -335,6 +348,12 @@ class Inpainter:
             scenario = torch.tensor([t.global_context for _, _, t, _ in chunk], device=self.device)
             x = torch.cat([_target_noise(s.seed, q, t, n, shape) for q, _, t, n in chunk])
             x = x.unsqueeze(1).to(self.device)
+            if s.start_from_linear is not None:
+                weight = torch.tensor(
+                    [(t.second - t.left) / (t.right - t.left) for _, _, t, _ in chunk], device=self.device
+                ).reshape(-1, 1, 1, 1, 1)
+                g = s.start_from_linear
+                x = g * (left + weight * (right - left)) + (1.0 - g * g) ** 0.5 * x
 
             def on_step(step: int, _total: int, n: int = len(real), base: int = done) -> None:
                 if progress is not None:

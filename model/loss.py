@@ -32,6 +32,22 @@ def sample_noise_levels(
     return (high + (low - high) * u).float()
 
 
+Prediction = Literal["eps", "x0"]
+
+
+def eps_from_output(
+    output: torch.Tensor, x_noisy: torch.Tensor, noise_level: torch.Tensor, prediction: str
+) -> torch.Tensor:
+    """The noise estimate from a network output: itself for ``eps``; from ``x0`` through
+    ``x_noisy = g x0 + sqrt(1 - g^2) eps``."""
+    if prediction == "eps":
+        return output
+    if prediction == "x0":
+        g = noise_level.to(output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
+        return (x_noisy - g * output) / torch.sqrt((1 - g**2).clamp_min(1e-12))
+    raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'x0'")
+
+
 def diffusion_loss(
     eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
@@ -39,8 +55,10 @@ def diffusion_loss(
     loss_type: LossType = "l1",
     noise: torch.Tensor | None = None,
     weighting: LossWeighting = "none",
+    prediction: Prediction = "eps",
 ) -> torch.Tensor:
-    """Mean L1 (or L2) between the true noise and ``eps_model(x_noisy, g)``.
+    """Mean L1 (or L2) between the true noise (or, for ``prediction="x0"``, the clean target) and
+    ``eps_model(x_noisy, g)``.
 
     ``x0`` is the clean target (B, 1, D, H, W); ``eps_model`` wraps the conditioning (left/right
     volumes, contexts) so this function knows only the diffusion maths.
@@ -50,10 +68,13 @@ def diffusion_loss(
     g = noise_level.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
     x_noisy = g * x0 + torch.sqrt(1 - g**2) * noise
     predicted = eps_model(x_noisy, noise_level)
+    if prediction not in ("eps", "x0"):
+        raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'x0'")
+    target = (noise if prediction == "eps" else x0).float()
     if loss_type == "l1":
-        errors, power = (predicted.float() - noise.float()).abs(), 1
+        errors, power = (predicted.float() - target).abs(), 1
     elif loss_type == "l2":
-        errors, power = (predicted.float() - noise.float()) ** 2, 2
+        errors, power = (predicted.float() - target) ** 2, 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose 'l1' or 'l2'")
     if weighting == "none":

@@ -41,6 +41,9 @@ class UNetConfig:
     num_scenarios: int = 3
     norm_groups: int = 32
     norm_eps: float = 1e-6
+    # What the output means: "eps", the noise (published), or "x0", the clean target. The layers are
+    # the same; samplers turn either into a noise estimate (model.loss.eps_from_output).
+    prediction: str = "eps"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class UNetConfig:
             problems.append("model_channels must be even (sin/cos noise-level embedding)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")
+        if self.prediction not in ("eps", "x0"):
+            problems.append(f"prediction must be 'eps' or 'x0', got {self.prediction!r}")
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))
 
@@ -213,7 +218,8 @@ class EmbedSequential(nn.ModuleList):
 
 
 class UNet3D(nn.Module):
-    """Noise-predicting 3D UNet conditioned on noise level, local context and contrast scenario."""
+    """3D UNet conditioned on noise level, local context and contrast scenario; predicts the noise
+    (published) or the clean target (``config.prediction``)."""
 
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()

@@ -51,6 +51,7 @@ class NetworkConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     num_heads: int = Field(1, gt=0)
     norm_groups: int = Field(32, gt=0)  # group norm groups; every level's channels must divide by it
+    prediction: Literal["eps", "x0"] = "eps"  # the network's output: noise (published) or clean target
 
     @model_validator(mode="after")
     def _buildable(self) -> NetworkConfig:
@@ -235,6 +236,14 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     init: InitConfig = InitConfig()
+
+    @model_validator(mode="after")
+    def _weighting_fits_prediction(self) -> TrainConfig:
+        if self.network.prediction == "x0" and self.diffusion.loss_weighting != "none":
+            raise ValueError(
+                "diffusion.loss_weighting applies to noise prediction; with network.prediction = 'x0' use 'none'"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible values (paths as strings), as stored inside checkpoints."""

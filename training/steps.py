@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model.device import autocast
-from model.loss import LossType, LossWeighting, diffusion_loss, sample_noise_levels
+from model.loss import LossType, LossWeighting, diffusion_loss, eps_from_output, sample_noise_levels
 from model.samplers import fast_alphas_cumprod, sample_dpmpp_2m
 from model.schedule import NoiseSchedule
 from training.config import OptimConfig
@@ -45,7 +45,14 @@ def training_loss(
     def eps_model(x_noisy: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         return net(torch.cat([left, x_noisy, right], dim=1), batch.local_context, batch.global_context, level)
 
-    return diffusion_loss(eps_model, x0, levels, loss_type, noise=noise, weighting=weighting)
+    prediction = _prediction(net)
+    return diffusion_loss(eps_model, x0, levels, loss_type, noise=noise, weighting=weighting, prediction=prediction)
+
+
+def _prediction(net: nn.Module) -> str:
+    """What the network predicts (``eps`` or ``x0``), through a DistributedDataParallel wrapper."""
+    inner = getattr(net, "module", net)
+    return inner.config.prediction
 
 
 def optimisation_step(
@@ -110,7 +117,8 @@ def preview(
 
     def eps_fn(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp_dtype):
-            return net(torch.cat([left, x, right], dim=1), batch.local_context, batch.global_context, level).float()
+            out = net(torch.cat([left, x, right], dim=1), batch.local_context, batch.global_context, level).float()
+        return eps_from_output(out, x, level, _prediction(net))
 
     start = torch.randn(left.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     predicted = sample_dpmpp_2m(eps_fn, start, fast_alphas_cumprod(schedule, steps))

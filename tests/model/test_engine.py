@@ -209,3 +209,40 @@ def test_slabs_of_one_study_share_the_sampling_passes():
     together = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint_many([a, b], times)
     alone = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint(a, times)
     np.testing.assert_allclose(together[0].sequence, alone.sequence, atol=5e-4)
+
+
+class CleanTargetOracle(InterpolationOracle):
+    """The same interpolating oracle, predicting the clean target (``prediction = "x0"``)."""
+
+    config = type("Config", (), {"prediction": "x0"})()
+
+    def forward(self, x, local, scenario, g):
+        eps = super().forward(x, local, scenario, g)
+        gg = g.reshape(-1, 1, 1, 1, 1)
+        return (x[:, 1:2] - torch.sqrt(1 - gg**2) * eps) / gg
+
+
+@pytest.mark.parametrize(
+    ("oracle", "settings"),
+    [
+        (CleanTargetOracle(), {"sampler": "ddim", "steps": 4}),
+        (CleanTargetOracle(), {"sampler": "dpmpp_2m", "steps": 1}),
+        (InterpolationOracle(), {"sampler": "ddim", "steps": 2, "start_from_linear": 0.5}),
+        (CleanTargetOracle(), {"sampler": "dpmpp_2m", "steps": 3, "start_from_linear": 0.9}),
+    ],
+)
+def test_clean_target_networks_and_linear_warm_starts_sample_the_same_oracle_answer(oracle, settings):
+    volumes, times = study()
+    engine = Inpainter(oracle, EngineSettings(batch_size=5, mask_min_voxels=10, **settings), device="cpu")
+    result = engine.inpaint(volumes, times)
+    expected, _grid, synthetic = linear_inpaint(volumes, times)
+    mask = tissue_mask(from_model_space(volumes), min_voxels=10)
+    expected[synthetic] = np.where(mask[None], expected[synthetic], -1.0)
+    np.testing.assert_allclose(result.sequence, expected, atol=2e-3)
+
+
+def test_warm_start_settings_are_checked():
+    with pytest.raises(ValueError, match="start_from_linear must lie in"):
+        EngineSettings(start_from_linear=1.0)
+    with pytest.raises(ValueError, match="not ancestral"):
+        EngineSettings(sampler="ancestral", start_from_linear=0.5)

@@ -80,3 +80,20 @@ def test_snr_plus_one_weighting_scales_each_sample_by_one_over_g_to_the_power(lo
         assert float((x0_err * (snr + 1))[1]) == pytest.approx(1 / 0.25**2)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         diffusion_loss(zero, x0, g, loss_type, noise=noise, weighting="min_snr")
+
+
+def test_x0_prediction_loss_and_noise_estimate_agree_with_the_noise_form():
+    from model.loss import eps_from_output
+
+    torch.manual_seed(1)
+    x0 = torch.rand(3, 1, 2, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    g = torch.tensor([0.05, 0.6, 0.999])
+    x_noisy = g.reshape(-1, 1, 1, 1, 1) * x0 + torch.sqrt(1 - g**2).reshape(-1, 1, 1, 1, 1) * noise
+    # a perfect clean-target network: zero loss, and its noise estimate is the true noise
+    oracle = lambda x, level: x0  # noqa: E731
+    assert float(diffusion_loss(oracle, x0, g, "l1", noise=noise, prediction="x0")) == 0.0
+    assert torch.allclose(eps_from_output(x0, x_noisy, g, "x0"), noise, atol=2e-3)
+    assert eps_from_output(noise, x_noisy, g, "eps") is noise
+    with pytest.raises(ValueError, match="prediction"):
+        eps_from_output(x0, x_noisy, g, "v")
