@@ -66,12 +66,12 @@ def start_demo_pacs(folder: Path, port: int, ae_title: str = "DEMOPACS"):
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
-def demo_settings(out: Path, checkpoint: Path, pacs_port: int, steps: int) -> Settings:
+def demo_settings(out: Path, checkpoint: Path, pacs_port: int, steps: int, sampler: str = "ddim") -> Settings:
     return Settings(
         dicom={"ae_title": "CTPNODE", "bind_address": "127.0.0.1", "port": _free_port()},
         series={"quiet_period_s": 2.0},
         storage={"data_dir": str(out / "node")},
-        model={"checkpoint": str(checkpoint), "steps": steps, "long_gap": "linear"},
+        model={"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "long_gap": "linear"},
         destinations=[{"name": "demo-pacs", "host": "127.0.0.1", "port": pacs_port, "ae_title": "DEMOPACS"}],
         send={"initial_backoff_s": 1.0, "max_backoff_s": 5.0},
     )
@@ -82,6 +82,7 @@ def run_demo(
     checkpoint: Path,
     *,
     steps: int,
+    sampler: str = "ddim",
     matrix: int = 128,
     say: Say = print,
     progress: Callable[[int, int], None] | None = None,
@@ -93,7 +94,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     pacs_port = _free_port()
     pacs = start_demo_pacs(out / "pacs", pacs_port)
-    settings = demo_settings(out, checkpoint, pacs_port, steps)
+    settings = demo_settings(out, checkpoint, pacs_port, steps, sampler)
     store = JobStore(settings.database_url)
     receiver = Receiver(settings, store)
     receiver.start()
