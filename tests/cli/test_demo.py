@@ -17,7 +17,7 @@ def test_demo_sends_receives_inpaints_and_compares_perfusion(tmp_path):
     assert result.exit_code == 0, result.output
     series = [p for p in (out / "pacs").iterdir() if p.is_dir()]
     assert len(series) == 1  # one synthetic series landed in the stand-in PACS
-    assert len(list(series[0].glob("*.dcm"))) == 8 * 57  # 8 slices x every second 0..56 (acquired every 4 s)
+    assert len(list(series[0].glob("*.dcm"))) == 8 * 61  # 8 slices x every second 0..60 (acquired every 4 s)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"acquired", "synthetic"}
     assert all((out / f"perfusion_{key}.png").stat().st_size > 0 for key in summary)
