@@ -89,27 +89,33 @@ class Orthanc:
 
 
 def start_orthanc(
-    folder: Path, ae_title: str = "ORTHANC", modalities: dict | None = None, dicom_port: int | None = None
+    folder: Path,
+    ae_title: str = "ORTHANC",
+    modalities: dict | None = None,
+    dicom_port: int | None = None,
+    base: dict | None = None,
 ) -> Orthanc:
+    """Orthanc on loopback ports with storage in ``folder`` (config and log there too). ``base``: a
+    configuration to start from (e.g. the deployed orthanc.json); the test-only settings win."""
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.skip("Orthanc (Debian package orthanc) is not installed; .ci/run installs it")
     folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), dicom_port or free_port()
-    config = {
-        "Name": "ctp-node-test",
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": ae_title,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "index"),
-        "DicomModalities": modalities or {},
-        "StableAge": 1,
-        "Plugins": [],
-        "DicomCheckCalledAet": True,
-    }
+    config = dict(base) if base is not None else {"Name": "ctp-node-test", "DicomAet": ae_title}
+    if base is None or modalities is not None:
+        config["DicomModalities"] = modalities or {}
+    config.setdefault("DicomCheckCalledAet", True)
+    config.update(
+        HttpPort=http_port,
+        DicomPort=dicom_port,
+        RemoteAccessAllowed=False,
+        AuthenticationEnabled=False,
+        StorageDirectory=str(folder / "storage"),
+        IndexDirectory=str(folder / "index"),
+        StableAge=1,
+        Plugins=[],
+    )
     (folder / "orthanc.json").write_text(json.dumps(config))
     with open(folder / "orthanc.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
@@ -119,4 +125,4 @@ def start_orthanc(
     except Exception:
         proc.kill()
         raise
-    return Orthanc(proc, http_port, dicom_port, ae_title)
+    return Orthanc(proc, http_port, dicom_port, config["DicomAet"])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.request
 from pathlib import Path
 
 from ctp_node.config import load_settings
 from tests.deploy.test_node_config import start_node
 from tests.deploy.tools import COMPOSE_DIR, need_program
-from tests.peers import free_port, stop_process, wait_for, wait_for_port
+from tests.peers import Orthanc, start_orthanc, stop_process, wait_for
 
 SCRIPT = COMPOSE_DIR / "autoroute.lua"
 ORTHANC_JSON = COMPOSE_DIR / "orthanc.json"
@@ -131,38 +130,13 @@ def _ct_instance(path: Path, study: str, series: str, number: int, description: 
     ds.save_as(path, enforce_file_format=True)
 
 
-def _start_orthanc(tmp_path: Path, node_port: int):
-    binary = need_program("Orthanc", "apt-get install -y orthanc (.ci/run installs it)")
+def start_deployed_orthanc(folder: Path, node_port: int) -> Orthanc:
+    """Orthanc with the deployed configuration and routing script, the node at ``node_port``."""
+    need_program("Orthanc", "apt-get install -y orthanc (.ci/run installs it)")
     config = json.loads(ORTHANC_JSON.read_text())
-    http_port, dicom_port = free_port(), free_port()
     config["DicomModalities"]["ctpnode"].update(Host="127.0.0.1", Port=node_port)
-    # Test-only changes: loopback ports, storage in tmp, no web credentials, stable after 1 s.
-    config.update(
-        HttpPort=http_port,
-        DicomPort=dicom_port,
-        StorageDirectory=str(tmp_path / "orthanc"),
-        IndexDirectory=str(tmp_path / "orthanc"),
-        RemoteAccessAllowed=False,
-        AuthenticationEnabled=False,
-        StableAge=1,
-        LuaScripts=[str(SCRIPT)],
-        Plugins=[],
-    )
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    with open(tmp_path / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([binary, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(http_port, proc, "Orthanc")
-        wait_for_port(dicom_port, proc, "Orthanc DICOM")
-    except Exception:
-        stop_process(proc)
-        raise
-    return proc, http_port, dicom_port, config["DicomAet"]
-
-
-def _get(port: int, path: str):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        return json.loads(response.read())
+    config["LuaScripts"] = [str(SCRIPT)]
+    return start_orthanc(folder, base=config)
 
 
 def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
@@ -172,7 +146,7 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
     node, _, node_port = start_node(tmp_path)
     orthanc = None
     try:
-        orthanc, http_port, dicom_port, aet = _start_orthanc(tmp_path, node_port)
+        orthanc = start_deployed_orthanc(tmp_path, node_port)
         study = generate_uid()
         series = {
             "perfusion": (generate_uid(), "CTP 4D Perfusion", "GE MEDICAL SYSTEMS", "CT"),
@@ -187,7 +161,7 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
                 files.append(str(path))
         # The calling AE title must be a registered modality: DicomAlwaysAllowStore is false.
         sent = subprocess.run(
-            [storescu, "-aet", "CT_SCANNER1", "-aec", aet, "127.0.0.1", str(dicom_port), *files],
+            [storescu, "-aet", "CT_SCANNER1", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port), *files],
             capture_output=True,
             text=True,
             timeout=60,
@@ -199,7 +173,7 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
 
         def routed_and_settled():
             decisions = [line for line in log.read_text().splitlines() if "ctp-node routing: series" in line]
-            jobs = [_get(http_port, f"/jobs/{job}") for job in _get(http_port, "/jobs")]
+            jobs = [orthanc.get(f"/jobs/{job}") for job in orthanc.get("/jobs")]
             done = jobs and all(job["State"] == "Success" for job in jobs)
             return len(decisions) == len(series) and done and (spool / series["perfusion"][0]).is_dir() and jobs
 
@@ -212,5 +186,5 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
         assert sorted(p.name for p in spool.iterdir()) == [series["perfusion"][0]]
     finally:
         if orthanc is not None:
-            stop_process(orthanc)
+            orthanc.stop()
         stop_process(node)

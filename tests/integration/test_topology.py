@@ -5,7 +5,6 @@ routed again."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from ctp_node.audit import AuditLog
 from ctp_node.jobs import JobStore, State
 from tests.dcmtk import require
-from tests.deploy.test_orthanc_routing import _start_orthanc
+from tests.deploy.test_orthanc_routing import start_deployed_orthanc
 from tests.integration.node_helpers import (
     cpu_checkpoint,
     node_settings,
@@ -31,11 +30,11 @@ SECONDS, SLICES = 13, 8
 def test_site_topology_runs_a_study_through(tmp_path):
     postgres = PostgresServer()
     node_port = free_port()
-    orthanc, http_port, orthanc_port, orthanc_aet = _start_orthanc(tmp_path, node_port)
+    orthanc = start_deployed_orthanc(tmp_path, node_port)
     processes: list[subprocess.Popen] = []
     try:
         settings = node_settings(
-            tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc_port,
+            tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc.dicom_port,
             dicom={"port": node_port}, jobs={"database_url": postgres.url, "lease_s": 30, "heartbeat_s": 5},
         )  # fmt: skip
         config = write_config(tmp_path / "ctp-node.toml", settings)
@@ -45,21 +44,17 @@ def test_site_topology_runs_a_study_through(tmp_path):
 
         files = phantom_files(tmp_path / "study", duration_s=SECONDS)
         sent = subprocess.run(
-            [require("storescu"), "-aet", "CT_SCANNER1", "-aec", orthanc_aet, "127.0.0.1", str(orthanc_port),
+            [require("storescu"), "-aet", "CT_SCANNER1", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port),
              *map(str, files)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
-        def series_in_pacs():
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/series?expand", timeout=10) as response:
-                return json.loads(response.read())
-
         store = JobStore(settings.database_url)
         wait_for(lambda: store.counts()["done"] == 1, timeout_s=300, what="the series done")
-        pacs = wait_for(lambda: len(found := series_in_pacs()) == 2 and found, timeout_s=60, what="result in PACS")
+        pacs = wait_for(
+            lambda: len(found := orthanc.get("/series?expand")) == 2 and found, timeout_s=60, what="result in PACS"
+        )
         by_description = {s["MainDicomTags"].get("SeriesDescription", ""): s for s in pacs}
         synthetic = next(s for d, s in by_description.items() if "SYNTHETIC" in d)
         assert len(synthetic["Instances"]) == SECONDS * SLICES
@@ -72,5 +67,5 @@ def test_site_topology_runs_a_study_through(tmp_path):
     finally:
         for proc in processes:
             stop_process(proc)
-        stop_process(orthanc)
+        orthanc.stop()
         postgres.stop()
