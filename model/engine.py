@@ -54,19 +54,9 @@ class EngineSettings:
     max_tr: int = PUBLISHED_MAX_TR
     long_gap: LongGapPolicy = "error"
     mask_min_voxels: int = PUBLISHED_MASK_MIN_VOXELS
-    # None: sample from pure noise (published). A signal fraction g in (0, 1): start at that noise
-    # level from the linear interpolation between the bracketing volumes, noised (SDEdit, Meng et
-    # al. 2022); the ``steps`` then span only the levels below it. The model refines the linear
-    # estimate instead of drawing from scratch (see model/weights/MODEL_CARD.md for when it pays).
-    start_from_linear: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
-        if self.start_from_linear is not None:
-            if not 0.0 < self.start_from_linear < 1.0:
-                problems.append(f"start_from_linear must lie in (0, 1), got {self.start_from_linear}")
-            if self.sampler == "ancestral":
-                problems.append("start_from_linear needs the ddim or dpmpp_2m sampler, not ancestral")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.spacing not in SPACINGS:
@@ -178,8 +168,7 @@ class Inpainter:
             # The authors rebuild the schedule with fewer steps and the same start and end betas.
             sched = self.schedule if s.steps == self.schedule.num_timesteps else NoiseSchedule.build(n_timestep=s.steps)
             return sample_ancestral(eps_fn, x, sched, generator=gen, callback=on_step)
-        start = None if s.start_from_linear is None else s.start_from_linear**2
-        levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing, start_abar=start)
+        levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing)
         sampler = sample_ddim if s.sampler == "ddim" else sample_dpmpp_2m
         return sampler(eps_fn, x, levels, generator=gen, callback=on_step)
 
@@ -348,12 +337,6 @@ class Inpainter:
             scenario = torch.tensor([t.global_context for _, _, t, _ in chunk], device=self.device)
             x = torch.cat([_target_noise(s.seed, q, t, n, shape) for q, _, t, n in chunk])
             x = x.unsqueeze(1).to(self.device)
-            if s.start_from_linear is not None:
-                weight = torch.tensor(
-                    [(t.second - t.left) / (t.right - t.left) for _, _, t, _ in chunk], device=self.device
-                ).reshape(-1, 1, 1, 1, 1)
-                g = s.start_from_linear
-                x = g * (left + weight * (right - left)) + (1.0 - g * g) ** 0.5 * x
 
             def on_step(step: int, _total: int, n: int = len(real), base: int = done) -> None:
                 if progress is not None:

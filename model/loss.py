@@ -10,12 +10,6 @@ import torch
 from model.schedule import NoiseSchedule
 
 LossType = Literal["l1", "l2"]
-# "none": the published objective, every noise level's noise error counts alike. "snr_plus_one":
-# each sample's noise error is weighted by 1/g^2 (L2) or 1/g (L1), i.e. the x0 error weighted by
-# SNR + 1 (Salimans & Ho 2022, the v-prediction loss): the per-level optimum is unchanged, but the
-# nearly pure-noise levels, whose x0 errors the published loss scales down by g, get a real share of
-# the learning; few-step samplers start there. It made short CPU runs usable (model/weights/MODEL_CARD.md).
-LossWeighting = Literal["none", "snr_plus_one"]
 
 
 def sample_noise_levels(
@@ -54,7 +48,6 @@ def diffusion_loss(
     noise_level: torch.Tensor,
     loss_type: LossType = "l1",
     noise: torch.Tensor | None = None,
-    weighting: LossWeighting = "none",
     prediction: Prediction = "eps",
 ) -> torch.Tensor:
     """Mean L1 (or L2) between the true noise (or, for ``prediction="x0"``, the clean target) and
@@ -72,14 +65,7 @@ def diffusion_loss(
         raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'x0'")
     target = (noise if prediction == "eps" else x0).float()
     if loss_type == "l1":
-        errors, power = (predicted.float() - target).abs(), 1
-    elif loss_type == "l2":
-        errors, power = (predicted.float() - target) ** 2, 2
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose 'l1' or 'l2'")
-    if weighting == "none":
-        return errors.mean()
-    if weighting == "snr_plus_one":
-        per_sample = errors.flatten(1).mean(dim=1)
-        return (per_sample / noise_level.float().clamp_min(1e-4) ** power).mean()
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose 'none' or 'snr_plus_one'")
+        return (predicted.float() - target).abs().mean()
+    if loss_type == "l2":
+        return ((predicted.float() - target) ** 2).mean()
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose 'l1' or 'l2'")

@@ -70,28 +70,19 @@ def fast_alphas_cumprod(
     steps: int,
     spacing: Spacing = "logsnr",
     rho: float = 7.0,
-    start_abar: float | None = None,
 ) -> np.ndarray:
     """``steps`` noise levels (as abar, noisiest first) inside the range the network was trained on.
 
     ``uniform`` spaces the discrete training steps evenly (DDIM); ``karras`` spaces sigma = sqrt((1 -
     abar) / abar) by Karras et al. (2022) with ``rho``; ``logsnr`` spaces log(abar / (1 - abar)) evenly.
-    ``start_abar``: begin at this level instead of the schedule's noisiest (a warm start).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     abar = schedule.alphas_cumprod
-    first = len(abar) - 1  # the noisiest trained level
-    if start_abar is not None:
-        if not abar[-1] <= start_abar < abar[0]:
-            raise ValueError(f"start_abar {start_abar} is outside the schedule's {abar[-1]:.3g}..{abar[0]:.6g}")
-        first = int(np.searchsorted(-abar, -start_abar))  # abar decreases with the step
     if spacing == "uniform":
-        idx = np.round(np.linspace(first, 0, steps)).astype(int)
+        idx = np.round(np.linspace(len(abar) - 1, 0, steps)).astype(int)
         return abar[idx]
     sigma_max = np.sqrt((1 - abar[-1]) / abar[-1])
-    if start_abar is not None:
-        sigma_max = np.sqrt((1 - start_abar) / start_abar)
     sigma_min = np.sqrt((1 - abar[0]) / abar[0])
     if spacing == "karras":
         ramp = np.linspace(0, 1, steps)

@@ -70,9 +70,6 @@ class DiffusionConfig(_Section):
     linear_start: float = Field(PUBLISHED_LINEAR_START, gt=0.0, lt=1.0)
     linear_end: float = Field(PUBLISHED_LINEAR_END, gt=0.0, lt=1.0)
     loss: Literal["l1", "l2"] = "l1"
-    # "none" is the published objective; "snr_plus_one" weights the noise error by 1/g^p (see
-    # model.loss.LossWeighting). Validation loss stays unweighted, so runs stay comparable.
-    loss_weighting: Literal["none", "snr_plus_one"] = "none"
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.build(self.schedule, self.timesteps, self.linear_start, self.linear_end)
@@ -236,14 +233,6 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     init: InitConfig = InitConfig()
-
-    @model_validator(mode="after")
-    def _weighting_fits_prediction(self) -> TrainConfig:
-        if self.network.prediction == "x0" and self.diffusion.loss_weighting != "none":
-            raise ValueError(
-                "diffusion.loss_weighting applies to noise prediction; with network.prediction = 'x0' use 'none'"
-            )
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible values (paths as strings), as stored inside checkpoints."""

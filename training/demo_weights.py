@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -89,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
         export=str(result.export) if result.export else None,
     )
     (output / "demo_weights_run.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(args.config, output / "config.toml")
     print(json.dumps(plan), flush=True)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model.device import autocast
-from model.loss import LossType, LossWeighting, diffusion_loss, eps_from_output, sample_noise_levels
+from model.loss import LossType, diffusion_loss, eps_from_output, sample_noise_levels
 from model.samplers import fast_alphas_cumprod, sample_dpmpp_2m
 from model.schedule import NoiseSchedule
 from training.config import OptimConfig
@@ -35,7 +35,6 @@ def training_loss(
     *,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
-    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """The published objective on one batch: the target channel is noised, left and right condition."""
     x = batch.x
@@ -46,7 +45,7 @@ def training_loss(
         return net(torch.cat([left, x_noisy, right], dim=1), batch.local_context, batch.global_context, level)
 
     prediction = _prediction(net)
-    return diffusion_loss(eps_model, x0, levels, loss_type, noise=noise, weighting=weighting, prediction=prediction)
+    return diffusion_loss(eps_model, x0, levels, loss_type, noise=noise, prediction=prediction)
 
 
 def _prediction(net: nn.Module) -> str:
@@ -64,12 +63,11 @@ def optimisation_step(
     loss_type: LossType,
     optim: OptimConfig,
     amp_dtype: torch.dtype | None = None,
-    weighting: LossWeighting = "none",
 ) -> torch.Tensor:
     """One step; ``net`` is ``state.model`` or its DDP wrapper. Returns the (detached) loss."""
     state.optimizer.zero_grad(set_to_none=True)
     with autocast(batch.x.device, amp_dtype):
-        loss = training_loss(net, batch, schedule, loss_type, weighting=weighting)
+        loss = training_loss(net, batch, schedule, loss_type)
     loss.backward()
     state.optimizer.step()
     state.scheduler.step()

@@ -172,14 +172,7 @@ def _run(
     while state.step < optim.iterations:
         batch = to_device(next(batches), ctx.device)
         running += optimisation_step(
-            state,
-            net,
-            batch,
-            schedule,
-            loss_type=config.diffusion.loss,
-            optim=optim,
-            amp_dtype=amp_dtype,
-            weighting=config.diffusion.loss_weighting,
+            state, net, batch, schedule, loss_type=config.diffusion.loss, optim=optim, amp_dtype=amp_dtype
         )
         count += 1
         step, final = state.step, state.step == optim.iterations

@@ -227,11 +227,9 @@ class CleanTargetOracle(InterpolationOracle):
     [
         (CleanTargetOracle(), {"sampler": "ddim", "steps": 4}),
         (CleanTargetOracle(), {"sampler": "dpmpp_2m", "steps": 1}),
-        (InterpolationOracle(), {"sampler": "ddim", "steps": 2, "start_from_linear": 0.5}),
-        (CleanTargetOracle(), {"sampler": "dpmpp_2m", "steps": 3, "start_from_linear": 0.9}),
     ],
 )
-def test_clean_target_networks_and_linear_warm_starts_sample_the_same_oracle_answer(oracle, settings):
+def test_clean_target_networks_sample_the_same_oracle_answer(oracle, settings):
     volumes, times = study()
     engine = Inpainter(oracle, EngineSettings(batch_size=5, mask_min_voxels=10, **settings), device="cpu")
     result = engine.inpaint(volumes, times)
@@ -239,10 +237,3 @@ def test_clean_target_networks_and_linear_warm_starts_sample_the_same_oracle_ans
     mask = tissue_mask(from_model_space(volumes), min_voxels=10)
     expected[synthetic] = np.where(mask[None], expected[synthetic], -1.0)
     np.testing.assert_allclose(result.sequence, expected, atol=2e-3)
-
-
-def test_warm_start_settings_are_checked():
-    with pytest.raises(ValueError, match="start_from_linear must lie in"):
-        EngineSettings(start_from_linear=1.0)
-    with pytest.raises(ValueError, match="not ancestral"):
-        EngineSettings(sampler="ancestral", start_from_linear=0.5)

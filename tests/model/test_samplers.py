@@ -92,16 +92,3 @@ def test_fast_levels_stay_in_the_trained_range(spacing):
     assert levels[-1] == pytest.approx(sched.alphas_cumprod[0], rel=1e-6)
     with pytest.raises(ValueError):
         fast_alphas_cumprod(sched, 0, spacing)
-
-
-@pytest.mark.parametrize("spacing", ["logsnr", "karras", "uniform"])
-def test_warm_start_levels_begin_at_the_start_and_end_at_the_least_noisy(spacing):
-    from model.samplers import fast_alphas_cumprod
-    from model.schedule import NoiseSchedule
-
-    schedule = NoiseSchedule.build()
-    levels = fast_alphas_cumprod(schedule, 5, spacing, start_abar=0.81)
-    assert len(levels) == 5 and np.all(np.diff(levels) > 0)
-    assert levels[0] == pytest.approx(0.81, abs=2e-3) and levels[-1] == pytest.approx(schedule.alphas_cumprod[0])
-    with pytest.raises(ValueError, match="outside the schedule"):
-        fast_alphas_cumprod(schedule, 5, spacing, start_abar=1.0)

@@ -65,23 +65,6 @@ def test_loss_is_zero_for_the_true_noise_and_known_for_zero_prediction():
         diffusion_loss(zero, x0, g, "huber", noise)
 
 
-@pytest.mark.parametrize(("loss_type", "power"), [("l1", 1), ("l2", 2)])
-def test_snr_plus_one_weighting_scales_each_sample_by_one_over_g_to_the_power(loss_type, power):
-    x0, noise = torch.zeros(2, 1, 2, 3, 3), torch.ones(2, 1, 2, 3, 3)
-    g = torch.tensor([1.0, 0.25])
-    zero = lambda x, level: torch.zeros_like(x)  # noqa: E731 - error 1 everywhere
-    assert float(diffusion_loss(zero, x0, g, loss_type, noise=noise)) == pytest.approx(1.0)
-    weighted = diffusion_loss(zero, x0, g, loss_type, noise=noise, weighting="snr_plus_one")
-    assert float(weighted) == pytest.approx((1.0 + 1.0 / 0.25**power) / 2)
-    # the weighted error equals the x0 error weighted by SNR + 1 for L2
-    if loss_type == "l2":
-        snr = g**2 / (1 - g**2).clamp_min(1e-12)
-        x0_err = (1 - g**2) / g**2  # (sqrt(1 - g^2) / g * eps error)^2 with eps error 1
-        assert float((x0_err * (snr + 1))[1]) == pytest.approx(1 / 0.25**2)
-    with pytest.raises(ValueError, match="unknown loss weighting"):
-        diffusion_loss(zero, x0, g, loss_type, noise=noise, weighting="min_snr")
-
-
 def test_x0_prediction_loss_and_noise_estimate_agree_with_the_noise_form():
     from model.loss import eps_from_output
 

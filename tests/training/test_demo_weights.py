@@ -20,4 +20,4 @@ def test_calibrated_run_fits_the_budget_and_exports_bf16_weights(tmp_path):
     assert plan["steps"] == plan["iterations"] and not plan["stopped"]
     denoiser = load_denoiser(plan["export"])
     assert denoiser.checkpoint_info["step"] == plan["steps"]
-    assert (tmp_path / "run" / "config.toml").read_text() == config.read_text()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["iterations"] == plan["iterations"]
