@@ -33,6 +33,8 @@ class NodeMetrics:
         self.received = Counter(
             "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
         )
+        # reason: disk, job_store (0xA700); missing_uid, invalid_uid, uid_mismatch, sop_class,
+        # unreadable (0xC000), as ctp_node.scp.handle_store answers them.
         self.refused = Counter(
             "ctp_node_refused_instances", "C-STORE requests answered with a failure", ["reason"], registry=self.registry
         )

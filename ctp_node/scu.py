@@ -2,14 +2,17 @@
 
 Used by the node to deliver results and by ``ctp-node phantom --send``. One association for all
 files, proposing exactly the (SOP class, transfer syntax) pairs the files use, since the files are
-sent as stored (no transcoding). TCP_NODELAY is switched on once the
-association is up: C-STORE exchanges many small PDUs and Nagle's algorithm would add latency to
-each. A failed status is returned as a value per file, not raised, so the caller decides.
+sent as stored (no transcoding). The connection gets the SCP's socket (``scp.tune_socket``) as
+soon as it is open: TCP_NODELAY, since C-STORE exchanges many small PDUs and Nagle's algorithm would
+add latency to each; a quick ACK after each read, since a peer with Nagle on (DCMTK's storescp
+default) holds each response's tail until we acknowledge its start, 40 ms later with a delayed ACK
+(about 22 s of waiting for a 456-instance result); each PDU's claimed length checked and a timeout
+on every read and send, so a broken peer cannot hold a worker. A failed status is returned as a
+value per file, not raised, so the caller decides.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,15 @@ class SendResult:
         return self.status is not None and self.status in (0x0000, 0xB000, 0xB007, 0xB006)
 
 
+def _tuned(timeout_s: float) -> list:
+    """The handler that gives each new connection the node's socket settings."""
+    from pynetdicom import evt
+
+    from ctp_node.scp import tune_socket
+
+    return [(evt.EVT_CONN_OPEN, lambda event: tune_socket(event.assoc, timeout_s))]
+
+
 def echo(peer: Peer, calling_ae_title: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     """C-ECHO the peer: (True, "...") when it answers Success, else (False, the reason)."""
     from pynetdicom import AE
@@ -54,7 +66,7 @@ def echo(peer: Peer, calling_ae_title: str, timeout_s: float = 10.0) -> tuple[bo
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_tuned(timeout_s))
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
         return False, f"{peer.ae_title} at {peer.host}:{peer.port}: {reason}"
@@ -72,6 +84,7 @@ def send_files(
     peer: Peer,
     calling_ae_title: str = "CTPNODE_PHANTOM",
     progress: Callable[[int, int], None] | None = None,
+    timeout_s: float = 60.0,
 ) -> list[SendResult]:
     """Send ``paths`` over one association; ConnectionError if no association could be made."""
     from pydicom import dcmread
@@ -84,9 +97,10 @@ def send_files(
         }
     )
     ae = AE(ae_title=calling_ae_title)
+    ae.network_timeout = timeout_s
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_tuned(timeout_s))
     if not assoc.is_established:
         raise ConnectionError(
             f"no association with {peer.ae_title} at {peer.host}:{peer.port}: check the address, the AE title "
@@ -94,7 +108,6 @@ def send_files(
         )
     results = []
     try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
         missing = [c for c in contexts if c not in accepted]
         if missing:

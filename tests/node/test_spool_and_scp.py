@@ -155,7 +155,7 @@ def test_bulk_read_socket_returns_what_pynetdicom_would():
         assert isinstance(rest, bytearray)
 
 
-def test_connections_get_nodelay_bulk_reads_and_the_configured_poll_interval():
+def test_connections_get_nodelay_bulk_reads_timeouts_and_the_configured_poll_interval():
     import socket
     from types import SimpleNamespace
 
@@ -164,16 +164,119 @@ def test_connections_get_nodelay_bulk_reads_and_the_configured_poll_interval():
     from ctp_node.config import DicomSettings
     from ctp_node.scp import BulkReadSocket, tune_connection
 
+    def event(dul):
+        acceptor = SimpleNamespace(maximum_length=131072)
+        return SimpleNamespace(assoc=SimpleNamespace(dul=dul, is_acceptor=True, acceptor=acceptor))
+
     ours, theirs = socket.socket(), None
     try:
         wrapped = AssociationSocket(_fake_assoc(), client_socket=ours)
         dul = SimpleNamespace(socket=wrapped, _run_loop_delay=0.001)
-        tune_connection(SimpleNamespace(assoc=SimpleNamespace(dul=dul)), DicomSettings(poll_interval_ms=0.5))
+        tune_connection(event(dul), DicomSettings(poll_interval_ms=0.5, network_timeout_s=7))
         assert isinstance(dul.socket, BulkReadSocket) and dul._run_loop_delay == 0.0005
         assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert ours.gettimeout() == 7 and dul.socket.read_timeout_s == 7
+        assert dul.socket.max_receive == 131072
+        assert dul.socket._quickack == hasattr(socket, "TCP_QUICKACK")
         closed = SimpleNamespace(socket=None, _run_loop_delay=0.001)
-        tune_connection(SimpleNamespace(assoc=SimpleNamespace(dul=closed)), DicomSettings())
+        tune_connection(event(closed), DicomSettings())
         assert closed._run_loop_delay == 0.001  # nothing to tune on a connection already gone
     finally:
         ours.close()
         del theirs
+
+
+@pytest.mark.parametrize(
+    ("pdu_type", "length", "allowed"),
+    [
+        (0x04, 131072 + 6, True),
+        (0x04, 131072 + 7, False),
+        (0x04, 2**32 - 1, False),
+        (0x01, 1 << 20, True),
+        (0x01, (1 << 20) + 1, False),
+        (0x07, 4, True),
+        (0x07, 1 << 20, False),
+    ],
+)
+def test_claimed_pdu_lengths_are_capped_before_allocation(pdu_type, length, allowed):
+    import socket
+    import threading
+
+    from ctp_node.scp import BulkReadSocket
+
+    ours, theirs = socket.socketpair()
+    wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
+    wrapped.read_timeout_s, wrapped.max_receive = 5.0, 131072
+    body = b"x" * min(length, 2_000_000) if allowed else b""
+    sender = threading.Thread(target=lambda: theirs.sendall(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + body))
+    sender.start()
+    try:
+        header = wrapped.recv(6)
+        if allowed:
+            assert len(header) == 6 and len(wrapped.recv(length)) == length
+        else:
+            assert header == bytearray()  # pynetdicom's "connection closed": no body is read
+            abort = theirs.recv(64)
+            assert abort[:1] == b"\x07" and abort[-2:] == b"\x02\x06"  # A-ABORT, provider, invalid value
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_pdu_must_arrive_within_the_read_timeout():
+    import socket
+    import time
+
+    from ctp_node.scp import BulkReadSocket
+
+    ours, theirs = socket.socketpair()
+    wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
+    wrapped.read_timeout_s = 0.5
+    theirs.sendall(b"\x04\x00\x00\x00\x00\x10" + b"abc")  # a P-DATA-TF header, then 3 of 16 bytes
+    try:
+        start = time.monotonic()
+        assert len(wrapped.recv(6)) == 6
+        assert len(wrapped.recv(16)) == 3  # short: pynetdicom treats it as a closed connection
+        assert time.monotonic() - start < 5
+        assert theirs.recv(16) == b""  # and the node closed its side
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_the_scu_caps_claims_and_times_out_on_a_hostile_scp():
+    """The node's sender gets the same socket: a peer answering with a 4 GB claim, or with half a
+    PDU and then silence, ends the association instead of holding the worker."""
+    import socket
+    import threading
+
+    from ctp_node.scu import Peer, echo
+
+    for answer in (b"\x02\x00\xff\xff\xff\xff", b"\x02\x00\x00\x00\x01\x00" + b"\x00" * 10):
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        seen: list[bytes] = []
+
+        def serve(server=server, answer=answer, seen=seen):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)  # the A-ASSOCIATE-RQ
+                conn.sendall(answer)
+                conn.settimeout(10)
+                try:
+                    while data := conn.recv(65536):
+                        seen.append(data)
+                except OSError:
+                    pass
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            ok, message = echo(Peer("127.0.0.1", port, "HOSTILE"), "CTPNODE", timeout_s=1.0)
+        finally:
+            thread.join(timeout=15)
+            server.close()
+        assert not ok and not thread.is_alive()
+        if answer.startswith(b"\x02\x00\xff"):
+            assert b"".join(seen)[:1] == b"\x07"  # A-ABORT for the over-long claim
