@@ -14,11 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ctp_node.permissions import make_dirs, open_new_file
+
 
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self._lock = threading.Lock()
 
     def write(self, event: str, **fields: Any) -> None:
@@ -37,7 +39,7 @@ class AuditLog:
         )
         with self._lock:
             # O_APPEND: lines from several processes (receiver, workers) never interleave mid-line.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = open_new_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # 0640 whatever the umask
             try:
                 data = memoryview(lines.encode())
                 while data:  # a regular file takes it in one write; loop only for the rare short write

@@ -9,6 +9,11 @@ replaces rather than duplicates.
 Series states: receiving -> queued -> processing -> sending -> done, or failed (with the reason,
 retryable by hand) or ignored (not CTP). An instance arriving after completion re-opens the series
 (state receiving, generation + 1): the result is recomputed and replaces the earlier one.
+
+Instances are counted by SOPInstanceUID (table ``instances``: a resent instance is one instance),
+with the few header facts the completeness check needs (``ctp_node.completeness``). A store made
+by an older version opens as it is: missing tables are created and missing (nullable) columns
+added at start.
 """
 
 from __future__ import annotations
@@ -38,10 +43,15 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from ctp_node.completeness import InstanceFacts, Verdict, judge
+from ctp_node.permissions import make_dirs, touch_private
 
 metadata = MetaData()
 
@@ -80,7 +90,23 @@ series_table = Table(
     Column("error", Text),
     Column("processing_s", Float),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("warning", Text),  # e.g. queued incomplete after waiting; kept while the job runs
+    Column("guardrail", Text),  # the guardrail's verdict on the result: "pass: ...", "flagged: ...", "fallback: ..."
     UniqueConstraint("study_uid", "series_uid", name="uq_series_uid"),
+)
+
+instances_table = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("position", String(64)),  # ImagePositionPatient to 0.01 mm, as x\y\z
+    Column("time_key", String(32)),  # TemporalPositionIdentifier (t...) or AcquisitionNumber (a...)
+    Column("instance_number", Integer),
+    Column("frames", Integer),  # multi-frame instances only
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("series_id", "sop_uid", name="uq_instance"),
 )
 
 deliveries_table = Table(
@@ -142,6 +168,8 @@ class SeriesJob:
     result_generation: int | None
     error: str | None
     processing_s: float | None
+    warning: str | None
+    guardrail: str | None
 
     @classmethod
     def from_row(cls, row: Any) -> SeriesJob:
@@ -170,11 +198,18 @@ class LeaseLost(RuntimeError):
     """Another worker holds the job now (our lease expired); stop without writing results."""
 
 
-def make_engine(url: str) -> Engine:
+class StoreMissingError(RuntimeError):
+    """Asked to open an existing job store, and there is none at that place."""
+
+
+def make_engine(url: str, create: bool = True) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if not create and not Path(database).is_file():
+                raise StoreMissingError(f"no job store at {database}")
+            make_dirs(Path(database).parent)
+            touch_private(Path(database))  # 0640; SQLite gives its -wal and -shm files the same mode
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -212,11 +247,33 @@ def _upsert_delivery(conn: Connection, job_id: int, destination: str, generation
 class JobStore:
     """All state transitions of series and deliveries, each one short transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
+        """Open (and with ``create``, make) the store; StoreMissingError if ``create`` is off and none exists."""
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, create)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        if not create and not inspect(self.engine).has_table(series_table.name):
+            self.engine.dispose()
+            raise StoreMissingError(f"no job store at {make_url(url).render_as_string(hide_password=True)}")
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since the store was made (all nullable), so an older store opens as it is."""
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                assert column.nullable and column.server_default is None, f"{table.name}.{column.name}"
+                kind = column.type.compile(dialect=self.engine.dialect)
+                try:
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                except (OperationalError, ProgrammingError):  # another process added it meanwhile
+                    present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+                    if column.name not in present:
+                        raise
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -225,9 +282,19 @@ class JobStore:
 
     # --- receiving -------------------------------------------------------------------------------
     def record_instance(
-        self, study_uid: str, series_uid: str, calling_ae: str, at: datetime | None = None, count: int = 1
+        self,
+        study_uid: str,
+        series_uid: str,
+        calling_ae: str,
+        at: datetime | None = None,
+        count: int = 1,
+        instances: Sequence[InstanceFacts] | None = None,
     ) -> None:
-        """Count ``count`` stored instances; a series that had finished re-opens (recomputed later)."""
+        """Record stored instances; a series that had finished re-opens (recomputed later).
+
+        With ``instances`` the series counts distinct SOPInstanceUIDs (a resend is not a new
+        instance) and keeps their facts for the completeness check; without, ``count`` is added.
+        """
         at = at or utcnow()
         with self._tx() as conn:
             row = conn.execute(
@@ -236,7 +303,7 @@ class JobStore:
                 )
             ).first()
             if row is None:
-                conn.execute(
+                inserted = conn.execute(
                     series_table.insert().values(
                         study_uid=study_uid,
                         series_uid=series_uid,
@@ -250,9 +317,18 @@ class JobStore:
                         updated_at=at,
                     )
                 )
+                if instances is not None:
+                    job_id = inserted.inserted_primary_key[0]
+                    conn.execute(
+                        update(series_table)
+                        .where(series_table.c.id == job_id)
+                        .values(instances=self._upsert_instances(conn, job_id, instances, at))
+                    )
                 return
             values: dict[str, Any] = {
-                "instances": series_table.c.instances + count,
+                "instances": series_table.c.instances + count
+                if instances is None
+                else self._upsert_instances(conn, row.id, instances, at),
                 "last_received_at": at,
                 "updated_at": at,
             }
@@ -264,30 +340,128 @@ class JobStore:
                     generation=series_table.c.generation + 1,
                     attempts=0,
                     error=None,
+                    warning=None,
                     next_attempt_at=None,
                 )
             conn.execute(update(series_table).where(series_table.c.id == row.id).values(**values))
 
-    def queue_quiet_series(self, quiet_period_s: float, now: datetime | None = None) -> list[int]:
-        """Series with no new instance for the quiet period become queued."""
-        now = now or utcnow()
-        cutoff = now - timedelta(seconds=quiet_period_s)
+    def _upsert_instances(self, conn: Connection, job_id: int, instances: Sequence[InstanceFacts], at: datetime) -> int:
+        """Insert or refresh the instances' rows (one per SOPInstanceUID); the series' distinct count."""
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        latest = {f.sop_uid: f for f in instances}  # a statement may not touch one row twice
+        if latest:
+            statement = insert(instances_table)
+            refreshed = ("position", "time_key", "instance_number", "frames", "received_at")
+            statement = statement.on_conflict_do_update(
+                index_elements=["series_id", "sop_uid"], set_={k: statement.excluded[k] for k in refreshed}
+            )
+            conn.execute(
+                statement,
+                [
+                    {
+                        "series_id": job_id,
+                        "sop_uid": f.sop_uid,
+                        "position": f.position,
+                        "time_key": f.time_key,
+                        "instance_number": f.instance_number,
+                        "frames": f.frames,
+                        "received_at": at,
+                    }
+                    for f in latest.values()
+                ],
+            )
+        return conn.execute(
+            select(func.count()).select_from(instances_table).where(instances_table.c.series_id == job_id)
+        ).scalar_one()
+
+    def add_missing_instances(self, series_uid: str, instances: Sequence[InstanceFacts]) -> int:
+        """Facts of instances received before the store kept them (an older version): state untouched.
+
+        Returns how many rows were added."""
         with self._tx() as conn:
-            ids = [
-                r.id
-                for r in conn.execute(
-                    select(series_table.c.id).where(
-                        series_table.c.state == State.RECEIVING.value, series_table.c.last_received_at <= cutoff
-                    )
+            row = conn.execute(select(series_table.c.id).where(series_table.c.series_uid == series_uid)).first()
+            if row is None:
+                return 0
+            known = set(
+                conn.execute(select(instances_table.c.sop_uid).where(instances_table.c.series_id == row.id)).scalars()
+            )
+            new = [f for f in instances if f.sop_uid not in known]
+            if new:
+                job = conn.execute(select(series_table.c.last_received_at).where(series_table.c.id == row.id)).one()
+                count = self._upsert_instances(conn, row.id, new, _aware(job.last_received_at))  # type: ignore[arg-type]
+                conn.execute(update(series_table).where(series_table.c.id == row.id).values(instances=count))
+            return len(new)
+
+    def instance_rows(self, job_id: int) -> int:
+        """How many instances the store knows by SOPInstanceUID (0 for a series from an older version)."""
+        with self._tx() as conn:
+            return conn.execute(
+                select(func.count()).select_from(instances_table).where(instances_table.c.series_id == job_id)
+            ).scalar_one()
+
+    def completeness(self, job_id: int, min_time_points: int = 3) -> Verdict:
+        """The completeness verdict on a series from its instances' facts (``ctp_node.completeness``)."""
+        with self._tx() as conn:
+            return self._judge(conn, job_id, min_time_points)
+
+    def _judge(self, conn: Connection, job_id: int, min_time_points: int) -> Verdict:
+        c = instances_table.c
+        rows = conn.execute(select(c.position, c.time_key, c.frames).where(c.series_id == job_id))
+        return judge([tuple(r) for r in rows], min_time_points)
+
+    def queue_quiet_series(
+        self,
+        quiet_period_s: float,
+        now: datetime | None = None,
+        *,
+        complete_quiet_period_s: float | None = None,
+        incomplete_wait_s: float | None = None,
+        min_time_points: int = 3,
+    ) -> list[int]:
+        """Series with no new instance for long enough become queued.
+
+        Without the keyword arguments: quiet for ``quiet_period_s``. With them, the series' instances
+        are judged (``ctp_node.completeness``): one that looks complete, and was never re-opened by a
+        late instance, is queued after ``complete_quiet_period_s``; one that looks incomplete waits
+        for the rest up to ``incomplete_wait_s`` without a new instance and is then queued anyway,
+        with a warning on the job; one the headers say nothing about after ``quiet_period_s``.
+        """
+        now = now or utcnow()
+        shortest = min(quiet_period_s, complete_quiet_period_s or quiet_period_s)
+        cutoff = now - timedelta(seconds=shortest)
+        c = series_table.c
+        queued: list[int] = []
+        with self._tx() as conn:
+            candidates = conn.execute(
+                select(c.id, c.series_uid, c.generation, c.last_received_at).where(
+                    c.state == State.RECEIVING.value, c.last_received_at <= cutoff
                 )
-            ]
-            if ids:
-                conn.execute(
+            ).all()
+            for row in candidates:
+                quiet_s = (now - _aware(row.last_received_at)).total_seconds()  # type: ignore[operator]
+                wait_s, warning = quiet_period_s, None
+                if complete_quiet_period_s is not None or incomplete_wait_s is not None:
+                    verdict = self._judge(conn, row.id, min_time_points)
+                    if verdict.kind == "complete" and row.generation == 1 and complete_quiet_period_s is not None:
+                        wait_s = min(complete_quiet_period_s, quiet_period_s)
+                    elif verdict.kind == "incomplete" and incomplete_wait_s is not None:
+                        wait_s = max(incomplete_wait_s, quiet_period_s)
+                        warning = f"queued incomplete after {wait_s:g} s without a new instance: {verdict.reason}"
+                if quiet_s < wait_s:
+                    continue
+                done = conn.execute(
                     update(series_table)
-                    .where(series_table.c.id.in_(ids), series_table.c.state == State.RECEIVING.value)
-                    .values(state=State.QUEUED.value, queued_at=now, updated_at=now, next_attempt_at=None)
-                )
-        return ids
+                    .where(c.id == row.id, c.state == State.RECEIVING.value)
+                    .values(
+                        state=State.QUEUED.value, queued_at=now, updated_at=now, next_attempt_at=None, warning=warning
+                    )
+                ).rowcount
+                if done:
+                    queued.append(row.id)
+        return queued
 
     # --- working ---------------------------------------------------------------------------------
     def claim(self, worker: str, lease_s: float, now: datetime | None = None) -> SeriesJob | None:
@@ -336,9 +510,16 @@ class JobStore:
             raise LeaseLost(f"job {job_id} is no longer leased to {worker}")
 
     def processed(
-        self, job_id: int, worker: str, generation: int, result_dir: str, seconds: float, destinations: Sequence[str]
+        self,
+        job_id: int,
+        worker: str,
+        generation: int,
+        result_dir: str,
+        seconds: float,
+        destinations: Sequence[str],
+        guardrail: str | None = None,
     ) -> bool:
-        """Record a result and move to sending (or done with no destination).
+        """Record a result (and the guardrail's verdict on it) and move to sending (or done with no destination).
 
         False when the series was re-opened meanwhile (a newer generation): the stale result is
         not delivered and the series goes through receiving again.
@@ -359,6 +540,7 @@ class JobStore:
                     result_dir=result_dir,
                     result_generation=generation,
                     processing_s=seconds,
+                    guardrail=guardrail,
                     error=None,
                     updated_at=now,
                     attempts=0,

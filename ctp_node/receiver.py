@@ -6,7 +6,10 @@ thread in batches (a database round trip per instance would slow every sender, a
 outage must not stop a scanner). At start the receiver removes half-written temporary files (never
 acknowledged) and reconciles the spool with the job store: series it does not know are registered,
 and series whose files are newer than their last recorded instance are re-opened (a crash between
-the fsync and the database write). The watcher queues every series quiet for the configured period.
+the fsync and the database write). The watcher queues a series once it has been quiet for long
+enough, judging from a few header tags of each instance whether it looks complete
+(``ctp_node.completeness``): a short wait for a complete-looking series, a long one for an
+incomplete-looking one (then queued with a warning), the quiet period otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from datetime import datetime, timezone
 
 from ctp_node.audit import AuditLog
+from ctp_node.completeness import read_facts
 from ctp_node.config import Settings
 from ctp_node.jobs import JobStore
 from ctp_node.metrics import NodeMetrics
@@ -41,17 +45,27 @@ def recover_spool(spool: Spool, store: JobStore) -> int:
         newest = max(mtimes)
         job = store.find(key.series_uid)
         if job is None:
-            store.record_instance(key.study_uid, key.series_uid, "", at=newest, count=len(files))
+            facts = [read_facts(p, p.stem) for p in files]
+            store.record_instance(key.study_uid, key.series_uid, "", at=newest, count=len(files), instances=facts)
             log.warning(
                 "registered spooled series %s (%d instances) missing from the job store", key.series_uid, len(files)
             )
         elif newest > job.last_received_at:
-            unrecorded = sum(1 for m in mtimes if m > job.last_received_at)
-            store.record_instance(key.study_uid, key.series_uid, job.calling_ae, at=newest, count=unrecorded)
+            if not store.instance_rows(job.id):  # counted by an older version: its instances first
+                store.add_missing_instances(key.series_uid, [read_facts(p, p.stem) for p in files])
+            late = [p for p, m in zip(files, mtimes) if m > job.last_received_at]
+            facts = [read_facts(p, p.stem) for p in late]
+            store.record_instance(
+                key.study_uid, key.series_uid, job.calling_ae, at=newest, count=len(late), instances=facts
+            )
             log.warning(
-                "series %s: %d spooled instances newer than the job store knew; re-opened", key.series_uid, unrecorded
+                "series %s: %d spooled instances newer than the job store knew; re-opened", key.series_uid, len(late)
             )
         else:
+            if job.state.value == "receiving" and not store.instance_rows(job.id):
+                # Received by an older version, which kept no per-instance facts: the completeness
+                # check needs them (once; the state is not touched).
+                store.add_missing_instances(key.series_uid, [read_facts(p, p.stem) for p in files])
             continue
         changed += 1
     return changed
@@ -67,6 +81,7 @@ class InstanceRecorder:
         # rows may lag by ``linger_s``: one transaction per batch instead of one commit (and one
         # fsync of the database) per instance, which halved the time a study takes to arrive.
         self.store, self.audit, self.metrics, self.batch, self.linger_s = store, audit, metrics, batch, linger_s
+        self._facts_checked: set[str] = set()  # series whose earlier instances the store knows by UID
         self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="instance-recorder")
         self._thread.start()
@@ -99,16 +114,32 @@ class InstanceRecorder:
             if None in items:
                 return
 
+    def _backfill_once(self, series_uid: str, item: ReceivedInstance) -> None:
+        """A series counted by an older version (no rows per instance) gets its spooled instances'
+        rows before a new one is added, so that its count stays the number of distinct instances."""
+        if series_uid in self._facts_checked:
+            return
+        job = self.store.find(series_uid)
+        if job is not None and job.instances and not self.store.instance_rows(job.id):
+            folder = item.path.parent
+            files = sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))
+            self.store.add_missing_instances(series_uid, [read_facts(p, p.stem) for p in files])
+        self._facts_checked.add(series_uid)
+
     def _record(self, received: list[ReceivedInstance]) -> None:
         by_series: dict[tuple[str, str, str], list[ReceivedInstance]] = {}
         for item in received:
             by_series.setdefault((item.key.study_uid, item.key.series_uid, item.calling_ae), []).append(item)
         for (study, series, calling_ae), items in by_series.items():
+            # The header facts come from the spooled files (just written, in the page cache), here
+            # rather than on the C-STORE thread, which only reads up to SeriesInstanceUID.
+            facts = [read_facts(i.path, i.sop_uid) for i in items]
             delay = 1.0
             while True:
                 try:
+                    self._backfill_once(series, items[0])
                     at = max(i.received_at for i in items)
-                    self.store.record_instance(study, series, calling_ae, at=at, count=len(items))
+                    self.store.record_instance(study, series, calling_ae, at=at, count=len(items), instances=facts)
                     break
                 except Exception as exc:  # the files are safe in the spool: keep trying, never drop
                     log.error("job store unavailable (%s); retrying in %.0f s", exc, delay)
@@ -149,17 +180,27 @@ class Receiver:
     def start(self) -> None:
         recover_spool(self.spool, self.store)
         self.recorder = InstanceRecorder(self.store, self.audit, self.metrics)
-        self._server = start_scp(self.settings.dicom, self.spool, self.on_stored)
+        self._server = start_scp(self.settings.dicom, self.spool, self.on_stored, self.metrics)
 
     def watch(self, stop: threading.Event) -> None:
         """Queue quiet series until ``stop`` is set."""
-        period = self.settings.series.quiet_period_s
-        interval = min(max(period / 4, 0.2), 5.0)
+        series = self.settings.series
+        shortest = min(series.quiet_period_s, series.complete_quiet_period_s)
+        interval = min(max(shortest / 4, 0.2), 5.0)
         while not stop.wait(interval):
             try:
-                for job_id in self.store.queue_quiet_series(period):
+                queued = self.store.queue_quiet_series(
+                    series.quiet_period_s,
+                    complete_quiet_period_s=series.complete_quiet_period_s,
+                    incomplete_wait_s=series.incomplete_wait_s,
+                    min_time_points=series.min_time_points,
+                )
+                for job_id in queued:
                     job = self.store.get(job_id)
-                    log.info("series %s complete (%d instances): queued", job.series_uid, job.instances)
+                    if job.warning:
+                        log.warning("series %s (%d instances) %s", job.series_uid, job.instances, job.warning)
+                    else:
+                        log.info("series %s complete (%d instances): queued", job.series_uid, job.instances)
             except Exception:
                 log.exception("completion watcher error; continuing")
 

@@ -3,7 +3,8 @@
 Layout (defined here only): ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 UIDs become path components, so each is validated first (digits and dots, at most 64 characters:
 no traversal, no separators). A write goes to a temporary name in the same folder, is fsync'd,
-renamed into place, and the folder is fsync'd so the rename itself survives a crash.
+renamed into place, and the folder is fsync'd so the rename itself survives a crash. Files are
+created 0640 and folders 0750 whatever the umask (``ctp_node.permissions``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ctp_node.permissions import make_dirs, open_new_file
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_SUFFIX = ".part"
@@ -48,8 +51,7 @@ class Spool:
     """Files of received instances, grouped by study and series."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_dirs(Path(root))
 
     def series_dir(self, key: SeriesKey) -> Path:
         return self.root / check_uid(key.study_uid, "StudyInstanceUID") / check_uid(key.series_uid, "SeriesInstanceUID")
@@ -62,10 +64,10 @@ class Spool:
         target = self.instance_path(key, sop_uid)
         folder = target.parent
         new_folder = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         tmp = folder / f".{target.name}.{os.getpid()}.{id(data)}{TMP_SUFFIX}"
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(open_new_file(tmp), "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

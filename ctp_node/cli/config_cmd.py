@@ -11,6 +11,11 @@ from ctp_node.cli.progress import stderr
 
 
 def config(
+    file: Path | None = typer.Argument(
+        None,
+        help="TOML configuration file, as `ctp-node config --check FILE` (the same as --config FILE).",
+        show_default=False,
+    ),
     config_file: Path | None = typer.Option(
         None, "--config", "-c", envvar="CTP_NODE_CONFIG", help="TOML configuration file (default: embedded defaults)."
     ),
@@ -21,6 +26,9 @@ def config(
     import tomli_w
 
     from ctp_node.config import ConfigError, load_settings
+
+    if file is not None:  # named twice (e.g. FILE and CTP_NODE_CONFIG): the one on the command line wins
+        config_file = file
 
     try:
         settings = load_settings(config_file)

@@ -13,10 +13,18 @@ jobs_app = typer.Typer(help="List, show, retry and re-send series jobs.", no_arg
 
 
 def _store(config: Path | None):
-    from ctp_node.jobs import JobStore
+    """The configured job store, which must exist: a wrong path is an error, never a new empty store."""
+    from ctp_node.jobs import JobStore, StoreMissingError
 
     settings = _load(config)
-    return settings, JobStore(settings.database_url)
+    try:
+        return settings, JobStore(settings.database_url, create=False)
+    except StoreMissingError as exc:
+        stderr.print(
+            f"[red]error:[/red] {exc}; check storage.data_dir / jobs.database_url in the configuration "
+            "(--config or CTP_NODE_CONFIG), or start `ctp-node serve` once to create it"
+        )
+        raise typer.Exit(2) from exc
 
 
 def _job(store, ref: str):
@@ -33,7 +41,7 @@ def list_jobs(
     state: list[str] = typer.Option([], "--state", help="Only these states (repeatable)."),
     limit: int = typer.Option(50, help="Newest first, at most this many."),
 ) -> None:
-    """One line per series: id, state, instances, received, series UID, error."""
+    """One line per series: id, state, distinct instances, received, series UID, error or warning."""
     from rich.table import Table
 
     from ctp_node.jobs import State
@@ -43,11 +51,11 @@ def list_jobs(
     except ValueError as exc:
         raise typer.BadParameter(f"--state must be one of {', '.join(s.value for s in State)}") from exc
     _, store = _store(config)
-    table = Table("id", "state", "instances", "last received (UTC)", "series UID", "error")
+    table = Table("id", "state", "instances", "last received (UTC)", "series UID", "error / warning")
     for job in store.list(states, limit):
         table.add_row(
             str(job.id), job.state.value, str(job.instances), f"{job.last_received_at:%Y-%m-%d %H:%M:%S}",
-            job.series_uid, (job.error or "")[:80],
+            job.series_uid, (job.error or job.warning or "")[:80],
         )  # fmt: skip
     stderr.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in store.counts().items() if v)

@@ -54,6 +54,36 @@ def test_jobs_list_show_retry_resend(configured):
     assert bad_state.exit_code != 0
 
 
+@pytest.mark.parametrize("command", [["list"], ["show", "1"], ["retry", "1"], ["resend", "1"]])
+def test_jobs_against_a_store_that_does_not_exist_is_an_error(tmp_path, command):
+    from tests.integration.node_helpers import write_config
+
+    data = tmp_path / "typo"
+    settings = node_settings(data, tmp_path / "net.pt", 4242)
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    result = runner.invoke(app, ["jobs", *command, "-c", str(config)])
+    assert result.exit_code == 2
+    assert f"no job store at {data / 'jobs.sqlite'}" in flat(result.output) and "no jobs" not in result.output
+    assert not data.exists()  # nothing created
+
+
+def test_jobs_list_shows_distinct_instances_and_the_warning(configured):
+    from ctp_node.completeness import InstanceFacts
+
+    settings, config = configured
+    store = JobStore(settings.database_url)
+    facts = [InstanceFacts(f"1.2.3.4.{i}", f"0.00\\0.00\\{i % 4}.00", None) for i in range(7)]
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=700), instances=facts)
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=700), instances=facts[:1])
+    store.queue_quiet_series(60, complete_quiet_period_s=10, incomplete_wait_s=600)
+    result = runner.invoke(app, ["jobs", "list", "-c", str(config)])
+    assert result.exit_code == 0 and "queued 1" in result.output
+    listed = flat(result.output)  # the table wraps long cells
+    assert "1 queued 7 " in listed and "queued incomplete" in listed and "after 600 s" in listed
+    shown = json.loads(runner.invoke(app, ["jobs", "show", "1.2.3.4", "-c", str(config)]).output)
+    assert shown["instances"] == 7 and "4 slice positions holding 1 to 2 instances" in shown["warning"]
+
+
 def test_echo_configured_and_explicit_peers(tmp_path, configured):
     settings, config = configured
     peer = node_settings(tmp_path / "peer", tmp_path / "x.pt", None).dicom

@@ -44,7 +44,7 @@ def node_settings(data_dir: Path, checkpoint: Path, orthanc_port: int | None, **
     )
     data = {
         "dicom": DicomSettings(ae_title="CTPNODE", bind_address="127.0.0.1", port=free_port()).model_dump(),
-        "series": {"quiet_period_s": 1.0},
+        "series": {"quiet_period_s": 1.0, "complete_quiet_period_s": 0.5, "incomplete_wait_s": 3.0},
         "storage": {"data_dir": str(data_dir)},
         "model": {"checkpoint": str(checkpoint), "steps": 1, "device": "cpu"},
         "destinations": destinations,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +21,11 @@ def test_embedded_defaults_need_no_service(monkeypatch):
     assert settings.dicom.ae_title == "CTPNODE" and settings.dicom.port == 11112
     assert settings.database_url.startswith("sqlite:///") and settings.database_url.endswith("jobs.sqlite")
     assert settings.series.quiet_period_s == 60
+    assert settings.series.complete_quiet_period_s == 10 and settings.series.incomplete_wait_s == 600
     assert settings.destinations == ()
+    # absolute, never the folder the node happens to be started from
+    assert settings.storage.data_dir == Path("/var/lib/ctp-node")
+    assert settings.database_url == "sqlite:////var/lib/ctp-node/jobs.sqlite"
 
 
 def test_file_then_environment_overrides(tmp_path, monkeypatch):
@@ -64,6 +70,7 @@ ae_title = "ORTHANC"
             "unique",
         ),
         ("this is = not toml [", "not valid TOML"),
+        ('[storage]\ndata_dir = "ctp-node-data"\n', "data_dir 'ctp-node-data' is relative: give an absolute path"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path, text, message):
@@ -93,3 +100,21 @@ def test_config_check_reports_errors(tmp_path):
     result = runner.invoke(app, ["config", "--check", "-c", str(write(tmp_path, "[dicom]\nport = 0\n"))])
     assert result.exit_code == 2
     assert "port" in result.output
+
+
+def test_a_relative_data_folder_from_the_environment_is_refused(monkeypatch):
+    monkeypatch.delenv("CTP_NODE_CONFIG", raising=False)
+    monkeypatch.setenv("CTP_NODE_STORAGE__DATA_DIR", "data")
+    with pytest.raises(ConfigError, match="is relative"):
+        load_settings()
+
+
+@pytest.mark.parametrize("order", [["--check", "FILE"], ["FILE", "--check"], ["-c", "FILE", "--check"]])
+def test_config_check_file_as_the_readme_writes_it(tmp_path, monkeypatch, order):
+    monkeypatch.delenv("CTP_NODE_CONFIG", raising=False)
+    good, bad = write(tmp_path, "[dicom]\nport = 11200\n"), tmp_path / "bad.toml"
+    bad.write_text("[dicom]\nport = 0\n")
+    ok = runner.invoke(app, ["config", *[str(good) if a == "FILE" else a for a in order]])
+    assert ok.exit_code == 0 and "configuration valid" in ok.output and str(good) in ok.output
+    refused = runner.invoke(app, ["config", *[str(bad) if a == "FILE" else a for a in order]])
+    assert refused.exit_code == 2 and "port" in refused.output

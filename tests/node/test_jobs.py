@@ -274,3 +274,22 @@ def test_instance_recorder_lingers_so_a_stream_of_instances_costs_one_transactio
     # each line keeps the time its instance arrived, not the time the batch was written
     expected = [(start + timedelta(seconds=i)).isoformat(timespec="milliseconds") for i in range(40)]
     assert [e["time"] for e in lines] == expected
+
+
+def test_opening_a_store_that_does_not_exist_creates_nothing(database_url, tmp_path):
+    from sqlalchemy import create_engine, inspect
+
+    from ctp_node.jobs import StoreMissingError
+
+    missing = (
+        database_url if database_url.startswith("postgresql") else f"sqlite:///{tmp_path / 'typo' / 'jobs.sqlite'}"
+    )
+    with pytest.raises(StoreMissingError, match="no job store at"):
+        JobStore(missing, create=False)
+    assert not (tmp_path / "typo").exists()
+    if missing.startswith("postgresql"):
+        engine = create_engine(missing)
+        assert not inspect(engine).has_table("series")
+        engine.dispose()
+    JobStore(database_url)  # made once ...
+    assert JobStore(database_url, create=False).counts()["receiving"] == 0  # ... it opens
