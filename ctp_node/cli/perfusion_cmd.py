@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     from ctp_node.perfusion import PerfusionSettings
 
 WINDOWED_AIF_MIN_PEAK_HU = 20.0  # arteries saturate at 80 HU in the window: 40 HU above blood at most
-# 1.25 mm: one pixel of the 192 model grid; with the phantom's 4 HU noise there it keeps CBV within
-# ~20 % and the Tmax > 6 s mask at Dice ~0.96 (tests/perfusion/test_phantom.py).
+# --denoise gaussian: 1.25 mm, one pixel of the 192 model grid.
 SMOOTHING_SIGMA_MM = 1.25
 MODEL_GRID_PIXEL_MM = 1.25  # assumed pixel of arrays given without --spacing
 
@@ -93,13 +92,14 @@ def _load_array(path: Path, times: str | None, spacing: str | None, model_layout
 
 
 def _settings(
-    data: _Input, k: float, smooth_mm: float, aif_min_peak: float | None, model_layout: bool
+    data: _Input, k: float, smooth_mm: float, aif_min_peak: float | None, model_layout: bool, denoise: str = "tips"
 ) -> PerfusionSettings:
-    """Analysis settings: smoothing converted from mm to in-plane pixels, the windowed AIF floor."""
+    """Analysis settings: the pixel size, smoothing converted from mm to pixels, the windowed AIF floor."""
     from ctp_node.perfusion import PerfusionSettings
 
     pixel_mm = MODEL_GRID_PIXEL_MM if data.spacing_mm is None else float(data.spacing_mm[2])
-    settings = PerfusionSettings(k=k, smoothing_sigma_vox=smooth_mm / pixel_mm)
+    smoothing = smooth_mm / pixel_mm
+    settings = PerfusionSettings(k=k, denoise=denoise, smoothing_sigma_vox=smoothing, pixel_mm=pixel_mm)  # type: ignore[arg-type]
     min_peak = aif_min_peak or (WINDOWED_AIF_MIN_PEAK_HU if model_layout else None)
     return settings if min_peak is None else replace(settings, aif_min_peak_hu=min_peak)
 
@@ -113,9 +113,14 @@ def perfusion(
         False, "--model-layout", help="The .npy is the published (8, 192, 192, T) layout, 0..80 HU, 1 s."
     ),
     method: str = typer.Option(
-        "bsvd",
-        help="bsvd (block-circulant SVD), osvd (oscillation-index SVD) or parametric (model-based fit of "
-        "an exponential residue; unbiased where SVD underestimates CBF).",
+        "parametric",
+        help="parametric (model-based fit: delay, transit time and residue shape per voxel; delay-"
+        "insensitive Tmax, unbiased CBF), bsvd (block-circulant SVD) or osvd (oscillation-index SVD).",
+    ),
+    denoise: str = typer.Option(
+        "tips",
+        help="Noise handling of the tissue curves: tips (model subspace + edge-preserving bilateral "
+        "filter, noise measured on the baseline), gaussian (--smooth-mm) or none.",
     ),
     k: float = typer.Option(
         (1 - 0.45) / (1 - 0.25) / 1.05, help="Haematocrit/density factor (0.698); 1 for uncorrected values."
@@ -124,7 +129,7 @@ def perfusion(
         None, help="Least AIF enhancement in HU (default 50; 20 with --model-layout)."
     ),
     smooth_mm: float = typer.Option(
-        SMOOTHING_SIGMA_MM, help="In-plane Gaussian sigma (mm) on tissue curves against noise; 0 = none."
+        SMOOTHING_SIGMA_MM, help="In-plane Gaussian sigma (mm) of --denoise gaussian; 0 = none."
     ),
     aif_mask: Path | None = typer.Option(
         None, "--aif-mask", help="A .npy (Z, Y, X) bool array marking arterial voxels (skips automatic AIF)."
@@ -139,13 +144,15 @@ def perfusion(
     from ctp_node.perfusion.figure import save_figure
 
     if method not in ("bsvd", "osvd", "parametric"):
-        raise typer.BadParameter("--method must be bsvd, osvd or parametric")
+        raise typer.BadParameter("--method must be parametric, bsvd or osvd")
+    if denoise not in ("tips", "gaussian", "none"):
+        raise typer.BadParameter("--denoise must be tips, gaussian or none")
     if smooth_mm < 0:
         raise typer.BadParameter("--smooth-mm must be >= 0")
     if not input_path.exists():
         raise typer.BadParameter(f"{input_path} does not exist")
     data = _load_dicom(input_path) if input_path.is_dir() else _load_array(input_path, times, spacing, model_layout)
-    settings = _settings(data, k, smooth_mm, aif_min_peak, model_layout)
+    settings = _settings(data, k, smooth_mm, aif_min_peak, model_layout, denoise)
     if model_layout:
         stderr.print("[yellow]windowed 0..80 HU input: arteries saturate, so CBF and CBV are not absolute[/]")
     voxel_ml = None if data.spacing_mm is None else float(np.prod(data.spacing_mm)) / 1000.0
@@ -165,5 +172,16 @@ def perfusion(
     save_figure(output / "perfusion.png", data.hu, maps, title=input_path.name)
     volumes = "(no voxel size: volumes not reported)"
     if maps.core_volume_ml is not None:
-        volumes = f"core {maps.core_volume_ml:.1f} mL, Tmax > 6 s {maps.hypoperfusion_volume_ml:.1f} mL"
+        volumes = (
+            f"core (rCBF < 30 %) {maps.core_volume_ml:.1f} mL, Tmax > 6 s {maps.hypoperfusion_volume_ml:.1f} mL, "
+            f"Tmax > 10 s {maps.severe_hypoperfusion_volume_ml:.1f} mL, mismatch {maps.mismatch_volume_ml:.1f} mL"
+        )
     typer.echo(f"{input_path.name}: {volumes}; AIF from {len(maps.aif_voxels)} voxels; wrote {output}")
+    normal = maps.tissue_mask & ~maps.hypoperfusion_mask & (maps.tmax < 2.0)
+    if normal.any():
+        typer.echo(
+            f"reference CBF {maps.reference_cbf:.1f} mL/100 g/min; normal tissue median CBF "
+            f"{float(np.median(maps.cbf[normal])):.1f}, CBV {float(np.median(maps.cbv[normal])):.2f} mL/100 g, "
+            f"Tmax {float(np.median(maps.tmax[normal])):.1f} s"
+            + ("" if maps.noise_hu is None else f"; noise {maps.noise_hu:.1f} HU")
+        )

@@ -32,6 +32,11 @@ class SyntaxChoice(str, Enum):
     rle = "rle"
 
 
+class FamilyChoice(str, Enum):
+    default = "default"
+    b = "b"
+
+
 class ResidueChoice(str, Enum):
     exponential = "exponential"
     box = "box"
@@ -53,13 +58,18 @@ def phantom(
     lesion: bool = typer.Option(True, "--lesion/--no-lesion", help="Ischaemic core and penumbra, left MCA."),
     residue: ResidueChoice = typer.Option(ResidueChoice.exponential, help="Residue function of the tissue."),
     seed: int = typer.Option(0, help="Random seed (noise, tissue variation, UIDs)."),
+    family: FamilyChoice = typer.Option(
+        FamilyChoice.default,
+        help="Phantom family: default, or b (independent anatomy, AIF, residue and noise texture for held-out "
+        "tests; 256 x 256 (192 with npy) over 230 mm, 8 slices; lesion from --seed; --residue, --lesion ignored).",
+    ),
     send: str = typer.Option(None, help="C-STORE the DICOM files to HOST:PORT:AET once written."),
     calling_aet: str = typer.Option("CTPNODE_PHANTOM", help="Our AE title for --send."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Simulate a CTP study of a digital head with known perfusion and write it like a scanner."""
     from ctp_node.cli.progress import stderr, step_progress
-    from ctp_node.phantom import PhantomConfig, generate_phantom
+    from ctp_node.phantom import PhantomConfig, generate_family_b, generate_phantom
     from ctp_node.phantom.export import write_outputs
     from ctp_node.phantom.jpeg_lossless import EncoderMissingError
     from ctp_node.phantom.sampling import parse_schedule, sample_study
@@ -78,10 +88,13 @@ def phantom(
             residue=residue.value,
             seed=seed,
         )
+        if family is FamilyChoice.b:
+            size = matrix if matrix is not None else (192 if npy else 256)
+            cfg = _family_b_config(size, slices, duration, noise, seed)
         plan = parse_schedule(schedule, _integers(drop))
         peer = Peer.parse(send) if send else None
         with stderr.status("generating the phantom"):
-            study = generate_phantom(cfg)
+            study = generate_family_b(cfg) if family is FamilyChoice.b else generate_phantom(cfg)
         series = sample_study(study, plan)
         with step_progress("writing", enabled=progress and not npy) as update:
             paths = write_outputs(
@@ -93,6 +106,16 @@ def phantom(
     stderr.print(f"wrote {len(series.times_s)} time points to {output} ({len(paths)} DICOM files)")
     if peer is not None:
         _send(paths, peer, calling_aet, progress)
+
+
+def _family_b_config(matrix: int, slices: int | None, duration: int, noise: float, seed: int):
+    """Family B keeps its 230.4 mm field of view: the pixel follows the matrix (0.9 mm at 256)."""
+    from ctp_node.phantom import FamilyBConfig
+
+    return FamilyBConfig(
+        seed=seed, matrix=matrix, pixel_mm=230.4 / matrix, slices=slices if slices is not None else 8,
+        duration_s=duration, noise_hu=noise,
+    )  # fmt: skip
 
 
 def _integers(text: str) -> list[int]:

@@ -16,6 +16,7 @@ from ctp_node.perfusion.errors import NoAIFError
 
 MIN_AIF_PEAK_HU = 50.0  # arteries enhance by hundreds of HU; tissue by 3-20 HU
 N_CANDIDATES = 400
+RISE_WINDOW_S = 3.0  # arteries cross half their peak within this of the earliest; veins 4+ s later
 
 
 def curve_shape(curves: np.ndarray, grid_s: np.ndarray) -> dict[str, np.ndarray]:
@@ -69,6 +70,12 @@ def select_aif(
     returns = curves[:, -1] < 0.6 * shape["peak"]
     smooth = shape["roughness"] <= 2.0 * np.median(shape["roughness"])
     keep = returns & smooth
+    # Veins rise seconds after arteries. At 4-8 s sampling the arterial peak falls between two
+    # acquisitions while the broader venous one is hit, so the venous curves score higher and peak
+    # at the same sample: only their upslope, which crosses half its peak later, tells them apart.
+    if keep.any():
+        rise = _half_rise_time(curves, grid_s, shape["peak"])
+        keep &= rise <= np.percentile(rise[keep], 5) + RISE_WINDOW_S
     if not keep.any():
         raise NoAIFError(
             "no arterial input function found: every high-enhancing curve is either noisy or does not "
@@ -80,6 +87,20 @@ def select_aif(
     order = np.argsort(score)[::-1][: min(n_voxels, int(keep.sum()))]
     early = shape["ttp"][order] <= shape["ttp"][order].min() + max_ttp_spread_s
     return order[early]
+
+
+def _half_rise_time(curves: np.ndarray, grid_s: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """When each (n, N) curve first crosses half its peak, linearly interpolated between grid points
+    (half the peak: far above noise for vessel curves, unlike the foot)."""
+    above = curves >= 0.5 * peak[:, None]
+    first = np.argmax(above, axis=1)
+    before = np.maximum(first - 1, 0)
+    rows = np.arange(curves.shape[0])
+    low, high = curves[rows, before], curves[rows, first]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(high > low, (0.5 * peak - low) / (high - low), 1.0)
+    step = grid_s[1] - grid_s[0]
+    return grid_s[before] + np.where(first > 0, np.clip(fraction, 0.0, 1.0), 0.0) * step
 
 
 def select_vof(

@@ -4,17 +4,19 @@ Rules (stated once, here):
 - Analysed tissue: brain voxels that are neither CSF (baseline below ``csf_max_hu``) nor vessel
   (CBV above ``vessel_cbv``); CSF has no perfusion and vessels have arterial-like curves, so both
   would otherwise show up as "core" or random Tmax.
-- Normal (unaffected) tissue: analysed tissue outside the hypoperfused region (Tmax <= 6 s). Its
-  median CBF is the reference for relative CBF (rCBF). The median of the whole unaffected brain
-  mixes grey and white matter; it needs no midline and works for bilateral disease, where a
-  contralateral mirror would not.
-- Core: rCBF < 0.3 within the hypoperfused region (Tmax > 6 s). Requiring a perfusion delay keeps
-  low-flow partial-volume voxels next to CSF out of the core; set ``core_within_hypoperfusion``
-  False for the plain rCBF rule.
-- Each thresholded mask is cleaned by a 3 x 3 in-plane majority vote among tissue voxels: single
-  noisy voxels are not lesions, and clinical packages clean their masks likewise.
+- Reference for relative CBF (rCBF): the median CBF of *normally perfused* tissue, i.e. analysed
+  tissue with Tmax below ``normal_tmax_s`` (2 s) in the hemisphere contralateral to the
+  hypoperfusion (the half of the brain, split at its centre column, with fewer Tmax > 6 s voxels),
+  as clinical packages do. Falls back to normally perfused tissue of the whole brain, then to all
+  tissue outside the hypoperfusion, when too little is left (bilateral disease, small coverage).
+- Core: rCBF < 0.3 (set ``core_within_hypoperfusion`` to also require Tmax > 6 s).
 - Hypoperfusion: Tmax > 6 s; severe hypoperfusion: Tmax > 10 s;
   hypoperfusion intensity ratio (HIR) = volume(Tmax > 10 s) / volume(Tmax > 6 s).
+- Each thresholded mask is cleaned: a 3 x 3 in-plane majority vote among tissue voxels (single noisy
+  voxels are not lesions, pinholes are filled), then connected components (3D) smaller than
+  ``min_cluster_ml`` (1 mL) are dropped when the voxel size is known. Clinical packages clean their
+  masks likewise; 1 mL is several times the blob size the noise filter leaves (~0.25 mL) and far
+  below the volumes decisions are made on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from scipy import ndimage
 CORE_RCBF = 0.3
 HYPOPERFUSION_TMAX_S = 6.0
 SEVERE_TMAX_S = 10.0
+NORMAL_TMAX_S = 2.0
+MIN_CLUSTER_ML = 1.0
 VESSEL_CBV = 8.0  # mL/100 g: above this a voxel is mostly vessel (normal grey matter is 3-5)
+MIN_REFERENCE_FRACTION = 0.05  # of the tissue: fewer normal voxels than this -> a wider reference
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,8 @@ class LesionMasks:
     core: np.ndarray
     hypoperfusion: np.ndarray
     severe: np.ndarray
-    reference_cbf: float  # mL/100 g/min, median CBF of unaffected tissue
+    reference_cbf: float  # mL/100 g/min, median CBF of normally perfused tissue
+    reference: np.ndarray | None = None  # the voxels it came from
 
 
 def tissue_mask(brain: np.ndarray, baseline_hu: np.ndarray, cbv: np.ndarray, csf_max_hu: float) -> np.ndarray:
@@ -54,6 +60,36 @@ def majority(mask: np.ndarray, tissue: np.ndarray, size: int) -> np.ndarray:
     return tissue & (votes > 0.5 * voters)
 
 
+def drop_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` without its 3D connected components (26-connected) of fewer than ``min_voxels``."""
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def reference_region(tissue: np.ndarray, tmax: np.ndarray, hypo: np.ndarray, normal_tmax_s: float) -> np.ndarray:
+    """Normally perfused tissue of the less affected hemisphere (columns split at the tissue's centre)."""
+    normal = tissue & (tmax < normal_tmax_s)
+    columns = np.nonzero(tissue)[-1]
+    if columns.size == 0:
+        return normal
+    mid = float(np.mean(columns))
+    x = np.arange(tissue.shape[-1])
+    halves = [x < mid, x >= mid]
+    affected = [int(hypo[..., h].sum()) for h in halves]
+    side = np.zeros(tissue.shape, dtype=bool)
+    side[..., halves[int(np.argmin(affected))]] = True
+    minimum = MIN_REFERENCE_FRACTION * tissue.sum()
+    for candidate in (normal & side, normal, tissue & ~hypo):
+        if candidate.sum() >= max(minimum, 1):
+            return candidate
+    return tissue
+
+
 def lesion_masks(
     tissue: np.ndarray,
     cbf: np.ndarray,
@@ -61,18 +97,32 @@ def lesion_masks(
     core_rcbf: float = CORE_RCBF,
     hypoperfusion_tmax_s: float = HYPOPERFUSION_TMAX_S,
     severe_tmax_s: float = SEVERE_TMAX_S,
-    core_within_hypoperfusion: bool = True,
+    core_within_hypoperfusion: bool = False,
     majority_size: int = 3,
+    voxel_volume_ml: float | None = None,
+    min_cluster_ml: float = MIN_CLUSTER_ML,
+    normal_tmax_s: float = NORMAL_TMAX_S,
 ) -> LesionMasks:
-    hypo = majority(tmax > hypoperfusion_tmax_s, tissue, majority_size)
-    normal = tissue & ~hypo
-    reference = float(np.median(cbf[normal])) if normal.any() else float("nan")
+    min_voxels = 1 if voxel_volume_ml is None else int(np.ceil(min_cluster_ml / voxel_volume_ml))
+
+    def clean(mask: np.ndarray) -> np.ndarray:
+        return drop_small_clusters(majority(mask, tissue, majority_size), min_voxels)
+
+    hypo = clean(tmax > hypoperfusion_tmax_s)
+    reference_voxels = reference_region(tissue, tmax, hypo, normal_tmax_s)
+    reference = float(np.median(cbf[reference_voxels])) if reference_voxels.any() else float("nan")
     low_flow = cbf < core_rcbf * reference if np.isfinite(reference) else np.zeros_like(tissue)
-    core = majority(low_flow, tissue, majority_size)
-    if core_within_hypoperfusion:
-        core &= hypo
-    severe = majority(tmax > severe_tmax_s, tissue, majority_size)
-    return LesionMasks(tissue=tissue, core=core, hypoperfusion=hypo, severe=severe, reference_cbf=reference)
+    core = clean(low_flow & hypo if core_within_hypoperfusion else low_flow)
+    severe = clean(tmax > severe_tmax_s)
+    return LesionMasks(
+        tissue=tissue, core=core, hypoperfusion=hypo, severe=severe, reference_cbf=reference,
+        reference=reference_voxels,
+    )  # fmt: skip
+
+
+def convention_masks(cbf: np.ndarray, tmax: np.ndarray, tissue: np.ndarray, voxel_volume_ml: float | None = None):
+    """The conventions applied to given (e.g. true) maps: what a perfect analysis would report."""
+    return lesion_masks(tissue, cbf, tmax, voxel_volume_ml=voxel_volume_ml)
 
 
 def hypoperfusion_intensity_ratio(masks: LesionMasks) -> float | None:

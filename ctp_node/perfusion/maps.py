@@ -1,9 +1,14 @@
 """`compute_perfusion`: a 4D HU series and its acquisition times to CBF, CBV, MTT, Tmax and TTP maps.
 
-Steps: bolus arrival and baseline S0 (mean of the pre-arrival frames) -> brain mask on S0 ->
-concentration curves S - S0 -> linear resampling to a uniform grid -> automatic AIF -> block-
-circulant deconvolution (bSVD or oSVD) or a model-based fit (``parametric``) -> maps -> core and
-hypoperfusion (see ``lesion``).
+Steps: frames that are linear interpolations of their neighbours dropped (``timing.interpolated_frames``)
+-> bolus arrival and baseline S0 (mean of the pre-arrival frames) -> brain mask on S0 ->
+concentration curves S - S0 -> linear resampling to a uniform grid -> automatic AIF (from the
+unfiltered series) -> noise handling of the parenchyma curves (``denoise``: model subspace + TIPS
+filter, the default) -> a model-based fit (``parametric``, the default: delay, transit time and
+residue shape per voxel, baseline re-estimated from the frames before each voxel's bolus) or
+block-circulant deconvolution (bSVD or oSVD) -> maps -> core and hypoperfusion (see ``lesion``).
+
+Default analysis on held-out noisy phantoms: benchmarks/perfusion_accuracy.py, docs/benchmarks.md.
 
 Units: CBF mL/100 g/min, CBV mL/100 g, MTT s, Tmax s (time of the maximum of the residue, i.e. the
 delay of the tissue relative to the AIF), TTP s from the first acquisition. Outside the brain mask
@@ -13,7 +18,9 @@ CBF = k * max(F R) * 6000. CBV is the area ratio ``k * 100 * integral(C) / integ
 than ``k * sum(R) * dt * 100``: for the block-circulant solution the two are the same number (the
 zero-frequency singular value is the largest and is never truncated), but the area ratio does not
 depend on the truncation threshold, on oSVD's per-voxel choice or on the delay, and needs no
-deconvolution at all. MTT = CBV / CBF * 60 (central volume theorem).
+deconvolution at all. MTT = CBV / CBF * 60 (central volume theorem). With the default analysis CBF
+is CBV / fitted MTT * 60 instead: at low signal the fitted amplitude is biased high, the area is not;
+MTT is the fitted one (refined between the dictionary's grid values), also where the area is <= 0.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from scipy import ndimage
 
 from ctp_node.perfusion import aif as aif_select
 from ctp_node.perfusion import deconvolution as dec
-from ctp_node.perfusion import lesion, parametric, timing
+from ctp_node.perfusion import denoise, lesion, parametric, timing
 from ctp_node.perfusion.brain_mask import CSF_MAX_HU
 from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
 from ctp_node.perfusion.errors import NoAIFError, PerfusionError
@@ -34,6 +41,9 @@ from ctp_node.perfusion.errors import NoAIFError, PerfusionError
 # Large-vessel to capillary haematocrit (0.45 vs 0.25) and brain density 1.05 g/mL.
 DEFAULT_K = (1 - 0.45) / (1 - 0.25) / 1.05
 Method = Literal["bsvd", "osvd", "parametric"]
+Denoise = Literal["tips", "gaussian", "none"]
+DENOISERS = ("tips", "gaussian", "none")
+DEFAULT_PIXEL_MM = 1.0
 METHODS = ("bsvd", "osvd", "parametric")
 OSVD_MAX_INTERVAL_S = 2.0
 
@@ -49,16 +59,21 @@ class PerfusionSettings:
     aif_min_peak_hu: float = aif_select.MIN_AIF_PEAK_HU
     aif_voxels: int = 12
     vof_scaling: bool = False  # scale the AIF area up to the venous one (partial-volume correction)
-    # In-plane Gaussian sigma (voxels) applied to the tissue curves inside the brain before
-    # deconvolution, as clinical packages do against CT noise; 0 = none. The AIF is never smoothed.
+    # Noise handling of the tissue curves (the AIF is never filtered): "tips" = model-subspace
+    # projection + edge-preserving TIPS bilateral filter (``denoise``), "gaussian" = in-plane
+    # Gaussian of ``smoothing_sigma_vox`` voxels, "none".
+    denoise: Denoise = "tips"
     smoothing_sigma_vox: float = 0.0
+    pixel_mm: float | None = None  # in-plane pixel size for the TIPS filter; None: 1 mm assumed
     csf_max_hu: float = CSF_MAX_HU
     core_rcbf: float = lesion.CORE_RCBF
     hypoperfusion_tmax_s: float = lesion.HYPOPERFUSION_TMAX_S
     severe_tmax_s: float = lesion.SEVERE_TMAX_S
-    core_within_hypoperfusion: bool = True
+    core_within_hypoperfusion: bool = False
     mask_majority_size: int = 3  # in-plane majority filter of the lesion masks; 1 = raw thresholds
-    residue_family: parametric.ResidueFamily = "exponential"  # the model of method="parametric"
+    min_cluster_ml: float = lesion.MIN_CLUSTER_ML  # smaller 3D mask components are dropped
+    normal_tmax_s: float = lesion.NORMAL_TMAX_S  # reference tissue for rCBF: Tmax below this
+    residue_family: parametric.ResidueFamily = "gamma"  # the model of method="parametric"
 
 
 @dataclass
@@ -91,13 +106,14 @@ class PerfusionMaps:
     mismatch_volume_ml: float | None = None
     hypoperfusion_intensity_ratio: float | None = None
     notes: list[str] = field(default_factory=list)
+    noise_hu: float | None = None  # noise per voxel and frame estimated from the baseline (TIPS only)
 
     def summary(self) -> dict:
         """JSON-ready scalars: volumes, reference values, the AIF and how it was found."""
         keys = (
             "method", "k", "grid_step_s", "arrival_time_s", "reference_cbf", "vof_scale", "voxel_volume_ml",
             "core_volume_ml", "hypoperfusion_volume_ml", "severe_hypoperfusion_volume_ml",
-            "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes",
+            "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes", "noise_hu",
         )  # fmt: skip
         out = {key: value for key, value in asdict(self).items() if key in keys}
         out["baseline_frames"] = [int(i) for i in self.baseline_frames]
@@ -112,7 +128,7 @@ def compute_perfusion(
     hu: np.ndarray,
     times_s: np.ndarray,
     voxel_volume_ml: float | None = None,
-    method: Method = "bsvd",
+    method: Method = "parametric",
     brain_mask: np.ndarray | None = None,
     aif_mask: np.ndarray | None = None,
     settings: PerfusionSettings | None = None,
@@ -125,10 +141,19 @@ def compute_perfusion(
     cfg = settings or PerfusionSettings()
     if method not in METHODS:
         raise PerfusionError(f"unknown deconvolution method {method!r}: use one of {', '.join(METHODS)}")
+    if cfg.denoise not in DENOISERS:
+        raise PerfusionError(f"unknown noise handling {cfg.denoise!r}: use one of {', '.join(DENOISERS)}")
     times = timing.validate_series(hu, times_s)
     hu = np.asarray(hu, dtype=np.float32)
     if not np.isfinite(hu.sum(dtype=np.float64)):
         raise PerfusionError("the series contains NaN or inf voxels: fill or mask them before analysis")
+    notes: list[str] = []
+    redundant = timing.interpolated_frames(hu, times)
+    if redundant.any() and int((~redundant).sum()) >= timing.MIN_FRAMES:
+        # Frames interpolated from their neighbours repeat their noise: analyse the acquired ones.
+        kept = int((~redundant).sum())
+        notes.append(f"{int(redundant.sum())} of {times.size} frames are linear interpolations: analysed {kept}")
+        hu, times = hu[~redundant], times[~redundant]
     shape = hu.shape[1:]
     brain_given = _check_mask(brain_mask, shape, "brain_mask")
     aif_given = _check_mask(aif_mask, shape, "aif_mask")
@@ -148,12 +173,17 @@ def compute_perfusion(
     flat_index = np.flatnonzero(brain)
     peak = hu.max(axis=0) - baseline
     tissue_hu = hu
-    if cfg.smoothing_sigma_vox > 0:
-        # Parenchyma only: CSF has no signal to give and vessels hundreds of HU to smear.
-        parenchyma = brain & (baseline > cfg.csf_max_hu) & (peak < cfg.aif_min_peak_hu)
+    # Parenchyma only is filtered: CSF has no signal to give and vessels hundreds of HU to smear.
+    # CSF vs tissue on the mean of all frames, not on S0: CSF does not enhance, so its mean is its
+    # baseline with less noise, and tissue's only rises. With 1-2 baseline frames (4-8 s sampling)
+    # S0's noise put several % of white matter below the CSF threshold, outside the fit (MTT 0).
+    level = hu.mean(axis=0)
+    parenchyma = brain & (level > cfg.csf_max_hu) & (peak < cfg.aif_min_peak_hu)
+    if cfg.denoise == "gaussian" and cfg.smoothing_sigma_vox > 0:
         tissue_hu = _smooth_in_mask(hu, parenchyma, cfg.smoothing_sigma_vox)
     conc = _curves(tissue_hu, baseline, flat_index)  # (V, T)
-    conc_grid = conc @ interp.T  # (V, N)
+    same_grid = interp.shape[0] == interp.shape[1] and np.array_equal(interp, np.eye(interp.shape[0]))
+    conc_grid = conc.copy() if same_grid else conc @ interp.T  # (V, N)
 
     # 3. Arterial input function (and optional venous scaling), from the unsmoothed series.
     aif_curve, aif_index, vof_scale = _arterial_input(hu, baseline, brain, peak, interp, grid, arrival, aif_given, cfg)
@@ -162,28 +192,59 @@ def compute_perfusion(
     if aif_area <= 0:
         raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
 
+    noise_hu, basis, fitted_mtt = None, None, None
+    if cfg.denoise == "tips":
+        conc_grid, note, noise_hu, basis = _tips(
+            hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times
+        )
+        notes.append(note)
+
     # 4. Deconvolution and the maps.
     if method == "bsvd":
         stats = dec.deconvolve_bsvd(conc_grid, aif_grid, step, threshold=cfg.svd_threshold)
     elif method == "osvd":
         stats = dec.deconvolve_osvd(conc_grid, aif_grid, step, oscillation_bound=cfg.oscillation_index)
+    elif cfg.denoise == "tips":
+        # The filtered curves live on the uniform grid.
+        # Parenchyma only: CSF has no flow and vessel voxels are not tissue (their CBV is kept).
+        fit = parenchyma.reshape(-1)[flat_index]
+        part, mtt_part = parametric.deconvolve_parametric(
+            conc_grid[fit], grid, aif_grid, cfg.residue_family, basis=basis, arrival_s=arrival.time_s, acquired_s=times
+        )
+        stats = dec.ResidueStats(flow=np.zeros(fit.size), tmax_s=np.zeros(fit.size))
+        stats.flow[fit], stats.tmax_s[fit] = part.flow, part.tmax_s
+        fitted_mtt = np.zeros(fit.size)
+        fitted_mtt[fit] = mtt_part
+        conc_grid[fit] -= part.offset_hu[:, None].astype(np.float32)
     else:
         # Fitted at the acquisition times themselves: no resampling of the tissue curves.
         stats, _ = parametric.deconvolve_parametric(conc, times, aif_curve, cfg.residue_family)
     cbf_v = cfg.k * stats.flow * 6000.0
     cbv_v = cfg.k * 100.0 * conc_grid.sum(axis=1, dtype=np.float64) / aif_area
     with np.errstate(divide="ignore", invalid="ignore"):
+        if fitted_mtt is not None:
+            # Central volume theorem with the area CBV (linear in the data) and the fitted MTT: at
+            # low signal the fitted amplitude is biased high (the best of many atoms fits some
+            # noise), the area is not. (Completing the area of curves cut off by the end of the
+            # series with the model was tried: exact without noise, over-corrects with it.)
+            cbf_v = np.where(fitted_mtt > 0, cbv_v / np.where(fitted_mtt > 0, fitted_mtt, 1.0) * 60.0, 0.0)
+            cbf_v = np.maximum(cbf_v, 0.0)
         mtt_v = np.where(cbf_v > 1e-3, cbv_v / cbf_v * 60.0, 0.0)
-    ttp_v = times[np.argmax(conc, axis=1)] - times[0]
+        if fitted_mtt is not None:
+            # The fitted transit time is the curve's shape, defined where the area (CBV) is not: a
+            # noisy low-flow voxel whose area comes out <= 0 still has a fitted MTT (CBF is 0 there).
+            mtt_v = np.where(fitted_mtt > 0, fitted_mtt, mtt_v)
+    ttp_v = grid[np.argmax(conc_grid, axis=1)] - times[0]
 
     per_voxel = {"cbf": cbf_v, "cbv": cbv_v, "mtt": mtt_v, "tmax": stats.tmax_s, "ttp": ttp_v}
     maps = {name: _to_volume(values, flat_index, shape) for name, values in per_voxel.items()}
 
     # 5. Core and hypoperfusion.
-    tissue = lesion.tissue_mask(brain, baseline, maps["cbv"], cfg.csf_max_hu)
+    tissue = lesion.tissue_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
     masks = lesion.lesion_masks(
         tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
-        cfg.core_within_hypoperfusion, cfg.mask_majority_size,
+        cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
+        cfg.normal_tmax_s,
     )  # fmt: skip
     result = PerfusionMaps(
         **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
@@ -192,7 +253,8 @@ def compute_perfusion(
         method=method, k=cfg.k, grid_step_s=step, arrival_time_s=arrival.time_s,
         baseline_frames=arrival.baseline_frames, reference_cbf=masks.reference_cbf, vof_scale=vof_scale,
         voxel_volume_ml=voxel_volume_ml,
-        hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks),
+        hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks), notes=notes,
+        noise_hu=noise_hu,
     )  # fmt: skip
     if voxel_volume_ml is not None:
         _fill_volumes(result, masks, voxel_volume_ml)
@@ -204,6 +266,40 @@ def compute_perfusion(
             "index, which then under-regularises (Tmax several seconds late at 8 s sampling); prefer bsvd"
         )
     return result
+
+
+def _tips(
+    hu: np.ndarray,
+    conc_grid: np.ndarray,
+    brain: np.ndarray,
+    parenchyma: np.ndarray,
+    flat_index: np.ndarray,
+    interp: np.ndarray,
+    grid: np.ndarray,
+    aif_grid: np.ndarray,
+    arrival: timing.BolusArrival,
+    cfg: PerfusionSettings,
+    times: np.ndarray,
+) -> tuple[np.ndarray, str, float, np.ndarray]:
+    """Parenchyma curves projected on the model subspace and TIPS-filtered (``denoise``)."""
+    shape = brain.shape
+    basis = denoise.model_basis(grid, aif_grid, acquired_s=times).astype(np.float32)  # (K, N)
+    rows = np.flatnonzero(parenchyma.reshape(-1)[flat_index])  # parenchyma rows of conc_grid
+    coef = np.zeros((basis.shape[0], int(np.prod(shape))), dtype=np.float32)
+    coef[:, flat_index[rows]] = (conc_grid[rows] @ basis.T).T
+    coef = coef.reshape(basis.shape[0], *shape)
+    noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)
+    pixel = cfg.pixel_mm or DEFAULT_PIXEL_MM
+    noise_cov = denoise.coefficient_noise_cov(basis, interp, arrival.baseline_frames, hu.shape[0])
+    filtered = denoise.tips_filter(coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov)
+    out = np.array(conc_grid, dtype=np.float32, copy=True)
+    out[rows] = filtered.reshape(basis.shape[0], -1)[:, flat_index[rows]].T @ basis
+    note = (
+        f"noise {noise.sigma_hu:.1f} HU (baseline); tissue curves projected on {basis.shape[0]} model components "
+        f"and TIPS-filtered (spatial sigma {denoise.SPATIAL_SIGMA_MM:g} mm at {pixel:g} mm pixels"
+        f"{'' if cfg.pixel_mm else ', pixel size assumed'})"
+    )
+    return out, note, noise.sigma_hu, basis
 
 
 def _arterial_input(

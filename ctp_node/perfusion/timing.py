@@ -16,6 +16,9 @@ from ctp_node.perfusion.errors import PerfusionError
 
 EARLIEST_WINDOW_S = 2.0
 BASELINE_MARGIN_S = 1.0  # baseline frames end this long before the extrapolated foot of the bolus
+# Float32 interpolation a * (1 - f) + b * f is exact to a few ulps; noise of 1 HU is 100 times more.
+INTERPOLATION_RTOL = 2e-6
+INTERPOLATION_ATOL_HU = 1e-3
 MIN_FRAMES = 6  # one baseline frame, an upslope, a peak and a washout need at least this many
 
 
@@ -48,6 +51,43 @@ def validate_series(hu: np.ndarray, times_s: np.ndarray, min_frames: int = MIN_F
             f"{i + 1} at {times[i + 1]:g} s: sort the volumes by time and drop duplicates"
         )
     return times
+
+
+def interpolated_frames(hu: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+    """(T,) bool: interior frames that are, in every voxel, the linear interpolation in time of the
+    frames before and after them (up to float32 rounding), and not a copy of them.
+
+    A series acquired every few seconds and linearly interpolated to 1 s carries its information in
+    the acquired frames only; the interpolated ones repeat their noise, correlated over seconds. The
+    analysis models the noise as independent per frame (baseline, TIPS filter), so such frames are
+    dropped and the acquired ones analysed at their own times (the curves are resampled to the
+    uniform grid anyway, which gives the same straight lines back). A constant run (a noise-free
+    baseline) is kept: there is nothing to gain from dropping it. Values rounded to integers (e.g.
+    stored as DICOM) hide the interpolation and are analysed as they are.
+    """
+    times = np.asarray(times_s, dtype=np.float64)
+    n = times.size
+    out = np.zeros(n, dtype=bool)
+    if n < 3:
+        return out
+    frames = hu.reshape(n, -1)
+    sample = frames[:, :: max(1, frames.shape[1] // 4096)]  # cheap screen before the full check
+    for i in range(1, n - 1):
+        f = np.float32((times[i] - times[i - 1]) / (times[i + 1] - times[i - 1]))
+        for data in (sample, frames):
+            before = data[i - 1].astype(np.float32, copy=False)
+            after = data[i + 1].astype(np.float32, copy=False)
+            line = before + f * (after - before)
+            tolerance = np.float32(INTERPOLATION_RTOL) * (np.abs(before) + np.abs(after)) + np.float32(
+                INTERPOLATION_ATOL_HU
+            )
+            collinear = bool(np.all(np.abs(data[i] - line) <= tolerance))
+            moving = bool(np.any(np.abs(after - before) > tolerance))
+            if not (collinear and moving):
+                break
+        else:
+            out[i] = True
+    return out
 
 
 def default_grid_step(times_s: np.ndarray) -> float:

@@ -118,3 +118,33 @@ def test_given_aif_mask_is_used(tmp_path):
     result = runner.invoke(app, [*args, "-o", str(out), "--smooth-mm", "0"])
     assert result.exit_code == 0, result.output
     assert len(json.loads((out / "summary.json").read_text())["aif_voxels_zyx"]) == 2 * 9
+
+
+def test_noise_handling_option_and_reported_statistics(tmp_path):
+    hu, _ = synthetic_head(TIMES, size=40, noise_hu=2.0)
+    np.save(tmp_path / "s.npy", hu)
+    times = ",".join(str(t) for t in TIMES)
+    base = ["perfusion", str(tmp_path / "s.npy"), "--times", times, "--spacing", "5,1,1"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "tips")])
+    assert result.exit_code == 0, result.output
+    assert "reference CBF" in result.output and "Tmax > 10 s" in result.output and "noise" in result.output
+    summary = json.loads((tmp_path / "tips" / "summary.json").read_text())
+    assert summary["method"] == "parametric" and summary["noise_hu"] == pytest.approx(2.0, rel=0.3)
+    plain = runner.invoke(app, [*base, "--denoise", "none", "--method", "bsvd", "-o", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["noise_hu"] is None
+    bad = runner.invoke(app, [*base, "--denoise", "median", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--denoise must be tips, gaussian or none" in _flat(bad.output)
+
+
+def test_phantom_family_b_in_the_model_layout(tmp_path):
+    result = runner.invoke(
+        app, ["phantom", str(tmp_path), "--family", "b", "--layout", "npy", "--duration", "40", "--noise", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    array = np.load(tmp_path / "phantom.npy")
+    assert array.shape == (8, 192, 192, 40)
+    sidecar = json.loads((tmp_path / "phantom.json").read_text())
+    assert sidecar["config"]["pixel_mm"] == pytest.approx(1.2) and sidecar["config"]["matrix"] == 192
+    truth = np.load(tmp_path / "truth.npz")
+    assert truth["core_mask"].any() and truth["cbf"].shape == (8, 192, 192)

@@ -1,4 +1,6 @@
-"""compute_perfusion on a small synthetic head (skull, artery, normal half, delayed low-flow half)."""
+"""compute_perfusion on a small synthetic head (skull, artery, normal half, delayed low-flow half).
+
+The default analysis (model-based fit on TIPS-filtered curves) unless a test names another."""
 
 from __future__ import annotations
 
@@ -48,12 +50,12 @@ def test_maps_recover_the_classes(head, maps):
     # CBV: the area ratio is exact up to the lesion's tail that leaves the 60 s window.
     assert _median(maps.cbv, normal) == pytest.approx(50 * 4 / 60, rel=0.02)
     assert _median(maps.cbv, lesion) == pytest.approx(8 * 10 / 60, rel=0.05)
-    # CBF: exponential residue, bSVD at 0.1 underestimates the short-MTT tissue (see test_deconvolution).
-    assert 0.6 * 50 < _median(maps.cbf, normal) < 50
+    # CBF and Tmax: the model fit has neither the truncation bias nor the delay shift of SVD.
+    assert _median(maps.cbf, normal) == pytest.approx(50.0, rel=0.1)
     assert _median(maps.cbf, lesion) == pytest.approx(8.0, rel=0.2)
     assert _median(maps.mtt, normal) == pytest.approx(_median(maps.cbv, normal) / _median(maps.cbf, normal) * 60)
-    assert 1.0 < _median(maps.tmax, normal) < 3.5
-    assert 8.0 < _median(maps.tmax, lesion) < 11.0
+    assert _median(maps.tmax, normal) == pytest.approx(1.0, abs=0.5)
+    assert _median(maps.tmax, lesion) == pytest.approx(8.0, abs=1.0)
     assert _median(maps.ttp, normal) < _median(maps.ttp, lesion)
     assert np.all(maps.cbf[~maps.brain_mask] == 0)
 
@@ -63,7 +65,7 @@ def test_core_and_hypoperfusion_are_the_lesion(head, maps):
     assert dice(maps.hypoperfusion_mask, lesion) > 0.95
     assert dice(maps.core_mask, lesion) > 0.95  # 8 of ~35 mL/100 g/min: rCBF ~ 0.2
     assert maps.core_volume_ml == pytest.approx(maps.core_mask.sum() * 0.002)
-    assert maps.hypoperfusion_intensity_ratio == pytest.approx(1.0)  # Tmax ~10.5 s > 10 s everywhere
+    assert maps.hypoperfusion_intensity_ratio == pytest.approx(0.0)  # Tmax ~8 s: none above 10 s
     assert maps.reference_cbf == pytest.approx(_median(maps.cbf, head[1]["normal"]), rel=0.05)
     summary = maps.summary()
     assert summary["core_volume_ml"] == maps.core_volume_ml
@@ -85,7 +87,7 @@ def test_non_uniform_sampling_gives_the_same_maps(head, maps):
     times = times + rng.uniform(0, 0.2, times.size)
     hu, _ = synthetic_head(times)
     sparse = compute_perfusion(hu, times, settings=K1)
-    assert sparse.notes and "linearly resampled" in sparse.notes[0]
+    assert any("linearly resampled" in note for note in sparse.notes)
     for name, region in (("normal", head[1]["normal"]), ("lesion", head[1]["lesion"])):
         assert _median(sparse.cbv, region) == pytest.approx(_median(maps.cbv, region), rel=0.05)
         assert _median(sparse.cbf, region) == pytest.approx(_median(maps.cbf, region), rel=0.12), name
@@ -95,10 +97,12 @@ def test_non_uniform_sampling_gives_the_same_maps(head, maps):
 def test_osvd_and_a_given_aif_mask(head, maps):
     artery = np.broadcast_to(head[1]["artery"], maps.brain_mask.shape)
     osvd = compute_perfusion(head[0], TIMES, method="osvd", aif_mask=artery, settings=K1)
+    bsvd = compute_perfusion(head[0], TIMES, method="bsvd", settings=K1)
     assert len(osvd.aif_voxels) == artery.sum()
     normal = head[1]["normal"]
-    assert _median(maps.cbf, normal) < _median(osvd.cbf, normal) <= 50.0
-    np.testing.assert_allclose(osvd.cbv, maps.cbv, rtol=1e-3, atol=1e-4)  # CBV does not deconvolve
+    # bSVD at 0.1 underestimates the short-MTT tissue (see test_deconvolution); oSVD less so.
+    assert 0.6 * 50 < _median(bsvd.cbf, normal) < _median(osvd.cbf, normal) <= 50.0
+    np.testing.assert_allclose(osvd.cbv, bsvd.cbv, rtol=1e-3, atol=1e-4)  # CBV does not deconvolve
 
 
 def test_noise_is_tolerated(head):
@@ -112,9 +116,9 @@ def test_noise_is_tolerated(head):
 def test_osvd_on_sparse_sampling_says_to_prefer_bsvd(head):
     times = np.arange(0.0, 61.0, 4.0)
     hu, _ = synthetic_head(times)
-    assert not compute_perfusion(hu, times, method="bsvd").notes
+    assert not any("prefer bsvd" in note for note in compute_perfusion(hu, times, method="bsvd").notes)
     notes = compute_perfusion(hu, times, method="osvd").notes
-    assert len(notes) == 1 and "prefer bsvd" in notes[0]
+    assert sum("prefer bsvd" in note for note in notes) == 1
 
 
 def test_venous_scaling_corrects_a_partial_volume_aif():
