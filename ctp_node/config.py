@@ -79,12 +79,36 @@ class DicomSettings(Section):
 
 
 class SeriesSettings(Section):
+    """When a received series is queued (``ctp_node.completeness`` judges whether it looks whole)."""
+
     quiet_period_s: float = Field(60, gt=0, description="A series is complete after this long without a new instance")
+    # A series whose slice positions all hold the same number of instances (and no volume lacks a
+    # slice) is queued after this shorter wait (never longer than quiet_period_s); not one that was
+    # re-opened by a late instance.
+    complete_quiet_period_s: float = Field(10, gt=0)
+    # A series that looks incomplete waits this long (never shorter than quiet_period_s) without a
+    # new instance for the rest, then is queued anyway with a warning on the job and in the log.
+    incomplete_wait_s: float = Field(600, gt=0)
     min_time_points: int = Field(3, ge=2)
 
 
+DEFAULT_DATA_DIR = Path("/var/lib/ctp-node")
+
+
 class StorageSettings(Section):
-    data_dir: Path = Path("ctp-node-data")
+    # Absolute, so that where patient data lands never depends on the folder the node was started
+    # from; the systemd units and the container use this folder too.
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(
+                f"data_dir {str(value)!r} is relative: give an absolute path (e.g. {DEFAULT_DATA_DIR}), "
+                "so the data never depends on the folder the node is started from"
+            )
+        return value
 
     @property
     def spool_dir(self) -> Path:
@@ -114,8 +138,10 @@ class JobSettings(Section):
 
 class ModelSettings(Section):
     checkpoint: Path | None = None
-    sampler: Literal["dpmpp_2m", "ddim", "ancestral"] = "dpmpp_2m"
-    steps: int = Field(20, ge=1)
+    # None: the checkpoint's recommended sampler and steps when it carries them, else DPM-Solver++(2M),
+    # 20 steps (model.engine.choose_sampling).
+    sampler: Literal["dpmpp_2m", "ddim", "ancestral"] | None = None
+    steps: int | None = Field(None, ge=1)
     spacing: Literal["logsnr", "karras", "uniform"] = "logsnr"
     batch_size: int | None = Field(None, ge=1)
     device: str = "auto"
@@ -124,6 +150,36 @@ class ModelSettings(Section):
     max_memory_gib: float = Field(20, gt=0)
     seed: int = 0
     long_gap: Literal["error", "linear"] = "linear"
+
+
+class GuardrailSettings(Section):
+    """The per-series check of the synthetic seconds against the acquired ones (ctp_node/guardrail.py).
+
+    ``policy``: ``flag`` sends a failing series as it is, flagged in the job, the log and every
+    image's ImageComments; ``fallback`` replaces the model's seconds by linear interpolation (marked
+    so); ``off`` skips the check. Tolerances are in HU, sized for 6-10 HU image noise: class means
+    and the mean curve average thousands of voxels, so noise moves them by hundredths of a HU.
+    """
+
+    policy: Literal["flag", "fallback", "off"] = "flag"
+    # |mean(synthetic - interpolated)| per tissue class over all synthetic seconds.
+    class_offset_hu: float = Field(1.0, gt=0)
+    # Mean |synthetic - interpolated| of the brain's mean curve at the seconds next to an acquired one.
+    step_hu: float = Field(1.0, gt=0)
+    # A synthetic voxel further than this outside the range of its two acquired neighbours is out of range ...
+    range_margin_hu: float = Field(25.0, ge=0)
+    # ... and more than this fraction of such voxels fails the series.
+    range_fraction: float = Field(0.01, ge=0, le=1)
+    # Tissue classes by the voxel's baseline HU: CSF below the first edge, white matter up to the second, grey above.
+    class_edges_hu: tuple[float, float] = (20.0, 32.0)
+    min_class_voxels: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _edges_ordered(self) -> GuardrailSettings:
+        low, high = self.class_edges_hu
+        if not low < high:
+            raise ValueError(f"class_edges_hu must be increasing, got {self.class_edges_hu}")
+        return self
 
 
 class Destination(Section):
@@ -162,6 +218,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     jobs: JobSettings = JobSettings()
     model: ModelSettings = ModelSettings()
+    guardrail: GuardrailSettings = GuardrailSettings()
     destinations: tuple[Destination, ...] = ()
     send: SendSettings = SendSettings()
     output: OutputSettings = OutputSettings()

@@ -66,12 +66,17 @@ def start_demo_pacs(folder: Path, port: int, ae_title: str = "DEMOPACS"):
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
-def demo_settings(out: Path, checkpoint: Path, pacs_port: int, steps: int, sampler: str = "ddim") -> Settings:
+def demo_settings(
+    out: Path, checkpoint: Path, pacs_port: int, steps: int | None = None, sampler: str | None = None
+) -> Settings:
+    """The demo node's settings; sampler and steps left unset take the checkpoint's recommendation."""
+    model = {"checkpoint": str(checkpoint), "long_gap": "linear"}
+    model |= {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
     return Settings(
         dicom={"ae_title": "CTPNODE", "bind_address": "127.0.0.1", "port": _free_port()},
         series={"quiet_period_s": 2.0},
-        storage={"data_dir": str(out / "node")},
-        model={"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "long_gap": "linear"},
+        storage={"data_dir": str((out / "node").resolve())},
+        model=model,
         destinations=[{"name": "demo-pacs", "host": "127.0.0.1", "port": pacs_port, "ae_title": "DEMOPACS"}],
         send={"initial_backoff_s": 1.0, "max_backoff_s": 5.0},
     )
@@ -81,8 +86,8 @@ def run_demo(
     out: Path,
     checkpoint: Path,
     *,
-    steps: int,
-    sampler: str = "ddim",
+    steps: int | None = None,
+    sampler: str | None = None,
     matrix: int = 128,
     say: Say = print,
     progress: Callable[[int, int], None] | None = None,
@@ -124,12 +129,15 @@ def run_demo(
             from ctp_node.worker import ProcessOutput
 
             result = pipeline.run(files, out_dir, progress=progress)
-            return ProcessOutput(out_dir, result.derived.count)
+            verdict = result.guardrail
+            return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
 
         Worker(settings, store, with_progress if progress else processor, worker_id="demo").run_once()
         done = store.get(job.id)
         if done.state != State.DONE:
             raise RuntimeError(f"the demo series ended {done.state.value}: {done.error}")
+        if done.guardrail:
+            say(f"guardrail: {done.guardrail}")
         derived_dirs = [p for p in (out / "pacs").iterdir() if p.is_dir()]
         derived_dir = derived_dirs[0]
         derived_files = sorted(derived_dir.glob("*.dcm"))

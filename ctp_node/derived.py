@@ -1,4 +1,4 @@
-"""Write the 1 s series as a derived DICOM series (pipeline stage ``write``), marked as docs/dicom-node.md asks.
+"""Write the 1 s series as a derived DICOM series (pipeline stage ``write``), marked as docs/node.md asks.
 
 One CT Image Storage instance per slice per second, written to ``out_dir`` (temporary name, fsync,
 atomic rename), ready for C-STORE. What each instance says about itself:
@@ -13,14 +13,18 @@ atomic rename), ready for C-STORE. What each instance says about itself:
   linear fallback); ``DERIVED\\PRIMARY\\AXIAL`` for acquired seconds. Their pixels are the acquired
   pixels unchanged, i.e. a direct result of the examination (PRIMARY), but they are copies placed on
   a resampled time grid in a new series made by post-processing, so ORIGINAL would be untrue.
-  ImageComments says per image whether it is SYNTHETIC, INTERPOLATED or ACQUIRED, with the
-  research-use caution.
-- Time: second g is at ``source.start + grid_times_s[g]`` (AcquisitionDate/Time and
-  ContentDate/Time, to 1 us), the seconds exactly 1 s apart; TemporalPositionIdentifier g + 1 of
-  NumberOfTemporalPositions T1; InstanceNumber ``g * Z + z + 1``; AcquisitionNumber g + 1. An
-  acquired volume snapped to its second (at most 0.5 s) carries the grid time, not its own. A
-  source without a start time is refused (``DerivedSeriesError``): the writer does not invent
-  absolute times.
+  ImageComments says per image whether it is SYNTHETIC, INTERPOLATED or ACQUIRED, its time, how
+  its voxels were filled when the caller passes ``fills`` ("model: N voxels, vessel fit: M voxels,
+  linear: K voxels"), and the research-use caution.
+- Time: image g is at ``source.start + time_s`` of its ``SecondSource`` (AcquisitionDate/Time and
+  ContentDate/Time, to 1 us): the time of what it shows. An acquired image keeps its volume's own
+  acquisition time (also when the model's grid snapped it to the nearest second); a synthetic or
+  interpolated image sits at its true place between the two acquired volumes it was made from
+  (``ctp_node.grid.from_model_grid``). With acquisitions on whole seconds these are the grid
+  seconds, 1 s apart; with irregular ones they are not, and they always increase strictly.
+  TemporalPositionIdentifier g + 1 of NumberOfTemporalPositions T1; InstanceNumber ``g * Z + z + 1``;
+  AcquisitionNumber g + 1. A source without a start time is refused (``DerivedSeriesError``): the
+  writer does not invent absolute times.
 - References: SourceImageSequence lists, per slice, the source instance(s) the image was made from
   (the acquired volume for acquired seconds; the two bracketing acquired volumes otherwise), with
   purpose "Source image for image processing operation"; for multi-frame sources the reference is
@@ -32,7 +36,13 @@ atomic rename), ready for C-STORE. What each instance says about itself:
 - SeriesDescription: the recipe's text (must contain "SYNTHETIC", at most 64 characters);
   SeriesNumber: the source's plus ``series_number_offset`` (the offset alone if the source has none).
 - Patient, study, clinical-trial attributes and the character set are copied unchanged from one
-  source instance (``source_files[0]``): nothing about the patient is altered.
+  source instance (``source_files[0]``): nothing about the patient is altered. Type 2 attributes the
+  source lacks (``TYPE2_KEYWORDS``; Laterality for a paired body part) are written empty, as the
+  CT Image IOD requires, rather than left out.
+- Padding: PixelPaddingValue (and PixelPaddingRangeLimit) are carried over, so that viewers keep
+  treating the area outside the reconstruction circle as padding; a voxel that is padding in every
+  source volume a second is made from keeps a padding value in that second, whatever the model or
+  the interpolation gave it.
 - Pixels: signed 16-bit, with the source's RescaleSlope/RescaleIntercept (slope 1, intercept 0
   when the source states none, as the assembler read it): stored = round((HU - intercept) / slope),
   i.e. HU rounded to integers for the usual slope 1. Values beyond the signed 16-bit range are
@@ -58,7 +68,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ctp_node import __version__
-from ctp_node.grid import SecondSource, second_sources
+from ctp_node.grid import FillCounts, SecondSource, second_sources
+from ctp_node.permissions import make_dirs, open_new_file
 from ctp_node.phantom.dicom_modules import StudyUIDs, dicom_date, dicom_time, pixel_format
 from ctp_node.series import CTPSeries
 
@@ -132,7 +143,26 @@ ACQUISITION_KEYWORDS = (
     "LossyImageCompression",
     "LossyImageCompressionRatio",
     "LossyImageCompressionMethod",
+    "Laterality",
 )
+# Type 2 in the CT Image IOD (Patient, General Study modules): present, empty when unknown.
+TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+# Body parts that are paired structures: Laterality (General Series, Type 2C) is then required.
+PAIRED_BODY_PARTS = frozenset(
+    {"BREAST", "EYE", "EAR", "KIDNEY", "LUNG", "ADRENAL", "OVARY", "TESTIS", "CLAVICLE", "SCAPULA", "SHOULDER",
+     "ELBOW", "WRIST", "HAND", "HIP", "KNEE", "ANKLE", "FOOT", "ARM", "LEG", "UPRLIMB", "LOWRLIMB", "EXTREMITY",
+     "FEMUR", "HUMERUS", "TIBIA", "FIBULA", "RADIUS", "ULNA", "THUMB", "FINGER", "TOE", "ORBIT", "PAROTID"}
+)  # fmt: skip
 
 
 class DerivedSeriesError(ValueError):
@@ -155,6 +185,10 @@ class DerivedRecipe:
     generation: int = 1
     series_number_offset: int = 1000
     series_description: str = DEFAULT_SERIES_DESCRIPTION
+    # A note on the whole series (the guardrail's flag or fallback), added to every image's
+    # ImageComments; part of the derived UIDs, so a flagged or replaced result is its own series.
+    comment: str = ""
+    interpolation_reason: str = "gap longer than the model's"
 
     def __post_init__(self) -> None:
         problems = []
@@ -181,7 +215,8 @@ class DerivedRecipe:
     def uid_seed(self, source_series_uid: str) -> str:
         """What the derived UIDs are hashed from (see the module docstring)."""
         parts = ("ctp-node derived 1s", source_series_uid, self.model_name, self.model_version, self.checkpoint_id)
-        return "|".join((*parts, self.sampler, str(self.steps), str(self.generation)))
+        extra = (self.comment,) if self.comment else ()
+        return "|".join((*parts, self.sampler, str(self.steps), str(self.generation), *extra))
 
 
 @dataclass(frozen=True)
@@ -212,18 +247,22 @@ def write_derived_series(
     *,
     recipe: DerivedRecipe,
     usable: np.ndarray | None = None,
+    fills: SequenceABC[FillCounts] | None = None,
 ) -> DerivedSeries:
     """Write ``hu_1s`` float (T1, Z, Y, X) HU as the derived series into ``out_dir`` (rules: module docstring).
 
     ``grid_times_s``: (T1,) seconds on the clock of ``source.times_s``, exactly 1 s apart;
-    ``synthetic_mask``: (T1,) the engine's synthetic seconds; ``usable``: as given to the engine.
-    Everything is checked before the first file is written.
+    ``synthetic_mask``: (T1,) the engine's synthetic seconds; ``usable``: as given to the engine;
+    ``fills``: per second, how its voxels were filled (``ctp_node.grid.back_to_source``), stated in
+    ImageComments. Everything is checked before the first file is written.
     """
     hu = np.asarray(hu_1s)
     grid_times = np.asarray(grid_times_s, dtype=np.float64)
     synthetic = np.asarray(synthetic_mask)
     _check_inputs(hu, grid_times, synthetic, source, source_files)
     sources = second_sources(source.times_s, grid_times, synthetic, usable)
+    if fills is not None and len(fills) != len(sources):
+        raise DerivedSeriesError(f"got {len(fills)} fill counts for {len(sources)} seconds: give one per second")
     header = pydicom.dcmread(Path(source_files[0]), stop_before_pixels=True)
     _check_header(header, source, Path(source_files[0]))
     slope, intercept = _rescale(header)
@@ -233,16 +272,24 @@ def write_derived_series(
     uids = StudyUIDs.derived(recipe.uid_seed(source.series_uid), study=source.study_uid)
     series_number = int(header.get("SeriesNumber") or 0) + recipe.series_number_offset
     base = _base_dataset(header, source, recipe, uids, series_number, slope, intercept)
+    padding = _padding(header)
+    if padding is not None:
+        base.add_new("PixelPaddingValue", "SS", padding[2])  # the derived pixels are signed
+        if "PixelPaddingRangeLimit" in header:
+            base.add_new("PixelPaddingRangeLimit", "SS", padding[1] if padding[2] == padding[0] else padding[0])
     context = _Context(source, header, uids, recipe, grid_times, _summary(recipe, grid_times, sources))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     paths, clipped = [], 0
+    padded_cache: dict[int, np.ndarray] = {}
     for g, src in enumerate(sources):
         stored, clipped_here = _stored(hu[g], slope, intercept)
         clipped += clipped_here
+        if padding is not None:
+            _keep_padding(stored, source, src, padding, slope, intercept, padded_cache)
         for z in range(hu.shape[1]):
             ds = copy.deepcopy(base)  # pydicom's shallow copies share elements: assigning would alter base
-            _instance(ds, context, src, g, z)
+            _instance(ds, context, src, g, z, None if fills is None else fills[g])
             path = out_dir / f"CTP1S_{g:04d}_{z:03d}.dcm"
             _save_atomic(ds, stored[z], path)
             paths.append(path)
@@ -326,6 +373,47 @@ def _rescale(header: Dataset) -> tuple[str, str]:
     return "1", "0"
 
 
+def _padding(header: Dataset) -> tuple[int, int, int] | None:
+    """(low, high, value) of the source's pixel padding in stored values, or None without padding.
+
+    The derived images keep the source's rescale, so a stored padding value means the same there;
+    only a value beyond signed 16 bits (an unsigned source) is clipped, as its pixels are."""
+    value = header.get("PixelPaddingValue")
+    if value is None or isinstance(value, bytes):  # absent, or an unresolved US/SS value
+        return None
+    limit = header.get("PixelPaddingRangeLimit")
+    low, high = STORED_RANGE
+    value = int(np.clip(int(value), low, high))
+    other = value if limit is None or isinstance(limit, bytes) else int(np.clip(int(limit), low, high))
+    return min(value, other), max(value, other), value
+
+
+def _keep_padding(
+    stored: np.ndarray,
+    source: CTPSeries,
+    src: SecondSource,
+    padding: tuple[int, int, int],
+    slope: str,
+    intercept: str,
+    cache: dict[int, np.ndarray],
+) -> None:
+    """Voxels that are padding in every source volume of this second stay padding (in place).
+
+    ``cache``: the padding masks of source volumes already looked at (seconds go forward in time,
+    so masks of volumes before ``src.left`` are dropped)."""
+    low, high, value = padding
+    volumes = (src.left,) if src.kind == "acquired" else (src.left, src.right)
+    for v in [v for v in cache if v < src.left]:
+        del cache[v]
+    padded = np.ones(stored.shape, dtype=bool)
+    for v in volumes:
+        if v not in cache:
+            source_stored, _ = _stored(source.hu[v], slope, intercept)
+            cache[v] = (source_stored >= low) & (source_stored <= high)
+        padded &= cache[v]
+    stored[padded & ((stored < low) | (stored > high))] = value
+
+
 def _stored(hu: np.ndarray, slope: str, intercept: str) -> tuple[np.ndarray, int]:
     """Stored int16 values of one (Z, Y, X) volume and how many were clipped."""
     values = np.rint((hu.astype(np.float64) - float(intercept)) / float(slope))
@@ -355,6 +443,10 @@ def _base_dataset(
     ds.SeriesDate = dicom_date(source.start)  # type: ignore[arg-type]
     ds.SeriesTime = dicom_time(source.start, 6)  # type: ignore[arg-type]  # the represented acquisition's start
     ds.FrameOfReferenceUID = header.FrameOfReferenceUID
+    for keyword in TYPE2_KEYWORDS:
+        ds.setdefault(keyword, None)
+    if "Laterality" not in ds and str(header.get("BodyPartExamined", "")).upper() in PAIRED_BODY_PARTS:
+        ds.Laterality = None
     ds.setdefault("PositionReferenceIndicator", "")
     ds.setdefault("KVP", None)
     ds.setdefault("PatientPosition", "")
@@ -403,11 +495,11 @@ class _Context:
     summary: str
 
 
-def _instance(ds: Dataset, context: _Context, src: SecondSource, g: int, z: int) -> None:
-    """Set the attributes of the image of second ``g``, slice ``z`` (made from ``src``)."""
+def _instance(ds: Dataset, context: _Context, src: SecondSource, g: int, z: int, fill: FillCounts | None) -> None:
+    """Set the attributes of the image of second ``g``, slice ``z`` (made from ``src``, filled as ``fill``)."""
     source, uids, grid_times, recipe = context.source, context.uids, context.grid_times, context.recipe
     n_z, n_t1 = source.hu.shape[1], grid_times.shape[0]
-    moment = source.start + timedelta(seconds=float(grid_times[g]))  # type: ignore[operator]
+    moment = source.start + timedelta(seconds=float(src.time_s))  # type: ignore[operator]
     ds.SOPInstanceUID = uids.instance(g, z)
     ds.InstanceNumber = g * n_z + z + 1
     ds.AcquisitionNumber = g + 1
@@ -420,17 +512,23 @@ def _instance(ds: Dataset, context: _Context, src: SecondSource, g: int, z: int)
     position = source.slice_position(z)
     ds.ImagePositionPatient = [_ds(v) for v in position]
     ds.SliceLocation = _ds(float(np.dot(position, np.asarray(source.direction, dtype=np.float64)[:, 2])))
-    t, t_left, t_right = grid_times[g], source.times_s[src.left], source.times_s[src.right]
+    t, t_left, t_right = _s(src.time_s), _s(source.times_s[src.left]), _s(source.times_s[src.right])
     if src.kind == "acquired":
-        what = f"ACQUIRED image at {t:g} s: pixels of the source volume acquired at {t_left:g} s, unchanged."
+        what = f"ACQUIRED image at {t} s: pixels of the source volume acquired at {t_left} s, unchanged."
     elif src.kind == "synthetic":
         what = (
-            f"SYNTHETIC image at {t:g} s: brain voxels within 0..80 HU inpainted by {recipe.model_name} "
-            f"between the volumes acquired at {t_left:g} s and {t_right:g} s; other voxels interpolated in time."
+            f"SYNTHETIC image at {t} s: brain voxels within 0..80 HU inpainted by {recipe.model_name} "
+            f"between the volumes acquired at {t_left} s and {t_right} s; other voxels interpolated in time."
         )
     else:
-        what = f"INTERPOLATED image at {t:g} s: linear in time between the volumes at {t_left:g} s and {t_right:g} s."
+        what = f"INTERPOLATED image at {t} s: linear in time between the volumes at {t_left} s and {t_right} s."
+    if fill is not None and src.kind != "acquired":
+        if fill.vessel_fit:
+            what = what[:-1] + " (contrast-filled vessels: gamma-variate bolus fit of the acquired samples)."
+        what += f" Filled voxels: {fill.describe()}."
     ds.ImageComments = f"{what} {CAUTION}"
+    if recipe.comment:  # the guardrail's flag or fallback, on every image of the series
+        ds.ImageComments = f"{ds.ImageComments} {recipe.comment}"
     ds.DerivationDescription = _fit(f"{context.summary} This image: {what}", ST_MAX)
     volumes = (src.left,) if src.kind == "acquired" else (src.left, src.right)
     references = [_reference(context.header, source, v, z) for v in volumes]
@@ -472,8 +570,16 @@ def _summary(recipe: DerivedRecipe, grid_times: np.ndarray, sources: list[Second
         f"sampler {recipe.sampler}, {recipe.steps} steps), seconds {_ranges(synthetic)} from the first volume"
     )
     if interpolated:
-        text += f"; seconds {_ranges(interpolated)} linearly interpolated (gap longer than the model's)"
-    return text + "; acquired seconds unchanged."
+        text += f"; seconds {_ranges(interpolated)} linearly interpolated ({recipe.interpolation_reason})"
+    text += "; acquired seconds unchanged"
+    if any(abs(s.time_s - t) > 1e-6 for t, s in zip(grid_times, sources)):
+        text += " (acquisitions off whole seconds: each image is timed when what it shows was, see ImageComments)"
+    return text + "."
+
+
+def _s(seconds: float) -> str:
+    """Seconds to 1 ms without trailing zeros: '4', '1.5', '10.667'."""
+    return f"{float(seconds):.3f}".rstrip("0").rstrip(".")
 
 
 def _ranges(seconds: list[float]) -> str:
@@ -507,7 +613,7 @@ def _save_atomic(ds: Dataset, pixels: np.ndarray, path: Path) -> None:
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as fh:
+        with os.fdopen(open_new_file(temporary), "wb") as fh:  # 0640 whatever the umask
             ds.save_as(fh, enforce_file_format=True)
             fh.flush()
             os.fsync(fh.fileno())

@@ -1,7 +1,7 @@
 """Between the scanner's geometry and the model grid, and back (pipeline stages ``to_grid`` / ``from_grid``).
 
 The published network sees 8 x 192 x 192 volumes of skull-stripped HU windowed to 0..80 and scaled
-to [-1, 1] (docs/seed-model.md, "Data the model sees"). Resampling is done with SimpleITK on images
+to [-1, 1] (docs/model.md, "Data the model sees"). Resampling is done with SimpleITK on images
 that carry the series' origin, spacing and direction, so every model voxel has a known position in
 patient space and the way back lands on the source voxels.
 
@@ -64,8 +64,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ctp_node import vessel_fit
 from ctp_node.errors import CTPInputError
 from ctp_node.series import CTPSeries
+from model.planner import plan_inpainting
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU, from_model_space, to_model_space
 
 MODEL_MATRIX = 192
@@ -149,18 +151,52 @@ class ModelGridSeries:
 
 @dataclass(frozen=True)
 class SecondSource:
-    """Where one second of the 1 s grid comes from in the source series.
+    """Where one second of the 1 s grid comes from in the source series, and when it shows.
 
     ``acquired``: source volume ``left`` (== ``right``), unchanged. ``synthetic``: the model, with
-    the bracketing usable volumes ``left`` < t < ``right``. ``interpolated``: not synthetic and no
-    acquired volume on it (the engine's long-gap fallback): linear interpolation in time,
-    ``(1 - weight) * left + weight * right``.
+    the bracketing acquired volumes ``left`` and ``right``. ``interpolated``: not synthetic and no
+    acquired volume on it (the engine's long-gap fallback). ``weight``: the position of the second
+    between ``left`` and ``right`` (0 for acquired), in true time as in the model's snapped grid
+    (see ``from_model_grid``); voxels filled linearly take ``(1 - weight) * left + weight * right``.
+    ``time_s``: the true time (clock of the source's ``times_s``) of what the image shows: the
+    acquisition time of an acquired volume, ``t_left + weight * (t_right - t_left)`` otherwise.
     """
 
     kind: SecondKind
     left: int
     right: int
     weight: float
+    time_s: float
+
+
+@dataclass(frozen=True)
+class FillCounts:
+    """How the voxels of one output image were filled (``from_model_grid``'s rule)."""
+
+    acquired: int = 0
+    model: int = 0
+    vessel_fit: int = 0
+    linear: int = 0
+
+    def describe(self) -> str:
+        """'model: N voxels, vessel fit: M voxels, linear: K voxels' (acquired images: all acquired)."""
+        if self.acquired:
+            return f"acquired: {self.acquired} voxels"
+        return f"model: {self.model} voxels, vessel fit: {self.vessel_fit} voxels, linear: {self.linear} voxels"
+
+
+@dataclass
+class SourceSequence:
+    """The output of ``back_to_source``: ``hu`` float32 (T1, Z, Y, X), and per image its source and fill."""
+
+    hu: np.ndarray
+    sources: list[SecondSource]
+    fills: list[FillCounts]
+
+    @property
+    def times_s(self) -> np.ndarray:
+        """True time of each image (see ``SecondSource.time_s``), strictly increasing."""
+        return np.array([s.time_s for s in self.sources], dtype=np.float64)
 
 
 def to_model_grid(
@@ -218,36 +254,75 @@ def from_model_grid(
     grid_times_s: np.ndarray,
     *,
     usable: np.ndarray | None = None,
+    fit_vessels: bool = True,
 ) -> np.ndarray:
     """The 1 s sequence on the source grid in full-range HU, float32 (T1, Z, Y, X).
 
     ``inpainted_slabs``: per slab (T1, 8, 192, 192) model space, the engine's ``sequence`` for that
     slab; ``synthetic``: (T1,) the engine's synthetic mask; ``grid_times_s``: (T1,) the engine's
-    ``times_s`` (same clock as ``source.times_s``); ``usable``: (T,) False for source volumes the
-    engine was told to ignore (default: all usable).
+    ``times_s`` (same clock as ``source.times_s``: whole seconds from the first volume); ``usable``:
+    (T,) False for source volumes the engine was told to ignore (default: all usable).
+    ``fit_vessels=False`` fills every voxel outside the model linearly (the rule before vessel fits).
 
-    Filling rule, per second t of the grid:
+    Time: the engine snaps each acquired volume to its nearest whole second (``model.planner``: the
+    volume at 1.5 s sits on second 2), and synthesises the seconds between two such snapped
+    seconds l < s < r as the volumes' state at the fraction ``w = (s - l) / (r - l)`` of the way
+    from the left volume L to the right one R (its local context says just that). The image of
+    second s is therefore placed at the true time ``t_L + w (t_R - t_L)`` (``SecondSource.time_s``),
+    and acquired images keep their own acquisition time. With acquisitions on whole seconds nothing
+    moves; with irregular ones (every 1.5 s) the synthetic images sit between the acquired ones at
+    even fractions of each gap (0, 0.75, 1.5, 3, ... s), so every image's time is the time of what it
+    shows and the times increase strictly. The writer states these times (AcquisitionTime).
 
-    - Acquired second (not synthetic, and a usable source volume lies within half a second of t;
-      two such volumes: the nearer, as the planner snaps): that volume's HU, unchanged, bit for bit,
-      in every voxel. The model's copy of it is not used.
-    - Synthetic second: let L and R be the usable source volumes acquired just before and just after
-      t, and I = L + w (R - L) with w = (t - t_L) / (t_R - t_L) their linear interpolation in time.
-      A voxel takes the model's value (model space back to HU 0..80) if it lies inside the brain
-      mask AND its HU lies within the model's window 0..80 in both L and R, i.e. the model saw its
-      true values rather than clipped ones. Every other voxel (outside the brain: skull, scalp,
-      air; inside it but outside the window in L or R: contrast-filled vessels above 80 HU,
-      calcifications, air) takes I. The model therefore changes only brain parenchyma and CSF
-      inside its window. The model's value at a source voxel is the linear interpolation of the
-      model pixels around it that lie inside the model-grid brain mask, normalised by their
-      weights: pixels outside that mask (-1, i.e. 0 HU, by construction) get no weight and so
-      cannot darken the brain's edge. A brain voxel with no such pixel among its interpolation
-      neighbours (a sub-pixel rim at most) takes I.
+    Filling rule, per second of the grid:
+
+    - Acquired second (not synthetic, and a usable volume snapped to it; two such volumes: the
+      nearer, as the planner keeps): that volume's HU, unchanged, bit for bit, in every voxel. The
+      model's copy of it is not used.
+    - Synthetic second: L, R and w as above, I = L + w (R - L) the linear interpolation in time
+      (at the image's true time). A voxel inside the brain mask whose HU lies within the model's
+      window 0..80 in both L and R (the model saw its true values rather than clipped ones) takes
+      I plus the model's correction: the model's value minus the same interpolation computed on
+      the model grid from the model's own copies of L and R, brought back to the source grid. The
+      correction, not the model's value itself, is resampled because the trip to the 192 x 192
+      grid and back blurs: a perfect model's values brought back directly were measured 4 HU too
+      high in CSF and 0.9 HU too low in grey matter (partial volume with the neighbouring tissue);
+      transferred as a correction, a model that returns interpolation gives exactly I, and the
+      source's full resolution is kept. The correction at a source voxel is the linear
+      interpolation of the model pixels around it that lie inside the model-grid brain mask,
+      normalised by their weights: pixels outside that mask get no weight and so cannot pull the
+      brain's edge. Every other voxel
+      (outside the brain: skull, scalp, vessels outside it; inside it but outside the window in L
+      or R: contrast-filled arteries, veins and sinuses above 80 HU, calcifications, air; a
+      sub-pixel rim without model pixels) takes the vessel fit where it has one, else I.
+    - Vessel fit (``ctp_node.vessel_fit``): a voxel whose acquired samples rise at least 40 HU
+      (and 6 noise sigmas) above their baseline and that the model does not fill at every second
+      gets a gamma-variate
+      bolus with recirculation fitted to all its acquired samples at their true times; where the
+      fit is credible (that module's criteria), its value at the image's time plus the linearly
+      interpolated residuals (so the curve passes exactly through the acquired samples). Voxels
+      whose fit is not credible, and all voxels without contrast, take I.
     - Interpolated second (not synthetic and no acquired volume on it: the engine's long-gap
-      fallback): I in every voxel.
+      fallback): the vessel fit where credible, I elsewhere.
 
     Nothing is extrapolated: a second outside the usable acquisitions raises ValueError.
     """
+    return back_to_source(
+        grid_series, inpainted_slabs, synthetic, source, grid_times_s, usable=usable, fit_vessels=fit_vessels
+    ).hu
+
+
+def back_to_source(
+    grid_series: ModelGridSeries,
+    inpainted_slabs: list[np.ndarray],
+    synthetic: np.ndarray,
+    source: CTPSeries,
+    grid_times_s: np.ndarray,
+    *,
+    usable: np.ndarray | None = None,
+    fit_vessels: bool = True,
+) -> SourceSequence:
+    """``from_model_grid`` with what the writer needs: each image's source, true time and fill counts."""
     grid_times = np.asarray(grid_times_s, dtype=np.float64)
     synthetic = np.asarray(synthetic)
     n_t1 = grid_times.shape[0] if grid_times.ndim == 1 else -1
@@ -258,22 +333,52 @@ def from_model_grid(
     model_mask = grid_series.model_mask
     weight = _resample(grid_series.model.image(model_mask.astype(np.float32)), grid_series.source, sitk.sitkLinear)
     covered = grid_series.brain_mask & (weight > 0)
+    fitted = _fit_vessels(hu, source.times_s, sources, covered) if fit_vessels else None
+    grid_second_of = {src.left: g for g, src in enumerate(sources) if src.kind == "acquired"}
+    fills = []
     for g, src in enumerate(sources):
         if src.kind == "acquired":
             out[g] = hu[src.left]
+            fills.append(FillCounts(acquired=int(hu[0].size)))
             continue
         left, right = hu[src.left], hu[src.right]
-        interpolated = left + np.float32(src.weight) * (right - left)
-        if src.kind == "interpolated":
-            out[g] = interpolated
-            continue
-        use_model = covered & _in_window(left) & _in_window(right)
-        model_hu = _masked_linear(
-            _model_volume(grid_series, inpainted_slabs, g), grid_series.model, grid_series.source, weight, use_model
-        )
-        out[g] = interpolated
-        out[g][use_model] = model_hu
-    return out
+        out[g] = left + np.float32(src.weight) * (right - left)
+        use_model = np.zeros(hu.shape[1:], dtype=bool)
+        if src.kind == "synthetic":
+            use_model = covered & _in_window(left) & _in_window(right)
+            correction = _model_correction(grid_series, inpainted_slabs, g, src, grid_second_of)
+            out[g][use_model] += _masked_linear(correction, grid_series.model, grid_series.source, weight, use_model)
+        n_fit = 0
+        if fitted is not None:
+            voxels, fit = fitted
+            take = ~use_model.reshape(-1)[voxels]
+            out[g].reshape(-1)[voxels[take]] = fit.values(src.time_s, np.flatnonzero(take))
+            n_fit = int(take.sum())
+        n_model = int(use_model.sum())
+        fills.append(FillCounts(model=n_model, vessel_fit=n_fit, linear=int(hu[0].size) - n_model - n_fit))
+    return SourceSequence(out, sources, fills)
+
+
+def _fit_vessels(
+    hu: np.ndarray, times_s: np.ndarray, sources: list[SecondSource], covered: np.ndarray
+) -> tuple[np.ndarray, vessel_fit.FitResult] | None:
+    """Flat indices of the voxels with a credible vessel fit, and the fit (rule: ``from_model_grid``)."""
+    volumes = sorted({s.left for s in sources} | {s.right for s in sources})
+    if len(volumes) < vessel_fit.MIN_SAMPLES:
+        return None
+    stack = [hu[v] for v in volumes]
+    rise = vessel_fit.enhancement(stack)
+    always_model = covered.copy()
+    for volume in stack:
+        always_model &= _in_window(volume)
+    noise = vessel_fit.estimate_noise_hu(stack[0], stack[1])
+    voxels = np.flatnonzero((rise >= vessel_fit.enhancement_threshold(noise)) & ~always_model)
+    if voxels.size == 0:
+        return None
+    samples = np.stack([volume.reshape(-1)[voxels] for volume in stack])
+    fit = vessel_fit.fit_curves(np.asarray(times_s, dtype=np.float64)[volumes], samples, noise)
+    keep = fit.accepted
+    return voxels[keep], fit.subset(keep)
 
 
 def second_sources(
@@ -282,7 +387,8 @@ def second_sources(
     synthetic: np.ndarray,
     usable: np.ndarray | None = None,
 ) -> list[SecondSource]:
-    """What fills each second of the grid (rules: ``from_model_grid``); also used by the DICOM writer."""
+    """What fills each second of the grid and when it shows (rules: ``from_model_grid``); also used
+    by the DICOM writer. Snapping is the planner's own (``model.planner.plan_inpainting``)."""
     times = np.asarray(source_times_s, dtype=np.float64)
     grid = np.asarray(grid_times_s, dtype=np.float64)
     synthetic = np.asarray(synthetic)
@@ -294,31 +400,38 @@ def second_sources(
     ok = np.ones(times.shape, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
     if ok.shape != times.shape:
         raise ValueError(f"usable has {ok.size} flags but the source has {times.size} volumes")
-    candidates = np.flatnonzero(ok)
-    if candidates.size < 2:
-        raise ValueError(f"need at least two usable source volumes, got {candidates.size}")
-    usable_times = times[candidates]
+    if np.count_nonzero(ok) < 2:
+        raise ValueError(f"need at least two usable source volumes, got {np.count_nonzero(ok)}")
+    plan = plan_inpainting(times, np.zeros_like(times), usable=ok, long_gap="linear")
+    kept = np.flatnonzero(plan.input_second >= 0)
+    kept = kept[np.argsort(plan.input_second[kept])]
+    known = plan.input_second[kept]  # snapped seconds, increasing
     sources = []
     for g, t in enumerate(grid):
-        if not synthetic[g]:
-            offsets = usable_times - t
-            on_second = np.flatnonzero(np.floor(offsets + 0.5) == 0)  # the planner's snapping rule
-            if on_second.size:
-                k = int(candidates[on_second[np.argmin(np.abs(offsets[on_second]))]])
-                sources.append(SecondSource("acquired", k, k, 0.0))
-                continue
-        if t < usable_times[0] or t > usable_times[-1]:
+        offset = t - times[0]
+        second = int(round(offset))
+        if abs(offset - second) > 1e-6:
             raise ValueError(
-                f"grid second at {t:g} s lies outside the usable acquisitions ({usable_times[0]:g}.."
-                f"{usable_times[-1]:g} s): it cannot be bracketed and is not extrapolated"
+                f"grid time {t:g} s is not a whole second from the first volume ({times[0]:g} s): pass the "
+                "engine's times_s"
             )
-        right_pos = min(int(np.searchsorted(usable_times, t, side="left")), usable_times.size - 1)
-        right_pos = max(right_pos, 1)
-        left_pos = right_pos - 1
-        t_left, t_right = usable_times[left_pos], usable_times[right_pos]
-        weight = float((t - t_left) / (t_right - t_left))
+        pos = int(np.searchsorted(known, second))
+        if not synthetic[g] and pos < known.size and known[pos] == second:
+            k = int(kept[pos])
+            sources.append(SecondSource("acquired", k, k, 0.0, float(times[k])))
+            continue
+        left_pos = int(np.searchsorted(known, second, side="left")) - 1
+        right_pos = int(np.searchsorted(known, second, side="right"))
+        if left_pos < 0 or right_pos >= known.size:
+            first, last = times[kept[0]], times[kept[-1]]
+            raise ValueError(
+                f"grid second at {t:g} s lies outside the usable acquisitions ({first:g}..{last:g} s): it "
+                "cannot be bracketed and is not extrapolated"
+            )
+        left, right = int(kept[left_pos]), int(kept[right_pos])
+        w = (second - known[left_pos]) / (known[right_pos] - known[left_pos])
         kind: SecondKind = "synthetic" if synthetic[g] else "interpolated"
-        sources.append(SecondSource(kind, int(candidates[left_pos]), int(candidates[right_pos]), weight))
+        sources.append(SecondSource(kind, left, right, float(w), float(times[left] + w * (times[right] - times[left]))))
     return sources
 
 
@@ -467,6 +580,24 @@ def _model_volume(grid_series: ModelGridSeries, slabs: list[np.ndarray], g: int)
     # With native slices the model slices sit on the source slices, so the z weights are 0 or 1 (to
     # floating-point rounding): only the in-plane interpolation acts.
     return np.where(grid_series.model_mask, from_model_space(np.clip(volume, -1.0, 1.0)), np.float32(0))
+
+
+def _model_correction(
+    grid_series: ModelGridSeries,
+    slabs: list[np.ndarray],
+    g: int,
+    src: SecondSource,
+    grid_second_of: dict[int, int],
+) -> np.ndarray:
+    """What the model changes at second ``g`` relative to interpolation on the model grid, HU, 0
+    outside the model's brain mask (rule: ``from_model_grid``). The model's copies of the bracketing
+    volumes are the engine's inputs at their (snapped) seconds."""
+    model = _model_volume(grid_series, slabs, g)
+    gl, gr = grid_second_of.get(src.left), grid_second_of.get(src.right)
+    if gl is None or gr is None:
+        raise ValueError(f"second {g}: its bracketing volumes {src.left}, {src.right} are not on the model grid")
+    left, right = _model_volume(grid_series, slabs, gl), _model_volume(grid_series, slabs, gr)
+    return model - (left + np.float32(src.weight) * (right - left))
 
 
 def _in_window(hu: np.ndarray) -> np.ndarray:

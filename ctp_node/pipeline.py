@@ -1,12 +1,13 @@
-"""The path of one series, as plain functions over plain data (docs: architecture.md):
+"""The path of one series, as plain functions over plain data (docs/architecture.md):
 
-    assemble -> to_model_grid -> inpaint (per 8-slice slab) -> from_model_grid -> write derived
+    assemble -> to_model_grid -> inpaint (per 8-slice slab) -> from_model_grid -> guardrail -> write derived
 
 Shared by the worker (``make_processor``), ``ctp-node process`` and ``ctp-node reprocess``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -18,13 +19,16 @@ import numpy as np
 
 from ctp_node import __version__
 from ctp_node.assemble import assemble_series
-from ctp_node.config import ModelSettings, OutputSettings, Settings
+from ctp_node.config import GuardrailSettings, ModelSettings, OutputSettings, Settings
 from ctp_node.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.errors import NotCTPError
-from ctp_node.grid import from_model_grid, to_model_grid
+from ctp_node.grid import back_to_source, second_sources, to_model_grid
+from ctp_node.guardrail import GuardrailVerdict, check_series, fall_back
 from ctp_node.jobs import SeriesJob
 from model import EngineSettings, Inpainter, load_denoiser
+from model.checkpoint import recommendation_of
+from model.engine import ProgressLog, SamplingChoice, choose_sampling
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "CTP temporal inpainting diffusion (Bae et al. MICCAI 2024)"
@@ -40,6 +44,7 @@ class PipelineResult:
     interpolated: np.ndarray
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    guardrail: GuardrailVerdict | None = None
 
 
 def checkpoint_id(path: Path) -> str:
@@ -51,9 +56,12 @@ def checkpoint_id(path: Path) -> str:
     return f"{path.name[:48]} sha256:{digest.hexdigest()[:12]}"
 
 
-def engine_settings(model: ModelSettings) -> EngineSettings:
+def engine_settings(model: ModelSettings, sampling: SamplingChoice | None = None) -> EngineSettings:
+    """The engine's settings; ``sampling``: the resolved sampler and steps (default: the configured
+    ones, else the global default, ignoring any checkpoint recommendation)."""
+    sampling = sampling or choose_sampling(model.sampler, model.steps)
     return EngineSettings(
-        sampler=model.sampler, steps=model.steps, spacing=model.spacing, batch_size=model.batch_size,
+        sampler=sampling.sampler, steps=sampling.steps, spacing=model.spacing, batch_size=model.batch_size,
         precision=model.precision, compile=model.compile, max_memory_gib=model.max_memory_gib, seed=model.seed,
         long_gap=model.long_gap,
     )  # fmt: skip
@@ -81,18 +89,32 @@ def default_checkpoint() -> Path:
 class SeriesPipeline:
     """A loaded model plus the output recipe; ``run`` turns the files of one series into a derived series."""
 
-    def __init__(self, engine: Inpainter, recipe: DerivedRecipe, min_time_points: int = 3) -> None:
+    def __init__(
+        self,
+        engine: Inpainter,
+        recipe: DerivedRecipe,
+        min_time_points: int = 3,
+        guardrail: GuardrailSettings | None = None,
+        sampling: SamplingChoice | None = None,
+    ) -> None:
         self.engine = engine
         self.recipe = recipe
         self.min_time_points = min_time_points
+        self.guardrail = guardrail or GuardrailSettings()
+        # How the engine's sampler and steps were chosen (given, the checkpoint's, the default).
+        self.sampling = sampling or SamplingChoice(engine.settings.sampler, engine.settings.steps, "given")
 
     @classmethod
     def from_settings(cls, settings: Settings, device: str | None = None) -> SeriesPipeline:
         model = settings.model
         checkpoint = model.checkpoint or default_checkpoint()
         net = load_denoiser(checkpoint)
-        engine = Inpainter(net, engine_settings(model), device=device or model.device)
-        return cls(engine, recipe_for(model, settings.output, checkpoint), settings.series.min_time_points)
+        # Configured sampler/steps win; what they leave open comes from the checkpoint, else the default.
+        sampling = choose_sampling(model.sampler, model.steps, recommendation_of(net))
+        log.info("sampler %s", sampling.describe())
+        engine = Inpainter(net, engine_settings(model, sampling), device=device or model.device)
+        recipe = recipe_for(model, settings.output, checkpoint, sampling)
+        return cls(engine, recipe, settings.series.min_time_points, settings.guardrail, sampling)
 
     def run(
         self,
@@ -125,20 +147,40 @@ class SeriesPipeline:
                 raise RuntimeError("slabs were planned differently; this is a bug, please report it")
 
         mark = time.perf_counter()
-        hu_1s = from_model_grid(
+        back = back_to_source(
             grid, [r.sequence for r in results], first.synthetic, series, first.times_s, usable=usable
         )
+        hu_1s, fills = back.hu, back.fills
         seconds["from_grid"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
+        sources = second_sources(series.times_s, first.times_s, first.synthetic, usable)
+        verdict = check_series(hu_1s, sources, series.hu, series.times_s, grid.brain_mask, self.guardrail)
+        recipe, synthetic = self.recipe, first.synthetic
+        if not verdict.passed:
+            log.warning("series %s: guardrail %s", series.series_uid, verdict.summary())
+            recipe = dataclasses.replace(recipe, comment=verdict.comment())
+        if verdict.action == "fallback":
+            fall_back(hu_1s, sources, series.hu)
+            fills = None  # the counts described the replaced seconds
+            synthetic = np.zeros_like(first.synthetic)
+            reason = "the model's output failed the guardrail check"
+            if first.fallback.any():
+                reason += "; or gap longer than the model's"
+            recipe = dataclasses.replace(recipe, interpolation_reason=reason)
+        seconds["guardrail"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
         derived = write_derived_series(
-            hu_1s, first.times_s, first.synthetic, series, list(files), out_dir, recipe=self.recipe, usable=usable
+            hu_1s, first.times_s, synthetic, series, list(files), out_dir, recipe=recipe, usable=usable, fills=fills
         )
+        verdict.write(out_dir)
         seconds["write"] = time.perf_counter() - mark
         seconds["total"] = time.perf_counter() - started
+        replaced = first.synthetic & ~synthetic  # model seconds the guardrail's fallback interpolated
         return PipelineResult(
-            derived=derived, times_s=first.times_s, synthetic=first.synthetic, interpolated=first.fallback,
-            notes=list(first.plan.notes), seconds=seconds,
+            derived=derived, times_s=first.times_s, synthetic=synthetic, interpolated=first.fallback | replaced,
+            notes=list(first.plan.notes), seconds=seconds, guardrail=verdict,
         )  # fmt: skip
 
 
@@ -151,13 +193,16 @@ def refuse_own_output(path: Path) -> None:
         raise NotCTPError("the series is ctp-node's own synthetic output (Manufacturer ctp-node, DERIVED)")
 
 
-def recipe_for(model: ModelSettings, output: OutputSettings, checkpoint: Path) -> DerivedRecipe:
+def recipe_for(
+    model: ModelSettings, output: OutputSettings, checkpoint: Path, sampling: SamplingChoice | None = None
+) -> DerivedRecipe:
+    sampling = sampling or choose_sampling(model.sampler, model.steps)
     return DerivedRecipe(
         model_name=MODEL_NAME[:64],
         model_version=f"ctp-node {__version__}",
         checkpoint_id=checkpoint_id(Path(checkpoint)),
-        sampler=model.sampler,
-        steps=model.steps,
+        sampler=sampling.sampler,
+        steps=sampling.steps,
         series_number_offset=output.series_number_offset,
         series_description=output.series_description,
     )
@@ -170,12 +215,15 @@ def make_processor(pipeline: SeriesPipeline) -> Callable[[SeriesJob, Sequence[Pa
     def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
         if not files:
             raise NotCTPError(f"series {job.series_uid} has no spooled instances")
-        result = pipeline.run(files, out_dir)
+        # A worker has no terminal: inpainting progress goes to the log (every 10 s or 10 %).
+        progress = ProgressLog(log.info, f"series {job.series_uid} inpainting", steps=pipeline.engine.settings.steps)
+        result = pipeline.run(files, out_dir, progress=progress)
         log.info(
             "series %s: %d instances written (%d synthetic seconds) in %.1f s %s",
             job.series_uid, result.derived.count, int(result.synthetic.sum()), result.seconds["total"],
             {k: round(v, 2) for k, v in result.seconds.items()},
         )  # fmt: skip
-        return ProcessOutput(out_dir, result.derived.count)
+        verdict = result.guardrail
+        return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
 
     return process

@@ -34,6 +34,7 @@ class ProcessOutput:
 
     result_dir: Path
     files: int
+    guardrail: str | None = None  # the guardrail's verdict in one line ("pass: ...", "flagged: ...", "fallback: ...")
 
 
 Processor = Callable[[SeriesJob, Sequence[Path], Path], ProcessOutput]
@@ -160,6 +161,8 @@ class Worker:
             return False
         seconds = time.perf_counter() - started
         self.metrics.processing.observe(seconds)
+        if output.guardrail and not output.guardrail.startswith(("pass", "off")):
+            log.warning("series %s: the guardrail %s (job %d)", job.series_uid, output.guardrail, job.id)
         self.audit.write(
             "processed",
             series_uid=job.series_uid,
@@ -167,9 +170,16 @@ class Worker:
             generation=job.generation,
             instances=output.files,
             seconds=round(seconds, 3),
+            guardrail=output.guardrail,
         )
         moved = self.store.processed(
-            job.id, self.worker_id, job.generation, str(output.result_dir), seconds, list(self.destinations)
+            job.id,
+            self.worker_id,
+            job.generation,
+            str(output.result_dir),
+            seconds,
+            list(self.destinations),
+            guardrail=output.guardrail,
         )
         if not moved:
             log.info("series %s changed while processing; it will be processed again", job.series_uid)

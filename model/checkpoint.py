@@ -7,7 +7,11 @@ tensor shapes, so any published-format file loads without flags.
 
 Own format: ``{"format": "ctp-node-checkpoint", "version": 1, "network": UNetConfig dict, "model":
 state dict, "ema": state dict (optional), "schedule": {...}, "step": int, ...}`` with unprefixed
-keys; training adds optimiser state and its configuration (training/).
+keys; training adds optimiser state and its configuration (training/). Optional typed metadata:
+``"recommended_sampler"`` (one of ``model.samplers.SAMPLERS``) and ``"recommended_steps"`` (int >= 1),
+the sampler and steps measured to suit these weights; the node uses them unless its configuration
+or the command line names a sampler or steps (``model.engine.choose_sampling``). Files without them,
+and published-format files, load unchanged. ``set_recommended_sampler`` stamps them into a file.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from model.samplers import SAMPLERS
 from model.schedule import SCHEDULE_BUFFER_NAMES, NoiseSchedule
 from model.unet import UNet3D, UNetConfig
 
@@ -36,6 +41,37 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be used; the message names what does not match."""
 
 
+@dataclass(frozen=True)
+class SamplerRecommendation:
+    """The sampler and number of steps measured to suit a checkpoint's weights."""
+
+    sampler: str
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise CheckpointError(f"recommended sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise CheckpointError(f"recommended steps must be an integer >= 1, got {self.steps!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recommended_sampler": self.sampler, "recommended_steps": self.steps}
+
+
+def _recommendation(raw: Mapping[str, Any], path: Path) -> SamplerRecommendation | None:
+    """The stored recommendation; None when absent. Half of one, or an invalid one, is an error: the
+    file was written by something that meant to recommend and got it wrong."""
+    sampler, steps = raw.get("recommended_sampler"), raw.get("recommended_steps")
+    if sampler is None and steps is None:
+        return None
+    if sampler is None or steps is None:
+        raise CheckpointError(f"{path}: recommended_sampler and recommended_steps must be given together")
+    try:
+        return SamplerRecommendation(str(sampler), steps)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
 @dataclass
 class Checkpoint:
     """A denoiser's weights and what is known about them, independent of the file format."""
@@ -47,6 +83,7 @@ class Checkpoint:
     step: int | None = None
     schedule: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    recommended: SamplerRecommendation | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -198,11 +235,13 @@ def read_checkpoint(path: str | Path, *, prefer: str = "ema") -> Checkpoint:
         state = dict(raw[key])
         schedule = dict(raw.get("schedule") or {})
         source = "ctp-node"
+        recommended = _recommendation(raw, path)
     else:
         state, buffers = strip_prefixes(raw[key])
         config = infer_config(state)
         schedule = _check_schedule(buffers, notes)
         source = "published"
+        recommended = None  # the published format has no such field; extra keys there are not read
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {bad[:3]}")
@@ -215,6 +254,7 @@ def read_checkpoint(path: str | Path, *, prefer: str = "ema") -> Checkpoint:
         step=int(step) if isinstance(step, (int, float)) else None,
         schedule=schedule,
         notes=notes,
+        recommended=recommended,
         raw=raw,
     )
 
@@ -242,8 +282,17 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> UNet3
         "step": ckpt.step,
         "schedule": ckpt.schedule,
         "notes": ckpt.notes,
+        # Plain data (the sidecars of ``ctp-node infer`` dump this dictionary as JSON).
+        "recommended": asdict(ckpt.recommended) if ckpt.recommended else None,
     }
     return net.to(device).eval()
+
+
+def recommendation_of(net: object) -> SamplerRecommendation | None:
+    """The recommendation of a network returned by ``load_denoiser`` (None for any other network)."""
+    info = getattr(net, "checkpoint_info", None)
+    recommended = info.get("recommended") if isinstance(info, dict) else None
+    return SamplerRecommendation(**recommended) if recommended else None
 
 
 def save_checkpoint(
@@ -255,9 +304,10 @@ def save_checkpoint(
     schedule: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     extra: Mapping[str, Any] | None = None,
+    recommended: SamplerRecommendation | None = None,
 ) -> Path:
     """Write a ctp-node checkpoint atomically (tmp file, fsync, rename); ``dtype=torch.bfloat16``
-    halves the size of inference-only files."""
+    halves the size of inference-only files; ``recommended``: the sampler and steps that suit them."""
     path = Path(path)
 
     def cast(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -276,11 +326,37 @@ def save_checkpoint(
     }
     if ema is not None:
         payload["ema"] = cast(ema.state_dict())
+    if recommended is not None:
+        payload.update(recommended.to_dict())
     if extra:
         clash = set(extra) & set(payload)
         if clash:
             raise ValueError(f"extra keys clash with the checkpoint's own: {sorted(clash)}")
         payload.update(extra)
+    if "recommended_sampler" in payload or "recommended_steps" in payload:
+        _recommendation(payload, path)  # also when given through ``extra``: never write an invalid one
+    _write_atomic(path, payload)
+    return path
+
+
+def set_recommended_sampler(path: str | Path, sampler: str, steps: int) -> Path:
+    """Stamp the recommended sampler and steps into an existing ctp-node checkpoint (in place, atomically);
+    everything else in the file stays as it was. Published-format files are refused: convert them first."""
+    path = Path(path)
+    recommended = SamplerRecommendation(sampler, steps)
+    raw = _load_file(path)
+    if raw.get("format") != OWN_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a ctp-node checkpoint (published-format files are kept as the authors wrote them); "
+            "give the sampler and steps in the configuration instead"
+        )
+    read_checkpoint(path)  # the file must load before and after
+    raw.update(recommended.to_dict())
+    _write_atomic(path, raw)
+    return path
+
+
+def _write_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -288,4 +364,3 @@ def save_checkpoint(
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-    return path

@@ -36,6 +36,98 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 
+# The global default when neither the user nor the checkpoint names a sampler: DPM-Solver++(2M), 20
+# steps, a safe choice for any eps-predicting network (docs/benchmarks.md, sampler tuning).
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 20
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """The sampler and steps to run, and where each came from (for logs and reports)."""
+
+    sampler: str
+    steps: int
+    source: str  # e.g. "given", "checkpoint's recommendation", "default"
+
+    def describe(self) -> str:
+        return f"{self.sampler}, {self.steps} steps ({self.source})"
+
+
+def choose_sampling(sampler: str | None, steps: int | None, recommended: object | None = None) -> SamplingChoice:
+    """What the user gave wins; what it leaves open comes from the checkpoint's recommendation
+    (``model.checkpoint.SamplerRecommendation``), else from the global default.
+
+    Steps are recommended for one sampler: a user who names another sampler and no steps gets the
+    default steps (20), not steps tuned for a different integrator.
+    """
+    rec_sampler = getattr(recommended, "sampler", None)
+    rec_steps = getattr(recommended, "steps", None)
+    names = {"given": "given", "checkpoint": "checkpoint's recommendation", "default": "default"}
+    if sampler is not None:
+        chosen_sampler, sampler_from = sampler, "given"
+    elif rec_sampler is not None:
+        chosen_sampler, sampler_from = rec_sampler, "checkpoint"
+    else:
+        chosen_sampler, sampler_from = DEFAULT_SAMPLER, "default"
+    if steps is not None:
+        chosen_steps, steps_from = steps, "given"
+    elif rec_steps is not None and chosen_sampler == rec_sampler:
+        chosen_steps, steps_from = rec_steps, "checkpoint"
+    else:
+        chosen_steps, steps_from = DEFAULT_STEPS, "default"
+    if sampler_from == steps_from:
+        source = names[sampler_from]
+    else:
+        source = f"sampler {names[sampler_from]}, steps {names[steps_from]}"
+    return SamplingChoice(chosen_sampler, int(chosen_steps), source)
+
+
+class ProgressLog:
+    """A ``progress(done, total)`` callback that writes a line now and then instead of drawing a bar:
+    for logs, and for a stderr that is not a terminal. A line at most every ``every_s`` seconds or
+    every ``every_fraction`` of the work, whichever comes first, and one at the end.
+
+    The engine counts volume-steps (targets x sampler steps); ``steps`` turns them into targets.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[str], None],
+        label: str = "inpainting",
+        *,
+        steps: int = 1,
+        every_s: float = 10.0,
+        every_fraction: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.emit = emit
+        self.label = label
+        self.steps = max(int(steps), 1)
+        self.every_s = every_s
+        self.every_fraction = every_fraction
+        self.clock = clock
+        self.started = self._last_time = clock()
+        self._last_fraction = 0.0
+        self._finished = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if total <= 0 or self._finished:
+            return
+        fraction = min(done / total, 1.0)
+        due = (now - self._last_time >= self.every_s) or (fraction - self._last_fraction >= self.every_fraction)
+        if not (due or fraction >= 1.0):
+            return
+        self._last_time, self._last_fraction = now, fraction
+        self._finished = fraction >= 1.0
+        elapsed = now - self.started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        self.emit(
+            f"{self.label}: {done // self.steps}/{total // self.steps} targets ({fraction:.0%}), "
+            f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s"
+        )
+
 
 @dataclass(frozen=True)
 class EngineSettings:

@@ -64,8 +64,16 @@ def infer(
         "(the authors' evaluation protocol).",
     ),
     unusable: str | None = typer.Option(None, "--unusable", help="Volume indices to treat as missing, e.g. 3,7."),
-    sampler: str = typer.Option("dpmpp_2m", help="dpmpp_2m, ddim, or ancestral (the published sampler)."),
-    steps: int = typer.Option(20, help="Sampler steps (the published ancestral sampler uses 1500)."),
+    sampler: str | None = typer.Option(
+        None,
+        help="dpmpp_2m, ddim, or ancestral (the published sampler); default: the checkpoint's recommendation, "
+        "else dpmpp_2m.",
+    ),
+    steps: int | None = typer.Option(
+        None,
+        help="Sampler steps (the published ancestral sampler uses 1500); default: the checkpoint's "
+        "recommendation, else 20.",
+    ),
     spacing: str = typer.Option("logsnr", help="Noise-level spacing of fast samplers: logsnr, karras, uniform."),
     batch: int | None = typer.Option(None, "--batch", help="Targets per GPU pass (default: as many as fit)."),
     seed: int = typer.Option(0, help="Seed of the initial noise (per target second, independent of batching)."),
@@ -82,6 +90,8 @@ def infer(
     import numpy as np
 
     from model import CheckpointError, EngineSettings, Inpainter, PlanError, load_denoiser
+    from model.checkpoint import recommendation_of
+    from model.engine import choose_sampling
     from model.window import from_model_space, to_model_space
 
     chosen = [
@@ -94,9 +104,11 @@ def infer(
     if from_full is not None and from_full < 2:
         raise typer.BadParameter(f"--from-full must be >= 2 (every N-th second is kept), got {from_full}")
     try:
+        net = load_denoiser(checkpoint)
+        sampling = choose_sampling(sampler, steps, recommendation_of(net))
         settings = EngineSettings(
-            sampler=sampler,
-            steps=steps,
+            sampler=sampling.sampler,
+            steps=sampling.steps,
             spacing=spacing,
             batch_size=batch,
             precision=precision,  # type: ignore[arg-type]
@@ -105,12 +117,14 @@ def infer(
             n_samples=samples,
             long_gap=long_gap,  # type: ignore[arg-type]
         )
-        net = load_denoiser(checkpoint)
         engine = Inpainter(net, settings, device=device)
     except (ValueError, RuntimeError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    stderr.print(f"checkpoint {checkpoint} ({net.checkpoint_info['format']} format), device {engine.device}")
+    stderr.print(
+        f"checkpoint {checkpoint} ({net.checkpoint_info['format']} format), device {engine.device}, "
+        f"sampler {sampling.describe()}"
+    )
     output.mkdir(parents=True, exist_ok=True)
     for path in _inputs(input_path):
         array = np.load(path, mmap_mode="r")
@@ -136,7 +150,7 @@ def infer(
                 raise typer.BadParameter(f"--unusable index {idx} is outside 0..{len(t_s) - 1}")
             usable[idx] = False
         try:
-            with step_progress(f"{path.name}", enabled=not quiet) as progress:
+            with step_progress(f"{path.name}", enabled=not quiet, steps=settings.steps) as progress:
                 result = engine.inpaint(to_model_space(volumes), t_s, usable=usable, progress=progress)
         except (PlanError, CheckpointError, ValueError) as exc:
             stderr.print(f"[red]error:[/red] {path.name}: {exc}")

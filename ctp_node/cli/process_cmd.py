@@ -11,8 +11,12 @@ from ctp_node.cli.progress import stderr, step_progress
 
 # Overrides of the configured [model] section, shared by process and reprocess.
 CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint.")
-STEPS_OPTION = typer.Option(None, "--steps", help="Overrides model.steps.")
-SAMPLER_OPTION = typer.Option(None, "--sampler", help="Overrides model.sampler.")
+STEPS_OPTION = typer.Option(
+    None, "--steps", help="Overrides model.steps (unset: the checkpoint's recommendation, else 20)."
+)
+SAMPLER_OPTION = typer.Option(
+    None, "--sampler", help="Overrides model.sampler (unset: the checkpoint's recommendation, else dpmpp_2m)."
+)
 DEVICE_OPTION = typer.Option(None, "--device", help="Overrides model.device.")
 
 
@@ -51,10 +55,20 @@ def _pipeline(config: Path | None, checkpoint: Path | None, steps: int | None, s
     )
     settings = settings.model_copy(update={"model": model})
     try:
-        return settings, SeriesPipeline.from_settings(settings, device)
+        pipeline = SeriesPipeline.from_settings(settings, device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    stderr.print(f"model {pipeline.recipe.checkpoint_id}: sampler {pipeline.sampling.describe()}", highlight=False)
+    return settings, pipeline
+
+
+def _report_guardrail(result) -> None:
+    verdict = result.guardrail
+    if verdict is None or verdict.policy == "off":
+        return
+    colour = "green" if verdict.passed else "bold yellow"
+    stderr.print(f"  guardrail: [{colour}]{verdict.summary()}[/{colour}]", highlight=False)
 
 
 def _send(settings, files: list[Path], targets: list[str]) -> int:
@@ -104,7 +118,8 @@ def process(
     for series_uid, files in groups.items():
         out_dir = output / series_uid
         try:
-            with step_progress(f"series ...{series_uid[-12:]}") as progress:
+            steps_per_target = pipeline.engine.settings.steps
+            with step_progress(f"series ...{series_uid[-12:]}", steps=steps_per_target) as progress:
                 result = pipeline.run(files, out_dir, progress=progress)
         except CTPInputError as exc:
             stderr.print(f"[red]{series_uid}: not processed:[/red] {type(exc).__name__}: {exc}")
@@ -114,6 +129,7 @@ def process(
             f"{series_uid}: {result.derived.count} instances, {int(result.synthetic.sum())} synthetic seconds, "
             f"{result.seconds['total']:.1f} s -> {out_dir} (series {result.derived.series_uid})"
         )
+        _report_guardrail(result)
         for note in result.notes:
             stderr.print(f"  note: {note}")
         failures += _send(settings, list(result.derived.paths), send)
@@ -193,9 +209,11 @@ def reprocess(
         return
     settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
     try:
-        with step_progress(f"series ...{job.series_uid[-12:]}") as progress:
+        steps_per_target = pipeline.engine.settings.steps
+        with step_progress(f"series ...{job.series_uid[-12:]}", steps=steps_per_target) as progress:
             result = pipeline.run(files, output / job.series_uid, progress=progress)
     except CTPInputError as exc:
         stderr.print(f"[red]not processed:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from exc
+    _report_guardrail(result)
     typer.echo(f"{result.derived.count} instances -> {output / job.series_uid}")

@@ -1,9 +1,14 @@
-"""Progress display shared by long-running commands (rich, to stderr)."""
+"""Progress display shared by long-running commands: a rich bar on a terminal, log lines otherwise.
+
+When stderr is not a terminal (a service, a redirect, CI), a bar would be one final line or control
+codes; the commands write a timestamped line every 10 s or 10 % instead (``model.engine.ProgressLog``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from rich.console import Console
 from rich.progress import (
@@ -18,11 +23,25 @@ from rich.progress import (
 stderr = Console(stderr=True)
 
 
+def log_line(message: str) -> None:
+    """One plain, timestamped line on stderr (no colours, no wrapping): what a log file needs."""
+    stderr.print(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def step_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield a ``progress(done, total)`` callback drawing one bar; a no-op when disabled."""
+def step_progress(
+    description: str, enabled: bool = True, *, steps: int = 1, every_s: float = 10.0
+) -> Iterator[Callable[[int, int], None]]:
+    """Yield a ``progress(done, total)`` callback: one bar on a terminal, else progress lines (every
+    ``every_s`` seconds or 10 %; ``steps``: sampler steps per target, to count targets); a no-op when
+    disabled."""
     if not enabled:
         yield lambda done, total: None
+        return
+    if not stderr.is_terminal:
+        from model.engine import ProgressLog
+
+        yield ProgressLog(log_line, description, steps=steps, every_s=every_s)
         return
     columns = (
         TextColumn("{task.description}"),

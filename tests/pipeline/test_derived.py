@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+import os
+import stat
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,11 @@ from ctp_node.derived import (
     DerivedSeriesError,
     write_derived_series,
 )
-from ctp_node.grid import from_model_grid, to_model_grid
+from ctp_node.grid import FillCounts, back_to_source, from_model_grid, to_model_grid
+from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
+from model.planner import plan_inpainting
 from tests.pipeline.conftest import dciodvfy_errors
 
 RECIPE = DerivedRecipe(
@@ -295,3 +299,160 @@ def test_a_rerun_into_the_same_folder_replaces_the_files(small_head, tmp_path):
     second = _write(small_head, tmp_path)
     assert first.paths == second.paths
     assert len(list(tmp_path.iterdir())) == 27
+
+
+@pytest.fixture(scope="module")
+def irregular(tmp_path_factory):
+    """64 x 64 x 3, 22 s acquired every 1.5 s for 9 s, then every 3 s (the planner snaps half of them)."""
+    folder = tmp_path_factory.mktemp("irregular")
+    study = generate_phantom(PhantomConfig(matrix=64, slices=3, duration_s=22, noise_hu=5.0, seed=4))
+    acquired = sample_study(study, parse_schedule("irregular:1.5@9,3"))
+    files = write_study(acquired, folder / "src", uid_seed="pipeline-tests-irregular")
+    series = assemble_series(files)
+    plan = plan_inpainting(series.times_s, np.zeros(series.times_s.size), long_gap="linear")
+    targets = {t.second for t in plan.targets}
+    synthetic = np.array([int(s) in targets for s in plan.seconds])
+    grid = to_model_grid(series)
+    slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
+    back = back_to_source(grid, slabs, synthetic, series, plan.times_s)
+    result = write_derived_series(
+        back.hu, plan.times_s, synthetic, series, files, folder / "out", recipe=RECIPE, fills=back.fills
+    )
+    return files, series, back, [pydicom.dcmread(p) for p in result.paths]
+
+
+def _seconds_after(start, ds) -> float:
+    moment = datetime.strptime(ds.AcquisitionDate + ds.AcquisitionTime, "%Y%m%d%H%M%S.%f")
+    return (moment - start).total_seconds()
+
+
+def test_irregular_sampling_keeps_true_acquisition_times(irregular):
+    files, series, back, datasets = irregular
+    source_times = {}
+    for path in files:  # what the scanner wrote, per acquired instance
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        source_times[ds.SOPInstanceUID] = ds.AcquisitionTime
+    assert sum(1 for t in series.times_s if abs(t - round(t)) > 0.1) >= 3  # the case has off-second volumes
+    n_z = series.hu.shape[1]
+    times = []
+    for i, ds in enumerate(datasets):
+        g = i // n_z
+        assert ds.AcquisitionTime == ds.ContentTime and ds.AcquisitionDate == ds.ContentDate
+        shown = _seconds_after(series.start, ds)
+        assert shown == pytest.approx(back.sources[g].time_s, abs=1e-6)
+        if ds.ImageComments.startswith("ACQUIRED"):
+            (reference,) = ds.SourceImageSequence
+            assert ds.AcquisitionTime == source_times[reference.ReferencedSOPInstanceUID]  # its own, not snapped
+        if i % n_z == 0:
+            times.append(shown)
+    assert np.all(np.diff(times) > 0)  # strictly increasing, no duplicates
+    acquired = sorted(_seconds_after(series.start, ds) for ds in datasets[::n_z] if "PRIMARY" in ds.ImageType)
+    np.testing.assert_allclose(acquired, series.times_s, atol=1e-6)  # every volume, at its own time
+
+
+def test_irregular_synthetic_images_show_their_stated_time(irregular):
+    _, series, back, datasets = irregular
+    n_z = series.hu.shape[1]
+    outside = series.hu[0] < -500  # air and the like: linear in time, so exactly the state at the image's time
+    for ds in datasets[::n_z]:
+        if not ds.ImageComments.startswith("SYNTHETIC"):
+            continue
+        t = _seconds_after(series.start, ds)
+        right = int(np.searchsorted(series.times_s, t))
+        w = (t - series.times_s[right - 1]) / (series.times_s[right] - series.times_s[right - 1])
+        expected = (1 - w) * series.hu[right - 1] + w * series.hu[right]
+        g = ds.TemporalPositionIdentifier - 1
+        np.testing.assert_allclose(back.hu[g][outside], expected[outside], atol=1e-3)
+        assert f"SYNTHETIC image at {t:.3f}".rstrip("0").rstrip(".") in ds.ImageComments
+        fill = back.fills[g]
+        assert f"model: {fill.model} voxels, vessel fit: {fill.vessel_fit} voxels, linear: {fill.linear}" in (
+            ds.ImageComments
+        )
+
+
+def test_fill_counts_must_match_the_seconds(small_head, tmp_path):
+    with pytest.raises(DerivedSeriesError, match="fill counts"):
+        _write(small_head, tmp_path / "out", fills=[FillCounts(model=1)])
+    assert not (tmp_path / "out").exists()
+
+
+def _padded_source(case, folder: Path, *, drop: tuple[str, ...] = ()) -> list[Path]:
+    """The case's acquired volumes as GE-like signed files whose corners outside a circle are padding
+    (-2000 stored, -3024 HU), without the attributes in ``drop``."""
+    acquired = sample_study(case.study, parse_schedule("every:4"))
+    files = write_study(acquired, folder, uid_seed="padding-test")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.copy()
+        y, x = np.mgrid[: pixels.shape[0], : pixels.shape[1]]
+        pixels[np.hypot(y - 31.5, x - 31.5) > 30] = -2000
+        ds.PixelData = pixels.tobytes()
+        ds.add_new("PixelPaddingValue", "SS", -2000)
+        for keyword in drop:
+            if keyword in ds:
+                del ds[keyword]
+        ds.save_as(path, enforce_file_format=True)
+    return files
+
+
+TYPE2 = ("AccessionNumber", "PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID")
+
+
+def test_padding_is_carried_over_and_stays_padding_in_synthetic_seconds(small_head, tmp_path):
+    files = _padded_source(small_head, tmp_path / "src")
+    source = assemble_series(files)
+    outside = np.hypot(*np.mgrid[:64, :64] - 31.5) > 30
+    assert np.all(source.hu[:, :, outside] == -3024)
+    hu = _hu_1s(small_head)
+    hu[[0, 4, 8]] = source.hu
+    hu[2][:, outside] = -1500.0  # a synthetic second whose padding was disturbed (e.g. by blending)
+    result = write_derived_series(hu, SECONDS, SYNTHETIC, source, files, tmp_path / "out", recipe=RECIPE)
+    for path in result.paths:
+        ds = pydicom.dcmread(path)
+        assert ds.PixelPaddingValue == -2000 and ds["PixelPaddingValue"].VR == "SS"
+        assert np.all(ds.pixel_array[outside] == -2000), path.name
+        assert np.all(ds.pixel_array[~outside] != -2000)
+    assert dciodvfy_errors(result.paths[2 * 3]) == []
+
+
+def test_type2_attributes_missing_in_the_source_are_written_empty(small_head, tmp_path):
+    files = _padded_source(small_head, tmp_path / "src", drop=TYPE2)
+    assert not any(k in pydicom.dcmread(files[0]) for k in TYPE2)
+    source = assemble_series(files)
+    hu = _hu_1s(small_head)
+    hu[[0, 4, 8]] = source.hu
+    result = write_derived_series(hu, SECONDS, SYNTHETIC, source, files, tmp_path / "out", recipe=RECIPE)
+    ds = pydicom.dcmread(result.paths[5])
+    for keyword in TYPE2:
+        assert keyword in ds and ds[keyword].value in ("", None), keyword
+    assert "Laterality" not in ds  # a head is not a paired structure
+    for path in (result.paths[0], result.paths[5]):
+        assert dciodvfy_errors(path) == [], path.name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_results_are_private_whatever_the_umask(small_head, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        result = _write(small_head, tmp_path / "results" / "1.2.3" / "g1")
+    finally:
+        os.umask(previous)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in result.paths} == {"0o640"}
+    folders = [tmp_path / "results", tmp_path / "results" / "1.2.3", tmp_path / "results" / "1.2.3" / "g1"]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {"0o750"}
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "expected"),
+    [(None, None, None), (-2000, None, (-2000, -2000, -2000)), (-2000, -1100, (-2000, -1100, -2000)),
+     (0, -1000, (-1000, 0, 0)), (65535, None, (32767, 32767, 32767))],
+)  # fmt: skip
+def test_padding_range_in_stored_values(value, limit, expected):
+    from ctp_node.derived import _padding
+
+    header = pydicom.Dataset()
+    if value is not None:
+        header.add_new("PixelPaddingValue", "US" if value > 32767 else "SS", value)
+    if limit is not None:
+        header.add_new("PixelPaddingRangeLimit", "SS", limit)
+    assert _padding(header) == expected
