@@ -12,6 +12,10 @@ Perfusion-map agreement (candidate maps against reference maps, e.g. the phantom
 maps of the acquired 1 s series): per map and region the median absolute error, the median
 relative error |c - r| / |r| (voxels with r = 0 skipped) and the median signed error (bias); Dice
 and volumes of the core and hypoperfusion masks.
+
+Issue 10's measures (raw HU, no window): ``difference_stats`` (mean offset, mean absolute difference
+over selected frames and a region), ``curve_rmse`` of mean tissue curves and ``peak_error`` of a
+curve's maximum (map disagreement: ``ctp_node.perfusion.compare.median_disagreement``).
 Every result is a plain dataclass; ``to_dict()`` gives JSON-ready values (non-finite -> None).
 """
 
@@ -301,3 +305,88 @@ def perfusion_agreement(
     result.core = mask_agreement(candidate.core_mask, reference.core_mask, voxel_volume_ml)
     result.hypoperfusion = mask_agreement(candidate.hypoperfusion_mask, reference.hypoperfusion_mask, voxel_volume_ml)
     return result
+
+
+# --- Tissue offsets, curves, map disagreement and peaks (issue 10's targets) ---------------------
+#
+# These compare raw HU (no window): an offset of the synthetic seconds is what a reader's perfusion
+# software sees, whether or not it lies in the model's window.
+
+
+@dataclass
+class DifferenceStats(_ToDict):
+    """Candidate minus reference over selected frames and a region, in HU (not windowed)."""
+
+    mean_hu: float  # signed: the offset
+    mean_abs_hu: float
+    worst_frame_mean_hu: float  # the frame whose mean difference is farthest from 0 (signed)
+    n_voxels: int  # region voxels per frame
+
+
+def _selected(frames: np.ndarray | None, n_t: int) -> np.ndarray:
+    selected = np.ones(n_t, bool) if frames is None else np.asarray(frames, dtype=bool)
+    if selected.shape != (n_t,) or not selected.any():
+        raise ValueError(f"frames must be a non-empty (T,) bool selection with T = {n_t}")
+    return selected
+
+
+def difference_stats(
+    candidate: np.ndarray, reference: np.ndarray, region: np.ndarray, frames: np.ndarray | None = None
+) -> DifferenceStats:
+    """Mean, mean absolute and worst per-frame mean of ``candidate - reference`` (T, Z, Y, X) over the
+    frames flagged in ``frames`` and the voxels of ``region`` (Z, Y, X); NaN when the region is empty."""
+    _check_pair(candidate, reference)
+    selected = _selected(frames, reference.shape[0])
+    region = np.asarray(region, dtype=bool)
+    if region.shape != reference.shape[1:]:
+        raise ValueError(f"region has shape {region.shape}, the volumes {reference.shape[1:]}")
+    n = int(region.sum())
+    if n == 0:
+        return DifferenceStats(math.nan, math.nan, math.nan, 0)
+    idx = np.flatnonzero(selected)
+    diff = np.stack([candidate[i][region].astype(np.float64) - reference[i][region] for i in idx])
+    per_frame = diff.mean(axis=1)
+    return DifferenceStats(
+        mean_hu=float(diff.mean()),
+        mean_abs_hu=float(np.abs(diff).mean()),
+        worst_frame_mean_hu=float(per_frame[np.argmax(np.abs(per_frame))]),
+        n_voxels=n,
+    )
+
+
+def mean_curve(hu: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(T,) mean HU of ``region`` (Z, Y, X) in every frame of ``hu`` (T, Z, Y, X); NaN if empty."""
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return np.full(hu.shape[0], math.nan)
+    return np.array([float(np.mean(frame[region], dtype=np.float64)) for frame in hu])
+
+
+def curve_rmse(
+    candidate: np.ndarray, reference: np.ndarray, region: np.ndarray, frames: np.ndarray | None = None
+) -> float:
+    """RMSE (HU) between the mean curves of ``region`` over the selected frames: how well the
+    candidate follows the tissue's bolus shape, not its voxel noise."""
+    _check_pair(candidate, reference)
+    selected = _selected(frames, reference.shape[0])
+    c, r = mean_curve(candidate, region), mean_curve(reference, region)
+    return float(np.sqrt(np.mean((c[selected] - r[selected]) ** 2)))
+
+
+@dataclass
+class PeakError(_ToDict):
+    """Peak of a candidate curve against the reference's: height (HU) and time (s), signed."""
+
+    height_hu: float  # candidate peak - reference peak
+    time_s: float  # candidate peak time - reference peak time
+    reference_height_hu: float
+    reference_time_s: float
+
+
+def peak_error(candidate: np.ndarray, reference: np.ndarray, times_s: np.ndarray) -> PeakError:
+    """Height and time of the maximum of two (T,) curves sampled at ``times_s``."""
+    c, r, t = (np.asarray(v, dtype=np.float64) for v in (candidate, reference, times_s))
+    if not (c.shape == r.shape == t.shape) or c.ndim != 1 or c.size == 0:
+        raise ValueError(f"curves and times must be equal-length 1-D arrays, got {c.shape}, {r.shape}, {t.shape}")
+    ic, ir = int(np.argmax(c)), int(np.argmax(r))
+    return PeakError(float(c[ic] - r[ir]), float(t[ic] - t[ir]), float(r[ir]), float(t[ir]))

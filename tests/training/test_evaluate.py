@@ -10,43 +10,46 @@ from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
 from tests.integration.node_helpers import cpu_checkpoint
+from training.static_ct import offline_head_cts
 
 runner = CliRunner()
 
 
 @pytest.mark.slow
-def test_evaluate_on_phantom_writes_json_table_and_figures(tmp_path):
+def test_evaluate_on_phantom_reports_issue_10_targets(tmp_path):
     checkpoint = cpu_checkpoint(tmp_path / "net.pt")
     out = tmp_path / "eval"
+    static = offline_head_cts()[0]
     result = runner.invoke(
         app,
         [
-            "evaluate",
-            "-c",
-            str(checkpoint),
-            "-o",
-            str(out),
-            "--gaps",
-            "4",
-            "--studies",
-            "1",
-            "--matrix",
-            "96",
-            "--steps",
-            "1",
-            "--device",
-            "cpu",
+            "evaluate", "-c", str(checkpoint), "-o", str(out), "--gaps", "4", "--studies", "1", "--matrix", "96",
+            "--sampler", "ddim", "--steps", "1", "--device", "cpu", "--static-ct", str(static),
         ],
-    )
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads((out / "evaluation.json").read_text())
-    methods = {row["method"] for row in data["rows"]}
-    assert methods == {"model", "linear"}
-    linear = next(s for s in data["summary"] if s["method"] == "linear")
-    assert 20 < linear["psnr_db"] < 60 and 0 < linear["ssim"] <= 1
-    assert 0 <= linear["hypoperfusion_dice"] <= 1 and "cbf_grey_rel_err" in linear
+    assert {row["candidate"] for row in data["rows"]} == {"model", "linear", "grid_linear", "reference"}
+    summary = {s["candidate"]: s["metrics"] for s in data["summary"]}
+    linear, reference = summary["linear"], summary["reference"]
+    for tissue in ("gm", "wm", "core", "penumbra", "csf"):
+        # Interpolating (or acquiring) every second leaves no offset against the noise-free truth...
+        assert abs(linear[f"offset_hu.{tissue}"]["mean"]) < 0.3
+        assert abs(reference[f"offset_hu.{tissue}"]["mean"]) < 0.3
+    # ...but the noise stays: the truth is the noise-free study, not the acquired one.
+    assert 15 < reference["psnr_db"]["mean"] < 30
+    assert linear["curve_rmse_hu.gm"]["mean"] > reference["curve_rmse_hu.gm"]["mean"] > 0
+    assert linear["aif.peak_time_abs_error_s"]["mean"] >= 0 and linear["aif.truth_peak_hu"]["mean"] > 200
+    for name in ("cbf", "cbv", "mtt", "tmax"):
+        assert 0 < reference[f"map.{name}"]["mean"] < linear[f"map.{name}"]["mean"]
+    targets = {t["target"] for t in data["targets"]}
+    assert len(targets) == 10 and any("static real CT" in t for t in targets)
+    (static_row,) = data["static_ct"]
+    assert static_row["synthetic_seconds"] == 6 and static_row["n_voxels"] > 10_000
     table = (out / "evaluation.md").read_text()
-    assert "| 4 | model |" in table and "| 4 | linear |" in table
+    for heading in ("## Targets", "per tissue", "Mean tissue curves", "Perfusion maps", "arterial input", "Static"):
+        assert heading in table
+    assert "| 4 | 1 s acquisition |" in table and "**fail**" in table
     for name in ("montage_gap4.png", "curves_gap4.png", "maps_gap4.png"):
         assert (out / name).stat().st_size > 10_000
 
@@ -74,15 +77,23 @@ def test_evaluate_npy_and_bad_options(tmp_path):
             "4",
             "--steps",
             "1",
+            "--sampler",
+            "ddim",
             "--device",
             "cpu",
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "evaluation.json").read_text())["rows"]
-    assert len(rows) == 2 and all(r["perfusion_vs_truth"] is None for r in rows)
-    assert "n/a" in (out / "evaluation.md").read_text()
+    data = json.loads((out / "evaluation.json").read_text())
+    assert {r["candidate"] for r in data["rows"]} == {"model", "linear"} and not data["static_ct"]
+    assert all(set(r["metrics"]) == {"psnr_db", "ssim", "mae_hu", "offset_hu.brain"} for r in data["rows"])
+    table = (out / "evaluation.md").read_text()
+    assert "| 4 | linear interpolation |" in table and "Perfusion maps" not in table
     bad = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--gaps", "12"])
     assert bad.exit_code != 0
     missing = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0
+    family = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--family", "c"])
+    assert family.exit_code != 0 and "unknown phantom family" in family.output
+    static = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--static-ct", str(tmp_path / "none.dcm")])
+    assert static.exit_code == 2 and "--static-ct" in static.output
