@@ -26,7 +26,7 @@ def sample_noise_levels(
     return (high + (low - high) * u).float()
 
 
-Prediction = Literal["eps", "x0"]
+Prediction = Literal["eps", "x0", "residual"]
 
 
 def eps_from_output(
@@ -36,10 +36,10 @@ def eps_from_output(
     ``x_noisy = g x0 + sqrt(1 - g^2) eps``."""
     if prediction == "eps":
         return output
-    if prediction == "x0":
+    if prediction in ("x0", "residual"):
         g = noise_level.to(output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
         return (x_noisy - g * output) / torch.sqrt((1 - g**2).clamp_min(1e-12))
-    raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'x0'")
+    raise ValueError(f"unknown prediction {prediction!r}; choose 'eps', 'x0' or 'residual'")
 
 
 def diffusion_loss(
@@ -53,6 +53,7 @@ def diffusion_loss(
     """Mean L1 (or L2) between the true noise (or, for ``prediction="x0"``, the clean target) and
     ``eps_model(x_noisy, g)``.
 
+    ``prediction="residual"`` networks output the clean target too (interpolation plus correction).
     ``x0`` is the clean target (B, 1, D, H, W); ``eps_model`` wraps the conditioning (left/right
     volumes, contexts) so this function knows only the diffusion maths.
     """
@@ -61,8 +62,8 @@ def diffusion_loss(
     g = noise_level.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
     x_noisy = g * x0 + torch.sqrt(1 - g**2) * noise
     predicted = eps_model(x_noisy, noise_level)
-    if prediction not in ("eps", "x0"):
-        raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'x0'")
+    if prediction not in ("eps", "x0", "residual"):
+        raise ValueError(f"unknown prediction {prediction!r}; choose 'eps', 'x0' or 'residual'")
     target = (noise if prediction == "eps" else x0).float()
     if loss_type == "l1":
         return (predicted.float() - target).abs().mean()

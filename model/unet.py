@@ -9,7 +9,7 @@ Called as ``net(x, local_context, global_context, noise_level)``:
 - ``local_context``: (B, 2), ``((t - l - 1) / (max_tr - 2), (r - t - 1) / (max_tr - 2))``;
 - ``global_context``: (B, 3), one-hot contrast scenario (rising, around peak, falling);
 - ``noise_level``: (B,) or (B, 1), the continuous noise level ``g = sqrt(alpha_bar)``.
-It returns the predicted noise, (B, 1, D, H, W).
+It returns the predicted noise, (B, 1, D, H, W), or the clean target (``UNetConfig.prediction``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+PREDICTIONS = ("eps", "x0", "residual")
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,15 @@ class UNetConfig:
     num_scenarios: int = 3
     norm_groups: int = 32
     norm_eps: float = 1e-6
-    # What the output means: "eps", the noise (published), or "x0", the clean target. The layers are
-    # the same; samplers turn either into a noise estimate (model.loss.eps_from_output).
+    # What the output means: "eps", the noise (published); "x0", the clean target; "residual", the
+    # clean target as the linear interpolation of the left and right volumes at the target's second
+    # plus the network's correction (a zero correction is exactly interpolation, so an untrained or
+    # briefly trained network starts with no offset and no sawtooth). The layers are the same;
+    # samplers turn any of them into a noise estimate (model.loss.eps_from_output).
     prediction: str = "eps"
+    # The largest gap of the local context's scale (published: 8 s); "residual" needs it to recover
+    # the target's position between its neighbours from the local context.
+    max_tr: int = 8
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,8 +69,10 @@ class UNetConfig:
             problems.append("model_channels must be even (sin/cos noise-level embedding)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")
-        if self.prediction not in ("eps", "x0"):
-            problems.append(f"prediction must be 'eps' or 'x0', got {self.prediction!r}")
+        if self.prediction not in PREDICTIONS:
+            problems.append(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.max_tr < 3:
+            problems.append(f"max_tr must be >= 3, got {self.max_tr}")
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))
 
@@ -84,6 +94,19 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown UNetConfig keys: {unknown}")
         return cls(**data)
+
+
+def interpolation_between(
+    left: torch.Tensor, right: torch.Tensor, local_context: torch.Tensor, max_tr: int
+) -> torch.Tensor:
+    """Linear interpolation in time of ``left`` and ``right`` at the target's second, which the
+    local context ``((t - l - 1) / (max_tr - 2), (r - t - 1) / (max_tr - 2))`` fixes:
+    ``w = (t - l) / (r - l)``."""
+    scale = float(max_tr - 2)
+    before = local_context[:, 0].float() * scale + 1.0
+    after = local_context[:, 1].float() * scale + 1.0
+    weight = (before / (before + after)).reshape(-1, *([1] * (left.dim() - 1)))
+    return left.float() + weight * (right.float() - left.float())
 
 
 def noise_level_embedding(noise_level: torch.Tensor, dim: int) -> torch.Tensor:
@@ -303,7 +326,11 @@ class UNet3D(nn.Module):
             h = torch.cat([h, skip.to(h.dtype)], dim=1)
             up_size = tuple(skips[-1].shape[2:]) if skips else None
             h = self._run(block, h, emb, up_size)
-        return self.out(h)
+        out = self.out(h)
+        if self.config.prediction == "residual":
+            base = interpolation_between(x[:, 0:1], x[:, 2:3], local_context, self.config.max_tr)
+            out = (base + out.float()).to(out.dtype)
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -51,15 +51,19 @@ class NetworkConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     num_heads: int = Field(1, gt=0)
     norm_groups: int = Field(32, gt=0)  # group norm groups; every level's channels must divide by it
-    prediction: Literal["eps", "x0"] = "eps"  # the network's output: noise (published) or clean target
+    # The network's output: noise (published), clean target, or clean target as interpolation plus a
+    # learned correction (model.unet.UNetConfig.prediction).
+    prediction: Literal["eps", "x0", "residual"] = "eps"
 
     @model_validator(mode="after")
     def _buildable(self) -> NetworkConfig:
         self.unet()  # UNetConfig's own checks (group norm divisibility, ...) raise ValueError
         return self
 
-    def unet(self) -> UNetConfig:
-        return UNetConfig(**self.model_dump())
+    def unet(self, max_tr: int = PUBLISHED_MAX_TR) -> UNetConfig:
+        # Only a residual network reads max_tr (to place the target between its neighbours); the
+        # others keep the published value so that their configurations compare equal to checkpoints'.
+        return UNetConfig(**self.model_dump(), max_tr=max_tr if self.prediction == "residual" else PUBLISHED_MAX_TR)
 
 
 class DiffusionConfig(_Section):
@@ -93,6 +97,11 @@ class PhantomDataConfig(_Section):
     duration_s: tuple[int, int] = (45, 61)
     onset_shift_s: tuple[int, int] = (0, 8)
     noise_hu: tuple[float, float] = (0.0, 10.0)
+    # Variety the phantom's one anatomy lacks: head size on the fixed model grid (the phantom's field
+    # of view, mm: a wider field shows a smaller head) and noise texture (in-plane correlation of the
+    # noise, mm, from sharp to smooth reconstruction kernels).
+    fov_mm: tuple[float, float] = (240.0, 240.0)
+    noise_correlation_mm: tuple[float, float] = (0.7, 0.7)
     lesion_probability: float = Field(0.7, ge=0.0, le=1.0)
     samples_per_study: int = Field(32, gt=0)
     val_studies: int = Field(2, ge=0)
@@ -101,7 +110,7 @@ class PhantomDataConfig(_Section):
     # (what makes CPU training possible); validation and inference always see whole volumes.
     crop: int | None = Field(None, ge=16)
 
-    @field_validator("duration_s", "onset_shift_s", "noise_hu")
+    @field_validator("duration_s", "onset_shift_s", "noise_hu", "fov_mm", "noise_correlation_mm")
     @classmethod
     def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
         low, high = value

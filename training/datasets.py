@@ -195,6 +195,8 @@ def draw_phantom_frames(config: PhantomDataConfig, rng: np.random.Generator) -> 
         slices=config.slices,
         duration_s=duration + shift,
         noise_hu=float(rng.uniform(*config.noise_hu)),
+        noise_correlation_mm=float(rng.uniform(*config.noise_correlation_mm)),
+        fov_mm=float(rng.uniform(*config.fov_mm)),
         lesion=bool(rng.random() < config.lesion_probability),
         lesion_centre_mm=(
             float(rng.choice([-1.0, 1.0]) * rng.uniform(32.0, 45.0)),

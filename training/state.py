@@ -48,9 +48,13 @@ def orthogonal_init_(net: nn.Module) -> nn.Module:
 
 def new_state(config: TrainConfig, device: torch.device) -> TrainState:
     """A fresh model (published init unless disabled), its EMA copy, Adam and the MultiStep schedule."""
-    model = UNet3D(config.network.unet())
+    model = UNet3D(config.network.unet(config.data.max_tr))
     if config.init.orthogonal:
         orthogonal_init_(model)
+        if config.network.prediction == "residual":
+            # A residual network starts as exact interpolation: the orthogonal init of the output
+            # convolution would start it from a random correction of the size of the signal.
+            nn.init.zeros_(model.out[-1].weight)
     model.gradient_checkpointing = config.runtime.gradient_checkpointing
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -111,3 +111,39 @@ def test_invalid_config_is_rejected():
         UNetConfig(model_channels=24)
     with pytest.raises(ValueError, match="unknown UNetConfig keys"):
         UNetConfig.from_dict({**TINY.to_dict(), "bogus": 1})
+
+
+def test_residual_network_is_interpolation_plus_its_correction():
+    """``prediction = "residual"``: the output is the linear interpolation of the neighbours at the
+    target's second (from the local context) plus the network's correction."""
+    from model.planner import local_context
+    from model.unet import interpolation_between
+
+    config = UNetConfig(**{**TINY.to_dict(), "prediction": "residual"})
+    net = UNet3D(config).eval()  # zero-initialised output: the correction is exactly zero
+    x = torch.rand(3, 3, 8, 16, 16) * 2 - 1
+    cases = [(5, 4, 8), (6, 4, 8), (10, 2, 11)]  # (t, l, r): w = 1/4, 1/2, 8/9
+    lc = torch.tensor([local_context(t, left, right) for t, left, right in cases], dtype=torch.float32)
+    scenario, g = torch.eye(3), torch.full((3,), 0.5)
+    with torch.no_grad():
+        out = net(x, lc, scenario, g)
+    for i, (t, left, right) in enumerate(cases):
+        w = (t - left) / (right - left)
+        torch.testing.assert_close(out[i, 0], x[i, 0] + w * (x[i, 2] - x[i, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(interpolation_between(x[:, 0:1], x[:, 2:3], lc, 8), out)
+
+    corrected = tiny_net(config=config)  # non-zero output layer: a real correction
+    with torch.no_grad():
+        correction = corrected(x, lc, scenario, g) - interpolation_between(x[:, 0:1], x[:, 2:3], lc, 8)
+        plain = UNet3D(UNetConfig(**{**TINY.to_dict(), "prediction": "x0"}))
+        plain.load_state_dict(corrected.state_dict())
+        torch.testing.assert_close(correction, plain.eval()(x, lc, scenario, g), atol=1e-5, rtol=0)
+
+
+def test_residual_config_round_trips_and_bad_values_are_rejected():
+    config = UNetConfig(**{**TINY.to_dict(), "prediction": "residual", "max_tr": 6})
+    assert UNetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        UNetConfig(prediction="velocity")
+    with pytest.raises(ValueError, match="max_tr"):
+        UNetConfig(max_tr=2)

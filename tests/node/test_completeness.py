@@ -291,7 +291,13 @@ def test_the_receiver_queues_complete_series_early_and_holds_incomplete_ones(tmp
         )
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and store.find(incomplete).state == State.RECEIVING:
+
+        # job rows are written by the receiver's batching thread, a moment after the acknowledgement
+        def waiting() -> bool:
+            job = store.find(incomplete)
+            return job is None or job.state == State.RECEIVING
+
+        while time.monotonic() < deadline and waiting():
             time.sleep(0.2)
     finally:
         stop.set()

@@ -189,3 +189,14 @@ def test_published_checkpoint_loads_for_finetuning_and_one_step_runs(tmp_path, s
     small = new_state(cfg.with_overrides({"network": TINY_NETWORK}), torch.device("cpu"))
     with pytest.raises(CheckpointError, match=r"set \[network\] to the checkpoint's architecture"):
         finetune_state(path, small)
+
+
+def test_residual_network_starts_as_exact_interpolation_after_the_published_init():
+    cfg = tiny_config("x", "y", network={"prediction": "residual"})
+    state = new_state(cfg, torch.device("cpu"))
+    assert not state.model.out[-1].weight.any()  # the orthogonal init is undone for the output only
+    assert state.model.input_blocks[0][0].weight.any()
+    x = torch.rand(1, 3, 8, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = state.model.eval()(x, torch.tensor([[0.0, 0.0]]), torch.eye(3)[:1], torch.tensor([0.3]))
+    torch.testing.assert_close(out[:, 0], (x[:, 0] + x[:, 2]) / 2, atol=1e-6, rtol=0)
