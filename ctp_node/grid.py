@@ -334,7 +334,12 @@ def back_to_source(
     weight = _resample(grid_series.model.image(model_mask.astype(np.float32)), grid_series.source, sitk.sitkLinear)
     covered = grid_series.brain_mask & (weight > 0)
     fitted = _fit_vessels(hu, source.times_s, sources, covered) if fit_vessels else None
-    grid_second_of = {src.left: g for g, src in enumerate(sources) if src.kind == "acquired"}
+    # the model's copies of the acquired volumes, read from the slabs once for every correction
+    acquired_model = {
+        src.left: _model_volume(grid_series, inpainted_slabs, g)
+        for g, src in enumerate(sources)
+        if src.kind == "acquired"
+    }
     fills = []
     for g, src in enumerate(sources):
         if src.kind == "acquired":
@@ -346,7 +351,7 @@ def back_to_source(
         use_model = np.zeros(hu.shape[1:], dtype=bool)
         if src.kind == "synthetic":
             use_model = covered & _in_window(left) & _in_window(right)
-            correction = _model_correction(grid_series, inpainted_slabs, g, src, grid_second_of)
+            correction = _model_correction(grid_series, inpainted_slabs, g, src, acquired_model)
             out[g][use_model] += _masked_linear(correction, grid_series.model, grid_series.source, weight, use_model)
         n_fit = 0
         if fitted is not None:
@@ -587,17 +592,15 @@ def _model_correction(
     slabs: list[np.ndarray],
     g: int,
     src: SecondSource,
-    grid_second_of: dict[int, int],
+    acquired_model: dict[int, np.ndarray],
 ) -> np.ndarray:
     """What the model changes at second ``g`` relative to interpolation on the model grid, HU, 0
-    outside the model's brain mask (rule: ``from_model_grid``). The model's copies of the bracketing
-    volumes are the engine's inputs at their (snapped) seconds."""
-    model = _model_volume(grid_series, slabs, g)
-    gl, gr = grid_second_of.get(src.left), grid_second_of.get(src.right)
-    if gl is None or gr is None:
+    outside the model's brain mask (rule: ``from_model_grid``). ``acquired_model``: the model's
+    copies of the acquired volumes (the engine's inputs at their snapped seconds), by source index."""
+    left, right = acquired_model.get(src.left), acquired_model.get(src.right)
+    if left is None or right is None:
         raise ValueError(f"second {g}: its bracketing volumes {src.left}, {src.right} are not on the model grid")
-    left, right = _model_volume(grid_series, slabs, gl), _model_volume(grid_series, slabs, gr)
-    return model - (left + np.float32(src.weight) * (right - left))
+    return _model_volume(grid_series, slabs, g) - (left + np.float32(src.weight) * (right - left))
 
 
 def _in_window(hu: np.ndarray) -> np.ndarray:

@@ -202,12 +202,18 @@ class StoreMissingError(RuntimeError):
     """Asked to open an existing job store, and there is none at that place."""
 
 
+STORE_HINT = (
+    " (a node creates it when it first runs; check storage.data_dir or storage.database_url:"
+    " `ctp-node config` prints the effective ones)"
+)
+
+
 def make_engine(url: str, create: bool = True) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
             if not create and not Path(database).is_file():
-                raise StoreMissingError(f"no job store at {database}")
+                raise StoreMissingError(f"no job store at {database}{STORE_HINT}")
             make_dirs(Path(database).parent)
             touch_private(Path(database))  # 0640; SQLite gives its -wal and -shm files the same mode
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -254,7 +260,7 @@ class JobStore:
         self.is_postgres = self.engine.dialect.name == "postgresql"
         if not create and not inspect(self.engine).has_table(series_table.name):
             self.engine.dispose()
-            raise StoreMissingError(f"no job store at {make_url(url).render_as_string(hide_password=True)}")
+            raise StoreMissingError(f"no job store at {make_url(url).render_as_string(hide_password=True)}{STORE_HINT}")
         metadata.create_all(self.engine)
         self._add_missing_columns()
 

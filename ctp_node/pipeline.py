@@ -23,7 +23,7 @@ from ctp_node.config import GuardrailSettings, ModelSettings, OutputSettings, Se
 from ctp_node.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.errors import NotCTPError
-from ctp_node.grid import back_to_source, second_sources, to_model_grid
+from ctp_node.grid import back_to_source, to_model_grid
 from ctp_node.guardrail import GuardrailVerdict, check_series, fall_back
 from ctp_node.jobs import SeriesJob
 from model import EngineSettings, Inpainter, load_denoiser
@@ -154,7 +154,7 @@ class SeriesPipeline:
         seconds["from_grid"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        sources = second_sources(series.times_s, first.times_s, first.synthetic, usable)
+        sources = back.sources
         verdict = check_series(hu_1s, sources, series.hu, series.times_s, grid.brain_mask, self.guardrail)
         recipe, synthetic = self.recipe, first.synthetic
         if not verdict.passed:

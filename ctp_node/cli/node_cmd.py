@@ -58,8 +58,15 @@ def serve(
     settings = _load(config)
     # --worker-devices names one device per worker; otherwise --workers workers on model.device.
     devices: list[str | None] = list(worker_devices.split(",")) if worker_devices else [None] * workers
-    store = JobStore(settings.database_url)
-    receiver = Receiver(settings, store)
+    try:
+        store = JobStore(settings.database_url)
+        receiver = Receiver(settings, store)
+    except OSError as exc:  # not permitted, a file where a folder should be, a read-only disk
+        stderr.print(
+            f"[red]error:[/red] cannot write the node's data under {settings.storage.data_dir}: {exc}. Run as the "
+            "user that owns it, or set storage.data_dir (e.g. CTP_NODE_STORAGE__DATA_DIR=$HOME/ctp-node-data)."
+        )
+        raise typer.Exit(2) from exc
     receiver.metrics.serve(settings.metrics)
     stop = _stop_on_signals()
     try:

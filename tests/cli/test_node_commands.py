@@ -67,6 +67,18 @@ def test_jobs_against_a_store_that_does_not_exist_is_an_error(tmp_path, command)
     assert not data.exists()  # nothing created
 
 
+def test_serve_where_the_data_folder_cannot_be_written_says_what_to_set(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    settings = node_settings(blocker / "node", tmp_path / "net.pt", 4242)
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    result = runner.invoke(app, ["serve", "-c", str(config)])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert f"cannot write the node's data under {blocker / 'node'}" in text and "storage.data_dir" in text
+    assert "Traceback" not in result.output
+
+
 def test_jobs_list_shows_distinct_instances_and_the_warning(configured):
     from ctp_node.completeness import InstanceFacts
 
