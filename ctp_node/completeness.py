@@ -2,8 +2,10 @@
 
 The receiver records, per instance, its slice position (ImagePositionPatient, rounded to 0.01 mm as
 the assembler rounds it), a time key (TemporalPositionIdentifier, else AcquisitionNumber) and, for a
-multi-frame (Enhanced CT) instance, its number of frames, read from the spooled file's header only
-(the elements before NumberOfFrames: never the functional groups or the pixel data).
+multi-frame (Enhanced CT) instance, its number of frames: from the header the SCP reads anyway to
+check the instance's identity (``facts_from_header``), or, for files found in the spool at start,
+from the file's header (``read_facts``); only the elements up to NumberOfFrames, never the
+functional groups or the pixel data.
 
 The verdict (``judge``) is one of:
 

@@ -131,9 +131,8 @@ class InstanceRecorder:
         for item in received:
             by_series.setdefault((item.key.study_uid, item.key.series_uid, item.calling_ae), []).append(item)
         for (study, series, calling_ae), items in by_series.items():
-            # The header facts come from the spooled files (just written, in the page cache), here
-            # rather than on the C-STORE thread, which only reads up to SeriesInstanceUID.
-            facts = [read_facts(i.path, i.sop_uid) for i in items]
+            # The SCP read the header facts with the identity; a file is read only without them.
+            facts = [i.facts or read_facts(i.path, i.sop_uid) for i in items]
             delay = 1.0
             while True:
                 try:

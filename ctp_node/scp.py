@@ -49,6 +49,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from ctp_node.completeness import LAST_TAG_READ, InstanceFacts, facts_from_header
 from ctp_node.config import DicomSettings
 from ctp_node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
 
@@ -95,6 +96,7 @@ class ReceivedInstance:
     calling_host: str
     modality: str
     received_at: datetime
+    facts: InstanceFacts | None = None  # for the completeness check; None: read them from the file
 
 
 OnStored = Callable[[ReceivedInstance], None]
@@ -117,7 +119,8 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 def _series_header(event: evt.Event) -> Dataset:
-    """The elements up to SeriesInstanceUID, read from the raw stream without copying the pixel data
+    """The elements up to NumberOfFrames (identity, series, slice position, volume number: what the
+    spool and the completeness check need), read from the raw stream without copying the pixel data
     (decoding the whole dataset costs about 1 ms per 512 x 512 instance)."""
     syntax = event.context.transfer_syntax
     if syntax.is_deflated:
@@ -127,7 +130,7 @@ def _series_header(event: evt.Event) -> Dataset:
     try:
         return read_dataset(
             stream, syntax.is_implicit_VR, syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > 0x0020000E,
+            stop_when=lambda tag, vr, length: tag > LAST_TAG_READ,
         )  # fmt: skip
     finally:
         stream.seek(0)
@@ -193,6 +196,7 @@ def handle_store(
                     calling_host=host,
                     modality=str(header.get("Modality", "")),
                     received_at=datetime.now(timezone.utc),
+                    facts=facts_from_header(sop_uid, header),
                 )
             )
         except Exception as exc:  # the file is on disk, but without a job row the sender must retry

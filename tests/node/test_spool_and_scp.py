@@ -7,6 +7,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from ctp_node.completeness import read_facts
 from ctp_node.config import AllowedCaller, DicomSettings
 from ctp_node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
 from ctp_node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
@@ -63,7 +64,9 @@ def test_storescu_uncompressed_and_jpeg_lossless(node, tmp_path):
     files = []
     for i in range(3):
         files.append(tmp_path / f"plain{i}.dcm")
-        ct_instance(files[-1], study=study, series=series, value=10 * i)
+        ds = ct_instance(files[-1], study=study, series=series, value=10 * i)
+        ds.ImagePositionPatient, ds.InstanceNumber = [0.0, 0.0, 5.0 * i], i + 1
+        ds.save_as(files[-1], enforce_file_format=True)
     jpeg = tmp_path / "jpeg.dcm"
     assert run(dcmcjpeg, "+e1", str(files[0]), str(jpeg)).returncode == 0  # JPEG Lossless SV1
     original = pydicom.dcmread(files[0]).pixel_array
@@ -77,6 +80,9 @@ def test_storescu_uncompressed_and_jpeg_lossless(node, tmp_path):
     stored = spool.instances(key)
     assert len(stored) == 3 and len(received) == 3
     assert {r.calling_ae for r in received} == {"SCANNER"} and received[0].calling_host == "127.0.0.1"
+    # the completeness facts come with the instance, read from the header the SCP parsed anyway
+    assert all(r.facts is not None and r.facts == read_facts(r.path, r.sop_uid) for r in received)
+    assert {r.facts.position for r in received} == {f"0.00\\0.00\\{5.0 * i:.2f}" for i in range(3)}
     back = {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in stored}
     assert "1.2.840.10008.1.2.4.70" in back  # stored as received, not re-encoded
     jpeg_back = next(p for p in stored if pydicom.dcmread(p).file_meta.TransferSyntaxUID.is_compressed)
