@@ -98,9 +98,9 @@ def bench_pipeline_cpu(files: list[Path], work: Path) -> dict:
     """CPU time of the non-GPU stages, with the acquired volumes standing in for the model's output."""
     import numpy as np
 
-    from ctp_node.assemble import assemble_series
-    from ctp_node.derived import DerivedRecipe, write_derived_series
-    from ctp_node.grid import from_model_grid, to_model_grid
+    from ctp_node.series.assemble import assemble_series
+    from ctp_node.series.derived import DerivedRecipe, write_derived_series
+    from ctp_node.series.grid import from_model_grid, to_model_grid
     from model.planner import plan_inpainting
 
     def cpu() -> float:

@@ -3,7 +3,7 @@
 For each ``sampler:steps`` setting, one held-out phantom study acquired every ``--gap`` seconds goes
 through `ctp-node evaluate`'s own path (node grid, inpainting, back to scanner geometry) and is
 scored against the noise-free 1 s truth: masked PSNR and SSIM of the synthetic seconds, median
-perfusion-map disagreement with the truth's maps and the forward passes it took (training.evaluation).
+perfusion-map disagreement with the truth's maps and the forward passes it took (ctp_node.evaluation.phantom_study).
 Linear interpolation is the floor.
 
     .venv/bin/python benchmarks/sampler_tuning.py --checkpoint model/weights/demo.pt \\
@@ -48,8 +48,8 @@ def main() -> None:
 
     import torch
 
+    from ctp_node.evaluation.phantom_study import PhantomEvalSettings, evaluate_phantom
     from model import EngineSettings, Inpainter, load_denoiser
-    from training.evaluation import PhantomEvalSettings, evaluate_phantom
 
     net = load_denoiser(args.checkpoint)
     data = PhantomEvalSettings(gaps=(args.gap,), studies=1, seed=args.seed, noise_hu=args.noise, figures=False)

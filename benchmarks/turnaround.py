@@ -12,7 +12,7 @@ One run on this machine, for a 60 s study sampled every 4 s (8 slices of 512 x 5
    queued), processing (result written; includes the worker's claim) and delivery (last result file
    in storescp's folder). Processing uses a tiny random network and one sampler step, so that the
    network path is what is timed (`ctp-node bench` times the model).
-4. Delivery of the result files alone, as the worker sends them (ctp_node.scu.send_files), to a
+4. Delivery of the result files alone, as the worker sends them (ctp_node.node.scu.send_files), to a
    default storescp and to a tuned one (TCP_NODELAY=1), with and without the node's quick ACKs,
    and DCMTK storescu -> storescp of the same files as the floor.
 
@@ -41,7 +41,7 @@ from tests.peers import free_port, stop_process, wait_for, wait_for_port  # noqa
 
 TUNED = {"TCP_NODELAY": "1"}  # DCMTK's own switch for Nagle's algorithm
 # The node with its quick ACKs off: the same code, the Linux option hidden.
-NO_QUICKACK = "import ctp_node.scp as s; s._QUICKACK = None; from ctp_node.cli.main import app; app()"
+NO_QUICKACK = "import ctp_node.node.scp as s; s._QUICKACK = None; from ctp_node.cli.main import app; app()"
 
 
 def write_study(folder: Path, matrix: int, slices: int) -> list[Path]:
@@ -185,8 +185,8 @@ def bench_turnaround(files: list[Path], work: Path, expected: int) -> tuple[dict
 
 
 def bench_delivery(results: list[Path], work: Path, repeats: int) -> dict:
-    import ctp_node.scp as scp_module
-    from ctp_node.scu import Peer, send_files
+    import ctp_node.node.scp as scp_module
+    from ctp_node.node.scu import Peer, send_files
 
     out: dict = {}
     quickack = scp_module._QUICKACK

@@ -2,7 +2,7 @@
 
 For each phantom seed and sampling onset (the first acquisition 0..step-1 s into the study, so the
 samples fall at different phases of the bolus), the study is sampled every 4 s or 8 s, brought to
-the model grid and back with ``ctp_node.grid.back_to_source``, once with the vessel fit and once
+the model grid and back with ``ctp_node.series.grid.back_to_source``, once with the vessel fit and once
 without (linear), with a stand-in model that interpolates linearly in model space (the AIF lies
 above the model's window at its peak, so the model does not decide these numbers). The AIF of the
 output is the mean over the phantom's proximal-artery voxels (internal carotid, M1); its peak height
@@ -28,13 +28,13 @@ import time
 
 import numpy as np
 
-from ctp_node import vessel_fit
-from ctp_node.grid import _fit_vessels, back_to_source, second_sources, to_model_grid
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.aif import GammaVariate, reference_aif
 from ctp_node.phantom.anatomy import PROXIMAL_ARTERY, Lesion, head_labels
 from ctp_node.phantom.generator import reference_grid
 from ctp_node.phantom.sampling import parse_schedule, sample_study
+from ctp_node.series import vessel_fit
+from ctp_node.series.grid import _fit_vessels, back_to_source, second_sources, to_model_grid
 from model.planner import plan_inpainting
 
 

@@ -79,7 +79,7 @@ class DicomSettings(Section):
 
 
 class SeriesSettings(Section):
-    """When a received series is queued (``ctp_node.completeness`` judges whether it looks whole)."""
+    """When a received series is queued (``ctp_node.node.completeness`` judges whether it looks whole)."""
 
     quiet_period_s: float = Field(60, gt=0, description="A series is complete after this long without a new instance")
     # A series whose slice positions all hold the same number of instances (and no volume lacks a
@@ -153,7 +153,7 @@ class ModelSettings(Section):
 
 
 class GuardrailSettings(Section):
-    """The per-series check of the synthetic seconds against the acquired ones (ctp_node/guardrail.py).
+    """The per-series check of the synthetic seconds against the acquired ones (ctp_node/series/guardrail.py).
 
     ``policy``: ``flag`` sends a failing series as it is, flagged in the job, the log and every
     image's ImageComments; ``fallback`` replaces the model's seconds by linear interpolation (marked

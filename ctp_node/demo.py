@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.config import Settings
-from ctp_node.jobs import JobStore, State
-from ctp_node.pipeline import SeriesPipeline, make_processor
-from ctp_node.receiver import Receiver
-from ctp_node.scu import Peer, send_files
-from ctp_node.spool import SeriesKey, check_uid
-from ctp_node.worker import Worker
+from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.receiver import Receiver
+from ctp_node.node.scu import Peer, send_files
+from ctp_node.node.spool import SeriesKey, check_uid
+from ctp_node.node.worker import Worker
+from ctp_node.series.pipeline import SeriesPipeline, make_processor
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -126,7 +126,7 @@ def run_demo(
         processor = make_processor(pipeline)
 
         def with_progress(job, files, out_dir):
-            from ctp_node.worker import ProcessOutput
+            from ctp_node.node.worker import ProcessOutput
 
             result = pipeline.run(files, out_dir, progress=progress)
             verdict = result.guardrail
@@ -166,11 +166,11 @@ def _wait(fetch, timeout_s: float, what: str):
 
 def _compare_perfusion(study, acquired_files, derived_files, out: Path, say: Say) -> tuple[dict, list[Path]]:
     """Maps of the acquired (4 s) and synthetic (1 s) series against the phantom's truth."""
-    from ctp_node.assemble import assemble_series
     from ctp_node.evaluation.metrics import ReferenceMaps, perfusion_agreement
     from ctp_node.perfusion import compute_perfusion
     from ctp_node.perfusion.figure import save_figure
     from ctp_node.phantom import TissueLabel
+    from ctp_node.series.assemble import assemble_series
 
     truth = study.truth
     reference = ReferenceMaps.by_convention(truth.cbf, truth.cbv, truth.mtt, truth.tmax, truth.parenchyma_mask)

@@ -38,11 +38,11 @@ def evaluate(
 ) -> None:
     """Issue 10's measurements: per-tissue offsets, tissue curves, perfusion maps, PSNR and AIF of the model's
     synthetic seconds vs linear interpolation and the 1 s acquisition, against the noise-free truth; static real CT."""
+    from ctp_node.evaluation.phantom_study import PhantomEvalSettings, check_family, evaluate_npy, evaluate_phantom
+    from ctp_node.evaluation.static_ct import evaluate_static
     from model import EngineSettings, Inpainter, load_denoiser
     from model.checkpoint import recommendation_of
     from model.engine import choose_sampling
-    from training.evaluation import PhantomEvalSettings, check_family, evaluate_npy, evaluate_phantom
-    from training.static_ct import evaluate_static
 
     try:
         gap_list = tuple(int(g) for g in gaps.split(","))
@@ -89,8 +89,8 @@ def evaluate(
 
 
 def _static_sources(spec: str) -> list:
-    """The real CT volumes of ``--static-ct`` (``training.static_ct``), read before the long phantom part."""
-    from training.static_ct import load_static_source, offline_head_cts
+    """The real CT volumes of ``--static-ct`` (``ctp_node.evaluation.static_ct``), read before the long phantom part."""
+    from ctp_node.evaluation.static_ct import load_static_source, offline_head_cts
 
     if spec == "none":
         return []

@@ -14,7 +14,7 @@ jobs_app = typer.Typer(help="List, show, retry and re-send series jobs.", no_arg
 
 def _store(config: Path | None):
     """The configured job store, which must exist: a wrong path is an error, never a new empty store."""
-    from ctp_node.jobs import JobStore, StoreMissingError
+    from ctp_node.node.jobs import JobStore, StoreMissingError
 
     settings = _load(config)
     try:
@@ -44,7 +44,7 @@ def list_jobs(
     """One line per series: id, state, distinct instances, received, series UID, error or warning."""
     from rich.table import Table
 
-    from ctp_node.jobs import State
+    from ctp_node.node.jobs import State
 
     try:
         states = [State(s) for s in state]
@@ -113,8 +113,8 @@ def echo(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """C-ECHO a destination (or every configured one); exit 1 if any does not answer."""
-    from ctp_node.scu import Peer
-    from ctp_node.scu import echo as c_echo
+    from ctp_node.node.scu import Peer
+    from ctp_node.node.scu import echo as c_echo
 
     settings = _load(config)
     peers: list[tuple[str, Peer]] = []

@@ -50,9 +50,9 @@ def serve(
     log_format: str = LOG_FORMAT,
 ) -> None:
     """Receive CTP series (C-STORE), spool them, queue each series once it has been quiet."""
-    from ctp_node.jobs import JobStore
     from ctp_node.logs import setup_logging
-    from ctp_node.receiver import Receiver
+    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.receiver import Receiver
 
     setup_logging(log_level, log_format)
     settings = _load(config)
@@ -109,10 +109,10 @@ def worker(
     log_format: str = LOG_FORMAT,
 ) -> None:
     """Claim series jobs, inpaint them on this device and deliver the results (one process per GPU)."""
-    from ctp_node.jobs import JobStore
     from ctp_node.logs import setup_logging
-    from ctp_node.pipeline import SeriesPipeline, make_processor
-    from ctp_node.worker import Worker
+    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.worker import Worker
+    from ctp_node.series.pipeline import SeriesPipeline, make_processor
 
     setup_logging(log_level, log_format)
     settings = _load(config)

@@ -1,6 +1,6 @@
 """`ctp-node perfusion`: perfusion maps (CBF, CBV, MTT, Tmax, TTP, core, hypoperfusion) of one series.
 
-Input: a DICOM folder (assembled by ``ctp_node.assemble``), a ``.npy`` (T, Z, Y, X) HU array with
+Input: a DICOM folder (assembled by ``ctp_node.series.assemble``), a ``.npy`` (T, Z, Y, X) HU array with
 ``--times`` or a ``<stem>.json`` sidecar (``{"times_s": [...], "spacing_mm": [z, y, x]}``), or with
 ``--model-layout`` the published array layout (8, 192, 192, T) in 0..80 HU. Output: maps.npz,
 summary.json, perfusion.png and, with ``--nifti``, one .nii.gz per map and mask.
@@ -49,8 +49,8 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 
 
 def _load_dicom(folder: Path) -> _Input:
-    from ctp_node.assemble import assemble_series
     from ctp_node.errors import CTPInputError
+    from ctp_node.series.assemble import assemble_series
 
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     try:

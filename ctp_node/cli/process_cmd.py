@@ -47,7 +47,7 @@ def _group_by_series(folder: Path) -> dict[str, list[Path]]:
 
 
 def _pipeline(config: Path | None, checkpoint: Path | None, steps: int | None, sampler: str | None, device: str | None):
-    from ctp_node.pipeline import SeriesPipeline
+    from ctp_node.series.pipeline import SeriesPipeline
 
     settings = _load(config)
     model = settings.model.model_copy(
@@ -72,7 +72,7 @@ def _report_guardrail(result) -> None:
 
 
 def _send(settings, files: list[Path], targets: list[str]) -> int:
-    from ctp_node.scu import send_files
+    from ctp_node.node.scu import send_files
 
     failures = 0
     for target in targets:
@@ -138,7 +138,7 @@ def process(
 
 
 def _peer(settings, target: str):
-    from ctp_node.scu import Peer
+    from ctp_node.node.scu import Peer
 
     by_name = {d.name: d for d in settings.destinations}
     if target in by_name:
@@ -151,8 +151,8 @@ def _peer(settings, target: str):
 
 
 def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
-    from ctp_node.retrieve import retrieve_series
-    from ctp_node.spool import InvalidUIDError, Spool
+    from ctp_node.node.retrieve import retrieve_series
+    from ctp_node.node.spool import InvalidUIDError, Spool
 
     if not study:
         raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
@@ -187,8 +187,8 @@ def reprocess(
     """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
     from ctp_node.cli.jobs_cmd import _job
     from ctp_node.errors import CTPInputError
-    from ctp_node.jobs import JobStore
-    from ctp_node.spool import SeriesKey, Spool
+    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.spool import SeriesKey, Spool
 
     if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):
         raise typer.BadParameter(

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
-from ctp_node.jobs import JobStore, State, utcnow
-from ctp_node.scp import start_scp
-from ctp_node.spool import SeriesKey, Spool
+from ctp_node.node.jobs import JobStore, State, utcnow
+from ctp_node.node.scp import start_scp
+from ctp_node.node.spool import SeriesKey, Spool
 from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files, write_config
 
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_serve_where_the_data_folder_cannot_be_written_says_what_to_set(tmp_path
 
 
 def test_jobs_list_shows_distinct_instances_and_the_warning(configured):
-    from ctp_node.completeness import InstanceFacts
+    from ctp_node.node.completeness import InstanceFacts
 
     settings, config = configured
     store = JobStore(settings.database_url)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ctp_node.config import load_settings
-from ctp_node.jobs import JobStore
+from ctp_node.node.jobs import JobStore
 from tests.deploy.tools import COMPOSE_DIR, missing
 from tests.peers import free_port, stop_process, wait_for, wait_for_port
 from tests.postgres import _bin

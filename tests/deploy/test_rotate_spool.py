@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from ctp_node.jobs import JobStore, State, utcnow
+from ctp_node.node.jobs import JobStore, State, utcnow
 from tests.deploy.tools import DEPLOY
 
 TOOL = DEPLOY / "bin" / "ctp-node-rotate-spool"

@@ -33,8 +33,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
-from ctp_node.scp import ACCEPTED_TRANSFER_SYNTAXES
-from ctp_node.spool import UID_PATTERN
+from ctp_node.node.scp import ACCEPTED_TRANSFER_SYNTAXES
+from ctp_node.node.spool import UID_PATTERN
 from tests.node.running_node import RunningNode, read_until_closed
 from tests.peers import wait_for
 

@@ -14,10 +14,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.jobs import JobStore, State
-from ctp_node.pipeline import SeriesPipeline, make_processor
-from ctp_node.spool import SeriesKey, Spool
-from ctp_node.worker import Worker
+from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.worker import Worker
+from ctp_node.series.pipeline import SeriesPipeline, make_processor
 from tests.dcmtk import require
 from tests.integration.node_helpers import (
     cpu_checkpoint,

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.node.running_node import RunningNode, proc_status, read_until_closed
 from tests.peers import wait_for

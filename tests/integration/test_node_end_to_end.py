@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from ctp_node.jobs import JobStore, State
-from ctp_node.pipeline import SeriesPipeline, make_processor
-from ctp_node.receiver import Receiver
-from ctp_node.worker import Worker
+from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.receiver import Receiver
+from ctp_node.node.worker import Worker
+from ctp_node.series.pipeline import SeriesPipeline, make_processor
 from tests.dcmtk import require
 from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files
 from tests.node.dicom_helpers import run

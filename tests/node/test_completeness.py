@@ -11,8 +11,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import Column, MetaData, Table, create_engine, inspect, text
 
-from ctp_node.completeness import InstanceFacts, facts_from_header, judge, read_facts
-from ctp_node.jobs import JobStore, State, series_table, utcnow
+from ctp_node.node.completeness import InstanceFacts, facts_from_header, judge, read_facts
+from ctp_node.node.jobs import JobStore, State, series_table, utcnow
 from tests.node.dicom_helpers import ct_instance, free_port, require, run
 from tests.node.test_jobs import database_url, postgres  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
@@ -206,8 +206,8 @@ def test_a_store_from_an_older_version_opens_and_gains_the_new_parts(database_ur
 
 
 def test_recovery_backfills_the_facts_of_a_series_received_by_an_older_version(tmp_path):
-    from ctp_node.receiver import recover_spool
-    from ctp_node.spool import SeriesKey, Spool
+    from ctp_node.node.receiver import recover_spool
+    from ctp_node.node.spool import SeriesKey, Spool
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     spool = Spool(tmp_path / "spool")
@@ -227,11 +227,11 @@ def test_recovery_backfills_the_facts_of_a_series_received_by_an_older_version(t
 
 
 def test_a_late_instance_of_a_series_counted_by_an_older_version_keeps_the_count_right(tmp_path):
-    from ctp_node.audit import AuditLog
-    from ctp_node.metrics import NodeMetrics
-    from ctp_node.receiver import InstanceRecorder
-    from ctp_node.scp import ReceivedInstance
-    from ctp_node.spool import SeriesKey, Spool
+    from ctp_node.node.audit import AuditLog
+    from ctp_node.node.prometheus import NodeMetrics
+    from ctp_node.node.receiver import InstanceRecorder
+    from ctp_node.node.scp import ReceivedInstance
+    from ctp_node.node.spool import SeriesKey, Spool
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     spool, key = Spool(tmp_path / "spool"), SeriesKey("1.2.3", "1.2.3.4")
@@ -266,7 +266,7 @@ def _series_files(folder, study, series, positions, time_points, skip=()):
 
 def test_the_receiver_queues_complete_series_early_and_holds_incomplete_ones(tmp_path):
     from ctp_node.config import Settings
-    from ctp_node.receiver import Receiver
+    from ctp_node.node.receiver import Receiver
 
     storescu = require("storescu")
     settings = Settings(

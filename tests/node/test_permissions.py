@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ctp_node.audit import AuditLog
-from ctp_node.jobs import JobStore
+from ctp_node.node.audit import AuditLog
+from ctp_node.node.jobs import JobStore
+from ctp_node.node.spool import SeriesKey, Spool
 from ctp_node.permissions import DIR_MODE, FILE_MODE, make_dirs
-from ctp_node.spool import SeriesKey, Spool
 
 
 @pytest.fixture(params=[0o022, 0o000, 0o077])

@@ -7,10 +7,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.completeness import read_facts
 from ctp_node.config import AllowedCaller, DicomSettings
-from ctp_node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
-from ctp_node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.completeness import read_facts
+from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
+from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
 from tests.node.dicom_helpers import ct_instance, free_port, require, run
 
 
@@ -138,7 +138,7 @@ def test_bulk_read_socket_returns_what_pynetdicom_would():
 
     from pynetdicom.transport import AssociationSocket
 
-    from ctp_node.scp import BulkReadSocket
+    from ctp_node.node.scp import BulkReadSocket
 
     payload = bytes(range(256)) * 2048  # 512 KB, sent in uneven pieces
     for cls in (AssociationSocket, BulkReadSocket):
@@ -168,7 +168,7 @@ def test_connections_get_nodelay_bulk_reads_timeouts_and_the_configured_poll_int
     from pynetdicom.transport import AssociationSocket
 
     from ctp_node.config import DicomSettings
-    from ctp_node.scp import BulkReadSocket, tune_connection
+    from ctp_node.node.scp import BulkReadSocket, tune_connection
 
     def event(dul):
         acceptor = SimpleNamespace(maximum_length=131072)
@@ -208,7 +208,7 @@ def test_claimed_pdu_lengths_are_capped_before_allocation(pdu_type, length, allo
     import socket
     import threading
 
-    from ctp_node.scp import BulkReadSocket
+    from ctp_node.node.scp import BulkReadSocket
 
     ours, theirs = socket.socketpair()
     wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
@@ -234,7 +234,7 @@ def test_a_pdu_must_arrive_within_the_read_timeout():
     import socket
     import time
 
-    from ctp_node.scp import BulkReadSocket
+    from ctp_node.node.scp import BulkReadSocket
 
     ours, theirs = socket.socketpair()
     wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
@@ -257,7 +257,7 @@ def test_the_scu_caps_claims_and_times_out_on_a_hostile_scp():
     import socket
     import threading
 
-    from ctp_node.scu import Peer, echo
+    from ctp_node.node.scu import Peer, echo
 
     for answer in (b"\x02\x00\xff\xff\xff\xff", b"\x02\x00\x00\x00\x01\x00" + b"\x00" * 10):
         server = socket.create_server(("127.0.0.1", 0))

@@ -4,10 +4,10 @@ import pytest
 
 from ctp_node.config import Destination, SendSettings, Settings, StorageSettings
 from ctp_node.errors import IncompleteSeriesError, NotCTPError
-from ctp_node.jobs import JobStore, State, utcnow
-from ctp_node.scu import SendResult
-from ctp_node.spool import SeriesKey, Spool
-from ctp_node.worker import ProcessOutput, Worker, backoff_s
+from ctp_node.node.jobs import JobStore, State, utcnow
+from ctp_node.node.scu import SendResult
+from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.worker import ProcessOutput, Worker, backoff_s
 
 KEY = SeriesKey("1.2.3", "1.2.3.4")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ctp_node.assemble import assemble_series
 from ctp_node.cli.main import app
+from ctp_node.series.assemble import assemble_series
 from tests.dcmtk import require
 
 runner = CliRunner()

@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from ctp_node.assemble import assemble_series
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
+from ctp_node.series.assemble import assemble_series
 from tests.phantom.conftest import dciodvfy_errors, dciodvfy_report
 
 WRITERS = [("single-frame", "ge"), ("single-frame", "siemens"), ("single-frame", "content-time"), ("enhanced", "ge")]

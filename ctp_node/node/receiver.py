@@ -8,7 +8,7 @@ acknowledged) and reconciles the spool with the job store: series it does not kn
 and series whose files are newer than their last recorded instance are re-opened (a crash between
 the fsync and the database write). The watcher queues a series once it has been quiet for long
 enough, judging from a few header tags of each instance whether it looks complete
-(``ctp_node.completeness``): a short wait for a complete-looking series, a long one for an
+(``ctp_node.node.completeness``): a short wait for a complete-looking series, a long one for an
 incomplete-looking one (then queued with a warning), the quiet period otherwise.
 """
 
@@ -20,13 +20,13 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from ctp_node.audit import AuditLog
-from ctp_node.completeness import read_facts
 from ctp_node.config import Settings
-from ctp_node.jobs import JobStore
-from ctp_node.metrics import NodeMetrics
-from ctp_node.scp import ReceivedInstance, start_scp
-from ctp_node.spool import Spool
+from ctp_node.node.audit import AuditLog
+from ctp_node.node.completeness import read_facts
+from ctp_node.node.jobs import JobStore
+from ctp_node.node.prometheus import NodeMetrics
+from ctp_node.node.scp import ReceivedInstance, start_scp
+from ctp_node.node.spool import Spool
 
 log = logging.getLogger(__name__)
 

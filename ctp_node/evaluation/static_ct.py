@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.evaluation.metrics import difference_stats
-from ctp_node.grid import SLAB_SLICES
+from ctp_node.evaluation.node_path import grid_linear, node_inpaint
+from ctp_node.evaluation.report import StaticRow
 from ctp_node.series import CTPSeries
+from ctp_node.series.grid import SLAB_SLICES
 from model.engine import Inpainter
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
-from training.evaluation_report import StaticRow
-from training.node_path import grid_linear, node_inpaint
 
 PYDICOM_HEAD_CTS = ("J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm")
 STATIC_VOLUMES = 3

@@ -13,19 +13,19 @@ import pydicom
 import pytest
 
 from ctp_node import __version__
-from ctp_node.assemble import assemble_series
-from ctp_node.derived import (
+from ctp_node.phantom import PhantomConfig, generate_phantom
+from ctp_node.phantom.dicom_study import write_study
+from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
+from ctp_node.series.assemble import assemble_series
+from ctp_node.series.derived import (
     PATIENT_STUDY_KEYWORDS,
     DerivedRecipe,
     DerivedSeriesError,
     write_derived_series,
 )
-from ctp_node.grid import FillCounts, back_to_source, from_model_grid, to_model_grid
-from ctp_node.phantom import PhantomConfig, generate_phantom
-from ctp_node.phantom.dicom_study import write_study
-from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
+from ctp_node.series.grid import FillCounts, back_to_source, from_model_grid, to_model_grid
 from model.planner import plan_inpainting
-from tests.pipeline.conftest import dciodvfy_errors
+from tests.series.conftest import dciodvfy_errors
 
 RECIPE = DerivedRecipe(
     model_name="bae2024-ctp-inpainting",
@@ -458,7 +458,7 @@ def test_results_are_private_whatever_the_umask(small_head, tmp_path, umask):
      (0, -1000, (-1000, 0, 0)), (65535, None, (32767, 32767, 32767))],
 )  # fmt: skip
 def test_padding_range_in_stored_values(value, limit, expected):
-    from ctp_node.derived import _padding
+    from ctp_node.series.derived import _padding
 
     header = pydicom.Dataset()
     if value is not None:

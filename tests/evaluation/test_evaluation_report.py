@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from training.evaluation_report import EvaluationReport, Row, StaticRow, spread
+from ctp_node.evaluation.report import EvaluationReport, Row, StaticRow, spread
 
 MAPS_1S = {"map.cbf": 0.18, "map.cbv": 0.36, "map.mtt": 0.24, "map.tmax": 0.86}
 MAPS_LINEAR = {"map.cbf": 0.22, "map.cbv": 0.41, "map.mtt": 0.41, "map.tmax": 1.6}

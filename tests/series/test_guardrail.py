@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from ctp_node.config import GuardrailSettings
-from ctp_node.derived import DerivedRecipe
-from ctp_node.grid import second_sources
-from ctp_node.guardrail import VERDICT_FILE, check_series, fall_back, interpolated, noise_hu
 from ctp_node.phantom.dicom_study import write_study
-from ctp_node.pipeline import SeriesPipeline
+from ctp_node.series.derived import DerivedRecipe
+from ctp_node.series.grid import second_sources
+from ctp_node.series.guardrail import VERDICT_FILE, check_series, fall_back, interpolated, noise_hu
+from ctp_node.series.pipeline import SeriesPipeline
 from model import EngineSettings, Inpainter
-from tests.pipeline.conftest import ring_head
+from tests.series.conftest import ring_head
 
 # --- the checks on plain arrays ---------------------------------------------------------------------
 

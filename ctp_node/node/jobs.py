@@ -11,7 +11,7 @@ retryable by hand) or ignored (not CTP). An instance arriving after completion r
 (state receiving, generation + 1): the result is recomputed and replaces the earlier one.
 
 Instances are counted by SOPInstanceUID (table ``instances``: a resent instance is one instance),
-with the few header facts the completeness check needs (``ctp_node.completeness``). A store made
+with the few header facts the completeness check needs (``ctp_node.node.completeness``). A store made
 by an older version opens as it is: missing tables are created and missing (nullable) columns
 added at start.
 """
@@ -50,7 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from ctp_node.completeness import InstanceFacts, Verdict, judge
+from ctp_node.node.completeness import InstanceFacts, Verdict, judge
 from ctp_node.permissions import make_dirs, touch_private
 
 metadata = MetaData()
@@ -409,7 +409,7 @@ class JobStore:
             ).scalar_one()
 
     def completeness(self, job_id: int, min_time_points: int = 3) -> Verdict:
-        """The completeness verdict on a series from its instances' facts (``ctp_node.completeness``)."""
+        """The completeness verdict on a series from its instances' facts (``ctp_node.node.completeness``)."""
         with self._tx() as conn:
             return self._judge(conn, job_id, min_time_points)
 
@@ -430,7 +430,7 @@ class JobStore:
         """Series with no new instance for long enough become queued.
 
         Without the keyword arguments: quiet for ``quiet_period_s``. With them, the series' instances
-        are judged (``ctp_node.completeness``): one that looks complete, and was never re-opened by a
+        are judged (``ctp_node.node.completeness``): one that looks complete, and was never re-opened by a
         late instance, is queued after ``complete_quiet_period_s``; one that looks incomplete waits
         for the rest up to ``incomplete_wait_s`` without a new instance and is then queued anyway,
         with a warning on the job; one the headers say nothing about after ``quiet_period_s``.

@@ -3,7 +3,7 @@
 Run on the 1 s series in HU on the source grid, after ``from_model_grid`` and before writing. The
 reference is the linear interpolation ``I`` of the two acquired volumes around each synthetic
 second (what the node would send without a model). Only the voxels the model fills are compared:
-brain voxels within its 0..80 HU window in both neighbours (``ctp_node.grid.from_model_grid``);
+brain voxels within its 0..80 HU window in both neighbours (``ctp_node.series.grid.from_model_grid``);
 every other voxel is ``I`` by construction. Three checks:
 
 1. **Class offset.** Per tissue class, the mean of (synthetic - I) over all synthetic seconds. The
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.config import GuardrailSettings
-from ctp_node.grid import SecondSource
 from ctp_node.permissions import make_dirs, open_new_file
+from ctp_node.series.grid import SecondSource
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
 
 CLASSES = ("csf", "white", "grey")
@@ -142,7 +142,7 @@ def check_series(
     """The three checks (module docstring) over the ``synthetic`` seconds of ``sources``.
 
     ``hu_1s``: (T1, Z, Y, X) HU as it would be written; ``sources``: per grid second, what fills it
-    (``ctp_node.grid.second_sources``); ``source_hu``: (T, Z, Y, X) the acquired volumes, acquired
+    (``ctp_node.series.grid.second_sources``); ``source_hu``: (T, Z, Y, X) the acquired volumes, acquired
     at ``times_s`` (T,); ``brain_mask``: (Z, Y, X) bool on the source grid.
     """
     model_seconds = [g for g, s in enumerate(sources) if s.kind == "synthetic"]

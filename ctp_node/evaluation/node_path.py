@@ -1,6 +1,6 @@
 """One series through the node's own path, without DICOM: model grid -> inpaint -> scanner geometry.
 
-The same stages as ``ctp_node.pipeline.SeriesPipeline.run`` between assembling and writing, so an
+The same stages as ``ctp_node.series.pipeline.SeriesPipeline.run`` between assembling and writing, so an
 evaluation measures what a PACS would receive (vessels, bone and voxels outside the model's window
 filled as the node fills them).
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctp_node.grid import ModelGridSeries, from_model_grid, to_model_grid
 from ctp_node.series import CTPSeries
+from ctp_node.series.grid import ModelGridSeries, from_model_grid, to_model_grid
 from model.baseline import linear_inpaint
 from model.engine import Inpainter
 

@@ -5,14 +5,14 @@ import logging
 import pytest
 
 from ctp_node.config import Settings
-from ctp_node.pipeline import SeriesPipeline
+from ctp_node.series.pipeline import SeriesPipeline
 from tests.integration.node_helpers import cpu_checkpoint
 
 
 def test_no_configured_checkpoint_falls_back_to_the_demo_weights_loudly(tmp_path, monkeypatch, caplog):
     demo = cpu_checkpoint(tmp_path / "demo.pt")
     monkeypatch.setattr("model.checkpoint.DEMO_WEIGHTS", demo)
-    with caplog.at_level(logging.WARNING, logger="ctp_node.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ctp_node.series.pipeline"):
         pipeline = SeriesPipeline.from_settings(Settings(model={"device": "cpu"}))
     assert "simulated phantom studies only" in caplog.text and "not for clinical use" in caplog.text
     assert pipeline.recipe.checkpoint_id.startswith("demo.pt sha256:")  # the derived series names the weights

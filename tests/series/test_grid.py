@@ -9,7 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from ctp_node.errors import CTPInputError
-from ctp_node.grid import (
+from ctp_node.phantom import PhantomConfig, generate_phantom
+from ctp_node.phantom.sampling import acquisition_times, parse_schedule, sample_study
+from ctp_node.phantom.tissue import TissueLabel
+from ctp_node.series.grid import (
     FillCounts,
     GridError,
     back_to_source,
@@ -17,12 +20,9 @@ from ctp_node.grid import (
     second_sources,
     to_model_grid,
 )
-from ctp_node.phantom import PhantomConfig, generate_phantom
-from ctp_node.phantom.sampling import acquisition_times, parse_schedule, sample_study
-from ctp_node.phantom.tissue import TissueLabel
 from model.planner import plan_inpainting
 from model.window import to_model_space
-from tests.pipeline.conftest import BRAIN_HU, VESSEL_HU, dice, ring_head
+from tests.series.conftest import BRAIN_HU, VESSEL_HU, dice, ring_head
 
 
 def _on_model_grid(grid, mask: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
+from ctp_node.evaluation.static_ct import offline_head_cts
 from tests.integration.node_helpers import cpu_checkpoint
-from training.static_ct import offline_head_cts
 
 runner = CliRunner()
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node import __version__
-from ctp_node.assemble import assemble_series
 from ctp_node.config import GuardrailSettings, ModelSettings, OutputSettings, Settings
-from ctp_node.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
-from ctp_node.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.errors import NotCTPError
-from ctp_node.grid import back_to_source, to_model_grid
-from ctp_node.guardrail import GuardrailVerdict, check_series, fall_back
-from ctp_node.jobs import SeriesJob
+from ctp_node.node.jobs import SeriesJob
+from ctp_node.series.assemble import assemble_series
+from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
+from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
+from ctp_node.series.grid import back_to_source, to_model_grid
+from ctp_node.series.guardrail import GuardrailVerdict, check_series, fall_back
 from model import EngineSettings, Inpainter, load_denoiser
 from model.checkpoint import recommendation_of
 from model.engine import ProgressLog, SamplingChoice, choose_sampling
@@ -210,7 +210,7 @@ def recipe_for(
 
 def make_processor(pipeline: SeriesPipeline) -> Callable[[SeriesJob, Sequence[Path], Path], object]:
     """The worker's processor: run the pipeline on the spooled files of a job."""
-    from ctp_node.worker import ProcessOutput
+    from ctp_node.node.worker import ProcessOutput
 
     def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
         if not files:

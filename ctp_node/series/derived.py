@@ -20,7 +20,7 @@ atomic rename), ready for C-STORE. What each instance says about itself:
   ContentDate/Time, to 1 us): the time of what it shows. An acquired image keeps its volume's own
   acquisition time (also when the model's grid snapped it to the nearest second); a synthetic or
   interpolated image sits at its true place between the two acquired volumes it was made from
-  (``ctp_node.grid.from_model_grid``). With acquisitions on whole seconds these are the grid
+  (``ctp_node.series.grid.from_model_grid``). With acquisitions on whole seconds these are the grid
   seconds, 1 s apart; with irregular ones they are not, and they always increase strictly.
   TemporalPositionIdentifier g + 1 of NumberOfTemporalPositions T1; InstanceNumber ``g * Z + z + 1``;
   AcquisitionNumber g + 1. A source without a start time is refused (``DerivedSeriesError``): the
@@ -68,10 +68,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ctp_node import __version__
-from ctp_node.grid import FillCounts, SecondSource, second_sources
 from ctp_node.permissions import make_dirs, open_new_file
 from ctp_node.phantom.dicom_modules import StudyUIDs, dicom_date, dicom_time, pixel_format
 from ctp_node.series import CTPSeries
+from ctp_node.series.grid import FillCounts, SecondSource, second_sources
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def write_derived_series(
 
     ``grid_times_s``: (T1,) seconds on the clock of ``source.times_s``, exactly 1 s apart;
     ``synthetic_mask``: (T1,) the engine's synthetic seconds; ``usable``: as given to the engine;
-    ``fills``: per second, how its voxels were filled (``ctp_node.grid.back_to_source``), stated in
+    ``fills``: per second, how its voxels were filled (``ctp_node.series.grid.back_to_source``), stated in
     ImageComments. Everything is checked before the first file is written.
     """
     hu = np.asarray(hu_1s)

@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ctp_node.config import MetricsSettings
-from ctp_node.jobs import JobStore
+from ctp_node.node.jobs import JobStore
 
 
 class _JobStateCollector(Collector):
@@ -34,7 +34,7 @@ class NodeMetrics:
             "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
         )
         # reason: disk, job_store (0xA700); missing_uid, invalid_uid, uid_mismatch, sop_class,
-        # unreadable (0xC000), as ctp_node.scp.handle_store answers them.
+        # unreadable (0xC000), as ctp_node.node.scp.handle_store answers them.
         self.refused = Counter(
             "ctp_node_refused_instances", "C-STORE requests answered with a failure", ["reason"], registry=self.registry
         )

@@ -1,6 +1,6 @@
 """`CTPSeries`: one CT perfusion series as plain arrays, the currency between pipeline stages.
 
-Produced by :func:`ctp_node.assemble.assemble_series` from DICOM instances (and by the phantom for
+Produced by :func:`ctp_node.series.assemble.assemble_series` from DICOM instances (and by the phantom for
 writing). Geometry follows the DICOM patient coordinate system (LPS, millimetres) and the SimpleITK
 conventions, so resampling code can hand it to SimpleITK without reinterpretation.
 """

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctp_node.assemble import assemble_series
 from ctp_node.phantom import PhantomConfig, PhantomStudy, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
 from ctp_node.series import CTPSeries
+from ctp_node.series.assemble import assemble_series
 
 DCIODVFY = "/usr/bin/dciodvfy"
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ctp_node.audit import AuditLog
 from ctp_node.config import Destination, SendSettings, Settings
 from ctp_node.errors import CTPInputError, NotCTPError
-from ctp_node.jobs import JobStore, LeaseLost, SeriesJob, State, default_worker_id, utcnow
-from ctp_node.metrics import NodeMetrics
-from ctp_node.scu import Peer, SendResult, send_files
-from ctp_node.spool import SeriesKey, Spool
+from ctp_node.node.audit import AuditLog
+from ctp_node.node.jobs import JobStore, LeaseLost, SeriesJob, State, default_worker_id, utcnow
+from ctp_node.node.prometheus import NodeMetrics
+from ctp_node.node.scu import Peer, SendResult, send_files
+from ctp_node.node.spool import SeriesKey, Spool
 
 log = logging.getLogger(__name__)
 

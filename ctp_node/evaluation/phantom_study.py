@@ -1,7 +1,7 @@
 """`ctp-node evaluate`: issue 10's measurements of the synthetic seconds, per acquisition gap.
 
 Held-out phantom studies are acquired every G s (with noise) and filled back to 1 s by three
-candidates: the **model** (through the node's own path, ``training.node_path``: model grid ->
+candidates: the **model** (through the node's own path, ``ctp_node.evaluation.node_path``: model grid ->
 inpaint -> scanner geometry with vessels and bone filled as the node fills them), **linear**
 interpolation of the acquired volumes, and the **reference**, the full 1 s acquisition with the same
 noise (what scanning every second gives). A fourth, **grid_linear**, is the node's path with linear
@@ -21,7 +21,7 @@ seconds (those not acquired) are compared, on whole 192 x 192 slabs:
 5. the arterial input: the mean curve of the AIF voxels the analysis picks on the truth series;
    peak height (HU) and peak time (s) errors.
 
-``training.static_ct`` adds a static series of real CT anatomy; ``training.evaluation_report``
+``ctp_node.evaluation.static_ct`` adds a static series of real CT anatomy; ``ctp_node.evaluation.report``
 aggregates (mean, std, min, max over studies), judges the targets and writes JSON and Markdown.
 
 User data in the published layout (``.npy`` 8 x 192 x 192 x T, 0..80 HU) get the image metrics
@@ -48,11 +48,11 @@ from ctp_node.evaluation.metrics import (
     peak_error,
     sequence_image_metrics,
 )
+from ctp_node.evaluation.node_path import grid_linear, node_inpaint
+from ctp_node.evaluation.report import CURVE_TISSUES, MAPS, EvaluationReport, Row
 from model.baseline import linear_inpaint
 from model.engine import Inpainter
 from model.window import from_model_space, to_model_space
-from training.evaluation_report import CURVE_TISSUES, MAPS, EvaluationReport, Row
-from training.node_path import grid_linear, node_inpaint
 
 ProgressFn = Callable[[str], None]
 FAMILIES = ("a", "b")

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctp_node.evaluation.phantom_study import PhantomEvalSettings, check_family, load_study
+from ctp_node.evaluation.static_ct import evaluate_static, load_static_source, offline_head_cts, static_series
 from model.baseline import linear_inpaint
-from training.evaluation import PhantomEvalSettings, check_family, load_study
-from training.static_ct import evaluate_static, load_static_source, offline_head_cts, static_series
 
 
 @dataclass

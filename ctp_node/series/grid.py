@@ -64,9 +64,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ctp_node import vessel_fit
 from ctp_node.errors import CTPInputError
-from ctp_node.series import CTPSeries
+from ctp_node.series import CTPSeries, vessel_fit
 from model.planner import plan_inpainting
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU, from_model_space, to_model_space
 
@@ -295,7 +294,7 @@ def from_model_grid(
       (outside the brain: skull, scalp, vessels outside it; inside it but outside the window in L
       or R: contrast-filled arteries, veins and sinuses above 80 HU, calcifications, air; a
       sub-pixel rim without model pixels) takes the vessel fit where it has one, else I.
-    - Vessel fit (``ctp_node.vessel_fit``): a voxel whose acquired samples rise at least 40 HU
+    - Vessel fit (``ctp_node.series.vessel_fit``): a voxel whose acquired samples rise at least 40 HU
       (and 6 noise sigmas) above their baseline and that the model does not fill at every second
       gets a gamma-variate
       bolus with recirculation fitted to all its acquired samples at their true times; where the

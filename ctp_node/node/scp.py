@@ -49,14 +49,14 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from ctp_node.completeness import LAST_TAG_READ, InstanceFacts, facts_from_header
 from ctp_node.config import DicomSettings
-from ctp_node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.completeness import LAST_TAG_READ, InstanceFacts, facts_from_header
+from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
-    from ctp_node.metrics import NodeMetrics
+    from ctp_node.node.prometheus import NodeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctp_node import vessel_fit
 from ctp_node.phantom.aif import GammaVariate, reference_aif
+from ctp_node.series import vessel_fit
 
 
 def _lagged_normal(t: np.ndarray) -> np.ndarray:

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from ctp_node.scp import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ctp_node.scu import Peer
-from ctp_node.spool import SeriesKey, Spool, check_uid
+from ctp_node.node.scp import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from ctp_node.node.scu import Peer
+from ctp_node.node.spool import SeriesKey, Spool, check_uid
 
 log = logging.getLogger(__name__)
 

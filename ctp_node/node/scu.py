@@ -53,7 +53,7 @@ def _tuned(timeout_s: float) -> list:
     """The handler that gives each new connection the node's socket settings."""
     from pynetdicom import evt
 
-    from ctp_node.scp import tune_socket
+    from ctp_node.node.scp import tune_socket
 
     return [(evt.EVT_CONN_OPEN, lambda event: tune_socket(event.assoc, timeout_s))]
 
