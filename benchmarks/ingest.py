@@ -3,8 +3,10 @@
 Measures, in one run on this machine: (1) `ctp-node serve` (every instance fsync'd, renamed, its
 folder fsync'd, a job-store row updated and an audit line written before Success), and (2) DCMTK's
 `storescp` writing the same files (no fsync), both with TCP_NODELAY=1 and 128 KB PDUs on both sides;
-(3) CPU time of assemble + to_model_grid + from_model_grid + write for the received series (the
-inpainting is replaced by the acquired neighbours, since it is timed by `ctp-node bench`).
+(3) the node's own path (``ctp_node.series.pipeline.run_series``) on the series acquired every 4 s:
+wall time per stage (assemble, to_grid, from_grid, guardrail, write) and CPU time in all, with the
+network replaced by linear interpolation on the model grid (``model.engine.LinearInpainter``; the
+network is timed by `ctp-node bench`).
 
     .venv/bin/python benchmarks/ingest.py [--json out.json]
 """
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.dcmtk import require  # noqa: E402
-from tests.peers import free_port, wait_for_port  # noqa: E402
+from tests.ports import free_port, wait_for_port  # noqa: E402
 
 
 def write_study(folder: Path) -> list[Path]:
@@ -95,63 +97,35 @@ def bench_storescp(storescu: str, storescp: str, files: list[Path], work: Path) 
 
 
 def bench_pipeline_cpu(files: list[Path], work: Path) -> dict:
-    """CPU time of the non-GPU stages, with the acquired volumes standing in for the model's output."""
-    import numpy as np
-
-    from ctp_node.series.assemble import assemble_series
-    from ctp_node.series.derived import DerivedRecipe, write_derived_series
-    from ctp_node.series.grid import from_model_grid, to_model_grid
-    from model.planner import plan_inpainting
+    """The node's path on every 4th volume, with linear interpolation standing in for the network."""
+    from ctp_node.series.derived import DerivedRecipe
+    from ctp_node.series.pipeline import SeriesPipeline, run_series
+    from model.engine import LinearInpainter
 
     def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    stages = {}
-    start = cpu()
-    series = assemble_series(files)
-    stages["assemble"] = cpu() - start
-    # Acquired every 4 s: keep volumes 0, 4, 8, ...
-    from ctp_node.series import CTPSeries
-
-    idx = np.arange(0, series.hu.shape[0], 4)
-    by_uid = {_sop_uid(p): p for p in files}
-    sparse_files = [by_uid[uid] for v in idx for uid in series.sop_instance_uids[v]]
-    sparse = CTPSeries(
-        hu=series.hu[idx],
-        times_s=series.times_s[idx],
-        origin=series.origin,
-        spacing_mm=series.spacing_mm,
-        direction=series.direction,
-        sop_instance_uids=[series.sop_instance_uids[v] for v in idx],
-        study_uid=series.study_uid,
-        series_uid=series.series_uid,
-        frame_of_reference_uid=series.frame_of_reference_uid,
-        start=series.start,
-    )
-    mark = cpu()
-    grid = to_model_grid(sparse)
-    stages["to_model_grid"] = cpu() - mark
-    plan = plan_inpainting(sparse.times_s, np.ones(len(idx)))
-    synthetic = np.isin(plan.seconds, [t.second for t in plan.targets])
-    times = plan.times_s
-    slabs = [np.repeat(s[:1], len(times), axis=0) for s in grid.slabs]
-    mark = cpu()
-    hu_1s = from_model_grid(grid, slabs, synthetic, sparse, times)
-    stages["from_model_grid"] = cpu() - mark
+    # Acquired every 4 s: the instances of volumes 0, 4, 8, ... (the phantom writes one per slice per second).
+    by_time: dict[str, list[Path]] = {}
+    for path in files:
+        by_time.setdefault(_acquisition_time(path), []).append(path)
+    sparse_files = [p for k, t in enumerate(sorted(by_time)) if k % 4 == 0 for p in by_time[t]]
     recipe = DerivedRecipe(model_name="bench", model_version="bench", checkpoint_id="none", sampler="none", steps=1)
-    mark = cpu()
-    written = write_derived_series(hu_1s, times, synthetic, sparse, sparse_files, work / "derived", recipe=recipe)
-    stages["write"] = cpu() - mark
-    stages["total_cpu_s"] = sum(stages.values())
-    stages["files_written"] = written.count
+    pipeline = SeriesPipeline(LinearInpainter(), recipe)
+    start = cpu()
+    result = run_series(pipeline, sparse_files, work / "derived")
+    stages = {f"{name}_wall_s": value for name, value in result.seconds.items() if name != "inpaint"}
+    stages["total_cpu_s"] = cpu() - start
+    stages["files_written"] = result.derived.count if result.derived else 0
     return stages
 
 
-def _sop_uid(path: Path) -> str:
+def _acquisition_time(path: Path) -> str:
     import pydicom
 
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AcquisitionDate", "AcquisitionTime"])
+    return f"{header.get('AcquisitionDate', '')}{header.get('AcquisitionTime', '')}"
 
 
 def main() -> None:

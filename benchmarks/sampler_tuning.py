@@ -51,11 +51,11 @@ def main() -> None:
     from ctp_node.evaluation.phantom_study import PhantomEvalSettings, evaluate_phantom
     from model import EngineSettings, Inpainter, load_denoiser
 
-    net = load_denoiser(args.checkpoint)
+    loaded = load_denoiser(args.checkpoint)  # the engine samples with the checkpoint's own schedule
     data = PhantomEvalSettings(gaps=(args.gap,), studies=1, seed=args.seed, noise_hu=args.noise, figures=False)
     rows, linear = [], None
     for sampler, steps in parse_settings(args.settings):
-        engine = Inpainter(net, EngineSettings(sampler=sampler, steps=steps, long_gap="error"), device=args.device)
+        engine = Inpainter(loaded, EngineSettings(sampler=sampler, steps=steps, long_gap="error"), device=args.device)
         calls = {"n": 0}
         forward = engine._forward
 

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.dcmtk import require  # noqa: E402
-from tests.peers import free_port, stop_process, wait_for, wait_for_port  # noqa: E402
+from tests.peers import stop_process, wait_for  # noqa: E402
+from tests.ports import free_port, wait_for_port  # noqa: E402
 
 TUNED = {"TCP_NODELAY": "1"}  # DCMTK's own switch for Nagle's algorithm
 # The node with its quick ACKs off: the same code, the Linux option hidden.

@@ -13,7 +13,7 @@ voxels in place of it (noise and baseline kept): ``lagged-normal`` (a Gaussian c
 exponential, plus a logistic recirculation step) and ``two-gamma`` (two gamma variates of different
 shape and a broad recirculation), so the fit is not judged on the phantom's own family only.
 
-Fit time: ``_fit_vessels`` (candidate search + fit) on a 512 x 512 x 16 phantom acquired every 4 s
+Fit time: ``vessel_fits`` (candidate search + fit) on a 512 x 512 x 16 phantom acquired every 4 s
 (16 volumes), and ``fit_curves`` on 125 000 arterial-like voxels (3 % of such a study): wall clock and
 CPU time of the process (the CPU time is what the fit costs when other jobs share the cores).
 
@@ -34,8 +34,8 @@ from ctp_node.phantom.anatomy import PROXIMAL_ARTERY, Lesion, head_labels
 from ctp_node.phantom.generator import reference_grid
 from ctp_node.phantom.sampling import parse_schedule, sample_study
 from ctp_node.series import vessel_fit
-from ctp_node.series.grid import _fit_vessels, back_to_source, second_sources, to_model_grid
-from model.planner import plan_inpainting
+from ctp_node.series.grid import back_to_source, to_model_grid, vessel_fits
+from model.planner import plan_seconds
 
 
 def lagged_normal(t: np.ndarray) -> np.ndarray:
@@ -77,15 +77,12 @@ def run_case(study, arteries: np.ndarray, step: int, onset: int) -> dict[str, tu
     times = ",".join(str(t) for t in range(onset, int(study.times_s[-1]) + 1, step))
     series = sample_study(study, parse_schedule(f"times:{times}"))
     grid = to_model_grid(series)
-    plan = plan_inpainting(series.times_s, np.zeros(series.times_s.size), long_gap="linear")
-    targets = {t.second for t in plan.targets}
-    synthetic = np.array([int(s) in targets for s in plan.seconds])
-    sources = second_sources(series.times_s, plan.times_s, synthetic)
-    slabs = model_linear_slabs(grid, sources)
+    plan = plan_seconds(series.times_s, long_gap="linear")
+    slabs = model_linear_slabs(grid, plan.fills)
     truth = study.hu[onset + plan.seconds][:, arteries].mean(axis=1)
     errors = {}
     for name, fit in (("linear", False), ("fit", True)):
-        back = back_to_source(grid, slabs, synthetic, series, plan.times_s, fit_vessels=fit)
+        back = back_to_source(grid, slabs, plan, series, fit_vessels=fit)
         aif = back.hu[:, arteries].mean(axis=1)
         errors[name] = (
             abs(float(aif.max() - truth.max())),
@@ -127,14 +124,12 @@ def timing() -> None:
     study = generate_phantom(cfg)
     series = sample_study(study, parse_schedule("every:4"))
     del study
-    plan = plan_inpainting(series.times_s, np.zeros(series.times_s.size), long_gap="linear")
-    synthetic = np.array([int(s) in {t.second for t in plan.targets} for s in plan.seconds])
-    sources = second_sources(series.times_s, plan.times_s, synthetic)
+    sources = plan_seconds(series.times_s, long_gap="linear").fills
     grid = to_model_grid(series)
     noise = vessel_fit.estimate_noise_hu(series.hu[0], series.hu[1])
     n_candidates = int((vessel_fit.enhancement(list(series.hu)) >= vessel_fit.enhancement_threshold(noise)).sum())
     started, cpu = time.perf_counter(), time.process_time()
-    fitted = _fit_vessels(series.hu, series.times_s, sources, grid.brain_mask)
+    fitted = vessel_fits(series.hu, series.times_s, sources, grid.brain_mask)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     n_fit = 0 if fitted is None else fitted[0].size
     print(

@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ctp_node.errors import ConfigError  # defined with the node's other errors; importable from here
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -25,10 +27,6 @@ else:  # pragma: no cover - Python 3.10
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 printable characters, no backslash
 CONFIG_ENV = "CTP_NODE_CONFIG"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message says which key and why."""
 
 
 class Section(BaseModel):
@@ -182,13 +180,116 @@ class GuardrailSettings(Section):
         return self
 
 
-class Destination(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    host: str
-    port: int = Field(ge=1, le=65535)
-    ae_title: str
+class MotionSettings(Section):
+    """Head motion (ctp_node/series/motion.py): rigid registration of every volume to the baseline,
+    and volumes registration cannot rescue marked unusable (inpainted like a gap).
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    On by default: stroke patients move during a minute of scanning, a moved volume corrupts every
+    voxel's curve near an edge, and a still series comes out unchanged (volumes that moved less than
+    ``min_correction_mm`` are not resampled; nothing is flagged). Thresholds are physical (mm, HU)
+    and must also be robust outliers (``outlier_z``, median/MAD z-score) against the series itself.
+    """
+
+    enabled: bool = True
+    reference_volumes: int = Field(3, ge=1)  # reference: voxelwise median of the first volumes (baseline)
+    registration_pixel_mm: float = Field(2.0, gt=0)  # in-plane pixel the registration works at
+    bone_hu: tuple[float, float] = (700.0, 1700.0)  # the anchor: skull; enhancing vessels stay below it
+    min_correction_mm: float = Field(0.5, ge=0)  # smaller displacements are left alone (not resampled)
+    # Resampling of moved volumes: "bspline" (cubic) blurs them less than "linear" (docs/benchmarks.md).
+    interpolation: Literal["linear", "bspline"] = "linear"
+    max_misalignment_mm: float = Field(1.0, gt=0)  # residual (or slice step) larger than this: unusable
+    outlier_z: float = Field(5.0, gt=0)
+    baseline_offset_hu: float = Field(2.0, gt=0)  # baseline volume's mean brain HU off the others'
+    baseline_noise_ratio: float = Field(2.0, gt=1)  # baseline volume's RMS difference vs the others'
+    threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> MotionSettings:
+        low, high = self.bone_hu
+        if not low < high:
+            raise ValueError(f"bone_hu must be increasing, got {self.bone_hu}")
+        return self
+
+
+class Credential(Section):
+    """A secret read at start from an environment variable or a file, never from the TOML itself
+    (configuration files get copied and shared), and never logged."""
+
+    env: str | None = None  # the name of the environment variable that holds it
+    file: Path | None = None  # a file holding it (surrounding whitespace is dropped)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credential:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (a variable's name) or file (a path) for a secret")
+        return self
+
+    def read(self) -> str:
+        """The secret; ConfigError saying what to set when it is missing or empty."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "")
+            where = f"environment variable {self.env}"
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the secret file {self.file}: {exc.strerror or exc}") from exc
+            where = f"file {self.file}"
+        if not value:
+            raise ConfigError(f"the secret is empty: set the {where}")
+        return value
+
+
+class DicomwebAuth(Section):
+    """How the node authenticates to a DICOMweb destination: a bearer token, or HTTP basic."""
+
+    kind: Literal["bearer", "basic"]
+    secret: Credential  # the token (bearer) or the password (basic)
+    username: str | None = None  # basic only
+
+    @model_validator(mode="after")
+    def _basic_has_user(self) -> DicomwebAuth:
+        if (self.kind == "basic") != (self.username is not None):
+            raise ValueError("username is required with kind = 'basic' and only there")
+        return self
+
+
+class Destination(Section):
+    """Where results go: a DICOM peer over C-STORE (kind dimse: host, port, ae_title) or a DICOMweb
+    service over STOW-RS (kind dicomweb: url, e.g. https://pacs.example/dicom-web, optional auth)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    ae_title: str | None = None
+    url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    auth: DicomwebAuth | None = None
+    ca_certificates: Path | None = None  # dicomweb over https with a private CA
+    timeout_s: float = Field(60, gt=0)  # dicomweb: connect and read timeout of each request
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> Destination:
+        dimse = {"host": self.host, "port": self.port, "ae_title": self.ae_title}
+        dicomweb = {"url": self.url, "auth": self.auth, "ca_certificates": self.ca_certificates}
+        own, other = (dimse, dicomweb) if self.kind == "dimse" else (dicomweb, dimse)
+        required = ("host", "port", "ae_title") if self.kind == "dimse" else ("url",)
+        missing = [k for k in required if own[k] is None]
+        extra = [k for k, v in other.items() if v is not None]
+        if missing or extra:
+            raise ValueError(
+                f"destination {self.name!r} (kind {self.kind}) "
+                + (f"needs {', '.join(missing)}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"does not take {', '.join(extra)}" if extra else "")
+            )
+        return self
 
 
 class SendSettings(Section):
@@ -203,9 +304,101 @@ class OutputSettings(Section):
     series_description: str = Field("1s SYNTHETIC - RESEARCH USE ONLY", max_length=64)
 
 
+class PerfusionOutputSettings(Section):
+    """The perfusion outputs sent with each job's synthetic series (ctp_node/series/outputs/), each its own
+    series and each switchable; all marked research use only."""
+
+    enabled: bool = True
+    quantitative_maps: bool = True  # CBF, CBV, MTT, Tmax as derived CT images with rescale and units
+    colour_maps: bool = True  # the same maps as colour Secondary Capture with scale bars
+    structured_report: bool = True  # volumes as a TID 1500 SR
+    segmentation: bool = True  # core, Tmax > 6 s, Tmax > 10 s masks as DICOM SEG
+    qa_report: bool = True  # one-page QA report: PNG in the job folder and Secondary Capture
+    from_acquired: bool = True  # also the maps, SR and SEG of the acquired series alone, for comparison
+    series_number_offset: int = Field(2000, ge=0, description="Output SeriesNumbers = source + offset + index")
+
+
+class Webhook(Section):
+    """One webhook receiver (ctp_node/node/notify.py): JSON POSTs signed with HMAC-SHA256."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # in logs and metric labels (never the URL)
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    secret: Credential
+    events: tuple[Literal["series.received", "result.delivered", "job.failed"], ...] = (
+        "series.received",
+        "result.delivered",
+        "job.failed",
+    )
+    ca_certificates: Path | None = None
+
+
+class NotifySettings(Section):
+    """Webhooks, sent from a background thread so that receiving never waits on them."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    timeout_s: float = Field(10, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(2, gt=0)
+    max_backoff_s: float = Field(600, gt=0)
+    max_pending: int = Field(1000, ge=1)  # notifications held for retry at once; the oldest is dropped beyond
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NotifySettings:
+        names = [w.name for w in self.webhooks]
+        if len(names) != len(set(names)):
+            raise ValueError(f"webhook names must be unique, got {names}")
+        return self
+
+
 class MetricsSettings(Section):
     port: int | None = Field(None, ge=1, le=65535)  # None: no Prometheus endpoint
     bind_address: str = "127.0.0.1"
+
+
+class WebSettings(Section):
+    """The status page (``ctp_node/web``) that `ctp-node serve` runs beside the receiver when enabled.
+
+    Everything but ``/healthz`` needs authentication: a bearer token (scripts, at least 16
+    characters) and/or HTTP basic authentication with a user and a scrypt hash of its password
+    (browsers; ``python -m ctp_node.web.passwords`` makes the hash). Both are credentials, read at
+    start from an environment variable or a file, never from the TOML and never logged. Bound to
+    loopback: other machines go through a TLS reverse proxy (deploy/README.md).
+    """
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    root_path: str = Field("", pattern=r"^(/[A-Za-z0-9._~-]+)*$")  # the prefix a reverse proxy serves it under
+    token: Credential | None = None  # e.g. {file = "/etc/ctp-node/web-token"}
+    basic_user: str | None = Field(None, pattern=r"^[^:\s]{1,64}$")
+    basic_password_hash: Credential | None = None  # e.g. {file = "/etc/ctp-node/web-password.hash"}
+    # Patient name as initials and patient ID as its last 3 characters; off shows them whole.
+    mask_patient: bool = True
+    # Origins besides the page's own (scheme://host[:port]) from which actions may be posted.
+    allowed_origins: tuple[str, ...] = ()
+    jobs_per_page: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _authentication(self) -> WebSettings:
+        if (self.basic_password_hash is None) != (self.basic_user is None):
+            raise ValueError("web: basic authentication needs both basic_user and basic_password_hash")
+        if self.enabled and self.basic_user is None and self.token is None:
+            raise ValueError(
+                "web: the status page needs authentication: a token ({file = ...} or {env = ...}), and/or "
+                "basic_user with basic_password_hash (python -m ctp_node.web.passwords makes the hash)"
+            )
+        return self
+
+
+class DicomwebSettings(Section):
+    """STOW-RS into the node (``ctp_node/web/stow.py``), served by the status page's web server under
+    ``/dicomweb`` with its authentication. The same checks, spool and job store as C-STORE; the
+    request body waits on disk (never in memory) and may be at most ``max_request_bytes``; the DICOM
+    limits apply too (``dicom.network_timeout_s`` between two pieces of a body, ``dicom.max_associations``
+    requests at once)."""
+
+    stow_enabled: bool = False
+    max_request_bytes: int = Field(4 << 30, ge=1 << 20)
 
 
 class Settings(BaseSettings):
@@ -219,10 +412,15 @@ class Settings(BaseSettings):
     jobs: JobSettings = JobSettings()
     model: ModelSettings = ModelSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
+    motion: MotionSettings = MotionSettings()
     destinations: tuple[Destination, ...] = ()
     send: SendSettings = SendSettings()
     output: OutputSettings = OutputSettings()
+    perfusion_outputs: PerfusionOutputSettings = PerfusionOutputSettings()
     metrics: MetricsSettings = MetricsSettings()
+    notify: NotifySettings = NotifySettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
+    web: WebSettings = WebSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.config import Settings
+from ctp_node.node.dicom_status import STATUS_SUCCESS
 from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.processing import make_processor
 from ctp_node.node.receiver import Receiver
 from ctp_node.node.scu import Peer, send_files
 from ctp_node.node.spool import SeriesKey, check_uid
 from ctp_node.node.worker import Worker
-from ctp_node.series.pipeline import SeriesPipeline, make_processor
+from ctp_node.series.pipeline import SeriesPipeline
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -59,7 +61,7 @@ def start_demo_pacs(folder: Path, port: int, ae_title: str = "DEMOPACS"):
         series = folder / check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID")
         series.mkdir(exist_ok=True)
         ds.save_as(series / f"{check_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm", enforce_file_format=True)
-        return 0x0000
+        return STATUS_SUCCESS
 
     ae = AE(ae_title=ae_title)
     ae.supported_contexts = AllStoragePresentationContexts
@@ -122,17 +124,8 @@ def run_demo(
             raise RuntimeError("the node refused instances of the demo study; see the log")
         job = _wait(lambda: next(iter(store.list([State.QUEUED])), None), 60, "the series to complete")
         say(f"series complete after the {settings.series.quiet_period_s:g} s quiet period: job {job.id}; inpainting")
-        pipeline = SeriesPipeline.from_settings(settings)
-        processor = make_processor(pipeline)
-
-        def with_progress(job, files, out_dir):
-            from ctp_node.node.worker import ProcessOutput
-
-            result = pipeline.run(files, out_dir, progress=progress)
-            verdict = result.guardrail
-            return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
-
-        Worker(settings, store, with_progress if progress else processor, worker_id="demo").run_once()
+        processor = make_processor(SeriesPipeline.from_settings(settings), progress=progress)
+        Worker(settings, store, processor, worker_id="demo").run_once()
         done = store.get(job.id)
         if done.state != State.DONE:
             raise RuntimeError(f"the demo series ended {done.state.value}: {done.error}")

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from model.planner import InpaintPlan, plan_inpainting
+from model.planner import FillPlan, InpaintPlan, plan_seconds
 
 
-def interpolate_seconds(plan: InpaintPlan, known: np.ndarray, seconds: Sequence[int]) -> np.ndarray:
+def interpolate_seconds(plan: FillPlan | InpaintPlan, known: np.ndarray, seconds: Sequence[int]) -> np.ndarray:
     """Linear interpolation of the given grid seconds between the plan's bracketing known volumes.
 
     ``known``: the input volumes (N, ...) in the order of the plan's ``input_second``.
@@ -47,9 +47,7 @@ def linear_inpaint(
     known = np.asarray(known)
     if known.shape[0] != len(times_s):
         raise ValueError(f"got {known.shape[0]} volumes but {len(times_s)} times")
-    plan = plan_inpainting(
-        times_s, np.ones(len(times_s)), usable=usable, max_tr=np.iinfo(np.int32).max, long_gap="error"
-    )
+    plan = plan_seconds(times_s, usable=usable, max_tr=np.iinfo(np.int32).max, long_gap="error")
     sequence = interpolate_seconds(plan, known, [int(s) for s in plan.seconds])
     synthetic = ~np.isin(plan.seconds, plan.known_seconds)
     return sequence, plan.times_s, synthetic

@@ -23,9 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.device import choose_device
 from model.engine import EngineSettings, Inpainter, InpaintResult
-from model.samplers import sample_ancestral
-from model.schedule import PUBLISHED_TIMESTEPS, NoiseSchedule
-from model.unet import UNet3D, UNetConfig
+from model.samplers import ScheduleSpec, sample_ancestral
+from model.schedule import PUBLISHED_TIMESTEPS
+from model.unet import UNet3D, UNetConfig, network_input
 
 NETWORKS: dict[str, UNetConfig] = {
     "published": UNetConfig(),
@@ -104,11 +104,11 @@ def _published_loop_ms_per_step(net: UNet3D, settings: BenchSettings, device: to
     scenario = torch.tensor([[1.0, 0.0, 0.0]], device=device)
 
     def eps(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return net(torch.cat([left, x, right], dim=1), local, scenario, g)
+        return net(network_input(left, x, right), local, scenario, g)
 
     def run(steps: int) -> None:
         with torch.no_grad():
-            sample_ancestral(eps, torch.randn(1, 1, d, h, w, device=device), NoiseSchedule.build(n_timestep=steps))
+            sample_ancestral(eps, torch.randn(1, 1, d, h, w, device=device), ScheduleSpec(), steps)
 
     run(2)  # warm-up: allocator, kernels
     return 1000 * _timed(lambda: run(settings.published_steps_timed), device) / settings.published_steps_timed

@@ -12,6 +12,10 @@ keys; training adds optimiser state and its configuration (training/). Optional 
 the sampler and steps measured to suit these weights; the node uses them unless its configuration
 or the command line names a sampler or steps (``model.engine.choose_sampling``). Files without them,
 and published-format files, load unchanged. ``set_recommended_sampler`` stamps them into a file.
+
+``load_denoiser`` returns a ``LoadedModel``: the network and a typed ``CheckpointInfo``, whose
+``noise_schedule`` is the schedule the weights were trained with (own format: the ``"schedule"``
+entry; published format: the stored betas), the one the engine samples with.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from model.samplers import SAMPLERS
-from model.schedule import SCHEDULE_BUFFER_NAMES, NoiseSchedule
+from model.samplers import SAMPLERS, STORED_SCHEDULE, ScheduleSpec
+from model.schedule import SCHEDULE_BUFFER_NAMES, SCHEDULES, NoiseSchedule
 from model.unet import UNet3D, UNetConfig
 
 OWN_FORMAT = "ctp-node-checkpoint"
@@ -85,6 +89,39 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     recommended: SamplerRecommendation | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    noise_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What is known about a loaded network's weights (plain data; ``to_dict`` for JSON sidecars)."""
+
+    path: str
+    format: str  # "published" or "ctp-node"
+    weights: str  # "ema" or "model"
+    step: int | None
+    schedule: dict[str, Any]  # as the file states it
+    notes: tuple[str, ...]
+    recommended: SamplerRecommendation | None
+    noise_schedule: ScheduleSpec  # the schedule to sample with: the one the weights were trained with
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "weights": self.weights,
+            "step": self.step,
+            "schedule": dict(self.schedule),
+            "notes": list(self.notes),
+            "recommended": asdict(self.recommended) if self.recommended else None,
+        }
+
+
+class LoadedModel(NamedTuple):
+    """A network in eval mode and what its checkpoint says about it (``net, info = load_denoiser(path)``)."""
+
+    net: UNet3D
+    info: CheckpointInfo
 
 
 def strip_prefixes(
@@ -196,6 +233,50 @@ def _check_schedule(buffers: Mapping[str, torch.Tensor], notes: list[str]) -> di
     return info
 
 
+def _shortest(value: float) -> float:
+    """The float64 a float32-stored value was written from, when it was a short decimal (1e-06, not
+    9.99999997e-07): the shortest text that reads back as the same float32."""
+    return float(str(np.float32(value)))
+
+
+def _published_schedule(buffers: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> ScheduleSpec:
+    """The schedule of a published-format file: the linear one its betas match, else the betas themselves."""
+    if "betas" not in buffers:
+        return ScheduleSpec()
+    betas = buffers["betas"].double().cpu().numpy()
+    if info.get("schedule") == "linear":
+        spec = ScheduleSpec("linear", int(betas.shape[0]), _shortest(betas[0]), _shortest(betas[-1]))
+        if np.allclose(spec.build().betas, betas, rtol=1e-5, atol=1e-9):
+            return spec
+    return ScheduleSpec(STORED_SCHEDULE, int(betas.shape[0]), betas=tuple(float(b) for b in betas))
+
+
+def _own_schedule(schedule: Mapping[str, Any], path: Path, notes: list[str]) -> ScheduleSpec:
+    """The schedule an own-format file records (``training.config.DiffusionConfig.schedule_info``);
+    what it leaves out is the published value (none recorded: the published schedule)."""
+    published = ScheduleSpec()
+    name = schedule.get("schedule", published.name)
+    if name not in SCHEDULES:
+        # Written by converting a published file whose betas matched no named schedule: nothing to rebuild.
+        notes.append(
+            f"the recorded noise schedule {name!r} is not one of {', '.join(SCHEDULES)}: sampling with the "
+            "published linear schedule"
+        )
+        return published
+    try:
+        return ScheduleSpec(
+            str(name),
+            int(schedule.get("timesteps", published.timesteps)),
+            float(schedule.get("beta_start", published.beta_start)),
+            float(schedule.get("beta_end", published.beta_end)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: the 'schedule' entry {dict(schedule)} is not a noise schedule (schedule, timesteps, "
+            f"beta_start, beta_end): {exc}"
+        ) from exc
+
+
 def _load_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -236,12 +317,14 @@ def read_checkpoint(path: str | Path, *, prefer: str = "ema") -> Checkpoint:
         schedule = dict(raw.get("schedule") or {})
         source = "ctp-node"
         recommended = _recommendation(raw, path)
+        noise_schedule = _own_schedule(schedule, path, notes)
     else:
         state, buffers = strip_prefixes(raw[key])
         config = infer_config(state)
         schedule = _check_schedule(buffers, notes)
         source = "published"
         recommended = None  # the published format has no such field; extra keys there are not read
+        noise_schedule = _published_schedule(buffers, schedule)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {bad[:3]}")
@@ -256,6 +339,7 @@ def read_checkpoint(path: str | Path, *, prefer: str = "ema") -> Checkpoint:
         notes=notes,
         recommended=recommended,
         raw=raw,
+        noise_schedule=noise_schedule,
     )
 
 
@@ -271,28 +355,21 @@ def build_denoiser(ckpt: Checkpoint, path: str | Path = "<memory>") -> UNet3D:
     return net
 
 
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> UNet3D:
-    """The network of a published-format or ctp-node checkpoint, in eval mode on ``device``."""
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The network of a published-format or ctp-node checkpoint, in eval mode on ``device``, and its info."""
     ckpt = read_checkpoint(path)
     net = build_denoiser(ckpt, path)
-    net.checkpoint_info = {  # type: ignore[attr-defined]
-        "path": str(path),
-        "format": ckpt.source_format,
-        "weights": ckpt.weights_key,
-        "step": ckpt.step,
-        "schedule": ckpt.schedule,
-        "notes": ckpt.notes,
-        # Plain data (the sidecars of ``ctp-node infer`` dump this dictionary as JSON).
-        "recommended": asdict(ckpt.recommended) if ckpt.recommended else None,
-    }
-    return net.to(device).eval()
-
-
-def recommendation_of(net: object) -> SamplerRecommendation | None:
-    """The recommendation of a network returned by ``load_denoiser`` (None for any other network)."""
-    info = getattr(net, "checkpoint_info", None)
-    recommended = info.get("recommended") if isinstance(info, dict) else None
-    return SamplerRecommendation(**recommended) if recommended else None
+    info = CheckpointInfo(
+        path=str(path),
+        format=ckpt.source_format,
+        weights=ckpt.weights_key,
+        step=ckpt.step,
+        schedule=ckpt.schedule,
+        notes=tuple(ckpt.notes),
+        recommended=ckpt.recommended,
+        noise_schedule=ckpt.noise_schedule,
+    )
+    return LoadedModel(net.to(device).eval(), info)
 
 
 def save_checkpoint(

@@ -11,30 +11,31 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from model.baseline import interpolate_seconds
+from model.checkpoint import CheckpointInfo, LoadedModel
 from model.device import Precision, auto_batch_size, autocast, autocast_dtype, choose_device
 from model.loss import eps_from_output
-from model.planner import PUBLISHED_MAX_TR, InpaintPlan, LongGapPolicy, Target, plan_inpainting
-from model.samplers import (
-    SAMPLERS,
-    SPACINGS,
-    Spacing,
-    fast_alphas_cumprod,
-    sample_ancestral,
-    sample_ddim,
-    sample_dpmpp_2m,
+from model.planner import (
+    PUBLISHED_MAX_TR,
+    FillPlan,
+    InpaintPlan,
+    LongGapPolicy,
+    Target,
+    condition_targets,
+    plan_seconds,
 )
-from model.schedule import NoiseSchedule
-from model.unet import UNet3D
+from model.progress import ProgressFn
+from model.samplers import SAMPLER_FUNCTIONS, SAMPLERS, SPACINGS, ScheduleLike, ScheduleSpec, Spacing
+from model.unet import UNet3D, network_input
 from model.window import PUBLISHED_MASK_MIN_VOXELS, from_model_space, tissue_mask
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 
 # The global default when neither the user nor the checkpoint names a sampler: DPM-Solver++(2M), 20
 # steps, a safe choice for any eps-predicting network (docs/benchmarks.md, sampler tuning).
@@ -167,7 +168,7 @@ class EngineSettings:
 
 @dataclass
 class InpaintResult:
-    """The full 1 s sequence of one study and what each second is."""
+    """The full 1 s sequence of one sequence (slab) and what each second is."""
 
     sequence: np.ndarray  # (T1, D, H, W) float32, model space
     times_s: np.ndarray  # (T1,) absolute seconds, same clock as the input times
@@ -182,6 +183,76 @@ class InpaintResult:
     def acquired(self) -> np.ndarray:
         return ~(self.synthetic | self.fallback)
 
+    @property
+    def fill(self) -> FillPlan:
+        return self.plan.fill
+
+
+@dataclass
+class StudyInpaint:
+    """Every sequence (8-slice slab) of one study on the 1 s grid, and the ONE record of what fills
+    each second (``fill``), planned once per study. ``plans``: each sequence's conditioning (its own
+    peak); ``tissue_masks`` and ``spreads`` per sequence (empty for an engine without either)."""
+
+    sequences: list[np.ndarray]  # per sequence (T1, D, H, W) float32, model space
+    fill: FillPlan
+    plans: list[InpaintPlan] = field(default_factory=list)
+    tissue_masks: list[np.ndarray] = field(default_factory=list)
+    spreads: list[np.ndarray | None] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def times_s(self) -> np.ndarray:
+        return self.fill.times_s
+
+    def result(self, i: int) -> InpaintResult:
+        """Sequence ``i`` as a single-sequence result."""
+        return InpaintResult(
+            sequence=self.sequences[i],
+            times_s=self.fill.times_s,
+            synthetic=self.fill.synthetic,
+            fallback=self.fill.fallback,
+            tissue_mask=self.tissue_masks[i],
+            plan=self.plans[i],
+            spread=self.spreads[i],
+            timings_s=dict(self.timings_s),
+        )
+
+
+class StudyInpainter(Protocol):
+    """What the series pipeline needs from an engine: the ``Inpainter``, or ``LinearInpainter``."""
+
+    def inpaint_study(
+        self,
+        sequences: Sequence[np.ndarray],
+        times_s: Sequence[float] | np.ndarray,
+        *,
+        usable: Sequence[bool] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+    ) -> StudyInpaint: ...
+
+
+class LinearInpainter:
+    """The engine's stand-in without a network: every missing second by linear interpolation of the
+    given volumes, with no gap limit (interpolation has no trained range). On the node's path it
+    measures what the path itself costs."""
+
+    def inpaint_study(
+        self,
+        sequences: Sequence[np.ndarray],
+        times_s: Sequence[float] | np.ndarray,
+        *,
+        usable: Sequence[bool] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+    ) -> StudyInpaint:
+        started = time.perf_counter()
+        fill = plan_seconds(times_s, usable=usable, max_tr=np.iinfo(np.int32).max, long_gap="error")
+        seconds = [int(s) for s in fill.seconds]
+        filled = [interpolate_seconds(fill, np.asarray(v), seconds) for v in sequences]
+        if progress is not None:
+            progress(1, 1)
+        return StudyInpaint(filled, fill, timings_s={"total": time.perf_counter() - started})
+
 
 def _target_noise(seed: int, sequence: int, target: Target, sample: int, shape: Sequence[int]) -> torch.Tensor:
     """Initial noise of one target, seeded by (seed, sequence, second, draw): independent of batching."""
@@ -192,20 +263,28 @@ def _target_noise(seed: int, sequence: int, target: Target, sample: int, shape: 
 
 
 class Inpainter:
-    """Inpaints studies with one loaded denoiser; build once, call ``inpaint`` per study."""
+    """Inpaints studies with one loaded denoiser; build once, call ``inpaint_study`` per study.
+
+    ``model``: a ``LoadedModel`` (``model.checkpoint.load_denoiser``), whose checkpoint's noise schedule
+    is sampled with, or a bare network (the published schedule). ``schedule`` overrides either.
+    """
 
     def __init__(
         self,
-        net: UNet3D,
+        model: UNet3D | LoadedModel,
         settings: EngineSettings | None = None,
         *,
         device: str | torch.device | None = None,
-        schedule: NoiseSchedule | None = None,
+        schedule: ScheduleLike | None = None,
     ) -> None:
+        self.checkpoint: CheckpointInfo | None = model.info if isinstance(model, LoadedModel) else None
+        net = model.net if isinstance(model, LoadedModel) else model
         self.settings = settings or EngineSettings()
         self.device = choose_device(str(device) if device is not None else None)
         self.dtype = autocast_dtype(self.device, self.settings.precision)
-        self.schedule = schedule or NoiseSchedule.build()
+        if schedule is None:
+            schedule = self.checkpoint.noise_schedule if self.checkpoint is not None else ScheduleSpec()
+        self.schedule: ScheduleLike = schedule
         # Channels-last 3D lets oneDNN pick its blocked convolutions on CPU: 1.3x faster forwards
         # at 8 x 192 x 192 on this project's 2-core VM, same float32 arithmetic.
         self.memory_format = torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
@@ -241,7 +320,7 @@ class Inpainter:
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def eps(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             with autocast(self.device, self.dtype):
-                stacked = torch.cat([left, x, right], dim=1).contiguous(memory_format=self.memory_format)
+                stacked = network_input(left, x, right).contiguous(memory_format=self.memory_format)
                 out = self._forward(stacked, local, scenario, g)
             return eps_from_output(out.float(), x, g, self.prediction)
 
@@ -252,17 +331,12 @@ class Inpainter:
         eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x: torch.Tensor,
         pass_seed: int,
-        on_step: Callable[[int, int], None] | None,
+        on_step: ProgressFn | None,
     ) -> torch.Tensor:
         s = self.settings
         gen = torch.Generator(device=self.device).manual_seed(pass_seed)
-        if s.sampler == "ancestral":
-            # The authors rebuild the schedule with fewer steps and the same start and end betas.
-            sched = self.schedule if s.steps == self.schedule.num_timesteps else NoiseSchedule.build(n_timestep=s.steps)
-            return sample_ancestral(eps_fn, x, sched, generator=gen, callback=on_step)
-        levels = fast_alphas_cumprod(self.schedule, s.steps, s.spacing)
-        sampler = sample_ddim if s.sampler == "ddim" else sample_dpmpp_2m
-        return sampler(eps_fn, x, levels, generator=gen, callback=on_step)
+        sampler = SAMPLER_FUNCTIONS[s.sampler]
+        return sampler(eps_fn, x, self.schedule, s.steps, spacing=s.spacing, generator=gen, callback=on_step)
 
     def batch_size_for(self, n_items: int, volume_shape: Sequence[int]) -> int:
         """The configured batch size, or the largest that fits the memory budget (measured once per shape)."""
@@ -299,45 +373,48 @@ class Inpainter:
         ``progress(done, total)`` is called after each network evaluation with counts of
         volume-steps, so a caller can show a bar.
         """
-        return self.inpaint_many([volumes], times_s, usable=usable, progress=progress)[0]
+        return self.inpaint_study([volumes], times_s, usable=usable, progress=progress).result(0)
 
-    def inpaint_many(
+    def inpaint_study(
         self,
         sequences: Sequence[np.ndarray],
         times_s: Sequence[float] | np.ndarray,
         *,
         usable: Sequence[bool] | np.ndarray | None = None,
         progress: ProgressFn | None = None,
-    ) -> list[InpaintResult]:
+    ) -> StudyInpaint:
         """Several sequences acquired at the same times (the 8-slice slabs of one study), their targets
         sampled together so a study with several slabs still needs as few passes as memory allows.
 
-        Each sequence is planned on its own (the peak rule uses its own frame sums), as the published
+        What fills each second is planned once for the study (it depends on the times alone); each
+        sequence's targets are conditioned on its own frame sums (the peak rule), as the published
         model sees one 8-slice sequence at a time.
         """
         s = self.settings
         t_start = time.perf_counter()
         arrays = [self._checked(v, times_s) for v in sequences]
+        fill = plan_seconds(times_s, usable=usable, max_tr=s.max_tr, long_gap=s.long_gap)
         plans, masks = [], []
         for volumes in arrays:
             windowed = from_model_space(volumes)
-            plan = plan_inpainting(
-                times_s,
-                windowed.reshape(len(volumes), -1).sum(axis=1),
-                usable=usable,
-                max_tr=s.max_tr,
-                long_gap=s.long_gap,
-            )
-            plans.append(plan)
-            masks.append(tissue_mask(windowed[plan.input_second >= 0], s.mask_min_voxels))
-        for note in plans[0].notes:
+            plans.append(condition_targets(fill, windowed.reshape(len(volumes), -1).sum(axis=1)))
+            masks.append(tissue_mask(windowed[fill.input_second >= 0], s.mask_min_voxels))
+        for note in fill.notes:
             log.info("plan: %s", note)
         samples = self._sample_targets(arrays, plans, progress)
         elapsed = time.perf_counter() - t_start
-        return [
-            self._assemble(volumes, plan, mask, sample, elapsed)
+        filled = [
+            self._assemble(volumes, plan, mask, sample)
             for volumes, plan, mask, sample in zip(arrays, plans, masks, samples)
         ]
+        return StudyInpaint(
+            sequences=[sequence for sequence, _ in filled],
+            fill=fill,
+            plans=plans,
+            tissue_masks=masks,
+            spreads=[spread for _, spread in filled],
+            timings_s={"total": elapsed},
+        )
 
     @staticmethod
     def _checked(volumes: np.ndarray, times_s: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -356,8 +433,8 @@ class Inpainter:
         return volumes
 
     def _assemble(
-        self, volumes: np.ndarray, plan: InpaintPlan, mask: np.ndarray, samples: np.ndarray | None, elapsed: float
-    ) -> InpaintResult:
+        self, volumes: np.ndarray, plan: InpaintPlan, mask: np.ndarray, samples: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The 1 s sequence: acquired seconds as given, synthetic ones masked, long gaps interpolated."""
         sequence = np.empty((len(plan.seconds), *volumes.shape[1:]), dtype=np.float32)
         used = plan.input_second >= 0
@@ -377,16 +454,7 @@ class Inpainter:
                 std = masked.std(axis=0)
                 for k, target in enumerate(plan.targets):
                     spread[plan.index(target.second)] = std[k]
-        return InpaintResult(
-            sequence=sequence,
-            times_s=plan.times_s,
-            synthetic=np.isin(plan.seconds, [t.second for t in plan.targets]),
-            fallback=np.isin(plan.seconds, plan.fallback_seconds),
-            tissue_mask=mask,
-            plan=plan,
-            spread=spread,
-            timings_s={"total": elapsed},
-        )
+        return sequence, spread
 
     @torch.inference_mode()
     def _sample_targets(

@@ -1,27 +1,101 @@
 """Samplers over a noise-predicting denoiser conditioned on the continuous noise level g = sqrt(abar).
 
-Every sampler is a small function with one signature, ``sample_x(eps_fn, x, ..., generator,
-callback) -> x0`` (after k-diffusion): it owns neither the network nor the conditioning. ``eps_fn(x,
-g)`` takes the noisy batch in the published variance-preserving space, ``x = g x0 + sqrt(1 - g^2)
-eps``, and the per-sample noise level ``g`` of shape (B,), and returns the predicted noise.
+Every sampler is a small function with one signature (``Sampler``, after k-diffusion),
+``sample_x(eps_fn, x, schedule, steps, *, spacing, generator, callback) -> x0``: it owns neither the
+network nor the conditioning, and ``SAMPLER_FUNCTIONS`` maps each name to its function, so a caller
+never branches on names. ``eps_fn(x, g)`` takes the noisy batch in the published
+variance-preserving space, ``x = g x0 + sqrt(1 - g^2) eps``, and the per-sample noise level ``g`` of
+shape (B,), and returns the predicted noise. ``schedule``: the schedule the network was trained
+with (``ScheduleSpec``, e.g. a checkpoint's; a bare ``NoiseSchedule`` where no fewer-step rebuild is
+needed); ``steps``: how many network evaluations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-from model.schedule import NoiseSchedule
+from model.progress import ProgressFn
+from model.schedule import (
+    PUBLISHED_LINEAR_END,
+    PUBLISHED_LINEAR_START,
+    PUBLISHED_SCHEDULE,
+    PUBLISHED_TIMESTEPS,
+    SCHEDULES,
+    NoiseSchedule,
+)
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int], None]
 SamplerName = Literal["ancestral", "ddim", "dpmpp_2m"]
 SAMPLERS: tuple[str, ...] = ("ancestral", "ddim", "dpmpp_2m")
 Spacing = Literal["uniform", "karras", "logsnr"]
 SPACINGS: tuple[str, ...] = ("uniform", "karras", "logsnr")
+STORED_SCHEDULE = "stored"  # betas read from a file that match no named schedule
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """The noise schedule a network was trained with, as a recipe: it can be rebuilt with fewer steps
+    (same kind, same start and end betas), as the authors do for the ancestral sampler.
+
+    ``betas``: a schedule stored in a file that matches no named one (``name == "stored"``); it is
+    used as it is and cannot be rebuilt with fewer steps.
+    """
+
+    name: str = PUBLISHED_SCHEDULE
+    timesteps: int = PUBLISHED_TIMESTEPS
+    beta_start: float = PUBLISHED_LINEAR_START
+    beta_end: float = PUBLISHED_LINEAR_END
+    betas: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name == STORED_SCHEDULE:
+            if not self.betas:
+                raise ValueError("a stored schedule needs its betas")
+        elif self.name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.name!r}; one of {', '.join(SCHEDULES)}")
+        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) or self.timesteps < 1:
+            raise ValueError(f"schedule timesteps must be an integer >= 1, got {self.timesteps!r}")
+
+    def build(self, steps: int | None = None) -> NoiseSchedule:
+        """The schedule with ``steps`` discrete steps (default: as trained)."""
+        if self.name == STORED_SCHEDULE:
+            assert self.betas is not None
+            if steps not in (None, len(self.betas)):
+                raise ValueError(
+                    f"the stored schedule ({len(self.betas)} steps) matches no named schedule, so it cannot be "
+                    f"rebuilt with {steps} steps: use the ancestral sampler with {len(self.betas)} steps, or ddim "
+                    "or dpmpp_2m"
+                )
+            return NoiseSchedule(np.asarray(self.betas, dtype=np.float64))
+        return NoiseSchedule.build(self.name, steps or self.timesteps, self.beta_start, self.beta_end)
+
+
+ScheduleLike = ScheduleSpec | NoiseSchedule
+
+
+def _full_schedule(schedule: ScheduleLike) -> NoiseSchedule:
+    return schedule.build() if isinstance(schedule, ScheduleSpec) else schedule
+
+
+class Sampler(Protocol):
+    """The one signature every sampler has."""
+
+    def __call__(
+        self,
+        eps_fn: EpsFn,
+        x: torch.Tensor,
+        schedule: ScheduleLike,
+        steps: int,
+        *,
+        spacing: Spacing = "logsnr",
+        generator: torch.Generator | None = None,
+        callback: ProgressFn | None = None,
+    ) -> torch.Tensor: ...
 
 
 def _levels(value: float, x: torch.Tensor) -> torch.Tensor:
@@ -36,16 +110,29 @@ def predict_x0(x: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
 def sample_ancestral(
     eps_fn: EpsFn,
     x: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: ScheduleLike,
+    steps: int,
     *,
+    spacing: Spacing = "logsnr",
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
+    callback: ProgressFn | None = None,
 ) -> torch.Tensor:
     """The published ancestral DDPM loop (SR3 `p_sample_loop`), x0 clipped to [-1, 1] at every step.
 
-    For fewer steps the caller rebuilds the schedule with the same start and end betas, as the
-    authors do (``NoiseSchedule.build(n_timestep=steps)``).
+    For fewer steps than trained the schedule is rebuilt with ``steps`` steps and the same kind,
+    start and end betas, as the authors do (``ScheduleSpec.build(steps)``); ``spacing`` does not apply.
     """
+    del spacing
+    full = _full_schedule(schedule)
+    if steps == full.num_timesteps:
+        schedule = full
+    elif isinstance(schedule, ScheduleSpec):
+        schedule = schedule.build(steps)
+    else:
+        raise ValueError(
+            f"the ancestral sampler needs the schedule's recipe (a ScheduleSpec) to run {steps} of its "
+            f"{full.num_timesteps} steps"
+        )
     buffers = schedule.buffers()
     abar = buffers["alphas_cumprod"]
     coef1, coef2 = buffers["posterior_mean_coef1"], buffers["posterior_mean_coef2"]
@@ -66,7 +153,7 @@ def sample_ancestral(
 
 
 def fast_alphas_cumprod(
-    schedule: NoiseSchedule,
+    schedule: ScheduleLike,
     steps: int,
     spacing: Spacing = "logsnr",
     rho: float = 7.0,
@@ -78,7 +165,7 @@ def fast_alphas_cumprod(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    abar = schedule.alphas_cumprod
+    abar = _full_schedule(schedule).alphas_cumprod
     if spacing == "uniform":
         idx = np.round(np.linspace(len(abar) - 1, 0, steps)).astype(int)
         return abar[idx]
@@ -97,16 +184,19 @@ def fast_alphas_cumprod(
 def sample_ddim(
     eps_fn: EpsFn,
     x: torch.Tensor,
-    alphas_cumprod: np.ndarray,
+    schedule: ScheduleLike,
+    steps: int,
     *,
+    spacing: Spacing = "logsnr",
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
+    callback: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0, Song et al. 2021) with x0 clipped to [-1, 1] as in the published loop.
 
-    ``alphas_cumprod``: the noise levels to visit, noisiest first; the last step lands on x0.
+    Visits ``fast_alphas_cumprod(schedule, steps, spacing)``, noisiest first; the last step lands on x0.
     """
     del generator  # deterministic given the initial noise
+    alphas_cumprod = fast_alphas_cumprod(schedule, steps, spacing)
     total = len(alphas_cumprod)
     for step, abar in enumerate(alphas_cumprod):
         abar = float(abar)
@@ -127,18 +217,21 @@ def sample_ddim(
 def sample_dpmpp_2m(
     eps_fn: EpsFn,
     x: torch.Tensor,
-    alphas_cumprod: np.ndarray,
+    schedule: ScheduleLike,
+    steps: int,
     *,
+    spacing: Spacing = "logsnr",
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
+    callback: ProgressFn | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in data prediction, deterministic.
 
     Runs in the variance-exploding view ``x / sqrt(abar)`` with sigma = sqrt((1 - abar) / abar) (as
     k-diffusion does); the final step goes to sigma = 0 and returns the last clipped x0 estimate.
+    Visits ``fast_alphas_cumprod(schedule, steps, spacing)``.
     """
     del generator
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    abar = np.asarray(fast_alphas_cumprod(schedule, steps, spacing), dtype=np.float64)
     sigmas = np.append(np.sqrt((1.0 - abar) / abar), 0.0)
     total = len(abar)
     x_ve = x / float(abar[0]) ** 0.5
@@ -163,3 +256,10 @@ def sample_dpmpp_2m(
         if callback is not None:
             callback(i + 1, total)
     return x_ve
+
+
+SAMPLER_FUNCTIONS: dict[str, Sampler] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}

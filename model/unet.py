@@ -109,6 +109,12 @@ def interpolation_between(
     return left.float() + weight * (right.float() - left.float())
 
 
+def network_input(left: torch.Tensor, target: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The network's ``x``: (B, 3, D, H, W) from three (B, 1, D, H, W) volumes, in the channel order it
+    was trained with, ``[left known, (noisy) target, right known]``; training and inference both build it here."""
+    return torch.cat([left, target, right], dim=1)
+
+
 def noise_level_embedding(noise_level: torch.Tensor, dim: int) -> torch.Tensor:
     """SR3 positional encoding of the continuous noise level: ``[sin(g w_k), cos(g w_k)]``."""
     half = dim // 2

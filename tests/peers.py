@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,25 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} did not listen on {port} within {timeout_s} s") from None
-            time.sleep(0.05)
+from tests.ports import free_port, wait_for_port
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
@@ -94,9 +75,11 @@ def start_orthanc(
     modalities: dict | None = None,
     dicom_port: int | None = None,
     base: dict | None = None,
+    plugins: list[str] | None = None,
 ) -> Orthanc:
     """Orthanc on loopback ports with storage in ``folder`` (config and log there too). ``base``: a
-    configuration to start from (e.g. the deployed orthanc.json); the test-only settings win."""
+    configuration to start from (e.g. the deployed orthanc.json); the test-only settings win.
+    ``plugins``: shared libraries to load (e.g. the DICOMweb plugin), none by default."""
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.skip("Orthanc (Debian package orthanc) is not installed; .ci/run installs it")
@@ -114,7 +97,7 @@ def start_orthanc(
         StorageDirectory=str(folder / "storage"),
         IndexDirectory=str(folder / "index"),
         StableAge=1,
-        Plugins=[],
+        Plugins=list(plugins or []),
     )
     (folder / "orthanc.json").write_text(json.dumps(config))
     with open(folder / "orthanc.log", "wb") as log:  # the child keeps its own copy of the descriptor

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import free_port, stop_process, wait_for_port
+from tests.peers import stop_process
+from tests.ports import free_port, wait_for_port
 
 
 def _bin(tool: str) -> str | None:

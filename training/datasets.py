@@ -1,4 +1,4 @@
-"""Training items from 1 s CTP sequences: the published ``.npy`` layout and a digital phantom.
+"""Training items from 1 s CTP sequences: the published ``.npy`` layout and studies drawn on the fly.
 
 A sequence is held in the published layout, (depth, H, W, T) windowed HU 0..80, skull-stripped, and
 turned into items only when one is drawn: ``x`` (3, D, H, W) = [left, target, right] in model space,
@@ -8,8 +8,9 @@ flip (W axis).
 - :class:`TupleDataset` (map-style): every published tuple of a list of sequences. Its key is
   ``(index, flip)``, so the sampler (training/loader.py) owns every random choice and a resumed run
   sees exactly the stream an uninterrupted one would.
-- :class:`PhantomStream` (iterable): endless studies from ``ctp_node.phantom`` with random anatomy
-  fields, lesion, noise and timing; ``samples_per_study`` tuples from each before the next.
+- :class:`StudyStream` (iterable): endless studies drawn from a :class:`StudySource` (``ctp-node
+  train`` passes the digital phantom, ctp_node/phantom/training_source.py); ``samples_per_study``
+  tuples from each before the next.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU, to_model_space
-from training.config import DataConfig, PhantomDataConfig
+from training.config import DataConfig
 from training.samples import TrainingSample, enumerate_samples, sample_weights, training_peak
 
 MIN_FRAMES = 3  # the shortest sequence with one tuple (gap 2)
@@ -175,49 +176,29 @@ def npy_datasets(config: DataConfig) -> tuple[TupleDataset, TupleDataset | None]
     return TupleDataset(load(train_files)), (TupleDataset(load(val_files)) if val_files else None)
 
 
-# --- digital phantom --------------------------------------------------------------------------------
+# --- studies drawn on the fly ----------------------------------------------------------------------
 
 
-def draw_phantom_frames(config: PhantomDataConfig, rng: np.random.Generator) -> np.ndarray:
-    """One random phantom study as a published-layout sequence (slices, matrix, matrix, T), 0..80 HU.
+class StudySource(Protocol):
+    """Where drawn studies come from (``data.kind = "phantom"``); must be picklable for DataLoader workers.
 
-    Random: smooth perfusion/delay/baseline fields (seed), lesion presence, size and place in an MCA
-    territory, noise level, duration and the bolus onset (leading seconds cut off).
+    ``source(rng)`` draws one random study as a published-layout sequence (depth, H, W, T) at 1 s,
+    windowed 0..80 HU and 0 outside the brain, of the configured ``(slices, matrix, matrix)``;
+    everything random comes from ``rng``, so the draw is reproducible.
     """
-    from ctp_node.phantom import PhantomConfig, generate_phantom
 
-    duration = int(rng.integers(config.duration_s[0], config.duration_s[1] + 1))
-    shift = int(rng.integers(config.onset_shift_s[0], config.onset_shift_s[1] + 1))
-    core = float(rng.uniform(8.0, 14.0))
-    slab_half = config.slices * 5.0 / 2.0
-    phantom = PhantomConfig(
-        matrix=config.matrix,
-        slices=config.slices,
-        duration_s=duration + shift,
-        noise_hu=float(rng.uniform(*config.noise_hu)),
-        noise_correlation_mm=float(rng.uniform(*config.noise_correlation_mm)),
-        fov_mm=float(rng.uniform(*config.fov_mm)),
-        lesion=bool(rng.random() < config.lesion_probability),
-        lesion_centre_mm=(
-            float(rng.choice([-1.0, 1.0]) * rng.uniform(32.0, 45.0)),
-            float(rng.uniform(-15.0, 5.0)),
-            float(rng.uniform(-0.5, 0.5) * slab_half),
-        ),
-        lesion_core_radius_mm=core,
-        lesion_penumbra_radius_mm=core + float(rng.uniform(8.0, 16.0)),
-        perfusion_variation=float(rng.uniform(0.05, 0.2)),
-        delay_variation_s=float(rng.uniform(0.0, 1.0)),
-        baseline_variation_hu=float(rng.uniform(1.0, 5.0)),
-        seed=int(rng.integers(2**31 - 1)),
-    )
-    study = generate_phantom(phantom)
-    hu = np.where(study.truth.brain_mask[None], study.hu, np.float32(0.0))[shift:]
-    windowed = np.clip(hu, WINDOW_LOW_HU, WINDOW_HIGH_HU).astype(np.float32)
-    return np.ascontiguousarray(np.moveaxis(windowed, 0, -1))
+    def __call__(self, rng: np.random.Generator) -> np.ndarray: ...
 
 
-class PhantomStream(IterableDataset[TrainingItem]):
-    """Endless training items from freshly drawn phantom studies.
+def draw_sequence(studies: StudySource, config: DataConfig, rng: np.random.Generator, name: str) -> CTPSequence:
+    """One drawn study as a sequence, checked like a published file (a wrong source is a DataError)."""
+    frames = studies(rng)
+    sums = check_frames(Path(f"<drawn study {name}>"), frames, config.shape)
+    return CTPSequence.from_frames(name, frames, config.max_tr, sums)
+
+
+class StudyStream(IterableDataset[TrainingItem]):
+    """Endless training items from freshly drawn studies.
 
     Each (rank, DataLoader worker) draws its own studies from ``(seed, rank, worker, start)``; a
     resumed run passes its step as ``start`` so it draws new studies rather than replaying old ones.
@@ -227,12 +208,13 @@ class PhantomStream(IterableDataset[TrainingItem]):
     def __init__(
         self,
         config: DataConfig,
+        studies: StudySource,
         *,
         seed: int = 0,
         rank: int = 0,
         start: int = 0,
     ) -> None:
-        self.config = config
+        self.config, self.studies = config, studies
         self.seed, self.rank, self.start = seed, rank, start
 
     def __iter__(self) -> Iterator[TrainingItem]:
@@ -241,7 +223,7 @@ class PhantomStream(IterableDataset[TrainingItem]):
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start])
         phantom = self.config.phantom
         while True:
-            sequence = CTPSequence.from_frames("phantom", draw_phantom_frames(phantom, rng), self.config.max_tr)
+            sequence = draw_sequence(self.studies, self.config, rng, "training")
             weights = sample_weights(sequence.samples, self.config.gap_weights)
             if weights.sum() <= 0:
                 continue
@@ -272,14 +254,10 @@ def crop_around(frames: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray
     return frames[:, top : top + size, left : left + size]
 
 
-def phantom_validation(config: DataConfig, seed: int = 0) -> TupleDataset | None:
-    """A fixed set of ``val_studies`` phantom studies (seeds apart from training's)."""
+def drawn_validation(config: DataConfig, studies: StudySource, seed: int = 0) -> TupleDataset | None:
+    """A fixed set of ``val_studies`` drawn studies (seeds apart from training's)."""
     count = config.phantom.val_studies
     if count == 0:
         return None
     rng = np.random.default_rng([seed, 2**20])
-    sequences = [
-        CTPSequence.from_frames(f"phantom-val-{i}", draw_phantom_frames(config.phantom, rng), config.max_tr)
-        for i in range(count)
-    ]
-    return TupleDataset(sequences)
+    return TupleDataset([draw_sequence(studies, config, rng, f"val-{i}") for i in range(count)])

@@ -1,7 +1,7 @@
 """Train demo weights in a fixed wall-clock budget: a short measured calibration, then the run.
 
-    python -m training.demo_weights --config training/configs/phantom_cpu.toml --minutes 75
-    python -m training.demo_weights --config training/configs/phantom_small.toml --minutes 10  # GPU
+    ctp-node train --config training/configs/phantom_cpu.toml --minutes 75
+    ctp-node train --config training/configs/phantom_small.toml --minutes 10  # GPU
 
 The calibration trains ``--calibration-steps`` steps of the configuration in a scratch folder and
 times them (the first steps, which warm up allocators and kernels, are left out); the run then gets
@@ -13,23 +13,27 @@ schedule stretches with the budget. At the end the EMA weights are exported in b
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from training.config import load_config
+from training.config import TrainConfig
+from training.datasets import StudySource
 from training.state import TrainState
 from training.trainer import train
 
 WARM_UP_STEPS = 3
+DEFAULT_CALIBRATION_STEPS = 12
+DEFAULT_OVERHEAD = 1.08  # allowance for validation, previews and checkpoint writes
+PLAN_NAME = "demo_weights_run.json"
 
 
-def measure_seconds_per_step(config_path: Path, steps: int) -> float:
+def measure_seconds_per_step(config: TrainConfig, steps: int, studies: StudySource | None = None) -> float:
     """Median wall-clock seconds per optimiser step over ``steps`` steps after the warm-up."""
-    config = load_config(config_path)
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="ctp-node-calibration-") as scratch:
         calibration = config.with_overrides(
@@ -46,39 +50,47 @@ def measure_seconds_per_step(config_path: Path, steps: int) -> float:
         def stamp(state: TrainState) -> None:
             stamps.append(time.perf_counter())
 
-        train(calibration, callback=stamp)
+        train(calibration, callback=stamp, studies=studies)
     intervals = [b - a for a, b in zip(stamps[WARM_UP_STEPS - 1 :], stamps[WARM_UP_STEPS:])]
     return statistics.median(intervals)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, required=True, help="training configuration (TOML)")
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of the run")
-    parser.add_argument("--calibration-steps", type=int, default=12)
-    parser.add_argument("--overhead", type=float, default=1.08, help="allowance for validation and checkpoints")
-    parser.add_argument("--output", type=Path, default=None, help="run folder (default: the configuration's)")
-    args = parser.parse_args(argv)
+def train_in_budget(
+    config: TrainConfig,
+    minutes: float,
+    *,
+    calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
+    overhead: float = DEFAULT_OVERHEAD,
+    studies: StudySource | None = None,
+    label: str = "",
+    announce: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Calibrate, then train ``budget / (seconds per step x overhead)`` iterations of ``config``.
 
-    seconds = measure_seconds_per_step(args.config, args.calibration_steps)
-    iterations = max(1, int(args.minutes * 60 / (seconds * args.overhead)))
-    config = load_config(args.config)
-    overrides: dict[str, object] = {"optim.iterations": iterations}
-    if args.output is not None:
-        overrides["runtime.output"] = args.output
-    config = config.with_overrides(overrides)
+    Returns the plan and its outcome, also written to ``<output>/demo_weights_run.json``; ``label``
+    names the configuration there (its file); ``announce(plan)`` hears the plan before the run starts.
+    """
+    if minutes <= 0 or calibration_steps < 1 or overhead < 1:
+        raise ValueError(
+            "need minutes > 0, calibration steps >= 1 and overhead >= 1; "
+            f"got {minutes}, {calibration_steps}, {overhead}"
+        )
+    seconds = measure_seconds_per_step(config, calibration_steps, studies)
+    iterations = max(1, int(minutes * 60 / (seconds * overhead)))
+    config = config.with_overrides({"optim.iterations": iterations})
     output = config.runtime.output
     output.mkdir(parents=True, exist_ok=True)
-    plan = {
-        "config": str(args.config),
-        "budget_minutes": args.minutes,
+    plan: dict[str, Any] = {
+        "config": label,
+        "budget_minutes": minutes,
         "calibration_seconds_per_step": seconds,
         "iterations": iterations,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(json.dumps(plan), flush=True)
+    if announce is not None:
+        announce(dict(plan))
     started = time.perf_counter()
-    result = train(config)
+    result = train(config, studies=studies)
     plan.update(
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         wall_minutes=(time.perf_counter() - started) / 60,
@@ -87,9 +99,5 @@ def main(argv: list[str] | None = None) -> None:
         last_loss=result.last_loss,
         export=str(result.export) if result.export else None,
     )
-    (output / "demo_weights_run.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(plan), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    (output / PLAN_NAME).write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    return plan

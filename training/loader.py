@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from training.config import DataConfig
 from training.datasets import (
     DataError,
-    PhantomStream,
+    StudySource,
+    StudyStream,
     TrainingItem,
     TupleDataset,
+    drawn_validation,
     npy_datasets,
-    phantom_validation,
 )
 
 
@@ -145,8 +146,12 @@ def build_data(
     num_workers: int = 0,
     pin_memory: bool = False,
     start_step: int = 0,
+    studies: StudySource | None = None,
 ) -> TrainData:
-    """The training stream of this rank (``batch_size`` per process) and the validation set."""
+    """The training stream of this rank (``batch_size`` per process) and the validation set.
+
+    ``studies``: where ``data.kind = "phantom"`` draws its studies (required for that kind).
+    """
     if config.kind == "npy":
         train, validation = npy_datasets(config)
         sampler = TupleSampler(train.weights(config.gap_weights), num_replicas=world_size, rank=rank, seed=seed)
@@ -154,9 +159,14 @@ def build_data(
             train, batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, seed=seed
         )
         return TrainData(stream, validation)
-    phantom = PhantomStream(config, seed=seed, rank=rank, start=start_step)
-    stream = BatchStream(phantom, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
-    return TrainData(stream, phantom_validation(config, seed) if rank == 0 else None)
+    if studies is None:
+        raise DataError(
+            'data.kind = "phantom" draws its studies from a study source: run `ctp-node train`, which supplies '
+            "the digital phantom, or pass studies= to training.trainer.train"
+        )
+    drawn = StudyStream(config, studies, seed=seed, rank=rank, start=start_step)
+    stream = BatchStream(drawn, batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+    return TrainData(stream, drawn_validation(config, studies, seed) if rank == 0 else None)
 
 
 def fixed_batches(dataset: TupleDataset, batch_size: int, count: int, seed: int = 0) -> Iterator[TrainingItem]:

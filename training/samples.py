@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.planner import PUBLISHED_MAX_TR, contrast_scenario, local_context
+from model.planner import PUBLISHED_MAX_TR, contrast_scenario, local_context, scenario_one_hot
 
 MIN_GAP = 2
 
@@ -41,10 +41,8 @@ class TrainingSample:
 
     @property
     def global_context(self) -> tuple[float, float, float]:
-        """The one-hot contrast scenario (rising, around peak, falling)."""
-        one_hot = [0.0, 0.0, 0.0]
-        one_hot[self.scenario] = 1.0
-        return (one_hot[0], one_hot[1], one_hot[2])
+        """The one-hot contrast scenario (rising, around peak, falling), as at inference."""
+        return scenario_one_hot(self.scenario)
 
 
 def training_peak(frame_sums: Sequence[float] | np.ndarray) -> int:

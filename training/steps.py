@@ -16,8 +16,9 @@ from torch import nn
 
 from model.device import autocast
 from model.loss import LossType, diffusion_loss, eps_from_output, sample_noise_levels
-from model.samplers import fast_alphas_cumprod, sample_dpmpp_2m
+from model.samplers import sample_dpmpp_2m
 from model.schedule import NoiseSchedule
+from model.unet import network_input
 from training.config import OptimConfig
 from training.datasets import TrainingItem
 from training.state import TrainState, update_ema
@@ -42,7 +43,7 @@ def training_loss(
     levels = sample_noise_levels(schedule, x.shape[0], generator).to(x.device)
 
     def eps_model(x_noisy: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        return net(torch.cat([left, x_noisy, right], dim=1), batch.local_context, batch.global_context, level)
+        return net(network_input(left, x_noisy, right), batch.local_context, batch.global_context, level)
 
     prediction = _prediction(net)
     return diffusion_loss(eps_model, x0, levels, loss_type, noise=noise, prediction=prediction)
@@ -115,11 +116,11 @@ def preview(
 
     def eps_fn(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp_dtype):
-            out = net(torch.cat([left, x, right], dim=1), batch.local_context, batch.global_context, level).float()
+            out = net(network_input(left, x, right), batch.local_context, batch.global_context, level).float()
         return eps_from_output(out, x, level, _prediction(net))
 
     start = torch.randn(left.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    predicted = sample_dpmpp_2m(eps_fn, start, fast_alphas_cumprod(schedule, steps))
+    predicted = sample_dpmpp_2m(eps_fn, start, schedule, steps)
     mid = left.shape[2] // 2
     panels = [batch.x[0, c, mid] for c in range(3)] + [predicted[0, 0, mid]]
     return ((torch.cat(panels, dim=-1) + 1) / 2).unsqueeze(0).float().cpu()

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.device import autocast_dtype
 from model.schedule import NoiseSchedule
 from training.config import TrainConfig
-from training.datasets import TrainingItem, TupleDataset
+from training.datasets import StudySource, TrainingItem, TupleDataset
 from training.distributed import DistContext, any_rank, distributed_context, gather_to_main, mean_over_ranks
 from training.loader import BatchStream, build_data, fixed_batches
 from training.monitor import Monitor, RunMonitor, SilentMonitor
@@ -90,11 +90,19 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-def train(config: TrainConfig, stop: StopRequest | None = None, callback: StepCallback | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    stop: StopRequest | None = None,
+    callback: StepCallback | None = None,
+    *,
+    studies: StudySource | None = None,
+) -> TrainResult:
     """Run, fine-tune or resume training as configured; under ``torchrun`` one process per device.
 
     ``stop``: request a clean stop from elsewhere (signals are routed to it while training).
     ``callback(state)``: called on every rank after each optimiser step (custom logging, tests).
+    ``studies``: where ``data.kind = "phantom"`` draws its studies (``ctp-node train`` passes the
+    digital phantom).
     """
     stop = stop or StopRequest()
     runtime, optim = config.runtime, config.optim
@@ -111,7 +119,7 @@ def train(config: TrainConfig, stop: StopRequest | None = None, callback: StepCa
             monitor = RunMonitor(runtime.output / "tensorboard", total=optim.iterations, progress=runtime.progress)
         try:
             with stop.installed():
-                return _run(config, ctx, stop, monitor, callback)
+                return _run(config, ctx, stop, monitor, callback, studies)
         finally:
             monitor.close()
 
@@ -140,7 +148,12 @@ def _prepare(config: TrainConfig, ctx: DistContext, monitor: Monitor) -> tuple[T
 
 
 def _run(
-    config: TrainConfig, ctx: DistContext, stop: StopRequest, monitor: Monitor, callback: StepCallback | None
+    config: TrainConfig,
+    ctx: DistContext,
+    stop: StopRequest,
+    monitor: Monitor,
+    callback: StepCallback | None,
+    studies: StudySource | None,
 ) -> TrainResult:
     runtime, optim = config.runtime, config.optim
     state, training = _prepare(config, ctx, monitor)
@@ -153,6 +166,7 @@ def _run(
         num_workers=runtime.num_workers,
         pin_memory=ctx.device.type == "cuda",
         start_step=state.step,
+        studies=studies,
     )
     if training is not None:
         data.stream.load_state_dict(training["data"])

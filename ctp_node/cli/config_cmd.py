@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ctp_node.cli.common import load_settings_or_exit
 from ctp_node.cli.progress import stderr
 
 
@@ -25,16 +26,10 @@ def config(
     """Print the effective configuration (file, then CTP_NODE_<SECTION>__<KEY> environment overrides)."""
     import tomli_w
 
-    from ctp_node.config import ConfigError, load_settings
-
     if file is not None:  # named twice (e.g. FILE and CTP_NODE_CONFIG): the one on the command line wins
         config_file = file
 
-    try:
-        settings = load_settings(config_file)
-    except ConfigError as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings = load_settings_or_exit(config_file)
     if check:
         stderr.print(f"configuration valid ({config_file or 'embedded defaults'})")
         return

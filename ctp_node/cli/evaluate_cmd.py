@@ -41,7 +41,6 @@ def evaluate(
     from ctp_node.evaluation.phantom_study import PhantomEvalSettings, check_family, evaluate_npy, evaluate_phantom
     from ctp_node.evaluation.static_ct import evaluate_static
     from model import EngineSettings, Inpainter, load_denoiser
-    from model.checkpoint import recommendation_of
     from model.engine import choose_sampling
 
     try:
@@ -51,10 +50,10 @@ def evaluate(
     if not gap_list or min(gap_list) < 2 or max(gap_list) > 8:
         raise typer.BadParameter("--gaps must lie in 2..8 s, the range the model was trained on")
     try:
-        net = load_denoiser(checkpoint)
-        sampling = choose_sampling(sampler, steps, recommendation_of(net))
+        loaded = load_denoiser(checkpoint)
+        sampling = choose_sampling(sampler, steps, loaded.info.recommended)
         engine = Inpainter(
-            net,
+            loaded,
             EngineSettings(sampler=sampling.sampler, steps=sampling.steps, batch_size=batch, long_gap="error"),
             device=device,
         )

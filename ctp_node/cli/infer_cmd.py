@@ -8,12 +8,12 @@ a JSON sidecar saying which seconds are acquired, synthetic or interpolated, and
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
 
 from ctp_node.cli.progress import stderr, step_progress
+from ctp_node.files import atomic_write
 
 
 def _parse_times(text: str) -> list[float]:
@@ -90,7 +90,6 @@ def infer(
     import numpy as np
 
     from model import CheckpointError, EngineSettings, Inpainter, PlanError, load_denoiser
-    from model.checkpoint import recommendation_of
     from model.engine import choose_sampling
     from model.window import from_model_space, to_model_space
 
@@ -104,8 +103,8 @@ def infer(
     if from_full is not None and from_full < 2:
         raise typer.BadParameter(f"--from-full must be >= 2 (every N-th second is kept), got {from_full}")
     try:
-        net = load_denoiser(checkpoint)
-        sampling = choose_sampling(sampler, steps, recommendation_of(net))
+        loaded = load_denoiser(checkpoint)
+        sampling = choose_sampling(sampler, steps, loaded.info.recommended)
         settings = EngineSettings(
             sampler=sampling.sampler,
             steps=sampling.steps,
@@ -117,13 +116,12 @@ def infer(
             n_samples=samples,
             long_gap=long_gap,  # type: ignore[arg-type]
         )
-        engine = Inpainter(net, settings, device=device)
+        engine = Inpainter(loaded, settings, device=device)
     except (ValueError, RuntimeError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     stderr.print(
-        f"checkpoint {checkpoint} ({net.checkpoint_info['format']} format), device {engine.device}, "
-        f"sampler {sampling.describe()}"
+        f"checkpoint {checkpoint} ({loaded.info.format} format), device {engine.device}, sampler {sampling.describe()}"
     )
     output.mkdir(parents=True, exist_ok=True)
     for path in _inputs(input_path):
@@ -168,7 +166,7 @@ def infer(
             "max_snap_error_s": result.plan.max_snap_error_s,
             "peak_second": result.plan.peak_second,
             "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
-            "checkpoint": net.checkpoint_info,
+            "checkpoint": loaded.info.to_dict(),
             "device": str(engine.device),
             "seconds_total": result.timings_s["total"],
             "research_use_only": True,
@@ -184,9 +182,5 @@ def infer(
 def _atomic_save(path: Path, array: object) -> None:
     import numpy as np
 
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)

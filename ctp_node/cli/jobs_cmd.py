@@ -6,33 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ctp_node.cli.node_cmd import CONFIG_OPTION, _load
+from ctp_node.cli.common import CONFIG_OPTION, find_job, load_settings_or_exit, open_job_store, peer_or_exit
 from ctp_node.cli.progress import stderr
 
 jobs_app = typer.Typer(help="List, show, retry and re-send series jobs.", no_args_is_help=True)
-
-
-def _store(config: Path | None):
-    """The configured job store, which must exist: a wrong path is an error, never a new empty store."""
-    from ctp_node.node.jobs import JobStore, StoreMissingError
-
-    settings = _load(config)
-    try:
-        return settings, JobStore(settings.database_url, create=False)
-    except StoreMissingError as exc:
-        stderr.print(
-            f"[red]error:[/red] {exc}; check storage.data_dir / jobs.database_url in the configuration "
-            "(--config or CTP_NODE_CONFIG), or start `ctp-node serve` once to create it"
-        )
-        raise typer.Exit(2) from exc
-
-
-def _job(store, ref: str):
-    job = store.get(int(ref)) if ref.isdigit() else store.find(ref)
-    if job is None:
-        stderr.print(f"[red]error:[/red] no job with id or series UID {ref!r}; `ctp-node jobs list` shows them")
-        raise typer.Exit(2)
-    return job
 
 
 @jobs_app.command("list")
@@ -50,7 +27,7 @@ def list_jobs(
         states = [State(s) for s in state]
     except ValueError as exc:
         raise typer.BadParameter(f"--state must be one of {', '.join(s.value for s in State)}") from exc
-    _, store = _store(config)
+    _, store = open_job_store(config)
     table = Table("id", "state", "instances", "last received (UTC)", "series UID", "error / warning")
     for job in store.list(states, limit):
         table.add_row(
@@ -68,8 +45,8 @@ def show(ref: str = typer.Argument(..., help="Job id or series UID."), config: P
     import dataclasses
     import json
 
-    _, store = _store(config)
-    job = _job(store, ref)
+    _, store = open_job_store(config)
+    job = find_job(store, ref)
     data = dataclasses.asdict(job)
     data["state"] = job.state.value
     data["deliveries"] = [dataclasses.asdict(d) for d in store.deliveries(job.id)]
@@ -79,8 +56,8 @@ def show(ref: str = typer.Argument(..., help="Job id or series UID."), config: P
 @jobs_app.command("retry")
 def retry(ref: str = typer.Argument(..., help="Job id or series UID."), config: Path | None = CONFIG_OPTION) -> None:
     """Process a failed or ignored series again from the spool."""
-    _, store = _store(config)
-    job = _job(store, ref)
+    _, store = open_job_store(config)
+    job = find_job(store, ref)
     store.retry(job.id)
     typer.echo(f"job {job.id} ({job.series_uid}) queued again")
 
@@ -92,8 +69,8 @@ def resend(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Send an existing result again (all destinations by default), without recomputing it."""
-    settings, store = _store(config)
-    job = _job(store, ref)
+    settings, store = open_job_store(config)
+    job = find_job(store, ref)
     names = destination or [d.name for d in settings.destinations]
     unknown = sorted(set(names) - {d.name for d in settings.destinations})
     if unknown or not names:
@@ -112,25 +89,17 @@ def echo(
     target: str | None = typer.Argument(None, help="A configured destination name, or HOST:PORT:AET (default: all)."),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
-    """C-ECHO a destination (or every configured one); exit 1 if any does not answer."""
-    from ctp_node.node.scu import Peer
+    """C-ECHO a destination (or every configured DICOM one); exit 1 if any does not answer."""
     from ctp_node.node.scu import echo as c_echo
+    from ctp_node.node.send import peer_for
 
-    settings = _load(config)
-    peers: list[tuple[str, Peer]] = []
-    by_name = {d.name: d for d in settings.destinations}
+    settings = load_settings_or_exit(config)
     if target is None:
-        peers = [(d.name, Peer(d.host, d.port, d.ae_title)) for d in settings.destinations]
+        peers = [(d.name, peer_for(d)) for d in settings.destinations if d.kind == "dimse"]
         if not peers:
-            raise typer.BadParameter("no destinations configured: give HOST:PORT:AET")
-    elif target in by_name:
-        d = by_name[target]
-        peers = [(d.name, Peer(d.host, d.port, d.ae_title))]
+            raise typer.BadParameter("no DICOM (kind dimse) destinations configured: give HOST:PORT:AET")
     else:
-        try:
-            peers = [(target, Peer.parse(target))]
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc).replace("--send", "target")) from exc
+        peers = [(target, peer_or_exit(settings, target))]
     failed = 0
     for name, peer in peers:
         ok, message = c_echo(peer, settings.dicom.ae_title)

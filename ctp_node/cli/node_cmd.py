@@ -10,23 +10,11 @@ from pathlib import Path
 
 import typer
 
+from ctp_node.cli.common import CONFIG_OPTION, load_settings_or_exit
 from ctp_node.cli.progress import stderr
 
-CONFIG_OPTION = typer.Option(
-    None, "--config", "-c", envvar="CTP_NODE_CONFIG", help="TOML configuration (default: embedded defaults)."
-)
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 LOG_FORMAT = typer.Option("text", "--log-format", help="text, or json (one JSON object per line).")
-
-
-def _load(config: Path | None):
-    from ctp_node.config import ConfigError, load_settings
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _stop_on_signals() -> threading.Event:
@@ -55,7 +43,7 @@ def serve(
     from ctp_node.node.receiver import Receiver
 
     setup_logging(log_level, log_format)
-    settings = _load(config)
+    settings = load_settings_or_exit(config)
     # --worker-devices names one device per worker; otherwise --workers workers on model.device.
     devices: list[str | None] = list(worker_devices.split(",")) if worker_devices else [None] * workers
     try:
@@ -68,6 +56,15 @@ def serve(
         )
         raise typer.Exit(2) from exc
     receiver.metrics.serve(settings.metrics)
+    web = None
+    if settings.web.enabled:  # the status page (ctp_node/web), in a thread of this process
+        from ctp_node.web import start_web
+
+        try:
+            web = start_web(settings, store, receiver)
+        except (OSError, ValueError, RuntimeError) as exc:
+            stderr.print(f"[red]error:[/red] status page on {settings.web.bind_address}:{settings.web.port}: {exc}")
+            raise typer.Exit(2) from exc
     stop = _stop_on_signals()
     try:
         receiver.start()
@@ -92,6 +89,8 @@ def serve(
         receiver.watch(stop)
     finally:
         receiver.stop()
+        if web is not None:
+            web.stop()
         for child in children:
             child.terminate()
         for child in children:
@@ -111,11 +110,12 @@ def worker(
     """Claim series jobs, inpaint them on this device and deliver the results (one process per GPU)."""
     from ctp_node.logs import setup_logging
     from ctp_node.node.jobs import JobStore
+    from ctp_node.node.processing import make_processor
     from ctp_node.node.worker import Worker
-    from ctp_node.series.pipeline import SeriesPipeline, make_processor
+    from ctp_node.series.pipeline import SeriesPipeline
 
     setup_logging(log_level, log_format)
-    settings = _load(config)
+    settings = load_settings_or_exit(config)
     try:
         pipeline = SeriesPipeline.from_settings(settings, device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -126,8 +126,11 @@ def worker(
     if metrics_port is not None:
         node_worker.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
     stderr.print(f"worker {node_worker.worker_id} on {pipeline.engine.device}, model {pipeline.recipe.checkpoint_id}")
-    if once:
-        while node_worker.run_once() is not None:
-            pass
-        return
-    node_worker.run_forever(_stop_on_signals())
+    try:
+        if once:
+            while node_worker.run_once() is not None:
+                pass
+        else:
+            node_worker.run_forever(_stop_on_signals())
+    finally:
+        node_worker.close()  # webhooks that are due go out before the process ends

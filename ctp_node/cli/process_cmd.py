@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ctp_node.cli.node_cmd import CONFIG_OPTION, _load
+from ctp_node.cli.common import CONFIG_OPTION, find_job, load_settings_or_exit, peer_or_exit
 from ctp_node.cli.progress import stderr, step_progress
 
 # Overrides of the configured [model] section, shared by process and reprocess.
@@ -49,7 +49,7 @@ def _group_by_series(folder: Path) -> dict[str, list[Path]]:
 def _pipeline(config: Path | None, checkpoint: Path | None, steps: int | None, sampler: str | None, device: str | None):
     from ctp_node.series.pipeline import SeriesPipeline
 
-    settings = _load(config)
+    settings = load_settings_or_exit(config)
     model = settings.model.model_copy(
         update={k: v for k, v in {"checkpoint": checkpoint, "steps": steps, "sampler": sampler}.items() if v}
     )
@@ -76,7 +76,7 @@ def _send(settings, files: list[Path], targets: list[str]) -> int:
 
     failures = 0
     for target in targets:
-        peer = _peer(settings, target)
+        peer = peer_or_exit(settings, target)
         try:
             results = send_files(files, peer, settings.dicom.ae_title)
         except (ConnectionError, OSError) as exc:
@@ -108,6 +108,7 @@ def process(
 ) -> None:
     """Inpaint every CTP series in a folder of DICOM files, offline, to a folder and/or destinations."""
     from ctp_node.errors import CTPInputError
+    from ctp_node.series.pipeline import run_series
 
     groups = _group_by_series(folder)
     if not groups:
@@ -118,9 +119,8 @@ def process(
     for series_uid, files in groups.items():
         out_dir = output / series_uid
         try:
-            steps_per_target = pipeline.engine.settings.steps
-            with step_progress(f"series ...{series_uid[-12:]}", steps=steps_per_target) as progress:
-                result = pipeline.run(files, out_dir, progress=progress)
+            with step_progress(f"series ...{series_uid[-12:]}", steps=pipeline.steps) as progress:
+                result = run_series(pipeline, files, out_dir, progress=progress)
         except CTPInputError as exc:
             stderr.print(f"[red]{series_uid}: not processed:[/red] {type(exc).__name__}: {exc}")
             failures += 1
@@ -137,29 +137,15 @@ def process(
         raise typer.Exit(1)
 
 
-def _peer(settings, target: str):
-    from ctp_node.node.scu import Peer
-
-    by_name = {d.name: d for d in settings.destinations}
-    if target in by_name:
-        d = by_name[target]
-        return Peer(d.host, d.port, d.ae_title)
-    try:
-        return Peer.parse(target)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{target!r} is neither a configured destination nor HOST:PORT:AET") from exc
-
-
 def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
     from ctp_node.node.retrieve import retrieve_series
     from ctp_node.node.spool import InvalidUIDError, Spool
 
     if not study:
         raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
+    peer = peer_or_exit(settings, target)
     try:
-        got = retrieve_series(
-            _peer(settings, target), study, series_uid, Spool(settings.storage.spool_dir), settings.dicom.ae_title
-        )
+        got = retrieve_series(peer, study, series_uid, Spool(settings.storage.spool_dir), settings.dicom.ae_title)
     except (ConnectionError, InvalidUIDError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -185,20 +171,20 @@ def reprocess(
     device: str | None = DEVICE_OPTION,
 ) -> None:
     """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
-    from ctp_node.cli.jobs_cmd import _job
     from ctp_node.errors import CTPInputError
     from ctp_node.node.jobs import JobStore
     from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.series.pipeline import run_series
 
     if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):
         raise typer.BadParameter(
             "--checkpoint, --steps, --sampler and --device need --output: queued jobs use the workers' configured model"
         )
-    settings = _load(config)
+    settings = load_settings_or_exit(config)
     store = JobStore(settings.database_url)
     if from_pacs:
         _pull(settings, store, from_pacs, study, ref)
-    job = _job(store, ref)
+    job = find_job(store, ref)
     files = Spool(settings.storage.spool_dir).instances(SeriesKey(job.study_uid, job.series_uid))
     if not files:
         stderr.print(f"[red]error:[/red] the spool holds no instances of {job.series_uid}")
@@ -209,9 +195,8 @@ def reprocess(
         return
     settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
     try:
-        steps_per_target = pipeline.engine.settings.steps
-        with step_progress(f"series ...{job.series_uid[-12:]}", steps=steps_per_target) as progress:
-            result = pipeline.run(files, output / job.series_uid, progress=progress)
+        with step_progress(f"series ...{job.series_uid[-12:]}", steps=pipeline.steps) as progress:
+            result = run_series(pipeline, files, output / job.series_uid, progress=progress)
     except CTPInputError as exc:
         stderr.print(f"[red]not processed:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from exc

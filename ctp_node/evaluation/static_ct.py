@@ -30,7 +30,7 @@ from ctp_node.evaluation.node_path import grid_linear, node_inpaint
 from ctp_node.evaluation.report import StaticRow
 from ctp_node.series import CTPSeries
 from ctp_node.series.grid import SLAB_SLICES
-from model.engine import Inpainter
+from model.engine import StudyInpainter
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
 
 PYDICOM_HEAD_CTS = ("J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm")
@@ -104,7 +104,7 @@ def static_series(source: StaticSource, gap_s: int, volumes: int = STATIC_VOLUME
     )  # fmt: skip
 
 
-def evaluate_static(engine: Inpainter, source: StaticSource, gap_s: int) -> StaticRow:
+def evaluate_static(engine: StudyInpainter, source: StaticSource, gap_s: int) -> StaticRow:
     """Synthetic seconds of the static series vs the acquired volume (module docstring)."""
     started = time.perf_counter()
     series = static_series(source, gap_s)

@@ -50,6 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from ctp_node.errors import LeaseLost, StoreMissingError
 from ctp_node.node.completeness import InstanceFacts, Verdict, judge
 from ctp_node.permissions import make_dirs, touch_private
 
@@ -192,14 +193,6 @@ class Delivery:
     @classmethod
     def from_row(cls, row: Any) -> Delivery:
         return cls(**_row_values(cls, row))
-
-
-class LeaseLost(RuntimeError):
-    """Another worker holds the job now (our lease expired); stop without writing results."""
-
-
-class StoreMissingError(RuntimeError):
-    """Asked to open an existing job store, and there is none at that place."""
 
 
 STORE_HINT = (
@@ -470,14 +463,20 @@ class JobStore:
         return queued
 
     # --- working ---------------------------------------------------------------------------------
-    def claim(self, worker: str, lease_s: float, now: datetime | None = None) -> SeriesJob | None:
-        """Take the oldest runnable job: queued, or active with an expired lease, due for an attempt."""
+    def claim(
+        self, worker: str, lease_s: float, now: datetime | None = None, *, sending_only: bool = False
+    ) -> SeriesJob | None:
+        """Take the oldest runnable job: queued, or active with an expired lease, due for an attempt.
+
+        ``sending_only``: only a job whose result waits for delivery (the send stage on its own)."""
         now = now or utcnow()
         c = series_table.c
-        runnable = (
-            (c.state == State.QUEUED.value)
-            | (c.state.in_(ACTIVE_STATES) & ((c.lease_expires_at.is_(None)) | (c.lease_expires_at < now)))
-        ) & ((c.next_attempt_at.is_(None)) | (c.next_attempt_at <= now))
+        unleased = (c.lease_expires_at.is_(None)) | (c.lease_expires_at < now)
+        if sending_only:
+            waiting = (c.state == State.SENDING.value) & unleased
+        else:
+            waiting = (c.state == State.QUEUED.value) | (c.state.in_(ACTIVE_STATES) & unleased)
+        runnable = waiting & ((c.next_attempt_at.is_(None)) | (c.next_attempt_at <= now))
         query = select(series_table).where(runnable).order_by(c.queued_at, c.id).limit(1)
         if self.is_postgres:
             query = query.with_for_update(skip_locked=True)

@@ -9,7 +9,11 @@ and series whose files are newer than their last recorded instance are re-opened
 the fsync and the database write). The watcher queues a series once it has been quiet for long
 enough, judging from a few header tags of each instance whether it looks complete
 (``ctp_node.node.completeness``): a short wait for a complete-looking series, a long one for an
-incomplete-looking one (then queued with a warning), the quiet period otherwise.
+incomplete-looking one (then queued with a warning), the quiet period otherwise. A queued series is
+announced to the webhooks (``series.received``, ``ctp_node.node.notify``) without waiting on them.
+
+Instances arrive by C-STORE (``scp``) and, when the web app includes ``ctp_node.web.stow``, by
+STOW-RS; both go through ``ctp_node.node.ingest.accept_instance`` into ``on_stored``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from datetime import datetime, timezone
 from ctp_node.config import Settings
 from ctp_node.node.audit import AuditLog
 from ctp_node.node.completeness import read_facts
+from ctp_node.node.ingest import ReceivedInstance
 from ctp_node.node.jobs import JobStore
+from ctp_node.node.notify import Notifier
 from ctp_node.node.prometheus import NodeMetrics
-from ctp_node.node.scp import ReceivedInstance, start_scp
+from ctp_node.node.scp import start_scp
 from ctp_node.node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -163,18 +169,32 @@ class InstanceRecorder:
 
 
 class Receiver:
-    def __init__(self, settings: Settings, store: JobStore, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        metrics: NodeMetrics | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.spool = Spool(settings.storage.spool_dir)
         self.audit = AuditLog(settings.storage.audit_log)
         self.metrics = metrics or NodeMetrics(store)
+        # Built here (not in start) so that a webhook secret that cannot be read stops the node at once.
+        self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         self.recorder: InstanceRecorder | None = None
         self._server = None
 
     def on_stored(self, instance: ReceivedInstance) -> None:
-        assert self.recorder is not None, "start() the receiver first"
+        """Hand a durably spooled instance to the job store's writer (C-STORE and STOW-RS alike)."""
+        if self.recorder is None:
+            raise RuntimeError("the receiver is not started: call start() first")
         self.recorder.submit(instance)
+
+    def on_refused(self, reason: str) -> None:
+        """Count a refused instance (C-STORE and STOW-RS alike) in ctp_node_refused_instances."""
+        self.metrics.refused.labels(reason).inc()
 
     def start(self) -> None:
         recover_spool(self.spool, self.store)
@@ -196,10 +216,13 @@ class Receiver:
                 )
                 for job_id in queued:
                     job = self.store.get(job_id)
+                    if job is None:  # deleted by hand meanwhile
+                        continue
                     if job.warning:
                         log.warning("series %s (%d instances) %s", job.series_uid, job.instances, job.warning)
                     else:
                         log.info("series %s complete (%d instances): queued", job.series_uid, job.instances)
+                    self.notifier.series_received(job)
             except Exception:
                 log.exception("completion watcher error; continuing")
 
@@ -210,3 +233,4 @@ class Receiver:
         if self.recorder is not None:
             self.recorder.stop()
             self.recorder = None
+        self.notifier.close()

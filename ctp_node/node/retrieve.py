@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
+from ctp_node.errors import PeerError
+from ctp_node.node.dicom_status import RETRIEVED, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS
 from ctp_node.node.scp import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from ctp_node.node.scu import Peer
 from ctp_node.node.spool import SeriesKey, Spool, check_uid
@@ -31,14 +33,17 @@ class Retrieved:
 
 
 def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, calling_ae: str) -> Retrieved:
-    """C-GET one series into the spool; ConnectionError if the PACS cannot be reached or refuses."""
+    """C-GET one series into the spool.
+
+    InvalidUIDError for a UID that is not one (before any network traffic); PeerError (a
+    ConnectionError) if the PACS cannot be reached, refuses, or sends nothing of the series."""
     key = SeriesKey(check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"))
     result = Retrieved(key)
 
     def on_store(event: evt.Event) -> int:
         ds = event.dataset
         if str(ds.get("SeriesInstanceUID", "")) != key.series_uid:
-            return 0xC000  # not the series asked for: refuse rather than mix series
+            return STATUS_CANNOT_UNDERSTAND  # not the series asked for: refuse rather than mix series
         result.paths.append(
             spool.write(
                 key,
@@ -46,7 +51,7 @@ def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, c
                 event.encoded_dataset(include_meta=True),
             )
         )
-        return 0x0000
+        return STATUS_SUCCESS
 
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -58,7 +63,7 @@ def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, c
         peer.host, peer.port, ae_title=peer.ae_title, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     if not assoc.is_established:
-        raise ConnectionError(f"no association with {peer.ae_title} at {peer.host}:{peer.port} for C-GET")
+        raise PeerError(f"no association with {peer.ae_title} at {peer.host}:{peer.port} for C-GET")
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = key.study_uid
@@ -70,8 +75,8 @@ def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, c
                 result.failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
     finally:
         assoc.release()
-    if result.status is None or (result.status not in (0x0000, 0xB000) and not result.paths):
-        raise ConnectionError(
+    if result.status is None or (result.status not in RETRIEVED and not result.paths):
+        raise PeerError(
             f"C-GET of series {key.series_uid} from {peer.ae_title} failed (status "
             f"{hex(result.status) if result.status is not None else 'none'}): is the series there, and does the "
             "PACS allow C-GET for this AE title?"

@@ -1,10 +1,11 @@
 """The receiving side: a pynetdicom SCP answering C-ECHO and C-STORE of CT and Enhanced CT images.
 
 The C-STORE handler only writes the instance durably to the spool (without decoding its pixel data)
-and reports it to ``on_stored``; it never waits on processing. Refusals are explicit DICOM
-statuses with an ErrorComment, each counted in ``ctp_node_refused_instances{reason}``: 0xA700 (out
-of resources: the disk, the job store), 0xC000 (cannot understand: missing, invalid or inconsistent
-UIDs, an unreadable header). Associations are refused for a wrong called AE title and, with an
+and reports it to ``on_stored``; it never waits on processing. The checks and the write are
+``ctp_node.node.ingest.accept_instance``, shared with STOW-RS (``ctp_node.web.stow``). Refusals are
+explicit DICOM statuses with an ErrorComment, each counted in ``ctp_node_refused_instances{reason}``:
+0xA700 (out of resources: the disk, the job store), 0xC000 (cannot understand: missing, invalid or
+inconsistent UIDs, an unreadable header). Associations are refused for a wrong called AE title and, with an
 allow-list, for a calling AE title / host pair not on it.
 
 Hostile or broken peers (the socket layer, before any authentication): a PDU may claim at most what
@@ -22,36 +23,33 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from ctp_node.config import DicomSettings
-from ctp_node.node.completeness import LAST_TAG_READ, InstanceFacts, facts_from_header
-from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.completeness import LAST_TAG_READ
+from ctp_node.node.dicom_status import (  # noqa: F401  (the refusal statuses are re-exported)
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
+from ctp_node.node.ingest import (  # noqa: F401  (ReceivedInstance, Refusal, ... re-exported for callers of scp)
+    ACCEPTED_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
+    Claim,
+    OnRefused,
+    OnStored,
+    Origin,
+    ReceivedInstance,
+    Refusal,
+    accept_instance,
+)
+from ctp_node.node.spool import Spool
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -59,56 +57,6 @@ if TYPE_CHECKING:
     from ctp_node.node.prometheus import NodeMetrics
 
 log = logging.getLogger(__name__)
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-# Uncompressed and the compressed syntaxes scanners use for CT (pynetdicom's defaults offer only the
-# uncompressed ones, so a JPEG Lossless sender would fail to negotiate).
-ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-)
-STORAGE_SOP_CLASSES: tuple[str, ...] = (CTImageStorage, EnhancedCTImageStorage)
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """What the spool now holds, as plain data for the job store and the audit log."""
-
-    key: SeriesKey
-    sop_uid: str
-    sop_class_uid: str
-    path: Path
-    calling_ae: str
-    calling_host: str
-    modality: str
-    received_at: datetime
-    facts: InstanceFacts | None = None  # for the completeness check; None: read them from the file
-
-
-OnStored = Callable[[ReceivedInstance], None]
-OnRefused = Callable[[str], None]  # the reason label of ctp_node_refused_instances
-
-
-class Refusal(Exception):
-    """A C-STORE answered with a failure: the status, a short reason label (for the metric) and why."""
-
-    def __init__(self, status: int, reason: str, comment: str) -> None:
-        super().__init__(comment)
-        self.status, self.reason, self.comment = status, reason, comment
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -136,77 +84,22 @@ def _series_header(event: evt.Event) -> Dataset:
         stream.seek(0)
 
 
-def _identity(event: evt.Event) -> tuple[Dataset, SeriesKey, str, str]:
-    """The header, series key, SOP Instance and SOP Class UIDs, checked against the command.
-
-    The spool names the file after the command's Affected SOP Instance UID and the worker reads the
-    dataset's: they must be the same valid UID, or a resend could overwrite another instance and the
-    worker would meet an instance it cannot place. Refusal(0xC000) says which attribute is wrong.
-    """
-    try:
-        header = _series_header(event)
-        sop_uid = header.get("SOPInstanceUID")
-        sop_class = header.get("SOPClassUID")
-    except Exception as exc:  # a header pydicom cannot parse
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, "unreadable", f"unreadable dataset: {exc}") from exc
-    for value, name in ((sop_uid, "SOPInstanceUID"), (sop_class, "SOPClassUID")):
-        if value is None or not str(value).strip("\x00 "):
-            raise Refusal(STATUS_CANNOT_UNDERSTAND, "missing_uid", f"dataset has no {name}")
-    try:
-        key = SeriesKey(
-            check_uid(header.get("StudyInstanceUID"), "StudyInstanceUID"),
-            check_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        )
-        sop_uid = check_uid(sop_uid, "SOPInstanceUID")
-        sop_class = check_uid(sop_class, "SOPClassUID")
-        command_uid = check_uid(event.request.AffectedSOPInstanceUID, "AffectedSOPInstanceUID")
-        command_class = check_uid(event.request.AffectedSOPClassUID, "AffectedSOPClassUID")
-    except InvalidUIDError as exc:
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, "invalid_uid", str(exc)) from exc
-    if sop_uid != command_uid:
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, "uid_mismatch", "SOPInstanceUID differs from AffectedSOPInstanceUID")
-    if sop_class != command_class:
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, "uid_mismatch", "SOPClassUID differs from AffectedSOPClassUID")
-    if sop_class not in STORAGE_SOP_CLASSES:
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, "sop_class", f"SOPClassUID {sop_class} is not CT or Enhanced CT")
-    return header, key, sop_uid, sop_class
-
-
 def handle_store(
     event: evt.Event, spool: Spool, on_stored: OnStored, on_refused: OnRefused | None = None
 ) -> int | Dataset:
-    """Write one instance to the spool; Success only once it is on disk."""
-    calling_ae = event.assoc.requestor.ae_title
-    host = event.assoc.requestor.address
+    """Write one instance to the spool (``ingest.accept_instance``); Success only once it is on disk."""
+    origin = Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address)
     try:
-        header, key, sop_uid, sop_class = _identity(event)
-        try:
-            path = spool.write(key, sop_uid, event.encoded_dataset(include_meta=True))
-        except OSError as exc:
-            log.error("could not store %s from %s@%s: %s", sop_uid, calling_ae, host, exc)
-            raise Refusal(STATUS_OUT_OF_RESOURCES, "disk", f"node cannot store: {exc.strerror or exc}") from exc
-        try:
-            on_stored(
-                ReceivedInstance(
-                    key=key,
-                    sop_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    path=path,
-                    calling_ae=calling_ae,
-                    calling_host=host,
-                    modality=str(header.get("Modality", "")),
-                    received_at=datetime.now(timezone.utc),
-                    facts=facts_from_header(sop_uid, header),
-                )
-            )
-        except Exception as exc:  # the file is on disk, but without a job row the sender must retry
-            log.error("could not record %s from %s@%s: %s", sop_uid, calling_ae, host, exc)
-            raise Refusal(STATUS_OUT_OF_RESOURCES, "job_store", f"node cannot record the instance: {exc}") from exc
+        accept_instance(
+            lambda: _series_header(event),
+            Claim.from_command(event.request),
+            lambda: event.encoded_dataset(include_meta=True),
+            origin,
+            spool,
+            on_stored,
+            on_refused,
+        )
     except Refusal as refusal:
-        if refusal.status == STATUS_CANNOT_UNDERSTAND:
-            log.warning("refused instance from %s@%s: %s", calling_ae, host, refusal.comment)
-        if on_refused is not None:
-            on_refused(refusal.reason)
         return _failure(refusal.status, refusal.comment)
     return STATUS_SUCCESS
 

@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctp_node.errors import PeerError
+from ctp_node.node.dicom_status import STATUS_SUCCESS, STORED
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -30,12 +33,12 @@ class Peer:
     def parse(cls, text: str) -> Peer:
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"--send {text!r} must look like HOST:PORT:AET, e.g. 127.0.0.1:11112:STORESCP")
+            raise ValueError(f"{text!r} must look like HOST:PORT:AET, e.g. 127.0.0.1:11112:STORESCP")
         host, port, aet = parts
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"--send {text!r}: port {port!r} is not a TCP port number")
+            raise ValueError(f"{text!r}: port {port!r} is not a TCP port number")
         if len(aet) > 16:
-            raise ValueError(f"--send {text!r}: AE titles have at most 16 characters")
+            raise ValueError(f"{text!r}: AE titles have at most 16 characters")
         return cls(host, int(port), aet)
 
 
@@ -46,7 +49,7 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and self.status in (0x0000, 0xB000, 0xB007, 0xB006)
+        return self.status is not None and self.status in STORED
 
 
 def _tuned(timeout_s: float) -> list:
@@ -74,7 +77,7 @@ def echo(peer: Peer, calling_ae_title: str, timeout_s: float = 10.0) -> tuple[bo
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    if "Status" in status and status.Status == 0x0000:
+    if "Status" in status and status.Status == STATUS_SUCCESS:
         return True, f"{peer.ae_title} at {peer.host}:{peer.port} answered C-ECHO"
     return False, f"{peer.ae_title} at {peer.host}:{peer.port}: C-ECHO failed ({status.get('Status', 'no response')})"
 
@@ -86,7 +89,7 @@ def send_files(
     progress: Callable[[int, int], None] | None = None,
     timeout_s: float = 60.0,
 ) -> list[SendResult]:
-    """Send ``paths`` over one association; ConnectionError if no association could be made."""
+    """Send ``paths`` over one association; PeerError (a ConnectionError) if no association could be made."""
     from pydicom import dcmread
     from pynetdicom import AE
 
@@ -102,7 +105,7 @@ def send_files(
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_tuned(timeout_s))
     if not assoc.is_established:
-        raise ConnectionError(
+        raise PeerError(
             f"no association with {peer.ae_title} at {peer.host}:{peer.port}: check the address, the AE title "
             "and that the peer accepts CT Image / Enhanced CT storage in this transfer syntax"
         )
@@ -111,7 +114,7 @@ def send_files(
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
         missing = [c for c in contexts if c not in accepted]
         if missing:
-            raise ConnectionError(
+            raise PeerError(
                 f"{peer.ae_title} rejected {missing} (SOP class, transfer syntax): send with "
                 "--transfer-syntax explicit or configure the peer to accept it"
             )

@@ -9,20 +9,17 @@ created 0640 and folders 0750 whatever the umask (``ctp_node.permissions``).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctp_node.permissions import make_dirs, open_new_file
+from ctp_node.errors import InvalidUIDError
+from ctp_node.files import atomic_write, fsync_dir
+from ctp_node.permissions import make_dirs
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_SUFFIX = ".part"
-
-
-class InvalidUIDError(ValueError):
-    """A UID that cannot be used (and so never becomes a path)."""
 
 
 def check_uid(uid: object, name: str) -> str:
@@ -31,14 +28,6 @@ def check_uid(uid: object, name: str) -> str:
     if not text or len(text) > 64 or not UID_PATTERN.match(text):
         raise InvalidUIDError(f"{name} {text[:80]!r} is not a valid DICOM UID (digits and dots, at most 64 characters)")
     return text
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -65,20 +54,11 @@ class Spool:
         folder = target.parent
         new_folder = not folder.exists()
         make_dirs(folder)
-        tmp = folder / f".{target.name}.{os.getpid()}.{id(data)}{TMP_SUFFIX}"
-        try:
-            with os.fdopen(open_new_file(tmp), "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
+        with atomic_write(target, suffix=TMP_SUFFIX) as fh:
+            fh.write(data)
         if new_folder:
-            _fsync_dir(folder.parent)
-            _fsync_dir(self.root)
+            fsync_dir(folder.parent)
+            fsync_dir(self.root)
         return target
 
     def instances(self, key: SeriesKey) -> list[Path]:

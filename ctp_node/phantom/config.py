@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # motion.py imports anatomy.py, which imports this module
+    from ctp_node.phantom.motion import SliceMotion
 
 Residue = Literal["exponential", "box"]
 RESIDUES: tuple[str, ...] = ("exponential", "box")
@@ -44,6 +47,14 @@ class PhantomConfig:
 
     Motion: volumes listed in ``motion_volumes`` show the head moved rigidly by up to
     ``motion_translation_mm`` per axis and ``motion_rotation_deg`` per axis (uniformly drawn).
+    ``slice_motions`` (``phantom.motion.SliceMotion``) record some slices of a volume in another pose
+    (a step between slices, a shifted slice, blur of motion during the acquisition): motion that
+    registering whole volumes cannot undo.
+
+    Partial volume: with ``supersample`` k > 1 each pixel is the mean of k x k sub-pixels (as a
+    detector integrates), so an edge moved by a fraction of a pixel changes the pixel's value
+    instead of jumping a whole pixel; motion studies need it to tell interpolation from
+    misalignment. 1 (default) samples each voxel at its centre; k times k times slower.
     """
 
     matrix: int = 192
@@ -65,9 +76,12 @@ class PhantomConfig:
     motion_volumes: tuple[int, ...] = field(default=())
     motion_translation_mm: float = 3.0
     motion_rotation_deg: float = 3.0
+    slice_motions: tuple[SliceMotion, ...] = field(default=())
+    supersample: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "motion_volumes", tuple(int(v) for v in self.motion_volumes))
+        object.__setattr__(self, "slice_motions", tuple(self.slice_motions))
         object.__setattr__(self, "lesion_centre_mm", tuple(float(v) for v in self.lesion_centre_mm))
         for problem in self._problems():
             raise ValueError(f"invalid PhantomConfig: {problem}")
@@ -106,6 +120,8 @@ class PhantomConfig:
             problems.append(f"noise_hu must be >= 0 HU, got {self.noise_hu!r}")
         if self.residue not in RESIDUES:
             problems.append(f"residue must be one of {RESIDUES}, got {self.residue!r}")
+        if not (isinstance(self.supersample, int) and 1 <= self.supersample <= 8):
+            problems.append(f"supersample must be an integer within 1..8, got {self.supersample!r}")
         if not 0 <= self.perfusion_variation <= 0.3:
             problems.append(f"perfusion_variation must be within 0..0.3, got {self.perfusion_variation!r}")
         if not 0 <= self.delay_variation_s <= 2:
@@ -120,6 +136,9 @@ class PhantomConfig:
                 problems.append(f"motion_volumes {bad} outside 0..{self.duration_s - 1}")
             if len(set(self.motion_volumes)) != len(self.motion_volumes):
                 problems.append(f"motion_volumes lists a volume twice: {self.motion_volumes}")
+            if isinstance(self.slices, int):
+                for motion in self.slice_motions:
+                    problems.extend(motion.problems(self.duration_s, self.slices))
         if self.lesion and not problems:
             problems.extend(self._lesion_problems())
         return problems

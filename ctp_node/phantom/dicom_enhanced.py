@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -22,12 +23,7 @@ from ctp_node.phantom.dicom_modules import (
     KVP,
     RESCALE_INTERCEPT,
     RESCALE_SLOPE,
-    Progress,
-    StudyUIDs,
     base_dataset,
-    dicom_date,
-    dicom_datetime,
-    dicom_time,
     ds_string,
     item,
     save_instance,
@@ -36,6 +32,10 @@ from ctp_node.phantom.dicom_modules import (
 )
 from ctp_node.phantom.dicom_profiles import VendorProfile
 from ctp_node.series import CTPSeries
+from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_datetime, dicom_time
+
+if TYPE_CHECKING:  # the type only: model's package would load torch
+    from model.progress import ProgressFn
 
 
 def write_enhanced(
@@ -44,7 +44,7 @@ def write_enhanced(
     profile: VendorProfile,
     uids: StudyUIDs,
     syntax: str,
-    progress: Progress,
+    progress: ProgressFn,
 ) -> list[Path]:
     """Write T multi-frame instances named EN_<volume>.dcm; ``syntax`` is Explicit VR LE or RLE."""
     n_t, n_z = series.hu.shape[:2]

@@ -1,78 +1,28 @@
 """DICOM attributes shared by the phantom's writers: identities, common modules, pixel encoding.
 
 Values that identify a patient are obviously synthetic (PatientName "PHANTOM^CTP") so a phantom
-study can never be mistaken for a patient's in a PACS. UIDs are derived deterministically from a
-seed, so writing the same study twice gives the same UIDs (reproducible tests, idempotent sends).
+study can never be mistaken for a patient's in a PACS. UIDs, dates and times and the pixel format
+are encoded as the node's own writer encodes them (ctp_node/series/dicom_attributes.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ctp_node import __version__
 from ctp_node.phantom.dicom_profiles import VendorProfile
 from ctp_node.phantom.sampling import SCAN_START
 from ctp_node.series import CTPSeries
+from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_time, pixel_format
 
-Progress = Callable[[int, int], None]  # progress(done, total)
 RESCALE_INTERCEPT = -1024.0
 RESCALE_SLOPE = 1.0
 KVP = 80.0
-
-
-@dataclass(frozen=True)
-class StudyUIDs:
-    """Identifiers of one written series; ``instance(*parts)`` gives a SOPInstanceUID per instance."""
-
-    study: str
-    series: str
-    frame_of_reference: str
-    seed: str
-
-    @classmethod
-    def derived(cls, seed: str, study: str = "", series: str = "", frame_of_reference: str = "") -> StudyUIDs:
-        """Keep given UIDs; derive missing ones from ``seed``."""
-        return cls(
-            study or _uid(seed, "study"),
-            series or _uid(seed, "series"),
-            frame_of_reference or _uid(seed, "frame-of-reference"),
-            seed,
-        )
-
-    def instance(self, *parts: object) -> str:
-        return _uid(self.seed, self.series, *parts)
-
-    def dimension_organisation(self) -> str:
-        return _uid(self.seed, self.series, "dimension-organisation")
-
-
-def _uid(*parts: object) -> str:
-    """A UID hashed from ``parts``; joined with a separator, since pydicom concatenates entropy
-    sources as they are and (1, 10) would otherwise collide with (11, 0)."""
-    return generate_uid(entropy_srcs=["|".join(str(p) for p in parts)])
-
-
-def dicom_date(moment: datetime) -> str:
-    return moment.strftime("%Y%m%d")
-
-
-def dicom_time(moment: datetime, decimals: int = 6) -> str:
-    """TM rounded (not truncated) to ``decimals`` fractional digits."""
-    quantum = 10 ** (6 - decimals)
-    micro = round(moment.microsecond / quantum) * quantum
-    moment = moment.replace(microsecond=0) + timedelta(microseconds=micro)
-    return moment.strftime("%H%M%S") + ("." + f"{moment.microsecond:06d}"[:decimals] if decimals else "")
-
-
-def dicom_datetime(moment: datetime) -> str:
-    return moment.strftime("%Y%m%d%H%M%S.%f")
 
 
 def patient_study_series(ds: Dataset, uids: StudyUIDs, start: datetime, series_description: str) -> None:
@@ -110,18 +60,6 @@ def equipment(ds: Dataset, model_name: str) -> None:
     ds.DeviceSerialNumber = "0"
     ds.SoftwareVersions = f"ctp-node {__version__}"
     ds.InstitutionName = "Synthetic"
-
-
-def pixel_format(ds: Dataset, rows: int, columns: int, signed: bool, bits_stored: int) -> None:
-    """Image Pixel module attributes for 16-bit monochrome CT."""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
 
 
 def check_pixel_range(hu: np.ndarray, signed: bool, bits_stored: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
@@ -13,11 +14,7 @@ from ctp_node.phantom.dicom_modules import (
     KVP,
     RESCALE_INTERCEPT,
     RESCALE_SLOPE,
-    Progress,
-    StudyUIDs,
     base_dataset,
-    dicom_date,
-    dicom_time,
     ds_string,
     save_instance,
     stored_values,
@@ -25,6 +22,10 @@ from ctp_node.phantom.dicom_modules import (
 )
 from ctp_node.phantom.dicom_profiles import VendorProfile
 from ctp_node.series import CTPSeries
+from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_time
+
+if TYPE_CHECKING:  # the type only: model's package would load torch
+    from model.progress import ProgressFn
 
 
 def write_single_frame(
@@ -33,7 +34,7 @@ def write_single_frame(
     profile: VendorProfile,
     uids: StudyUIDs,
     syntax: str,
-    progress: Progress,
+    progress: ProgressFn,
 ) -> list[Path]:
     """Write T x Z instances named IM_<volume>_<slice>.dcm; ``syntax`` is Explicit VR LE or RLE."""
     n_t, n_z = series.hu.shape[:2]

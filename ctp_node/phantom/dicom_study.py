@@ -19,17 +19,21 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ctp_node.phantom import jpeg_lossless
 from ctp_node.phantom.dicom_enhanced import write_enhanced
-from ctp_node.phantom.dicom_modules import Progress, StudyUIDs, check_pixel_range, volume_times
+from ctp_node.phantom.dicom_modules import check_pixel_range, volume_times
 from ctp_node.phantom.dicom_profiles import PROFILES, VendorProfile
 from ctp_node.phantom.dicom_single_frame import write_single_frame
 from ctp_node.series import CTPSeries
+from ctp_node.series.dicom_attributes import StudyUIDs
+
+if TYPE_CHECKING:  # the type only: model's package would load torch
+    from model.progress import ProgressFn
 
 __all__ = ["LAYOUTS", "PROFILES", "TRANSFER_SYNTAXES", "VendorProfile", "volume_times", "write_study"]
 
@@ -50,7 +54,7 @@ def write_study(
     vendor: str = "ge",
     transfer_syntax: str = "explicit",
     uid_seed: str = "ctp-phantom",
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[Path]:
     """Write ``series`` into ``out_dir`` (created) and return the written files in volume order.
 

@@ -9,9 +9,9 @@ as ``ctp-node perfusion`` expects; ``truth.npz`` holds the ground truth maps.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ctp_node.phantom.generator import PhantomStudy
 from ctp_node.phantom.sampling import SCAN_START
 from ctp_node.phantom.tissue import TissueLabel
 from ctp_node.series import CTPSeries
+
+if TYPE_CHECKING:  # the type only: model's package would load torch
+    from model.progress import ProgressFn
 
 MODEL_SHAPE = (8, 192, 192)
 MODEL_WINDOW_HU = (0.0, 80.0)
@@ -84,7 +87,7 @@ def write_outputs(
     layout: str,
     vendor: str = "ge",
     transfer_syntax: str = "explicit",
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[Path]:
     """Write ``truth.npz``, ``phantom.json`` and the study: ``dicom/*.dcm`` or ``phantom.npy`` (layout "npy").
 

@@ -24,7 +24,7 @@ from ctp_node.phantom.anatomy import (
 )
 from ctp_node.phantom.config import PhantomConfig
 from ctp_node.phantom.fields import SmoothField
-from ctp_node.phantom.motion import RigidMotion, draw_motions, moved_grid
+from ctp_node.phantom.motion import RigidMotion, SliceMotion, draw_motions, moved_grid
 from ctp_node.phantom.noise import correlated_noise
 from ctp_node.phantom.residue import FINE_STEP_S, PARAMETER_STEP_S, curve_table
 from ctp_node.phantom.tissue import (
@@ -147,17 +147,32 @@ def generate_phantom(cfg: PhantomConfig) -> PhantomStudy:
             "move lesion_centre_mm towards a slice centre, or use more slices"
         )
     motions = draw_motions(rng_motion, cfg.motion_volumes, cfg.motion_translation_mm, cfg.motion_rotation_deg)
-    moved = {m.volume: _scene(cfg, moved_grid(grid, m), fields, lesion) for m in motions}
+    # Images are rendered on ``fine`` (the study grid, or a finer one averaged back: partial volume).
+    fine = grid if cfg.supersample == 1 else _supersampled(grid, cfg.supersample)
+    still = scene if cfg.supersample == 1 else _scene(cfg, fine, fields, lesion)
+    moved = {m.volume: _scene(cfg, moved_grid(fine, m), fields, lesion) for m in motions}
+    pose_of = {m.volume: m for m in motions}
+    slice_scenes = [
+        (sm, [_scene(cfg, moved_grid(fine, pose), fields, lesion) for pose in sm.poses(pose_of.get(sm.volume))])
+        for sm in cfg.slice_motions
+    ]
 
     times = np.arange(cfg.duration_s, dtype=np.float64)
     aif_fine = reference_aif(np.arange(int(round(times[-1] / FINE_STEP_S)) + 1) * FINE_STEP_S)
-    table = _tissue_table([scene, *moved.values()], aif_fine, times, cfg.residue)
+    extra = [s for _, scenes in slice_scenes for s in scenes]
+    rendered = [still] if still is scene else [scene, still]
+    table = _tissue_table([*rendered, *moved.values(), *extra], aif_fine, times, cfg.residue)
     vessels = _vessel_curves(aif_fine, times)
 
     sigma_px = cfg.noise_correlation_mm / cfg.pixel_mm
     hu = np.empty((times.size, *grid.shape), dtype=np.float32)
     for t in range(times.size):
-        hu[t] = _render(moved.get(t, scene), table[t], {k: c[t] for k, c in vessels.items()})
+        vessels_t = {k: c[t] for k, c in vessels.items()}
+        volume = _render(moved.get(t, still), table[t], vessels_t)
+        for sm, scenes in slice_scenes:
+            if sm.volume == t:
+                _render_slices(volume, sm, scenes, table[t], vessels_t)
+        hu[t] = _block_mean(volume, cfg.supersample)
         if cfg.noise_hu > 0:
             hu[t] += correlated_noise(rng_noise, grid.shape, cfg.noise_hu, sigma_px)
         np.maximum(hu[t], np.float32(HU_FLOOR), out=hu[t])
@@ -232,6 +247,31 @@ def _render(scene: _Scene, curves_t: np.ndarray, vessels_t: dict[int, float]) ->
     for kind, value in vessels_t.items():
         flat[scene.vessels[kind]] += np.float32(value)
     return out
+
+
+def _supersampled(grid: Grid, factor: int) -> Grid:
+    """``factor`` x ``factor`` sub-pixels per pixel in-plane, whose block means are the grid's pixels."""
+    linear = grid.affine[:, :3].copy()
+    linear[:, :2] /= factor
+    origin = grid.affine[:, 3] - (factor - 1) / 2 * (linear[:, 0] + linear[:, 1])
+    z, y, x = grid.shape
+    return Grid((z, y * factor, x * factor), np.concatenate([linear, origin[:, None]], axis=1))
+
+
+def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return volume
+    z, y, x = volume.shape
+    return volume.reshape(z, y // factor, factor, x // factor, factor).mean(axis=(2, 4), dtype=np.float32)
+
+
+def _render_slices(
+    volume: np.ndarray, motion: SliceMotion, scenes: list[_Scene], curves_t: np.ndarray, vessels_t: dict[int, float]
+) -> None:
+    """Overwrite the moved slices of ``volume`` with the mean of the scenes of their pose(s)."""
+    rows = slice(motion.first_slice, motion.last_slice + 1)
+    mean = np.mean([_render(s, curves_t, vessels_t)[rows] for s in scenes], axis=0)
+    volume[rows] = mean.astype(np.float32)
 
 
 def _truth(scene: _Scene) -> PerfusionTruth:

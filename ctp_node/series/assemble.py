@@ -18,10 +18,11 @@ the matching ``ctp_node.errors`` exception with a message that says what to do.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from ctp_node.errors import (
     UndecodableError,
 )
 from ctp_node.series import CTPSeries
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -63,15 +67,23 @@ class _Grid:
     columns: int
 
 
-def assemble_series(paths: Iterable[str | Path]) -> CTPSeries:
+def assemble_series(
+    paths: Iterable[str | Path], *, check_first_header: Callable[[Dataset], None] | None = None
+) -> CTPSeries:
     """Read and check the instances in ``paths`` and return the 4D series in HU.
 
-    Raises a ``ctp_node.errors.CTPInputError`` subclass if the files are not one complete CTP series.
+    ``check_first_header``: called with the first file's header before anything else is checked or
+    any pixels are read (e.g. to refuse a series by its header early). That header is kept as the
+    series' ``header`` template. Raises a ``ctp_node.errors.CTPInputError`` subclass if the files are
+    not one complete CTP series.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise NotCTPError("no files given: point to the folder holding the CTP series' DICOM files")
-    headers = [_read_header(p) for p in paths]
+    first = _read_header(paths[0])
+    if check_first_header is not None:
+        check_first_header(first)
+    headers = [first, *(_read_header(p) for p in paths[1:])]
     _check_one_series(headers, paths)
     grid = _check_one_grid(headers, paths)
     slices = [s for path, ds in zip(paths, headers, strict=True) for s in _slices(path, ds)]
@@ -83,7 +95,6 @@ def assemble_series(paths: Iterable[str | Path]) -> CTPSeries:
     start = min(s.moment for s in volumes[0])
     times = np.array([(min(s.moment for s in v) - start).total_seconds() for v in volumes])
     direction = np.column_stack([grid.orientation[:3], grid.orientation[3:], normal])
-    first = headers[0]
     return CTPSeries(
         hu=hu,
         times_s=times,
@@ -95,6 +106,7 @@ def assemble_series(paths: Iterable[str | Path]) -> CTPSeries:
         series_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         start=start,
+        header=first,
     )
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 
 @dataclass
@@ -31,6 +35,9 @@ class CTPSeries:
         study_uid, series_uid, frame_of_reference_uid: the source identifiers ('' if unknown).
         start: absolute date/time of the first volume when the source states one (None otherwise);
             needed to write times back as DICOM AcquisitionTime/ContentTime.
+        header: the header (no pixels) of the first source instance, read once by the assembler:
+            the template of the patient, study and acquisition attributes of a derived series; None
+            when not from DICOM.
     """
 
     hu: np.ndarray
@@ -43,6 +50,7 @@ class CTPSeries:
     series_uid: str = ""
     frame_of_reference_uid: str = ""
     start: datetime | None = None
+    header: Dataset | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 4:

@@ -14,9 +14,9 @@ atomic rename), ready for C-STORE. What each instance says about itself:
   pixels unchanged, i.e. a direct result of the examination (PRIMARY), but they are copies placed on
   a resampled time grid in a new series made by post-processing, so ORIGINAL would be untrue.
   ImageComments says per image whether it is SYNTHETIC, INTERPOLATED or ACQUIRED, its time, how
-  its voxels were filled when the caller passes ``fills`` ("model: N voxels, vessel fit: M voxels,
+  its voxels were filled when the plan carries voxel counts ("model: N voxels, vessel fit: M voxels,
   linear: K voxels"), and the research-use caution.
-- Time: image g is at ``source.start + time_s`` of its ``SecondSource`` (AcquisitionDate/Time and
+- Time: image g is at ``source.start + time_s`` of its ``SecondFill`` (AcquisitionDate/Time and
   ContentDate/Time, to 1 us): the time of what it shows. An acquired image keeps its volume's own
   acquisition time (also when the model's grid snapped it to the nearest second); a synthetic or
   interpolated image sits at its true place between the two acquired volumes it was made from
@@ -36,7 +36,8 @@ atomic rename), ready for C-STORE. What each instance says about itself:
 - SeriesDescription: the recipe's text (must contain "SYNTHETIC", at most 64 characters);
   SeriesNumber: the source's plus ``series_number_offset`` (the offset alone if the source has none).
 - Patient, study, clinical-trial attributes and the character set are copied unchanged from one
-  source instance (``source_files[0]``): nothing about the patient is altered. Type 2 attributes the
+  source instance (the series' header template ``CTPSeries.header``, read once by the assembler;
+  else ``source_files[0]``): nothing about the patient is altered. Type 2 attributes the
   source lacks (``TYPE2_KEYWORDS``; Laterality for a paired body part) are written empty, as the
   CT Image IOD requires, rather than left out.
 - Padding: PixelPaddingValue (and PixelPaddingRangeLimit) are carried over, so that viewers keep
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,10 +68,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ctp_node import __version__
-from ctp_node.permissions import make_dirs, open_new_file
-from ctp_node.phantom.dicom_modules import StudyUIDs, dicom_date, dicom_time, pixel_format
+from ctp_node.errors import DerivedSeriesError
+from ctp_node.files import atomic_write, fsync_dir
+from ctp_node.permissions import make_dirs
 from ctp_node.series import CTPSeries
-from ctp_node.series.grid import FillCounts, SecondSource, second_sources
+from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_time, pixel_format
+from model.planner import FillCounts, FillPlan, SecondFill
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +167,6 @@ PAIRED_BODY_PARTS = frozenset(
 )  # fmt: skip
 
 
-class DerivedSeriesError(ValueError):
-    """The derived series cannot be written as asked (the message says what to change)."""
-
-
 @dataclass(frozen=True)
 class DerivedRecipe:
     """How the 1 s series was made: named in the images, and part of every derived UID.
@@ -239,35 +237,39 @@ class DerivedSeries:
 
 def write_derived_series(
     hu_1s: np.ndarray,
-    grid_times_s: np.ndarray,
-    synthetic_mask: np.ndarray,
+    fill: FillPlan,
     source: CTPSeries,
     source_files: SequenceABC[Path],
     out_dir: Path,
     *,
     recipe: DerivedRecipe,
-    usable: np.ndarray | None = None,
-    fills: SequenceABC[FillCounts] | None = None,
 ) -> DerivedSeries:
     """Write ``hu_1s`` float (T1, Z, Y, X) HU as the derived series into ``out_dir`` (rules: module docstring).
 
-    ``grid_times_s``: (T1,) seconds on the clock of ``source.times_s``, exactly 1 s apart;
-    ``synthetic_mask``: (T1,) the engine's synthetic seconds; ``usable``: as given to the engine;
-    ``fills``: per second, how its voxels were filled (``ctp_node.series.grid.back_to_source``), stated in
-    ImageComments. Everything is checked before the first file is written.
+    ``fill``: the engine's record of what fills each second (``model.planner.FillPlan``, on the clock
+    of ``source.times_s``), with the voxel counts of ``ctp_node.series.grid.back_to_source`` when they
+    are to be stated in ImageComments. ``source_files``: the source instances (one is read for the
+    patient/study header only when ``source.header`` is None). Everything is checked before the first
+    file is written.
     """
     hu = np.asarray(hu_1s)
-    grid_times = np.asarray(grid_times_s, dtype=np.float64)
-    synthetic = np.asarray(synthetic_mask)
-    _check_inputs(hu, grid_times, synthetic, source, source_files)
-    sources = second_sources(source.times_s, grid_times, synthetic, usable)
-    if fills is not None and len(fills) != len(sources):
-        raise DerivedSeriesError(f"got {len(fills)} fill counts for {len(sources)} seconds: give one per second")
-    header = pydicom.dcmread(Path(source_files[0]), stop_before_pixels=True)
-    _check_header(header, source, Path(source_files[0]))
+    grid_times = np.asarray(fill.times_s, dtype=np.float64)
+    _check_inputs(hu, grid_times, source, source_files)
+    sources = fill.fills
+    if fill.input_second.shape != source.times_s.shape:
+        raise DerivedSeriesError(
+            f"the plan was made for {fill.input_second.size} volumes, the source has {source.times_s.size}: "
+            "pass the engine's plan of this series"
+        )
+    if source.header is not None:
+        header, header_path = source.header, Path(source_files[0]) if source_files else Path("<header template>")
+    else:
+        header_path = Path(source_files[0])
+        header = pydicom.dcmread(header_path, stop_before_pixels=True)
+    _check_header(header, source, header_path)
     slope, intercept = _rescale(header)
     if float(slope) == 0:
-        raise DerivedSeriesError(f"{source_files[0]} states RescaleSlope 0: its pixel values cannot be HU")
+        raise DerivedSeriesError(f"{header_path} states RescaleSlope 0: its pixel values cannot be HU")
 
     uids = StudyUIDs.derived(recipe.uid_seed(source.series_uid), study=source.study_uid)
     series_number = int(header.get("SeriesNumber") or 0) + recipe.series_number_offset
@@ -289,11 +291,11 @@ def write_derived_series(
             _keep_padding(stored, source, src, padding, slope, intercept, padded_cache)
         for z in range(hu.shape[1]):
             ds = copy.deepcopy(base)  # pydicom's shallow copies share elements: assigning would alter base
-            _instance(ds, context, src, g, z, None if fills is None else fills[g])
+            _instance(ds, context, src, g, z, src.voxels)
             path = out_dir / f"CTP1S_{g:04d}_{z:03d}.dcm"
             _save_atomic(ds, stored[z], path)
             paths.append(path)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     if clipped:
         log.warning("%d voxels of the derived series were outside signed 16-bit pixels and were clipped", clipped)
     return DerivedSeries(
@@ -310,7 +312,6 @@ def write_derived_series(
 def _check_inputs(
     hu: np.ndarray,
     grid_times: np.ndarray,
-    synthetic: np.ndarray,
     source: CTPSeries,
     source_files: SequenceABC[Path],
 ) -> None:
@@ -321,14 +322,7 @@ def _check_inputs(
         raise DerivedSeriesError(f"hu_1s must hold numbers (HU), got dtype {hu.dtype}")
     n_t1 = hu.shape[0]
     if grid_times.shape != (n_t1,):
-        raise DerivedSeriesError(f"grid_times_s has shape {grid_times.shape}; expected ({n_t1},), one per second")
-    if n_t1 > 1 and np.abs(np.diff(grid_times) - 1.0).max() > GRID_STEP_TOLERANCE_S:
-        raise DerivedSeriesError(f"grid_times_s must be exactly 1 s apart, got {grid_times.tolist()}")
-    if synthetic.shape != (n_t1,) or synthetic.dtype != bool:
-        raise DerivedSeriesError(
-            f"synthetic_mask must be a bool array of length {n_t1} (one per second), got {synthetic.dtype} "
-            f"{synthetic.shape}"
-        )
+        raise DerivedSeriesError(f"the plan has {grid_times.size} seconds but hu_1s {n_t1}: give one image per second")
     if not np.all(np.isfinite(hu)):
         raise DerivedSeriesError("hu_1s holds NaN or infinite values: the inpainting went wrong; nothing written")
     if source.start is None:
@@ -343,7 +337,7 @@ def _check_inputs(
             "the source lacks per-volume SOPInstanceUIDs (one per slice, or one multi-frame instance per volume): "
             "SourceImageSequence cannot be written"
         )
-    if not source_files:
+    if not source_files and source.header is None:
         raise DerivedSeriesError("source_files is empty: one source instance is needed for the patient/study header")
 
 
@@ -391,7 +385,7 @@ def _padding(header: Dataset) -> tuple[int, int, int] | None:
 def _keep_padding(
     stored: np.ndarray,
     source: CTPSeries,
-    src: SecondSource,
+    src: SecondFill,
     padding: tuple[int, int, int],
     slope: str,
     intercept: str,
@@ -495,7 +489,7 @@ class _Context:
     summary: str
 
 
-def _instance(ds: Dataset, context: _Context, src: SecondSource, g: int, z: int, fill: FillCounts | None) -> None:
+def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, fill: FillCounts | None) -> None:
     """Set the attributes of the image of second ``g``, slice ``z`` (made from ``src``, filled as ``fill``)."""
     source, uids, grid_times, recipe = context.source, context.uids, context.grid_times, context.recipe
     n_z, n_t1 = source.hu.shape[1], grid_times.shape[0]
@@ -561,7 +555,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _summary(recipe: DerivedRecipe, grid_times: np.ndarray, sources: list[SecondSource]) -> str:
+def _summary(recipe: DerivedRecipe, grid_times: np.ndarray, sources: SequenceABC[SecondFill]) -> str:
     synthetic = [float(t) for t, s in zip(grid_times, sources) if s.kind == "synthetic"]
     interpolated = [float(t) for t, s in zip(grid_times, sources) if s.kind == "interpolated"]
     text = (
@@ -611,20 +605,5 @@ def _save_atomic(ds: Dataset, pixels: np.ndarray, path: Path) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(open_new_file(temporary), "wb") as fh:  # 0640 whatever the umask
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path, sync_folder=False) as fh:  # the folder is fsync'd once, after the series
+        ds.save_as(fh, enforce_file_format=True)

@@ -57,16 +57,16 @@ The way back (``from_model_grid``) and its filling rule are stated in that funct
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ctp_node.errors import CTPInputError
+from ctp_node.errors import GridError
 from ctp_node.series import CTPSeries, vessel_fit
-from model.planner import plan_inpainting
+from model.planner import FillCounts, FillPlan, SecondFill
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU, from_model_space, to_model_space
 
 MODEL_MATRIX = 192
@@ -80,12 +80,6 @@ DEFAULT_EROSION_MM = 2.0
 NATIVE_SLICE_MM = (4.0, 6.0)
 TARGET_SLICE_MM = 5.0
 OUTSIDE = -1.0  # model space of 0 HU: what the published data hold outside the brain
-
-SecondKind = Literal["acquired", "synthetic", "interpolated"]
-
-
-class GridError(CTPInputError):
-    """The series cannot be mapped to the model grid (no brain found, brain wider than the model FOV)."""
 
 
 @dataclass(frozen=True)
@@ -148,54 +142,18 @@ class ModelGridSeries:
     times_s: np.ndarray
 
 
-@dataclass(frozen=True)
-class SecondSource:
-    """Where one second of the 1 s grid comes from in the source series, and when it shows.
-
-    ``acquired``: source volume ``left`` (== ``right``), unchanged. ``synthetic``: the model, with
-    the bracketing acquired volumes ``left`` and ``right``. ``interpolated``: not synthetic and no
-    acquired volume on it (the engine's long-gap fallback). ``weight``: the position of the second
-    between ``left`` and ``right`` (0 for acquired), in true time as in the model's snapped grid
-    (see ``from_model_grid``); voxels filled linearly take ``(1 - weight) * left + weight * right``.
-    ``time_s``: the true time (clock of the source's ``times_s``) of what the image shows: the
-    acquisition time of an acquired volume, ``t_left + weight * (t_right - t_left)`` otherwise.
-    """
-
-    kind: SecondKind
-    left: int
-    right: int
-    weight: float
-    time_s: float
-
-
-@dataclass(frozen=True)
-class FillCounts:
-    """How the voxels of one output image were filled (``from_model_grid``'s rule)."""
-
-    acquired: int = 0
-    model: int = 0
-    vessel_fit: int = 0
-    linear: int = 0
-
-    def describe(self) -> str:
-        """'model: N voxels, vessel fit: M voxels, linear: K voxels' (acquired images: all acquired)."""
-        if self.acquired:
-            return f"acquired: {self.acquired} voxels"
-        return f"model: {self.model} voxels, vessel fit: {self.vessel_fit} voxels, linear: {self.linear} voxels"
-
-
 @dataclass
 class SourceSequence:
-    """The output of ``back_to_source``: ``hu`` float32 (T1, Z, Y, X), and per image its source and fill."""
+    """The output of ``back_to_source``: ``hu`` float32 (T1, Z, Y, X), and the study's ``FillPlan`` with
+    each image's voxel counts (model, vessel fit, linear) filled in."""
 
     hu: np.ndarray
-    sources: list[SecondSource]
-    fills: list[FillCounts]
+    fill: FillPlan
 
     @property
     def times_s(self) -> np.ndarray:
-        """True time of each image (see ``SecondSource.time_s``), strictly increasing."""
-        return np.array([s.time_s for s in self.sources], dtype=np.float64)
+        """True time of each image (see ``model.planner.SecondFill.time_s``), strictly increasing."""
+        return self.fill.true_times_s
 
 
 def to_model_grid(
@@ -248,26 +206,23 @@ def to_model_grid(
 def from_model_grid(
     grid_series: ModelGridSeries,
     inpainted_slabs: list[np.ndarray],
-    synthetic: np.ndarray,
+    fill: FillPlan,
     source: CTPSeries,
-    grid_times_s: np.ndarray,
     *,
-    usable: np.ndarray | None = None,
     fit_vessels: bool = True,
 ) -> np.ndarray:
     """The 1 s sequence on the source grid in full-range HU, float32 (T1, Z, Y, X).
 
-    ``inpainted_slabs``: per slab (T1, 8, 192, 192) model space, the engine's ``sequence`` for that
-    slab; ``synthetic``: (T1,) the engine's synthetic mask; ``grid_times_s``: (T1,) the engine's
-    ``times_s`` (same clock as ``source.times_s``: whole seconds from the first volume); ``usable``:
-    (T,) False for source volumes the engine was told to ignore (default: all usable).
-    ``fit_vessels=False`` fills every voxel outside the model linearly (the rule before vessel fits).
+    ``inpainted_slabs``: per slab (T1, 8, 192, 192) model space, the engine's sequence for that
+    slab; ``fill``: the engine's record of what fills each second (``model.planner.FillPlan``, planned
+    on ``source.times_s``). ``fit_vessels=False`` fills every voxel outside the model linearly (the
+    rule before vessel fits).
 
     Time: the engine snaps each acquired volume to its nearest whole second (``model.planner``: the
     volume at 1.5 s sits on second 2), and synthesises the seconds between two such snapped
     seconds l < s < r as the volumes' state at the fraction ``w = (s - l) / (r - l)`` of the way
     from the left volume L to the right one R (its local context says just that). The image of
-    second s is therefore placed at the true time ``t_L + w (t_R - t_L)`` (``SecondSource.time_s``),
+    second s is therefore placed at the true time ``t_L + w (t_R - t_L)`` (``SecondFill.time_s``),
     and acquired images keep their own acquisition time. With acquisitions on whole seconds nothing
     moves; with irregular ones (every 1.5 s) the synthetic images sit between the acquired ones at
     even fractions of each gap (0, 0.75, 1.5, 3, ... s), so every image's time is the time of what it
@@ -304,35 +259,29 @@ def from_model_grid(
     - Interpolated second (not synthetic and no acquired volume on it: the engine's long-gap
       fallback): the vessel fit where credible, I elsewhere.
 
-    Nothing is extrapolated: a second outside the usable acquisitions raises ValueError.
+    Nothing is extrapolated: the plan covers only seconds between usable acquisitions.
     """
-    return back_to_source(
-        grid_series, inpainted_slabs, synthetic, source, grid_times_s, usable=usable, fit_vessels=fit_vessels
-    ).hu
+    return back_to_source(grid_series, inpainted_slabs, fill, source, fit_vessels=fit_vessels).hu
 
 
 def back_to_source(
     grid_series: ModelGridSeries,
     inpainted_slabs: list[np.ndarray],
-    synthetic: np.ndarray,
+    fill: FillPlan,
     source: CTPSeries,
-    grid_times_s: np.ndarray,
     *,
-    usable: np.ndarray | None = None,
     fit_vessels: bool = True,
 ) -> SourceSequence:
-    """``from_model_grid`` with what the writer needs: each image's source, true time and fill counts."""
-    grid_times = np.asarray(grid_times_s, dtype=np.float64)
-    synthetic = np.asarray(synthetic)
-    n_t1 = grid_times.shape[0] if grid_times.ndim == 1 else -1
-    _check_back_inputs(grid_series, inpainted_slabs, synthetic, source, grid_times, n_t1)
-    sources = second_sources(source.times_s, grid_times, synthetic, usable)
+    """``from_model_grid`` with what the writer needs: the plan with each image's voxel counts."""
+    _check_back_inputs(grid_series, inpainted_slabs, fill, source)
+    sources = fill.fills
+    n_t1 = len(sources)
     hu = source.hu
     out = np.empty((n_t1, *hu.shape[1:]), dtype=np.float32)
     model_mask = grid_series.model_mask
     weight = _resample(grid_series.model.image(model_mask.astype(np.float32)), grid_series.source, sitk.sitkLinear)
     covered = grid_series.brain_mask & (weight > 0)
-    fitted = _fit_vessels(hu, source.times_s, sources, covered) if fit_vessels else None
+    fitted = vessel_fits(hu, source.times_s, sources, covered) if fit_vessels else None
     # the model's copies of the acquired volumes, read from the slabs once for every correction
     acquired_model = {
         src.left: _model_volume(grid_series, inpainted_slabs, g)
@@ -360,11 +309,11 @@ def back_to_source(
             n_fit = int(take.sum())
         n_model = int(use_model.sum())
         fills.append(FillCounts(model=n_model, vessel_fit=n_fit, linear=int(hu[0].size) - n_model - n_fit))
-    return SourceSequence(out, sources, fills)
+    return SourceSequence(out, fill.with_voxels(fills))
 
 
-def _fit_vessels(
-    hu: np.ndarray, times_s: np.ndarray, sources: list[SecondSource], covered: np.ndarray
+def vessel_fits(
+    hu: np.ndarray, times_s: np.ndarray, sources: Sequence[SecondFill], covered: np.ndarray
 ) -> tuple[np.ndarray, vessel_fit.FitResult] | None:
     """Flat indices of the voxels with a credible vessel fit, and the fit (rule: ``from_model_grid``)."""
     volumes = sorted({s.left for s in sources} | {s.right for s in sources})
@@ -383,60 +332,6 @@ def _fit_vessels(
     fit = vessel_fit.fit_curves(np.asarray(times_s, dtype=np.float64)[volumes], samples, noise)
     keep = fit.accepted
     return voxels[keep], fit.subset(keep)
-
-
-def second_sources(
-    source_times_s: np.ndarray,
-    grid_times_s: np.ndarray,
-    synthetic: np.ndarray,
-    usable: np.ndarray | None = None,
-) -> list[SecondSource]:
-    """What fills each second of the grid and when it shows (rules: ``from_model_grid``); also used
-    by the DICOM writer. Snapping is the planner's own (``model.planner.plan_inpainting``)."""
-    times = np.asarray(source_times_s, dtype=np.float64)
-    grid = np.asarray(grid_times_s, dtype=np.float64)
-    synthetic = np.asarray(synthetic)
-    if synthetic.dtype != bool or synthetic.shape != grid.shape:
-        raise ValueError(
-            f"synthetic must be a bool array shaped like the grid times {grid.shape}, got "
-            f"{synthetic.dtype} {synthetic.shape}"
-        )
-    ok = np.ones(times.shape, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
-    if ok.shape != times.shape:
-        raise ValueError(f"usable has {ok.size} flags but the source has {times.size} volumes")
-    if np.count_nonzero(ok) < 2:
-        raise ValueError(f"need at least two usable source volumes, got {np.count_nonzero(ok)}")
-    plan = plan_inpainting(times, np.zeros_like(times), usable=ok, long_gap="linear")
-    kept = np.flatnonzero(plan.input_second >= 0)
-    kept = kept[np.argsort(plan.input_second[kept])]
-    known = plan.input_second[kept]  # snapped seconds, increasing
-    sources = []
-    for g, t in enumerate(grid):
-        offset = t - times[0]
-        second = int(round(offset))
-        if abs(offset - second) > 1e-6:
-            raise ValueError(
-                f"grid time {t:g} s is not a whole second from the first volume ({times[0]:g} s): pass the "
-                "engine's times_s"
-            )
-        pos = int(np.searchsorted(known, second))
-        if not synthetic[g] and pos < known.size and known[pos] == second:
-            k = int(kept[pos])
-            sources.append(SecondSource("acquired", k, k, 0.0, float(times[k])))
-            continue
-        left_pos = int(np.searchsorted(known, second, side="left")) - 1
-        right_pos = int(np.searchsorted(known, second, side="right"))
-        if left_pos < 0 or right_pos >= known.size:
-            first, last = times[kept[0]], times[kept[-1]]
-            raise ValueError(
-                f"grid second at {t:g} s lies outside the usable acquisitions ({first:g}..{last:g} s): it "
-                "cannot be bracketed and is not extrapolated"
-            )
-        left, right = int(kept[left_pos]), int(kept[right_pos])
-        w = (second - known[left_pos]) / (known[right_pos] - known[left_pos])
-        kind: SecondKind = "synthetic" if synthetic[g] else "interpolated"
-        sources.append(SecondSource(kind, left, right, float(w), float(times[left] + w * (times[right] - times[left]))))
-    return sources
 
 
 def brain_mask(
@@ -590,7 +485,7 @@ def _model_correction(
     grid_series: ModelGridSeries,
     slabs: list[np.ndarray],
     g: int,
-    src: SecondSource,
+    src: SecondFill,
     acquired_model: dict[int, np.ndarray],
 ) -> np.ndarray:
     """What the model changes at second ``g`` relative to interpolation on the model grid, HU, 0
@@ -607,28 +502,22 @@ def _in_window(hu: np.ndarray) -> np.ndarray:
 
 
 def _check_back_inputs(
-    grid_series: ModelGridSeries,
-    slabs: list[np.ndarray],
-    synthetic: np.ndarray,
-    source: CTPSeries,
-    grid_times: np.ndarray,
-    n_t1: int,
+    grid_series: ModelGridSeries, slabs: list[np.ndarray], fill: FillPlan, source: CTPSeries
 ) -> None:
-    if grid_times.ndim != 1 or n_t1 < 1:
-        raise ValueError(f"grid_times_s must be a non-empty 1-D array, got shape {grid_times.shape}")
+    n_t1 = len(fill.fills)
     if source.hu.shape[1:] != grid_series.source.size[::-1]:
         raise ValueError(
             f"the source is {source.hu.shape[1:]} (Z, Y, X) but the model grid was built from "
             f"{grid_series.source.size[::-1]}: pass the series given to to_model_grid"
+        )
+    if fill.input_second.shape != source.times_s.shape:
+        raise ValueError(
+            f"the plan was made for {fill.input_second.size} volumes, the source has {source.times_s.size}: "
+            "pass the engine's plan of this series"
         )
     if len(slabs) != len(grid_series.slab_starts):
         raise ValueError(f"got {len(slabs)} inpainted slabs, the grid has {len(grid_series.slab_starts)}")
     expected = (n_t1, SLAB_SLICES, MODEL_MATRIX, MODEL_MATRIX)
     for i, slab in enumerate(slabs):
         if np.shape(slab) != expected:
-            raise ValueError(f"inpainted slab {i} has shape {np.shape(slab)}, expected {expected} (T1 = grid times)")
-    if synthetic.shape != (n_t1,) or synthetic.dtype != bool:
-        raise ValueError(
-            f"synthetic must be a bool array of length {n_t1} (one per grid second), got "
-            f"{synthetic.dtype} {synthetic.shape}"
-        )
+            raise ValueError(f"inpainted slab {i} has shape {np.shape(slab)}, expected {expected} (T1 = grid seconds)")

@@ -34,14 +34,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ctp_node.config import GuardrailSettings
 from ctp_node.permissions import make_dirs, open_new_file
-from ctp_node.series.grid import SecondSource
+from model.planner import FillPlan, SecondFill
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
 
 CLASSES = ("csf", "white", "grey")
@@ -121,7 +121,7 @@ def _describe(check: CheckResult) -> str:
     return f"{check.name} {value} (tolerance {tolerance})"
 
 
-def interpolated(source_hu: np.ndarray, src: SecondSource) -> np.ndarray:
+def interpolated(source_hu: np.ndarray, src: SecondFill) -> np.ndarray:
     """``I``: the linear interpolation in time of the two acquired neighbours of one grid second."""
     left, right = source_hu[src.left], source_hu[src.right]
     return left + np.float32(src.weight) * (right - left)
@@ -133,18 +133,19 @@ def _in_window(hu: np.ndarray) -> np.ndarray:
 
 def check_series(
     hu_1s: np.ndarray,
-    sources: Sequence[SecondSource],
+    fill: FillPlan,
     source_hu: np.ndarray,
     times_s: np.ndarray,
     brain_mask: np.ndarray,
     settings: GuardrailSettings,
 ) -> GuardrailVerdict:
-    """The three checks (module docstring) over the ``synthetic`` seconds of ``sources``.
+    """The three checks (module docstring) over the model's (``synthetic``) seconds of ``fill``.
 
-    ``hu_1s``: (T1, Z, Y, X) HU as it would be written; ``sources``: per grid second, what fills it
-    (``ctp_node.series.grid.second_sources``); ``source_hu``: (T, Z, Y, X) the acquired volumes, acquired
-    at ``times_s`` (T,); ``brain_mask``: (Z, Y, X) bool on the source grid.
+    ``hu_1s``: (T1, Z, Y, X) HU as it would be written; ``fill``: the engine's record of what fills
+    each grid second (``model.planner.FillPlan``); ``source_hu``: (T, Z, Y, X) the acquired volumes,
+    acquired at ``times_s`` (T,); ``brain_mask``: (Z, Y, X) bool on the source grid.
     """
+    sources = fill.fills
     model_seconds = [g for g, s in enumerate(sources) if s.kind == "synthetic"]
     if settings.policy == "off":
         return GuardrailVerdict("off", True, "none", [], len(model_seconds))
@@ -271,16 +272,14 @@ def _brain_mean(volume: np.ndarray, brain_mask: np.ndarray) -> float:
     return float(values.mean(dtype=np.float64)) if values.size else math.inf
 
 
-def _next_to_acquired(sources: Sequence[SecondSource], g: int) -> bool:
+def _next_to_acquired(sources: Sequence[SecondFill], g: int) -> bool:
     return any(0 <= n < len(sources) and sources[n].kind == "acquired" for n in (g - 1, g + 1))
 
 
-def fall_back(hu_1s: np.ndarray, sources: Sequence[SecondSource], source_hu: np.ndarray) -> list[SecondSource]:
-    """Replace every synthetic second of ``hu_1s`` (in place) by ``I``; the sources, now ``interpolated``."""
-    replaced = []
-    for g, src in enumerate(sources):
+def fall_back(hu_1s: np.ndarray, fill: FillPlan, source_hu: np.ndarray) -> FillPlan:
+    """Replace every model second of ``hu_1s`` (in place) by ``I``; returns the plan with those seconds
+    ``interpolated`` (reason: the guardrail) and the voxel counts, which described the model's images, dropped."""
+    for g, src in enumerate(fill.fills):
         if src.kind == "synthetic":
             hu_1s[g] = interpolated(source_hu, src)
-            src = replace(src, kind="interpolated")
-        replaced.append(src)
-    return replaced
+    return fill.model_replaced()

@@ -1,8 +1,11 @@
 """The path of one series, as plain functions over plain data (docs/architecture.md):
 
-    assemble -> to_model_grid -> inpaint (per 8-slice slab) -> from_model_grid -> guardrail -> write derived
+    assemble -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> back_to_source -> guardrail -> write
 
-Shared by the worker (``make_processor``), ``ctp-node process`` and ``ctp-node reprocess``.
+``run_series`` is the one function that runs it; the worker (``ctp_node.node.processing``),
+``ctp-node process``/``reprocess``, ``ctp-node demo``, ``ctp-node evaluate`` and the benchmarks
+call it. What fills each second is planned once per study by the engine (``model.planner.FillPlan``)
+and read by every later stage.
 """
 
 from __future__ import annotations
@@ -20,15 +23,14 @@ import numpy as np
 from ctp_node import __version__
 from ctp_node.config import GuardrailSettings, ModelSettings, OutputSettings, Settings
 from ctp_node.errors import NotCTPError
-from ctp_node.node.jobs import SeriesJob
+from ctp_node.series import CTPSeries
 from ctp_node.series.assemble import assemble_series
 from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.series.grid import back_to_source, to_model_grid
 from ctp_node.series.guardrail import GuardrailVerdict, check_series, fall_back
-from model import EngineSettings, Inpainter, load_denoiser
-from model.checkpoint import recommendation_of
-from model.engine import ProgressLog, SamplingChoice, choose_sampling
+from model import EngineSettings, FillPlan, Inpainter, load_denoiser
+from model.engine import SamplingChoice, StudyInpainter, choose_sampling
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "CTP temporal inpainting diffusion (Bae et al. MICCAI 2024)"
@@ -37,14 +39,36 @@ ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
-class PipelineResult:
-    derived: DerivedSeries
-    times_s: np.ndarray
-    synthetic: np.ndarray
-    interpolated: np.ndarray
+class SeriesResult:
+    """One series after the pipeline: what fills each second, the 1 s series in HU, and what was written.
+
+    ``fill``: the engine's plan as sent (after the guardrail: a fallback makes the model's seconds
+    ``interpolated``), with the source-grid stage's voxel counts. ``hu``: float32 (T1, Z, Y, X) HU as
+    written (or as it would be). ``derived``: None when the pipeline was asked not to write.
+    """
+
+    fill: FillPlan
+    hu: np.ndarray
+    brain_mask: np.ndarray  # (Z, Y, X) bool: the node's skull-stripped mask (what the model may change)
+    derived: DerivedSeries | None = None
+    guardrail: GuardrailVerdict | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    guardrail: GuardrailVerdict | None = None
+
+    @property
+    def times_s(self) -> np.ndarray:
+        """(T1,) the grid seconds, on the clock of the source's times."""
+        return self.fill.times_s
+
+    @property
+    def synthetic(self) -> np.ndarray:
+        """(T1,) bool: seconds sent as the model's output."""
+        return self.fill.synthetic
+
+    @property
+    def interpolated(self) -> np.ndarray:
+        """(T1,) bool: seconds interpolated (long-gap policy, or the guardrail's fallback)."""
+        return self.fill.interpolated
 
 
 def checkpoint_id(path: Path) -> str:
@@ -86,109 +110,120 @@ def default_checkpoint() -> Path:
     return DEMO_WEIGHTS
 
 
+@dataclass
 class SeriesPipeline:
-    """A loaded model plus the output recipe; ``run`` turns the files of one series into a derived series."""
+    """What ``run_series`` runs with: an engine (the loaded model, or ``model.LinearInpainter``), the
+    output recipe (None: the pipeline cannot write), the guardrail's settings and the series' minimum
+    length. Build with ``from_settings`` for a node."""
 
-    def __init__(
-        self,
-        engine: Inpainter,
-        recipe: DerivedRecipe,
-        min_time_points: int = 3,
-        guardrail: GuardrailSettings | None = None,
-        sampling: SamplingChoice | None = None,
-    ) -> None:
-        self.engine = engine
-        self.recipe = recipe
-        self.min_time_points = min_time_points
-        self.guardrail = guardrail or GuardrailSettings()
-        # How the engine's sampler and steps were chosen (given, the checkpoint's, the default).
-        self.sampling = sampling or SamplingChoice(engine.settings.sampler, engine.settings.steps, "given")
+    engine: StudyInpainter
+    recipe: DerivedRecipe | None = None
+    min_time_points: int = 3
+    guardrail: GuardrailSettings = field(default_factory=GuardrailSettings)
+    # How the engine's sampler and steps were chosen (given, the checkpoint's, the default).
+    sampling: SamplingChoice | None = None
+
+    def __post_init__(self) -> None:
+        settings = getattr(self.engine, "settings", None)
+        if self.sampling is None and isinstance(settings, EngineSettings):
+            self.sampling = SamplingChoice(settings.sampler, settings.steps, "given")
+
+    @property
+    def steps(self) -> int:
+        """Network evaluations per target (for progress displays; 1 for an engine without a network)."""
+        settings = getattr(self.engine, "settings", None)
+        return settings.steps if isinstance(settings, EngineSettings) else 1
 
     @classmethod
     def from_settings(cls, settings: Settings, device: str | None = None) -> SeriesPipeline:
         model = settings.model
         checkpoint = model.checkpoint or default_checkpoint()
-        net = load_denoiser(checkpoint)
+        loaded = load_denoiser(checkpoint)
         # Configured sampler/steps win; what they leave open comes from the checkpoint, else the default.
-        sampling = choose_sampling(model.sampler, model.steps, recommendation_of(net))
+        sampling = choose_sampling(model.sampler, model.steps, loaded.info.recommended)
         log.info("sampler %s", sampling.describe())
-        engine = Inpainter(net, engine_settings(model, sampling), device=device or model.device)
+        engine = Inpainter(loaded, engine_settings(model, sampling), device=device or model.device)
         recipe = recipe_for(model, settings.output, checkpoint, sampling)
         return cls(engine, recipe, settings.series.min_time_points, settings.guardrail, sampling)
 
-    def run(
-        self,
-        files: Sequence[Path],
-        out_dir: Path,
-        *,
-        usable: np.ndarray | None = None,
-        progress: ProgressFn | None = None,
-    ) -> PipelineResult:
-        seconds: dict[str, float] = {}
-        started = time.perf_counter()
-        refuse_own_output(files[0])
-        series = assemble_series(files)
-        if series.hu.shape[0] < self.min_time_points:
-            raise NotCTPError(
-                f"{series.hu.shape[0]} time points: a CT perfusion series needs at least {self.min_time_points}"
-            )
-        seconds["assemble"] = time.perf_counter() - started
 
-        mark = time.perf_counter()
-        grid = to_model_grid(series)
-        seconds["to_grid"] = time.perf_counter() - mark
+def run_series(
+    pipeline: SeriesPipeline,
+    source: Sequence[Path] | CTPSeries,
+    out_dir: Path | None = None,
+    *,
+    usable: np.ndarray | None = None,
+    progress: ProgressFn | None = None,
+) -> SeriesResult:
+    """Run one series through assemble -> grid -> inpaint -> back -> guardrail -> write.
 
-        mark = time.perf_counter()
-        results = self.engine.inpaint_many(grid.slabs, series.times_s, usable=usable, progress=progress)
-        seconds["inpaint"] = time.perf_counter() - mark
-        first = results[0]
-        for other in results[1:]:  # the plan depends on the times only, so all slabs agree
-            if not np.array_equal(other.synthetic, first.synthetic):
-                raise RuntimeError("slabs were planned differently; this is a bug, please report it")
-
-        mark = time.perf_counter()
-        back = back_to_source(
-            grid, [r.sequence for r in results], first.synthetic, series, first.times_s, usable=usable
+    ``source``: the series' DICOM files (assembled here; the node's own output is refused), or an
+    already assembled ``CTPSeries``. ``out_dir``: where the derived series and the guardrail's verdict
+    go; None runs every stage but writing and returns the arrays (evaluation). ``usable``: (T,) False
+    for source volumes to treat as missing. ``progress(done, total)``: the engine's volume-steps.
+    """
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    files: list[Path] = []
+    if isinstance(source, CTPSeries):
+        series = source
+        if series.header is not None:
+            refuse_own_output(series.header)
+    else:
+        files = [Path(p) for p in source]
+        series = assemble_series(files, check_first_header=refuse_own_output)
+    if series.hu.shape[0] < pipeline.min_time_points:
+        raise NotCTPError(
+            f"{series.hu.shape[0]} time points: a CT perfusion series needs at least {pipeline.min_time_points}"
         )
-        hu_1s, fills = back.hu, back.fills
-        seconds["from_grid"] = time.perf_counter() - mark
+    seconds["assemble"] = time.perf_counter() - started
 
-        mark = time.perf_counter()
-        sources = back.sources
-        verdict = check_series(hu_1s, sources, series.hu, series.times_s, grid.brain_mask, self.guardrail)
-        recipe, synthetic = self.recipe, first.synthetic
-        if not verdict.passed:
-            log.warning("series %s: guardrail %s", series.series_uid, verdict.summary())
-            recipe = dataclasses.replace(recipe, comment=verdict.comment())
-        if verdict.action == "fallback":
-            fall_back(hu_1s, sources, series.hu)
-            fills = None  # the counts described the replaced seconds
-            synthetic = np.zeros_like(first.synthetic)
-            reason = "the model's output failed the guardrail check"
-            if first.fallback.any():
-                reason += "; or gap longer than the model's"
-            recipe = dataclasses.replace(recipe, interpolation_reason=reason)
-        seconds["guardrail"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    grid = to_model_grid(series)
+    seconds["to_grid"] = time.perf_counter() - mark
 
+    mark = time.perf_counter()
+    study = pipeline.engine.inpaint_study(grid.slabs, series.times_s, usable=usable, progress=progress)
+    seconds["inpaint"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    back = back_to_source(grid, study.sequences, study.fill, series)
+    hu_1s, fill = back.hu, back.fill
+    seconds["from_grid"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    verdict = check_series(hu_1s, fill, series.hu, series.times_s, grid.brain_mask, pipeline.guardrail)
+    recipe = pipeline.recipe
+    if not verdict.passed:
+        log.warning("series %s: guardrail %s", series.series_uid, verdict.summary())
+        recipe = dataclasses.replace(recipe, comment=verdict.comment()) if recipe else None
+    if verdict.action == "fallback":
+        had_long_gaps = fill.fallback.any()
+        fill = fall_back(hu_1s, fill, series.hu)
+        reason = "the model's output failed the guardrail check"
+        if had_long_gaps:
+            reason += "; or gap longer than the model's"
+        recipe = dataclasses.replace(recipe, interpolation_reason=reason) if recipe else None
+    seconds["guardrail"] = time.perf_counter() - mark
+
+    derived = None
+    if out_dir is not None:
+        if recipe is None:
+            raise ValueError("the pipeline has no output recipe: give SeriesPipeline a DerivedRecipe to write")
         mark = time.perf_counter()
-        derived = write_derived_series(
-            hu_1s, first.times_s, synthetic, series, list(files), out_dir, recipe=recipe, usable=usable, fills=fills
-        )
+        derived = write_derived_series(hu_1s, fill, series, files, out_dir, recipe=recipe)
         verdict.write(out_dir)
         seconds["write"] = time.perf_counter() - mark
-        seconds["total"] = time.perf_counter() - started
-        replaced = first.synthetic & ~synthetic  # model seconds the guardrail's fallback interpolated
-        return PipelineResult(
-            derived=derived, times_s=first.times_s, synthetic=synthetic, interpolated=first.fallback | replaced,
-            notes=list(first.plan.notes), seconds=seconds, guardrail=verdict,
-        )  # fmt: skip
+    seconds["total"] = time.perf_counter() - started
+    return SeriesResult(
+        fill=fill, hu=hu_1s, brain_mask=grid.brain_mask, derived=derived, guardrail=verdict,
+        notes=list(study.fill.notes), seconds=seconds,
+    )  # fmt: skip
 
 
-def refuse_own_output(path: Path) -> None:
-    """A series this node wrote (routed back to it by a PACS rule) is not inpainted again."""
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer", "ImageType"])
+def refuse_own_output(header) -> None:
+    """A series this node wrote (routed back to it by a PACS rule) is not inpainted again.
+    ``header``: a pydicom dataset of one of the series' instances."""
     if str(header.get("Manufacturer", "")) == DERIVED_MANUFACTURER and "DERIVED" in list(header.get("ImageType", [])):
         raise NotCTPError("the series is ctp-node's own synthetic output (Manufacturer ctp-node, DERIVED)")
 
@@ -206,24 +241,3 @@ def recipe_for(
         series_number_offset=output.series_number_offset,
         series_description=output.series_description,
     )
-
-
-def make_processor(pipeline: SeriesPipeline) -> Callable[[SeriesJob, Sequence[Path], Path], object]:
-    """The worker's processor: run the pipeline on the spooled files of a job."""
-    from ctp_node.node.worker import ProcessOutput
-
-    def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
-        if not files:
-            raise NotCTPError(f"series {job.series_uid} has no spooled instances")
-        # A worker has no terminal: inpainting progress goes to the log (every 10 s or 10 %).
-        progress = ProgressLog(log.info, f"series {job.series_uid} inpainting", steps=pipeline.engine.settings.steps)
-        result = pipeline.run(files, out_dir, progress=progress)
-        log.info(
-            "series %s: %d instances written (%d synthetic seconds) in %.1f s %s",
-            job.series_uid, result.derived.count, int(result.synthetic.sum()), result.seconds["total"],
-            {k: round(v, 2) for k, v in result.seconds.items()},
-        )  # fmt: skip
-        verdict = result.guardrail
-        return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
-
-    return process

@@ -1,5 +1,4 @@
 import json
-import re
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
 from model.checkpoint import save_checkpoint
+from tests.cli_output import flat
 from tests.model.helpers import tiny_net
 
 runner = CliRunner()
@@ -22,11 +22,6 @@ def sequence(path, t=5, seed=0):
     arr = rng.uniform(0, 80, (8, 16, 16, t)).astype(np.float32)
     np.save(path, arr)
     return arr
-
-
-def flat(text: str) -> str:
-    """Output without rich's box drawing and line wrapping."""
-    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
 
 
 def run(*args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import timedelta
 
 import pytest
@@ -13,13 +12,10 @@ from ctp_node.cli.main import app
 from ctp_node.node.jobs import JobStore, State, utcnow
 from ctp_node.node.scp import start_scp
 from ctp_node.node.spool import SeriesKey, Spool
+from tests.cli_output import flat
 from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files, write_config
 
 runner = CliRunner()
-
-
-def flat(text: str) -> str:
-    return " ".join(re.sub("[│╭╮╰╯─┃━┏┓┗┛┡┩]", " ", text).split())
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
 from model.checkpoint import set_recommended_sampler
-from tests.cli.test_node_commands import flat
+from tests.cli_output import flat
 from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files, write_config
 
 runner = CliRunner()  # its stderr is not a terminal, as under a service manager or a redirect

@@ -17,7 +17,8 @@ from pathlib import Path
 from ctp_node.config import load_settings
 from ctp_node.node.jobs import JobStore
 from tests.deploy.tools import COMPOSE_DIR, missing
-from tests.peers import free_port, stop_process, wait_for, wait_for_port
+from tests.peers import stop_process, wait_for
+from tests.ports import free_port, wait_for_port
 from tests.postgres import _bin
 
 PASSWORD = "s3cret-for-this-test"

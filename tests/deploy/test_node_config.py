@@ -4,16 +4,15 @@ works against a real `ctp-node serve` started with the compose configuration (lo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ctp_node.config import ConfigError, load_settings
+from tests.deploy.running import start_node
 from tests.deploy.tools import COMPOSE_DIR, DEPLOY
-from tests.peers import free_port, stop_process, wait_for_port
+from tests.peers import stop_process
 
 HEALTHCHECK = DEPLOY / "bin" / "ctp-node-healthcheck"
 
@@ -40,39 +39,6 @@ def test_a_broken_file_is_refused(tmp_path):
     bad.write_text((COMPOSE_DIR / "ctp-node.toml").read_text().replace("port = 11112", "port = 111120"))
     with pytest.raises(ConfigError, match="port"):
         load_settings(bad)
-
-
-def _node_env(tmp_path: Path, dicom_port: int, **extra: str) -> dict[str, str]:
-    """The compose configuration on loopback: own ports, SQLite in a temporary data folder."""
-    env = dict(os.environ)
-    env.update(
-        CTP_NODE_CONFIG=str(COMPOSE_DIR / "ctp-node.toml"),
-        CTP_NODE_DICOM__BIND_ADDRESS="127.0.0.1",
-        CTP_NODE_DICOM__PORT=str(dicom_port),
-        CTP_NODE_STORAGE__DATA_DIR=str(tmp_path / "data"),
-        CTP_NODE_JOBS__DATABASE_URL=f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite'}",
-        CTP_NODE_METRICS__BIND_ADDRESS="127.0.0.1",
-        CTP_NODE_METRICS__PORT=str(free_port()),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    env.update(extra)
-    return env
-
-
-def start_node(tmp_path: Path, **extra: str) -> tuple[subprocess.Popen, dict[str, str], int]:
-    port = free_port()
-    env = _node_env(tmp_path, port, **extra)
-    (tmp_path / "data").mkdir(exist_ok=True)
-    with open(tmp_path / "serve.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ctp_node", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for_port(port, proc, "ctp-node serve")
-    except Exception:
-        stop_process(proc)
-        raise
-    return proc, env, port
 
 
 def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -12,12 +12,10 @@ import subprocess
 from pathlib import Path
 
 from ctp_node.config import load_settings
-from tests.deploy.test_node_config import start_node
+from tests.deploy.running import ORTHANC_JSON, SCRIPT, start_deployed_orthanc, start_node
 from tests.deploy.tools import COMPOSE_DIR, need_program
-from tests.peers import Orthanc, start_orthanc, stop_process, wait_for
+from tests.peers import stop_process, wait_for
 
-SCRIPT = COMPOSE_DIR / "autoroute.lua"
-ORTHANC_JSON = COMPOSE_DIR / "orthanc.json"
 LUA_INSTALL = "apt-get install -y lua5.4"
 
 # Lua literal tables of main DICOM tags, as Orthanc passes them to OnStableSeries; expected routing.
@@ -128,15 +126,6 @@ def _ct_instance(path: Path, study: str, series: str, number: int, description: 
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
     ds.PixelData = bytes(32)
     ds.save_as(path, enforce_file_format=True)
-
-
-def start_deployed_orthanc(folder: Path, node_port: int) -> Orthanc:
-    """Orthanc with the deployed configuration and routing script, the node at ``node_port``."""
-    need_program("Orthanc", "apt-get install -y orthanc (.ci/run installs it)")
-    config = json.loads(ORTHANC_JSON.read_text())
-    config["DicomModalities"]["ctpnode"].update(Host="127.0.0.1", Port=node_port)
-    config["LuaScripts"] = [str(SCRIPT)]
-    return start_orthanc(folder, base=config)
 
 
 def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):

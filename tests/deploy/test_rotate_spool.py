@@ -9,7 +9,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from ctp_node.config import StorageSettings
 from ctp_node.node.jobs import JobStore, State, utcnow
+from ctp_node.node.send import ResultsLayout
 from tests.deploy.tools import DEPLOY
 
 TOOL = DEPLOY / "bin" / "ctp-node-rotate-spool"
@@ -18,6 +20,7 @@ DAY = 86400
 
 def _series(data: Path, store: JobStore, n: int, age_days: float, state: State, file_age_days: float | None = None):
     study, series = f"1.2.3.{n}", f"1.2.3.{n}.1"
+    result = ResultsLayout.of(StorageSettings(data_dir=data)).generation_dir(study, series, 1)  # where the node writes
     at = utcnow() - timedelta(days=age_days)
     store.record_instance(study, series, "ORTHANC", at=at)
     if state is not State.RECEIVING:
@@ -25,12 +28,12 @@ def _series(data: Path, store: JobStore, n: int, age_days: float, state: State, 
         job = store.claim("w", 300, now=at + timedelta(seconds=6))
         assert job is not None and job.series_uid == series
         if state is State.DONE:
-            assert store.processed(job.id, "w", job.generation, str(data / "results" / study / series / "g1"), 1.0, [])
+            assert store.processed(job.id, "w", job.generation, str(result), 1.0, [])
         else:
             store.failed(job.id, "w", "test", ignored=state is State.IGNORED)
     assert store.find(series).state is state
     stamp = time.time() - (age_days if file_age_days is None else file_age_days) * DAY
-    folders = [data / "spool" / study / series, data / "results" / study / series / "g1"]
+    folders = [data / "spool" / study / series, result]
     for folder in folders:
         folder.mkdir(parents=True)
         (folder / "x.dcm").write_bytes(b"\0" * 1000)

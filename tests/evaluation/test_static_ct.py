@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,7 @@ import pytest
 
 from ctp_node.evaluation.phantom_study import PhantomEvalSettings, check_family, load_study
 from ctp_node.evaluation.static_ct import evaluate_static, load_static_source, offline_head_cts, static_series
-from model.baseline import linear_inpaint
-
-
-@dataclass
-class _Result:
-    sequence: np.ndarray
-    times_s: np.ndarray
-    synthetic: np.ndarray
+from model.engine import LinearInpainter
 
 
 class _InterpolatingEngine:
@@ -26,13 +18,13 @@ class _InterpolatingEngine:
     def __init__(self, bias_hu: float = 0.0) -> None:
         self.bias = np.float32(bias_hu / 40.0)  # model space: 80 HU span 2 units
 
-    def inpaint_many(self, slabs, times_s):
-        out = []
-        for slab in slabs:
-            sequence, times, synthetic = linear_inpaint(slab, times_s)
+    def inpaint_study(self, slabs, times_s, *, usable=None, progress=None):
+        study = LinearInpainter().inpaint_study(slabs, times_s, usable=usable)
+        synthetic = study.fill.synthetic
+        for sequence in study.sequences:
             sequence[synthetic] += self.bias
-            out.append(_Result(np.clip(sequence, -1, 1), times, synthetic))
-        return out
+            np.clip(sequence, -1, 1, out=sequence)
+        return study
 
 
 @pytest.fixture(scope="module")

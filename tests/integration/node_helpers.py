@@ -13,7 +13,7 @@ from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
 from model.checkpoint import save_checkpoint
 from model.unet import UNet3D, UNetConfig
-from tests.peers import free_port
+from tests.ports import free_port
 
 # Small enough to inpaint an 8 x 192 x 192 slab on a CPU in a second per step.
 CPU_NET = UNetConfig(model_channels=8, channel_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4)

@@ -1,12 +1,16 @@
 """Faults with real processes and peers: a destination that is down, SIGKILL while receiving,
-processing and sending, and bad input while the node keeps serving. Every series must end up in
-Orthanc exactly once, with every instance."""
+processing and sending, bad input while the node keeps serving, a series whose header is wrong
+(failed once, never retried) and a disk fault (retried). Every series must end up in Orthanc
+exactly once, with every instance."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -15,9 +19,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.processing import make_processor
 from ctp_node.node.spool import SeriesKey, Spool
 from ctp_node.node.worker import Worker
-from ctp_node.series.pipeline import SeriesPipeline, make_processor
+from ctp_node.series.pipeline import SeriesPipeline
 from tests.dcmtk import require
 from tests.integration.node_helpers import (
     cpu_checkpoint,
@@ -27,7 +32,8 @@ from tests.integration.node_helpers import (
     write_config,
 )
 from tests.node.dicom_helpers import ct_instance, run
-from tests.peers import free_port, start_orthanc, wait_for, wait_for_port
+from tests.peers import start_orthanc, wait_for
+from tests.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 SECONDS, SLICES = 17, 8  # phantom: 17 s sampled every 4 s (5 volumes), 8 slices
@@ -79,10 +85,8 @@ def storescu_args(settings, files):
     ]
 
 
-def test_destination_down_then_back_is_delivered_once(tmp_path):
-    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
-    port = free_port()
-    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), port)
+def spooled_worker(settings, files) -> tuple[JobStore, Worker]:
+    """The files spooled and their series queued, and a worker with the real pipeline."""
     store = JobStore(settings.database_url)
     spool = Spool(settings.storage.spool_dir)
     for path in files:
@@ -90,7 +94,19 @@ def test_destination_down_then_back_is_delivered_once(tmp_path):
         spool.write(SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID), ds.SOPInstanceUID, path.read_bytes())
         store.record_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, "SCANNER")
     store.queue_quiet_series(0)
-    worker = Worker(settings, store, make_processor(SeriesPipeline.from_settings(settings)), worker_id="w1")
+    return store, Worker(settings, store, make_processor(SeriesPipeline.from_settings(settings)), worker_id="w1")
+
+
+def due_now(store: JobStore) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE series SET next_attempt_at = NULL")
+
+
+def test_destination_down_then_back_is_delivered_once(tmp_path):
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    port = free_port()
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), port)
+    store, worker = spooled_worker(settings, files)
     job = worker.run_once()  # PACS down: processed, the send fails and is scheduled again
     waiting = store.get(job.id)
     assert waiting.state == State.SENDING and "no association" in store.deliveries(job.id)[0].error
@@ -123,7 +139,8 @@ def test_sigkill_while_receiving_loses_nothing(tmp_path, node):
     procs.append(start_node_process("worker", config, tmp_path / "worker.log", "--once"))
     procs[-1].wait(timeout=300)
     job = store.list()[0]
-    assert job.state == State.DONE, (job.error, (tmp_path / "worker.log").read_text()[-2000:])
+    why = (job.error, store.deliveries(job.id), (tmp_path / "worker.log").read_text()[-2000:])
+    assert job.state == State.DONE, why
     assert len(orthanc.get("/series")) == 1 and orthanc_instances(orthanc) == SECONDS * SLICES
 
 
@@ -197,3 +214,57 @@ def test_bad_input_is_refused_with_a_reason_while_the_node_keeps_serving(tmp_pat
     assert orthanc.get("/series") == []
     # ... and the node still answers
     assert run(require("echoscu"), "-aec", "CTPNODE", "127.0.0.1", str(port)).returncode == 0
+
+
+def header_source(files: list[Path]) -> list[Path]:
+    """The instance the derived writer copies the patient/study header and rescale from: the first spooled file."""
+    return [min(files, key=lambda p: f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm")]
+
+
+@pytest.mark.parametrize(
+    ("edited", "reason"),
+    [
+        (header_source, "DerivedSeriesError: .* states RescaleSlope 0: its pixel values cannot be HU"),
+        (lambda files: files, "GridError: no intracranial region found"),  # every instance: all HU the intercept
+    ],
+    ids=["header-source", "every-instance"],
+)
+def test_a_series_stating_rescale_slope_0_fails_once_with_the_reason_and_no_traceback(tmp_path, caplog, edited, reason):
+    files = phantom_files(tmp_path / "study", duration_s=9)
+    for path in edited(files):  # a scanner (or a PACS rule) that wrote RescaleSlope 0
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = 0
+        ds.save_as(path)
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), None)
+    store, worker = spooled_worker(settings, files)
+    with caplog.at_level(logging.INFO, logger="ctp_node"):
+        job = worker.run_once()
+        due_now(store)
+        assert worker.run_once() is None, "an input fault is not retried"
+    failed = store.get(job.id)
+    assert failed.state == State.FAILED and failed.attempts == 1 and failed.next_attempt_at is None
+    assert re.match(reason, failed.error), failed.error
+    assert not [r for r in caplog.records if r.exc_info], "reported as a reason, not a traceback"
+    assert [e["event"] for e in worker.audit.read()] == ["processing"]
+    assert not list(settings.storage.results_dir.rglob("*.dcm")), "nothing half-written is left to send"
+
+
+def test_a_disk_fault_while_writing_the_result_is_retried_and_then_succeeds(tmp_path, caplog):
+    files = phantom_files(tmp_path / "study", duration_s=9)
+    settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), None)
+    store, worker = spooled_worker(settings, files)
+    blocker = settings.storage.results_dir
+    blocker.write_text("a file where the results folder should be")  # the folder cannot be made: an OSError
+    with caplog.at_level(logging.WARNING, logger="ctp_node"):
+        job = worker.run_once()
+    waiting = store.get(job.id)
+    assert waiting.state == State.QUEUED and waiting.next_attempt_at is not None, waiting.error
+    assert "Error" in waiting.error and str(blocker) in waiting.error
+    assert worker.run_once() is None, "retried only after the backoff"
+    assert not [r for r in caplog.records if r.exc_info]
+    blocker.unlink()  # the disk is fixed
+    due_now(store)
+    worker.run_once()
+    done = store.get(job.id)
+    assert done.state == State.DONE and done.error is None
+    assert len(list(Path(done.result_dir).glob("*.dcm"))) == 9 * 8

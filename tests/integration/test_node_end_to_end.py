@@ -9,9 +9,10 @@ import pydicom
 import pytest
 
 from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.processing import make_processor
 from ctp_node.node.receiver import Receiver
 from ctp_node.node.worker import Worker
-from ctp_node.series.pipeline import SeriesPipeline, make_processor
+from ctp_node.series.pipeline import SeriesPipeline
 from tests.dcmtk import require
 from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files
 from tests.node.dicom_helpers import run
@@ -113,7 +114,8 @@ def test_serve_with_its_own_worker_process(tmp_path, orthanc):
     import signal
 
     from tests.integration.node_helpers import start_node_process, write_config
-    from tests.peers import stop_process, wait_for_port
+    from tests.peers import stop_process
+    from tests.ports import wait_for_port
 
     settings = node_settings(tmp_path / "node", cpu_checkpoint(tmp_path / "net.pt"), orthanc.dicom_port)
     config = write_config(tmp_path / "ctp-node.toml", settings)

@@ -12,7 +12,7 @@ import pytest
 from ctp_node.node.audit import AuditLog
 from ctp_node.node.jobs import JobStore, State
 from tests.dcmtk import require
-from tests.deploy.test_orthanc_routing import start_deployed_orthanc
+from tests.deploy.running import start_deployed_orthanc
 from tests.integration.node_helpers import (
     cpu_checkpoint,
     node_settings,
@@ -20,7 +20,8 @@ from tests.integration.node_helpers import (
     start_node_process,
     write_config,
 )
-from tests.peers import free_port, stop_process, wait_for, wait_for_port
+from tests.peers import stop_process, wait_for
+from tests.ports import free_port, wait_for_port
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.slow

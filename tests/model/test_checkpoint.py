@@ -45,16 +45,16 @@ def test_any_published_format_file_loads_without_flags(tmp_path, config, key):
     path = tmp_path / "published.pt"
     torch.save({"step": 12, key: published_state(net, buffers()), "lr": 1e-4}, path)
     loaded = load_denoiser(path)
-    assert loaded.config == config
-    assert loaded.checkpoint_info["weights"] == key and loaded.checkpoint_info["step"] == 12
-    torch.testing.assert_close(forward(loaded), forward(net), rtol=0, atol=0)
+    assert loaded.net.config == config
+    assert loaded.info.weights == key and loaded.info.step == 12
+    torch.testing.assert_close(forward(loaded.net), forward(net), rtol=0, atol=0)
 
 
 def test_ema_is_preferred_over_model(tmp_path):
     ema, raw = tiny_net(1), tiny_net(2)
     path = tmp_path / "both.pt"
     torch.save({"model": published_state(raw), "ema": published_state(ema)}, path)
-    torch.testing.assert_close(forward(load_denoiser(path)), forward(ema))
+    torch.testing.assert_close(forward(load_denoiser(path).net), forward(ema))
 
 
 @pytest.mark.parametrize("prefix", ["", "denoise_fn.", "module."])
@@ -62,7 +62,7 @@ def test_other_prefixes_are_stripped(tmp_path, prefix):
     net = tiny_net()
     path = tmp_path / "prefixed.pt"
     torch.save({"ema": {prefix + k: v for k, v in net.state_dict().items()}}, path)
-    torch.testing.assert_close(forward(load_denoiser(path)), forward(net))
+    torch.testing.assert_close(forward(load_denoiser(path).net), forward(net))
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -70,7 +70,8 @@ def test_own_format_round_trip(tmp_path, dtype):
     net, ema = tiny_net(1), tiny_net(2)
     path = save_checkpoint(tmp_path / "own.pt", net, ema=ema, step=7, schedule={"schedule": "linear"}, dtype=dtype)
     loaded = load_denoiser(path)
-    assert loaded.checkpoint_info["format"] == "ctp-node" and loaded.checkpoint_info["step"] == 7
+    assert loaded.info.format == "ctp-node" and loaded.info.step == 7
+    loaded = loaded.net
     expected = forward(ema)
     tol = 0 if dtype is None else 0.05 * expected.abs().max().item()
     torch.testing.assert_close(forward(loaded), expected, rtol=0, atol=tol)

@@ -197,7 +197,8 @@ def test_slabs_of_one_study_share_the_sampling_passes():
     b, _ = study(seed=2)
     oracle = InterpolationOracle()
     engine = Inpainter(oracle, EngineSettings(steps=3, batch_size=24, mask_min_voxels=10), device="cpu")
-    results = engine.inpaint_many([a, b], times)
+    study_result = engine.inpaint_study([a, b], times)
+    results = [study_result.result(0), study_result.result(1)]
     assert len(oracle.scenarios) == 3  # 2 x 12 targets in one pass of 3 steps
     for volumes, result in zip((a, b), results):
         expected, _, synthetic = linear_inpaint(volumes, times)
@@ -206,9 +207,9 @@ def test_slabs_of_one_study_share_the_sampling_passes():
         np.testing.assert_allclose(result.sequence, expected, atol=2e-3)
     # the first sequence gets exactly what it would get alone
     net = tiny_net()
-    together = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint_many([a, b], times)
+    together = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint_study([a, b], times)
     alone = Inpainter(net, EngineSettings(steps=2, mask_min_voxels=10), device="cpu").inpaint(a, times)
-    np.testing.assert_allclose(together[0].sequence, alone.sequence, atol=5e-4)
+    np.testing.assert_allclose(together.sequences[0], alone.sequence, atol=5e-4)
 
 
 class CleanTargetOracle(InterpolationOracle):
@@ -237,3 +238,61 @@ def test_clean_target_networks_sample_the_same_oracle_answer(oracle, settings):
     mask = tissue_mask(from_model_space(volumes), min_voxels=10)
     expected[synthetic] = np.where(mask[None], expected[synthetic], -1.0)
     np.testing.assert_allclose(result.sequence, expected, atol=2e-3)
+
+
+def test_a_study_is_planned_once_and_each_slab_conditioned_on_its_own_peak():
+    """One record of what fills each second for the whole study; the scenario follows each slab's frame sums."""
+    a, times = study(seed=1)
+    b = a.copy()
+    b[0], b[1] = 1.0, 0.9  # slab b: its two brightest volumes are the first two, so its peak is second 2
+
+    result = Inpainter(tiny_net(), EngineSettings(steps=1, mask_min_voxels=10), device="cpu").inpaint_study(
+        [a, b], times
+    )
+    assert result.plans[0].fill is result.fill and result.plans[1].fill is result.fill
+    assert result.plans[0].peak_second != result.plans[1].peak_second
+    assert [f.kind for f in result.fill.fills] == [
+        "acquired" if s in result.fill.known_seconds else "synthetic" for s in result.fill.seconds
+    ]
+    assert np.array_equal(result.result(1).synthetic, result.fill.synthetic)
+
+
+def _schedule_checkpoint(tmp_path, schedule):
+    from model.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "net.pt", tiny_net(), schedule=schedule)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_the_checkpoint_schedule_is_the_one_sampled_with(tmp_path, sampler):
+    from model.checkpoint import load_denoiser
+    from model.samplers import ScheduleSpec
+
+    cosine = {"schedule": "cosine", "timesteps": 1000, "beta_start": 1e-6, "beta_end": 1e-2}
+    loaded = load_denoiser(_schedule_checkpoint(tmp_path, cosine))
+    assert loaded.info.noise_schedule == ScheduleSpec("cosine", 1000, 1e-6, 1e-2)
+    volumes, times = study()
+    settings = EngineSettings(sampler=sampler, steps=3, mask_min_voxels=10)
+    from_checkpoint = Inpainter(loaded, settings, device="cpu").inpaint(volumes, times)
+    default = Inpainter(loaded.net, settings, device="cpu").inpaint(volumes, times)
+    explicit = Inpainter(loaded.net, settings, device="cpu", schedule=ScheduleSpec("cosine", 1000)).inpaint(
+        volumes, times
+    )
+    synthetic = from_checkpoint.synthetic
+    assert np.abs(from_checkpoint.sequence[synthetic] - default.sequence[synthetic]).max() > 1e-3
+    np.testing.assert_array_equal(from_checkpoint.sequence, explicit.sequence)
+
+
+def test_published_and_unrecorded_schedules_are_the_published_default(tmp_path, seed_dir):
+    from model.checkpoint import load_denoiser
+    from model.samplers import ScheduleSpec
+
+    assert load_denoiser(seed_dir / "seed_format_tiny_checkpoint.pt").info.noise_schedule == ScheduleSpec()
+    assert load_denoiser(_schedule_checkpoint(tmp_path, {})).info.noise_schedule == ScheduleSpec()
+
+
+def test_an_invalid_recorded_schedule_is_refused(tmp_path):
+    from model.checkpoint import CheckpointError, load_denoiser
+
+    with pytest.raises(CheckpointError, match="not a noise schedule"):
+        load_denoiser(_schedule_checkpoint(tmp_path, {"schedule": "linear", "timesteps": "many"}))

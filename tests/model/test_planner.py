@@ -141,3 +141,33 @@ def test_unknown_policy_is_rejected():
 def test_plan_index_maps_seconds_to_positions():
     plan = plan_inpainting([0, 4, 8], np.ones(3), usable=[False, True, True])
     assert plan.index(4) == 0 and plan.index(8) == 4
+
+
+def test_the_fill_plan_says_what_fills_each_second():
+    from model.planner import plan_seconds
+
+    plan = plan_seconds([0.0, 3.6, 8.0, 20.0], usable=[True, False, True, True], long_gap="linear")
+    kinds = {f.second: f.kind for f in plan.fills}
+    assert [f.second for f in plan.fills] == list(range(21))
+    assert kinds[0] == kinds[8] == kinds[20] == "acquired" and kinds[4] == "synthetic"
+    assert {kinds[s] for s in range(9, 20)} == {"interpolated"}  # a 12 s gap: the long-gap policy
+    assert {f.reason for f in plan.fills if f.kind == "interpolated"} == {"long gap"}
+    assert plan.fills[4].replaces == 1  # the unusable volume at 3.6 s snapped to second 4, which the model fills
+    assert [f.replaces for f in plan.fills if f.second != 4] == [None] * 20
+    assert (plan.fills[4].left, plan.fills[4].right, plan.fills[4].weight) == (0, 2, 0.5)
+    assert plan.fills[8].time_s == 8.0 and plan.fills[14].time_s == 14.0
+    np.testing.assert_array_equal(plan.synthetic, [1 <= s <= 7 for s in range(21)])
+    replaced = plan.model_replaced()
+    assert not replaced.synthetic.any() and replaced.interpolated.sum() == 18
+    assert {f.reason for f in replaced.fills if 1 <= f.second <= 7} == {"guardrail"}
+
+
+def test_conditioning_follows_each_sequence_on_one_fill_plan():
+    from model.planner import condition_targets, plan_seconds
+
+    fill = plan_seconds([0, 4, 8, 12])
+    early, late = condition_targets(fill, [9, 8, 1, 1]), condition_targets(fill, [1, 1, 8, 9])
+    assert early.fill is fill and late.fill is fill
+    assert [t.second for t in early.targets] == [t.second for t in late.targets] == list(fill.model_seconds)
+    assert early.peak_second == 2 and late.peak_second == 10
+    assert early.targets[0].scenario != late.targets[0].scenario

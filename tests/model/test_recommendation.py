@@ -9,7 +9,6 @@ from model.checkpoint import (
     SamplerRecommendation,
     load_denoiser,
     read_checkpoint,
-    recommendation_of,
     save_checkpoint,
     set_recommended_sampler,
 )
@@ -20,9 +19,10 @@ from tests.model.helpers import published_state, tiny_net
 def test_a_saved_recommendation_loads_with_the_network(tmp_path):
     path = save_checkpoint(tmp_path / "net.pt", tiny_net(), recommended=SamplerRecommendation("ddim", 3))
     assert read_checkpoint(path).recommended == SamplerRecommendation("ddim", 3)
-    net = load_denoiser(path)
-    assert net.checkpoint_info["recommended"] == {"sampler": "ddim", "steps": 3}  # plain data: JSON sidecars
-    assert recommendation_of(net) == SamplerRecommendation("ddim", 3)
+    loaded = load_denoiser(path)
+    assert loaded.info.to_dict()["recommended"] == {"sampler": "ddim", "steps": 3}  # plain data: JSON sidecars
+    assert loaded.info.recommended == SamplerRecommendation("ddim", 3)
+    assert not hasattr(loaded.net, "checkpoint_info")  # metadata travels beside the network, not on it
 
 
 def test_old_and_published_checkpoints_load_unchanged_without_one(tmp_path):
@@ -31,8 +31,7 @@ def test_old_and_published_checkpoints_load_unchanged_without_one(tmp_path):
     torch.save({"step": 3, "ema": published_state(tiny_net())}, published)
     for path in (own, published):
         assert read_checkpoint(path).recommended is None
-        assert recommendation_of(load_denoiser(path)) is None
-    assert recommendation_of(torch.nn.Linear(1, 1)) is None  # any other network: nothing recommended
+        assert load_denoiser(path).info.recommended is None
 
 
 def test_stamping_changes_the_recommendation_and_nothing_else(tmp_path):

@@ -1,8 +1,19 @@
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from model.samplers import SPACINGS, fast_alphas_cumprod, sample_ancestral, sample_ddim, sample_dpmpp_2m
+from model.samplers import (
+    SAMPLER_FUNCTIONS,
+    SAMPLERS,
+    SPACINGS,
+    ScheduleSpec,
+    fast_alphas_cumprod,
+    sample_ancestral,
+    sample_ddim,
+    sample_dpmpp_2m,
+)
 from model.schedule import NoiseSchedule
 
 torch.manual_seed(0)
@@ -18,15 +29,14 @@ def oracle(x, g):
 @pytest.mark.parametrize("steps", [1500, 50])
 def test_ancestral_with_oracle_recovers_clean_volume(steps):
     x = torch.randn_like(X0)
-    out = sample_ancestral(oracle, x, NoiseSchedule.build(n_timestep=steps), generator=torch.Generator().manual_seed(1))
+    out = sample_ancestral(oracle, x, ScheduleSpec(), steps, generator=torch.Generator().manual_seed(1))
     assert (out - X0).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmpp_2m])
 def test_fast_samplers_with_oracle_recover_clean_volume(sampler, spacing):
-    levels = fast_alphas_cumprod(NoiseSchedule.build(), 10, spacing)
-    out = sampler(oracle, torch.randn_like(X0), levels)
+    out = sampler(oracle, torch.randn_like(X0), NoiseSchedule.build(), 10, spacing=spacing)
     assert (out - X0).abs().max().item() < 1e-3
 
 
@@ -44,7 +54,7 @@ def test_ancestral_step_matches_the_published_posterior(seed_dir):
         levels.append(float(g[0]))
         return eps
 
-    sample_ancestral(record, x, two, generator=torch.Generator().manual_seed(9))
+    sample_ancestral(record, x, two, 2, generator=torch.Generator().manual_seed(9))
     i = 1
     assert levels[0] == pytest.approx(float(stored["module.sqrt_alphas_cumprod"][i]), rel=1e-6)
     x0 = stored["module.sqrt_recip_alphas_cumprod"][i] * x - stored["module.sqrt_recipm1_alphas_cumprod"][i] * eps
@@ -73,14 +83,15 @@ def test_dpmpp_2m_is_higher_order_than_ddim_on_the_probability_flow():
     x_t = torch.randn(4, 1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma_t = np.sqrt((1 - levels[0]) / levels[0])
     exact = x_t.double() / np.sqrt(levels[0]) * scale / np.sqrt(scale**2 + sigma_t**2)
-    err_ddim = (sample_ddim(_gaussian_eps(scale), x_t, levels).double() - exact).abs().max().item()
-    err_dpm = (sample_dpmpp_2m(_gaussian_eps(scale), x_t, levels).double() - exact).abs().max().item()
+    schedule = NoiseSchedule.build()
+    err_ddim = (sample_ddim(_gaussian_eps(scale), x_t, schedule, 8).double() - exact).abs().max().item()
+    err_dpm = (sample_dpmpp_2m(_gaussian_eps(scale), x_t, schedule, 8).double() - exact).abs().max().item()
     assert err_dpm < err_ddim / 3
     assert err_dpm < 0.05
     levels = fast_alphas_cumprod(NoiseSchedule.build(), 32, "logsnr")
     x_t32 = x_t
     exact32 = x_t32.double() / np.sqrt(levels[0]) * scale / np.sqrt(scale**2 + sigma_t**2)
-    assert (sample_dpmpp_2m(_gaussian_eps(scale), x_t32, levels).double() - exact32).abs().max().item() < 0.01
+    assert (sample_dpmpp_2m(_gaussian_eps(scale), x_t32, schedule, 32).double() - exact32).abs().max().item() < 0.01
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
@@ -92,3 +103,44 @@ def test_fast_levels_stay_in_the_trained_range(spacing):
     assert levels[-1] == pytest.approx(sched.alphas_cumprod[0], rel=1e-6)
     with pytest.raises(ValueError):
         fast_alphas_cumprod(sched, 0, spacing)
+
+
+def test_every_sampler_has_the_one_signature():
+    assert tuple(SAMPLER_FUNCTIONS) == SAMPLERS
+    signatures = {name: list(inspect.signature(fn).parameters) for name, fn in SAMPLER_FUNCTIONS.items()}
+    assert all(params == signatures["ddim"] for params in signatures.values()), signatures
+
+
+def test_ancestral_with_fewer_steps_rebuilds_the_given_schedule_kind():
+    """Fewer steps keep the schedule's kind and betas: a cosine spec is not sampled as the linear default."""
+    seen = {}
+
+    def levels_of(spec):
+        levels = []
+
+        def record(x, g):
+            levels.append(float(g[0]))
+            return torch.zeros_like(x)
+
+        sample_ancestral(record, torch.zeros(1, 1, 1, 2, 2), spec, 5, generator=torch.Generator().manual_seed(0))
+        return levels
+
+    seen["linear"] = levels_of(ScheduleSpec())
+    seen["cosine"] = levels_of(ScheduleSpec("cosine", 1500))
+    expected = np.sqrt(NoiseSchedule.build("cosine", 5).alphas_cumprod[::-1])
+    np.testing.assert_allclose(seen["cosine"], expected, rtol=1e-6)
+    assert not np.allclose(seen["cosine"], seen["linear"])
+    with pytest.raises(ValueError, match="ScheduleSpec"):
+        sample_ancestral(oracle, torch.zeros_like(X0), NoiseSchedule.build(), 5)
+
+
+def test_a_stored_schedule_runs_as_stored_and_refuses_a_rebuild():
+    betas = tuple(NoiseSchedule.build("quad", 20).betas)
+    spec = ScheduleSpec("stored", 20, betas=betas)
+    np.testing.assert_array_equal(spec.build().betas, np.asarray(betas))
+    out = sample_ddim(oracle, torch.randn_like(X0), spec, 10)
+    assert (out - X0).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        sample_ancestral(oracle, torch.randn_like(X0), spec, 5)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        ScheduleSpec("sigmoid")

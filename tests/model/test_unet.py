@@ -23,7 +23,7 @@ def test_published_default_matches_manifest_exactly(seed_dir, tmp_path):
     del net
     path = tmp_path / "published_full.pt"
     torch.save({"step": 600000, "ema": state, "lr": 1e-6}, path)
-    loaded = load_denoiser(path)
+    loaded = load_denoiser(path).net
     assert loaded.config == UNetConfig()
 
 
@@ -33,7 +33,7 @@ def test_published_flops_per_volume():
 
 def test_tiny_fixture_reproduces_golden_forward(seed_dir):
     config = json.loads((seed_dir / "seed_format_tiny_config.json").read_text())["denoising_model"]
-    net = load_denoiser(seed_dir / "seed_format_tiny_checkpoint.pt")
+    net = load_denoiser(seed_dir / "seed_format_tiny_checkpoint.pt").net
     assert net.config.model_channels == config["model_channels"]
     assert net.config.num_res_blocks == config["num_res_blocks"]
     golden = np.load(seed_dir / "seed_format_tiny_forward.npz")

@@ -16,7 +16,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.integration.node_helpers import node_settings, write_config
-from tests.peers import free_port, stop_process, wait_for_port
+from tests.peers import stop_process
+from tests.ports import free_port, wait_for_port
 
 
 def proc_status(pid: int, field: str) -> int:

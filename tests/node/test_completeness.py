@@ -13,8 +13,8 @@ from sqlalchemy import Column, MetaData, Table, create_engine, inspect, text
 
 from ctp_node.node.completeness import InstanceFacts, facts_from_header, judge, read_facts
 from ctp_node.node.jobs import JobStore, State, series_table, utcnow
-from tests.node.dicom_helpers import ct_instance, free_port, require, run
-from tests.node.test_jobs import database_url, postgres  # noqa: F401  (fixtures: SQLite and PostgreSQL)
+from tests.node.dicom_helpers import ct_instance, require, run
+from tests.ports import free_port
 
 WAITS = {"complete_quiet_period_s": 10, "incomplete_wait_s": 600, "min_time_points": 3}
 

@@ -5,30 +5,6 @@ import pytest
 from ctp_node.node.jobs import JobStore, LeaseLost, State, utcnow
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from tests.postgres import PostgresServer
-
-    server = PostgresServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    url = request.getfixturevalue("postgres").url
-    from sqlalchemy import create_engine
-
-    from ctp_node.node.jobs import metadata
-
-    engine = create_engine(url)
-    metadata.drop_all(engine)  # a clean store per test
-    engine.dispose()
-    return url
-
-
 @pytest.fixture()
 def store(database_url):
     return JobStore(database_url)

@@ -11,7 +11,8 @@ from ctp_node.config import AllowedCaller, DicomSettings
 from ctp_node.node.completeness import read_facts
 from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
 from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
-from tests.node.dicom_helpers import ct_instance, free_port, require, run
+from tests.node.dicom_helpers import ct_instance, require, run
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0.1", "2.25.123456789012345678901234567890"])

@@ -1,31 +1,11 @@
-from datetime import timedelta
-
 import pytest
 
-from ctp_node.config import Destination, SendSettings, Settings, StorageSettings
+from ctp_node.config import SendSettings
 from ctp_node.errors import IncompleteSeriesError, NotCTPError
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.spool import SeriesKey, Spool
-from ctp_node.node.worker import ProcessOutput, Worker, backoff_s
-
-KEY = SeriesKey("1.2.3", "1.2.3.4")
-
-
-@pytest.fixture()
-def env(tmp_path):
-    settings = Settings(
-        storage=StorageSettings(data_dir=tmp_path),
-        destinations=(Destination(name="pacs", host="127.0.0.1", port=4242, ae_title="PACS"),),
-        send=SendSettings(max_attempts=3, initial_backoff_s=10, backoff_multiplier=2, max_backoff_s=15),
-    )
-    store = JobStore(settings.database_url)
-    spool = Spool(settings.storage.spool_dir)
-    for i in range(3):
-        spool.write(KEY, f"1.2.3.4.{i}", b"x")
-        store.record_instance(KEY.study_uid, KEY.series_uid, "SCANNER", at=utcnow() - timedelta(seconds=120))
-    store.queue_quiet_series(60)
-    return settings, store
+from ctp_node.node.jobs import State
+from ctp_node.node.send import backoff_s
+from ctp_node.node.worker import ProcessOutput, Worker
+from tests.node.worker_helpers import FakeSender
 
 
 def writing_processor(calls):
@@ -37,19 +17,6 @@ def writing_processor(calls):
         return ProcessOutput(out_dir, 2)
 
     return process
-
-
-class FakeSender:
-    def __init__(self, outcomes):
-        self.outcomes = list(outcomes)
-        self.sent = []
-
-    def __call__(self, files, peer, aet):
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        self.sent.append((peer.ae_title, len(files)))
-        return [SendResult(f, outcome) for f in files]
 
 
 def test_backoff_grows_and_is_capped():
@@ -117,22 +84,3 @@ def test_input_errors_end_the_job_with_the_reason(env, error, state, text):
     job = worker.run_once()
     ended = store.get(job.id)
     assert ended.state == state and text in ended.error
-
-
-def test_unexpected_errors_are_retried_then_fail(env):
-    settings, store = env
-    attempts = []
-
-    def flaky(job, files, out_dir):
-        attempts.append(job.attempts)
-        raise RuntimeError("CUDA error: out of memory")
-
-    worker = Worker(settings, store, flaky, sender=FakeSender([]), worker_id="w1")
-    job = worker.run_once()
-    assert store.get(job.id).state == State.QUEUED and store.get(job.id).next_attempt_at > utcnow()
-    for _ in range(settings.jobs.max_attempts):
-        with store.engine.begin() as conn:
-            conn.exec_driver_sql("UPDATE series SET next_attempt_at = NULL")
-        worker.run_once()
-    assert attempts == [1, 2, 3]
-    assert store.get(job.id).state == State.FAILED and "out of memory" in store.get(job.id).error

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from ctp_node.cli.main import app
 from ctp_node.node.worker import ProcessOutput, Worker
 from tests.integration.node_helpers import write_config
-from tests.node.test_worker import FakeSender, env  # noqa: F401  (env is a fixture)
+from tests.node.worker_helpers import FakeSender
 
 FLAG = "flagged: grey offset -2.20 HU (tolerance 1 HU)"
 

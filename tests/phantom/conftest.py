@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from ctp_node.phantom import PhantomConfig, PhantomStudy, generate_phantom
@@ -33,16 +29,3 @@ def clean_study() -> PhantomStudy:
             baseline_variation_hu=0.0,
         )
     )
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Lines of dciodvfy's report that are errors (warnings are returned by ``dciodvfy_report``)."""
-    return [line for line in dciodvfy_report(path) if line.startswith("Error")]
-
-
-def dciodvfy_report(path: Path) -> list[str]:
-    binary = shutil.which("dciodvfy")
-    if binary is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; CI installs it")
-    result = subprocess.run([binary, str(path)], capture_output=True, text=True, check=False)
-    return [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]

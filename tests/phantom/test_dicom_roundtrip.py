@@ -11,7 +11,7 @@ import pytest
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import SCAN_START, parse_schedule, sample_study
 from ctp_node.series.assemble import assemble_series
-from tests.phantom.conftest import dciodvfy_errors, dciodvfy_report
+from tests.dciodvfy import dciodvfy_errors, dciodvfy_report
 
 WRITERS = [("single-frame", "ge"), ("single-frame", "siemens"), ("single-frame", "content-time"), ("enhanced", "ge")]
 SCHEDULES = [("every:4", ()), ("irregular:1.5@6,3", (2,)), ("times:0,1.5,3.2,7.25,15", (0,))]
@@ -62,7 +62,7 @@ def test_writing_twice_gives_the_same_uids(small_study, tmp_path):
 
 
 def test_instance_uids_do_not_collide_across_volumes_and_slices():
-    from ctp_node.phantom.dicom_modules import StudyUIDs
+    from ctp_node.series.dicom_attributes import StudyUIDs
 
     uids = StudyUIDs.derived("seed")
     made = {uids.instance("single-frame", t, z) for t in range(61) for z in range(16)}

@@ -29,5 +29,5 @@ def test_the_shipped_demo_weights_load_when_present():
 
     if not DEMO_WEIGHTS.is_file():
         pytest.fail(f"{DEMO_WEIGHTS} is missing: the repository ships demo weights (model/weights/MODEL_CARD.md)")
-    net = load_denoiser(DEMO_WEIGHTS)
-    assert net.checkpoint_info["format"] == "ctp-node" and DEMO_WEIGHTS.stat().st_size < 60 * 2**20
+    loaded = load_denoiser(DEMO_WEIGHTS)
+    assert loaded.info.format == "ctp-node" and DEMO_WEIGHTS.stat().st_size < 60 * 2**20

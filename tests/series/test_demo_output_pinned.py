@@ -22,7 +22,7 @@ from ctp_node.config import Settings
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
-from ctp_node.series.pipeline import SeriesPipeline
+from ctp_node.series.pipeline import SeriesPipeline, run_series
 from model.checkpoint import DEMO_WEIGHTS
 
 REFERENCE = Path(__file__).parent / "data" / "demo_output_pixels.npz"
@@ -40,7 +40,7 @@ def _demo_series_pixels(tmp_path: Path) -> np.ndarray:
         storage={"data_dir": str((tmp_path / "node").resolve())},
         model={"checkpoint": str(DEMO_WEIGHTS), "long_gap": "linear", "device": "cpu"},
     )
-    SeriesPipeline.from_settings(settings, device="cpu").run(files, tmp_path / "derived")
+    run_series(SeriesPipeline.from_settings(settings, device="cpu"), files, tmp_path / "derived")
     images = sorted(
         (pydicom.dcmread(f) for f in (tmp_path / "derived").rglob("*.dcm")), key=lambda ds: int(ds.InstanceNumber)
     )

@@ -24,8 +24,9 @@ from ctp_node.series.derived import (
     write_derived_series,
 )
 from ctp_node.series.grid import FillCounts, back_to_source, from_model_grid, to_model_grid
-from model.planner import plan_inpainting
-from tests.series.conftest import dciodvfy_errors
+from model.planner import plan_seconds
+from tests.dciodvfy import dciodvfy_errors
+from tests.series.fill_helpers import fill_for
 
 RECIPE = DerivedRecipe(
     model_name="bae2024-ctp-inpainting",
@@ -45,11 +46,10 @@ def _hu_1s(case) -> np.ndarray:
     return hu
 
 
-def _write(case, out: Path, recipe: DerivedRecipe = RECIPE, **changes):
+def _write(case, out: Path, recipe: DerivedRecipe = RECIPE, synthetic=SYNTHETIC, usable=None, **changes):
     args = {
         "hu_1s": _hu_1s(case),
-        "grid_times_s": SECONDS,
-        "synthetic_mask": SYNTHETIC,
+        "fill": fill_for(case.series.times_s, synthetic, usable),
         "source": case.series,
         "source_files": case.files,
     }
@@ -210,22 +210,34 @@ def test_a_source_without_start_time_is_refused(small_head, tmp_path):
     ("changes", "message"),
     [
         ({"hu_1s": np.zeros((9, 3, 64, 63), np.float32)}, "expected"),
-        ({"synthetic_mask": SYNTHETIC[:8]}, "synthetic_mask must be a bool array of length 9"),
-        ({"grid_times_s": SECONDS * 1.5}, "exactly 1 s apart"),
-        ({"grid_times_s": SECONDS[:8]}, "one per second"),
+        ({"fill": fill_for(np.array([0.0, 8.0]))}, "the plan was made for 2 volumes"),
+        ({"hu_1s": np.zeros((8, 3, 64, 64), np.float32)}, "one image per second"),
         ({"hu_1s": np.full((9, 3, 64, 64), np.nan, np.float32)}, "NaN"),
-        ({"source_files": []}, "source_files is empty"),
+        ({"source_files": [], "header": None}, "source_files is empty"),
     ],
 )
 def test_inconsistent_inputs_are_refused_before_writing(small_head, tmp_path, changes, message):
+    changes = dict(changes)
+    if "header" in changes:  # a series without its header template: the header comes from the files
+        changes["source"] = dataclasses.replace(small_head.series, header=changes.pop("header"))
     with pytest.raises(DerivedSeriesError, match=message):
         _write(small_head, tmp_path / "out", **changes)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_header_from_another_series_is_refused(small_head, head16, tmp_path):
+    without_template = dataclasses.replace(small_head.series, header=None)
     with pytest.raises(DerivedSeriesError, match="InstanceUID .* pass a file of the source series"):
-        _write(small_head, tmp_path / "out", source_files=head16.files)
+        _write(small_head, tmp_path / "out", source=without_template, source_files=head16.files)
+    other_template = dataclasses.replace(small_head.series, header=head16.series.header)
+    with pytest.raises(DerivedSeriesError, match="InstanceUID"):
+        _write(small_head, tmp_path / "out", source=other_template)
+
+
+def test_the_header_template_is_used_without_reading_the_files_again(small_head, tmp_path):
+    assert small_head.series.header is not None  # read once by the assembler
+    result = _write(small_head, tmp_path / "out", source_files=[tmp_path / "gone.dcm"])  # never opened
+    assert pydicom.dcmread(result.paths[0]).PatientID == small_head.series.header.PatientID
 
 
 @pytest.mark.parametrize(
@@ -247,7 +259,7 @@ def test_enhanced_ct_source_is_referenced_per_volume_instance(small_head, tmp_pa
     files = write_study(acquired, tmp_path / "src", layout="enhanced")
     source = assemble_series(files)
     result = write_derived_series(
-        _hu_1s(small_head), SECONDS, SYNTHETIC, source, files, tmp_path / "out", recipe=RECIPE
+        _hu_1s(small_head), fill_for(source.times_s, SYNTHETIC), source, files, tmp_path / "out", recipe=RECIPE
     )
     ds = pydicom.dcmread(result.paths[5])  # second 1, slice 2
     assert [i.ReferencedSOPInstanceUID for i in ds.SourceImageSequence] == [
@@ -274,8 +286,9 @@ def test_pipeline_from_dicom_to_derived_dicom(head16, tmp_path):
             lerp = volumes[left] + np.float32(w) * (volumes[left + 1] - volumes[left])
             sequence[g] = lerp if g % 4 == 0 else np.clip(lerp + np.float32(3 / 40), -1, 1)
         slabs.append(sequence)
-    hu = from_model_grid(grid, slabs, synthetic, series, seconds)
-    result = write_derived_series(hu, seconds, synthetic, series, head16.files, tmp_path, recipe=RECIPE)
+    plan = fill_for(series.times_s, synthetic)
+    hu = from_model_grid(grid, slabs, plan, series)
+    result = write_derived_series(hu, plan, series, head16.files, tmp_path, recipe=RECIPE)
     assert result.count == 13 * 16
     back = assemble_series(result.paths)
     np.testing.assert_array_equal(back.hu, np.rint(hu))
@@ -288,7 +301,7 @@ def test_pipeline_from_dicom_to_derived_dicom(head16, tmp_path):
 def test_unusable_volumes_are_not_referenced(small_head, tmp_path):
     usable = np.array([True, False, True])  # the volume at 4 s was motion-corrupted: second 4 is synthesised
     synthetic = SECONDS % 8 != 0
-    result = _write(small_head, tmp_path, synthetic_mask=synthetic, usable=usable)
+    result = _write(small_head, tmp_path, synthetic=synthetic, usable=usable)
     uids = small_head.series.sop_instance_uids
     ds = pydicom.dcmread(result.paths[4 * 3 + 2])  # second 4, slice 2
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
@@ -296,7 +309,7 @@ def test_unusable_volumes_are_not_referenced(small_head, tmp_path):
 
 
 def test_interpolated_seconds_are_marked_as_such(small_head, tmp_path):
-    result = _write(small_head, tmp_path, synthetic_mask=np.zeros(9, dtype=bool))  # long-gap fallback everywhere
+    result = _write(small_head, tmp_path, synthetic=np.zeros(9, dtype=bool))  # long-gap fallback everywhere
     ds = pydicom.dcmread(result.paths[3 * 3])  # second 3
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert ds.ImageComments.startswith("INTERPOLATED")
@@ -319,15 +332,11 @@ def irregular(tmp_path_factory):
     acquired = sample_study(study, parse_schedule("irregular:1.5@9,3"))
     files = write_study(acquired, folder / "src", uid_seed="pipeline-tests-irregular")
     series = assemble_series(files)
-    plan = plan_inpainting(series.times_s, np.zeros(series.times_s.size), long_gap="linear")
-    targets = {t.second for t in plan.targets}
-    synthetic = np.array([int(s) in targets for s in plan.seconds])
+    plan = plan_seconds(series.times_s, long_gap="linear")
     grid = to_model_grid(series)
     slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
-    back = back_to_source(grid, slabs, synthetic, series, plan.times_s)
-    result = write_derived_series(
-        back.hu, plan.times_s, synthetic, series, files, folder / "out", recipe=RECIPE, fills=back.fills
-    )
+    back = back_to_source(grid, slabs, plan, series)
+    result = write_derived_series(back.hu, back.fill, series, files, folder / "out", recipe=RECIPE)
     return files, series, back, [pydicom.dcmread(p) for p in result.paths]
 
 
@@ -349,7 +358,7 @@ def test_irregular_sampling_keeps_true_acquisition_times(irregular):
         g = i // n_z
         assert ds.AcquisitionTime == ds.ContentTime and ds.AcquisitionDate == ds.ContentDate
         shown = _seconds_after(series.start, ds)
-        assert shown == pytest.approx(back.sources[g].time_s, abs=1e-6)
+        assert shown == pytest.approx(back.fill.fills[g].time_s, abs=1e-6)
         if ds.ImageComments.startswith("ACQUIRED"):
             (reference,) = ds.SourceImageSequence
             assert ds.AcquisitionTime == source_times[reference.ReferencedSOPInstanceUID]  # its own, not snapped
@@ -374,16 +383,15 @@ def test_irregular_synthetic_images_show_their_stated_time(irregular):
         g = ds.TemporalPositionIdentifier - 1
         np.testing.assert_allclose(back.hu[g][outside], expected[outside], atol=1e-3)
         assert f"SYNTHETIC image at {t:.3f}".rstrip("0").rstrip(".") in ds.ImageComments
-        fill = back.fills[g]
+        fill = back.fill.fills[g].voxels
         assert f"model: {fill.model} voxels, vessel fit: {fill.vessel_fit} voxels, linear: {fill.linear}" in (
             ds.ImageComments
         )
 
 
-def test_fill_counts_must_match_the_seconds(small_head, tmp_path):
-    with pytest.raises(DerivedSeriesError, match="fill counts"):
-        _write(small_head, tmp_path / "out", fills=[FillCounts(model=1)])
-    assert not (tmp_path / "out").exists()
+def test_fill_counts_must_match_the_seconds(small_head):
+    with pytest.raises(ValueError, match="give one per second"):
+        fill_for(small_head.series.times_s).with_voxels([FillCounts(model=1)])
 
 
 def _padded_source(case, folder: Path, *, drop: tuple[str, ...] = ()) -> list[Path]:
@@ -416,7 +424,9 @@ def test_padding_is_carried_over_and_stays_padding_in_synthetic_seconds(small_he
     hu = _hu_1s(small_head)
     hu[[0, 4, 8]] = source.hu
     hu[2][:, outside] = -1500.0  # a synthetic second whose padding was disturbed (e.g. by blending)
-    result = write_derived_series(hu, SECONDS, SYNTHETIC, source, files, tmp_path / "out", recipe=RECIPE)
+    result = write_derived_series(
+        hu, fill_for(source.times_s, SYNTHETIC), source, files, tmp_path / "out", recipe=RECIPE
+    )
     for path in result.paths:
         ds = pydicom.dcmread(path)
         assert ds.PixelPaddingValue == -2000 and ds["PixelPaddingValue"].VR == "SS"
@@ -431,7 +441,9 @@ def test_type2_attributes_missing_in_the_source_are_written_empty(small_head, tm
     source = assemble_series(files)
     hu = _hu_1s(small_head)
     hu[[0, 4, 8]] = source.hu
-    result = write_derived_series(hu, SECONDS, SYNTHETIC, source, files, tmp_path / "out", recipe=RECIPE)
+    result = write_derived_series(
+        hu, fill_for(source.times_s, SYNTHETIC), source, files, tmp_path / "out", recipe=RECIPE
+    )
     ds = pydicom.dcmread(result.paths[5])
     for keyword in TYPE2:
         assert keyword in ds and ds[keyword].value in ("", None), keyword

@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from ctp_node.errors import CTPInputError
+from ctp_node.evaluation.metrics import dice
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.sampling import acquisition_times, parse_schedule, sample_study
 from ctp_node.phantom.tissue import TissueLabel
@@ -17,12 +18,12 @@ from ctp_node.series.grid import (
     GridError,
     back_to_source,
     from_model_grid,
-    second_sources,
     to_model_grid,
 )
-from model.planner import plan_inpainting
+from model.planner import plan_seconds
 from model.window import to_model_space
-from tests.series.conftest import BRAIN_HU, VESSEL_HU, dice, ring_head
+from tests.series.fill_helpers import fill_for
+from tests.series.helpers import BRAIN_HU, VESSEL_HU, ring_head
 
 
 def _on_model_grid(grid, mask: np.ndarray) -> np.ndarray:
@@ -159,7 +160,7 @@ def test_oblique_direction_is_carried_to_the_model_grid_and_back():
     model_centre = np.asarray(grid.model.origin) + series.direction @ np.array([95.5 * 1.25, 95.5 * 1.25, 0.0])
     np.testing.assert_allclose(model_centre, brain_centre, atol=1.25)
     out = from_model_grid(
-        grid, _constant_slabs(grid, 3, 0.25, series.times_s), np.array([False, True, False]), series, np.arange(3.0)
+        grid, _constant_slabs(grid, 3, 0.25, series.times_s), fill_for(series.times_s, [False, True, False]), series
     )
     brain = grid.brain_mask & (series.hu[0] == BRAIN_HU)
     np.testing.assert_allclose(out[1][brain], 50.0, atol=1e-3)
@@ -196,7 +197,9 @@ def test_thin_slices_are_resampled_to_five_mm_and_back():
     assert grid.model.size[2] == 8 and grid.model.spacing[2] == pytest.approx(5.0)
     assert grid.model.origin[2] == pytest.approx(-0.625 + 2.5)  # model slices span the same outer faces
     synthetic = np.array([False, True, True, True, False])
-    out = from_model_grid(grid, _corrected_slabs(grid, 5, -3.0, series.times_s), synthetic, series, np.arange(5.0))
+    out = from_model_grid(
+        grid, _corrected_slabs(grid, 5, -3.0, series.times_s), fill_for(series.times_s, synthetic), series
+    )
     inside = grid.brain_mask & _far_from(series.hu[0] != BRAIN_HU, 4)
     np.testing.assert_allclose(out[2][inside], 34.0 - 3.0, atol=1e-3)  # interpolation (34 HU) + the correction
     np.testing.assert_array_equal(out[4], series.hu[1])
@@ -240,7 +243,8 @@ def test_a_brain_wider_than_the_model_field_of_view_is_refused():
 def test_to_grid_and_straight_back_returns_the_source_exactly(head16):
     series = head16.series
     grid = to_model_grid(series)
-    out = from_model_grid(grid, grid.slabs, np.zeros(4, dtype=bool), series, series.times_s)
+    every_second = dataclasses.replace(series, times_s=np.arange(4.0))  # each volume its own second
+    out = from_model_grid(grid, grid.slabs, fill_for(every_second.times_s), every_second)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, series.hu)
 
@@ -250,7 +254,9 @@ def test_synthetic_seconds_take_the_model_in_the_brain_window_and_interpolation_
     grid = to_model_grid(series)
     seconds = np.arange(13.0)
     synthetic = seconds % 4 != 0
-    out = from_model_grid(grid, _corrected_slabs(grid, 13, -3.0, series.times_s), synthetic, series, seconds)
+    out = from_model_grid(
+        grid, _corrected_slabs(grid, 13, -3.0, series.times_s), fill_for(series.times_s, synthetic), series
+    )
 
     for g in (0, 4, 8, 12):
         np.testing.assert_array_equal(out[g], series.hu[g // 4])  # acquired: bit for bit
@@ -277,7 +283,7 @@ def test_model_values_reach_the_brain_edge_undarkened():
     series = ring_head(shape_zyx=(8, 512, 512), spacing_zyx=(5.0, 240 / 512, 240 / 512), times_s=(0.0, 2.0))
     grid = to_model_grid(series)
     out = from_model_grid(
-        grid, _corrected_slabs(grid, 3, -3.0, series.times_s), np.array([False, True, False]), series, np.arange(3.0)
+        grid, _corrected_slabs(grid, 3, -3.0, series.times_s), fill_for(series.times_s, [False, True, False]), series
     )
     brain = series.hu[0] == BRAIN_HU
     interpolated = _interpolated(series, 0, 1, 0.5)
@@ -292,7 +298,8 @@ def test_a_model_that_returns_interpolation_gives_interpolation_exactly(head16):
     series = head16.series  # acquired at 0, 4, 8, 12 s
     grid = to_model_grid(series)
     seconds = np.arange(13.0)
-    out = from_model_grid(grid, _corrected_slabs(grid, 13, 0.0, series.times_s), seconds % 4 != 0, series, seconds)
+    plan = fill_for(series.times_s, seconds % 4 != 0)
+    out = from_model_grid(grid, _corrected_slabs(grid, 13, 0.0, series.times_s), plan, series)
     for g in (1, 2, 3, 5, 10):
         left, weight = g // 4, (g % 4) / 4
         np.testing.assert_allclose(out[g], _interpolated(series, left, left + 1, weight), atol=1e-3)
@@ -302,7 +309,9 @@ def test_seconds_neither_acquired_nor_synthetic_are_interpolated_everywhere():
     series = ring_head(times_s=(0.0, 4.0))
     grid = to_model_grid(series)
     synthetic = np.array([False, False, True, False, False])  # 1 and 3: the engine's long-gap fallback
-    out = from_model_grid(grid, _constant_slabs(grid, 5, 0.5, series.times_s), synthetic, series, np.arange(5.0))
+    out = from_model_grid(
+        grid, _constant_slabs(grid, 5, 0.5, series.times_s), fill_for(series.times_s, synthetic), series
+    )
     np.testing.assert_allclose(out[1], _interpolated(series, 0, 1, 0.25), atol=1e-4)
     np.testing.assert_allclose(out[3], _interpolated(series, 0, 1, 0.75), atol=1e-4)
     np.testing.assert_allclose(out[2][grid.brain_mask & (series.hu[0] == BRAIN_HU)], 60.0, atol=1e-3)
@@ -315,14 +324,14 @@ def test_unusable_volumes_are_not_copied_nor_interpolated_from():
     synthetic = np.array([False, True, True, True, False])
     usable = np.array([True, False, True])
     slabs = _constant_slabs(grid, 5, 0.0, [0.0, 4.0])
-    out = from_model_grid(grid, slabs, synthetic, series, np.arange(5.0), usable=usable)
+    out = from_model_grid(grid, slabs, fill_for(series.times_s, synthetic, usable), series)
     outside = ~grid.brain_mask
     np.testing.assert_allclose(out[2][outside], _interpolated(series, 0, 2, 0.5)[outside], atol=1e-4)
     np.testing.assert_array_equal(out[4], series.hu[2])
 
 
 def test_snapped_acquisitions_are_copied_to_their_second():
-    sources = second_sources(np.array([0.0, 3.6, 8.2]), np.arange(9.0), np.array([False] * 9))
+    sources = fill_for(np.array([0.0, 3.6, 8.2]), [False] * 9).fills
     assert [(s.kind, s.left) for s in sources if s.kind == "acquired"] == [
         ("acquired", 0),
         ("acquired", 1),
@@ -341,9 +350,7 @@ def test_snapped_acquisitions_are_copied_to_their_second():
     [
         ("slab_count", "inpainted slabs"),
         ("slab_shape", "expected"),
-        ("synthetic_length", "synthetic must be a bool array of length 5"),
-        ("synthetic_dtype", "synthetic must be a bool array"),
-        ("beyond_last", "not extrapolated"),
+        ("other_plan", "the plan was made for 3 volumes"),
         ("other_source", "pass the series given to to_model_grid"),
     ],
 )
@@ -351,41 +358,32 @@ def test_from_model_grid_refuses_inconsistent_inputs(change, message):
     series = ring_head()
     grid = to_model_grid(series)
     slabs = _constant_slabs(grid, 5, 0.0)
-    synthetic = np.array([False, True, True, True, False])
-    times = np.arange(5.0)
+    plan = fill_for(series.times_s)
     source = series
     if change == "slab_count":
         slabs = slabs + slabs
     elif change == "slab_shape":
         slabs = [s[:, :4] for s in slabs]
-    elif change == "synthetic_length":
-        synthetic = synthetic[:4]
-    elif change == "synthetic_dtype":
-        synthetic = synthetic.astype(np.uint8)
-    elif change == "beyond_last":
-        slabs = _constant_slabs(grid, 6, 0.0)
-        synthetic, times = np.array([False, True, True, True, False, True]), np.arange(6.0)
+    elif change == "other_plan":
+        plan = fill_for(np.array([0.0, 2.0, 4.0]))
     elif change == "other_source":
         source = ring_head(shape_zyx=(8, 150, 160))
     with pytest.raises(ValueError, match=message):
-        from_model_grid(grid, slabs, synthetic, source, times)
+        from_model_grid(grid, slabs, plan, source)
 
 
 # -- honest times: irregular sampling -----------------------------------------------------------------------
 
 
-def _engine_plan(times_s: np.ndarray, usable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The grid times and synthetic mask the engine would return for these acquisition times."""
-    plan = plan_inpainting(times_s, np.zeros_like(times_s), usable=usable, long_gap="linear")
-    targets = {t.second for t in plan.targets}
-    return plan.times_s, np.array([int(s) in targets for s in plan.seconds])
+def _engine_plan(times_s: np.ndarray, usable: np.ndarray | None = None):
+    """The plan the engine would return for these acquisition times."""
+    return plan_seconds(times_s, usable=usable, long_gap="linear")
 
 
 @pytest.mark.parametrize("spec", ["irregular:1.5@20,3", "irregular:2@20,4", "times:0,1.4,3.9,4.6,9.7,12.2,17"])
 def test_every_image_shows_its_true_time_and_times_increase_strictly(spec):
     times = acquisition_times(parse_schedule(spec), 40.0)
-    grid_times, synthetic = _engine_plan(times)
-    sources = second_sources(times, grid_times, synthetic)
+    sources = _engine_plan(times).fills
     shown = np.array([s.time_s for s in sources])
     assert np.all(np.diff(shown) > 0)  # strictly increasing, no duplicates
     acquired = [s for s in sources if s.kind == "acquired"]
@@ -405,23 +403,16 @@ def test_irregular_images_interpolate_in_true_time():
     for k, t in enumerate(times):
         series.hu[k][block] += np.float32(5.0 * t)  # 5 HU/s: linear in time, under the vessel-fit threshold
     grid = to_model_grid(series)
-    grid_times, synthetic = _engine_plan(series.times_s)
-    assert synthetic.tolist() == [False, True, False, False, True, False, False]
-    result = back_to_source(
-        grid, _constant_slabs(grid, 7, 0.25, series.times_s, grid_times), synthetic, series, grid_times
-    )
+    plan = _engine_plan(series.times_s)
+    assert plan.synthetic.tolist() == [False, True, False, False, True, False, False]
+    result = back_to_source(grid, _constant_slabs(grid, 7, 0.25, series.times_s, plan.times_s), plan, series)
     np.testing.assert_allclose(result.times_s, [0.0, 0.75, 1.5, 3.0, 3.75, 4.5, 6.0])
     for g, t in enumerate(result.times_s):
         np.testing.assert_allclose(result.hu[g][block], VESSEL_HU + 5.0 * t, atol=1e-3)  # shows its time
     np.testing.assert_array_equal(result.hu[2], series.hu[1])  # second 2 is the volume acquired at 1.5 s
-    assert result.fills[2] == FillCounts(acquired=series.hu[0].size)
-    fill = result.fills[1]
+    assert result.fill.fills[2].voxels == FillCounts(acquired=series.hu[0].size)
+    fill = result.fill.fills[1].voxels
     assert fill.model > 0 and fill.vessel_fit == 0 and fill.model + fill.linear == series.hu[0].size
-
-
-def test_grid_times_off_the_whole_seconds_are_refused():
-    with pytest.raises(ValueError, match="not a whole second"):
-        second_sources(np.array([0.0, 4.0]), np.arange(5.0) + 0.5, np.zeros(5, dtype=bool))
 
 
 # -- vessels: fitted, not linear ----------------------------------------------------------------------------
@@ -434,17 +425,18 @@ def vessel_case():
     study = generate_phantom(cfg)
     series = sample_study(study, parse_schedule("times:" + ",".join(str(t) for t in range(2, 43, 4))))
     grid = to_model_grid(series)
-    grid_times, synthetic = _engine_plan(series.times_s)
+    plan = _engine_plan(series.times_s)
+    grid_times = plan.times_s
     slabs = _constant_slabs(grid, grid_times.size, 0.0, series.times_s, grid_times)
     arteries = (study.truth.labels == TissueLabel.ARTERY) & (series.hu.max(axis=0) > 200)
-    return study, series, grid, grid_times, synthetic, slabs, arteries
+    return study, series, grid, grid_times, plan, slabs, arteries
 
 
 def test_arterial_peak_is_fitted_and_acquired_seconds_stay_acquired(vessel_case):
-    study, series, grid, grid_times, synthetic, slabs, arteries = vessel_case
-    fitted = back_to_source(grid, slabs, synthetic, series, grid_times)
-    linear = back_to_source(grid, slabs, synthetic, series, grid_times, fit_vessels=False)
-    for g, src in enumerate(fitted.sources):
+    study, series, grid, grid_times, plan, slabs, arteries = vessel_case
+    fitted = back_to_source(grid, slabs, plan, series)
+    linear = back_to_source(grid, slabs, plan, series, fit_vessels=False)
+    for g, src in enumerate(fitted.fill.fills):
         if src.kind == "acquired":
             np.testing.assert_array_equal(fitted.hu[g], series.hu[src.left])  # bit for bit
     truth = study.hu[2 + grid_times.astype(int)][:, arteries].mean(axis=1)  # the 1 s series at the same seconds
@@ -455,23 +447,23 @@ def test_arterial_peak_is_fitted_and_acquired_seconds_stay_acquired(vessel_case)
     assert errors["linear"][0] > 20.0  # the case can tell the two apart
     assert errors["fit"][0] < errors["linear"][0] / 2
     assert errors["fit"][1] <= errors["linear"][1]
-    synthetic_fills = [f for f, s in zip(fitted.fills, fitted.sources) if s.kind == "synthetic"]
+    synthetic_fills = [s.voxels for s in fitted.fill.fills if s.kind == "synthetic"]
     # arteries and veins are fitted where they leave the model's window (not before the bolus, when it takes them)
     assert max(f.vessel_fit for f in synthetic_fills) >= arteries.sum() > min(f.vessel_fit for f in synthetic_fills)
     assert all(f.model + f.vessel_fit + f.linear == series.hu[0].size for f in synthetic_fills)
     assert "vessel fit" in synthetic_fills[0].describe()
-    assert all(f.vessel_fit == 0 for f, s in zip(linear.fills, linear.sources) if s.kind != "acquired")
+    assert all(s.voxels.vessel_fit == 0 for s in linear.fill.fills if s.kind != "acquired")
 
 
 def test_voxels_without_contrast_or_a_credible_fit_stay_linear(vessel_case):
-    _, series, grid, grid_times, synthetic, slabs, _ = vessel_case
+    _, series, grid, grid_times, plan, slabs, _ = vessel_case
     series = dataclasses.replace(series, hu=series.hu.copy())
     static = series.hu[0] < -500  # air: no contrast, stays linear
     chaos = np.zeros(series.hu.shape[1:], dtype=bool)
     chaos[0, :4, :4] = True  # a corner of air given a zig-zag of +-150 HU: rises, but no bolus
     series.hu[:, chaos] = np.where(np.arange(series.hu.shape[0]) % 2 == 0, -850.0, -1000.0)[:, None]
-    result = back_to_source(grid, slabs, synthetic, series, grid_times)
-    for g, src in enumerate(result.sources):
+    result = back_to_source(grid, slabs, plan, series)
+    for g, src in enumerate(result.fill.fills):
         if src.kind == "acquired":
             continue
         interpolated = _interpolated(series, src.left, src.right, src.weight)

@@ -13,11 +13,11 @@ import torch
 from ctp_node.config import GuardrailSettings
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.series.derived import DerivedRecipe
-from ctp_node.series.grid import second_sources
 from ctp_node.series.guardrail import VERDICT_FILE, check_series, fall_back, interpolated, noise_hu
-from ctp_node.series.pipeline import SeriesPipeline
+from ctp_node.series.pipeline import SeriesPipeline, run_series
 from model import EngineSettings, Inpainter
-from tests.series.conftest import ring_head
+from tests.series.fill_helpers import fill_for
+from tests.series.helpers import ring_head
 
 # --- the checks on plain arrays ---------------------------------------------------------------------
 
@@ -40,9 +40,9 @@ def acquired_series(noise: float = 0.0, seed: int = 0) -> np.ndarray:
 def one_second(hu: np.ndarray, edit=None) -> tuple[np.ndarray, list]:
     """The 1 s series the node would write with linear interpolation, each synthetic second passed
     through ``edit(volume, source)`` (the stand-in for the model)."""
-    sources = second_sources(TIMES, GRID, ~np.isin(GRID, TIMES))
+    sources = fill_for(TIMES, ~np.isin(GRID, TIMES))
     out = np.empty((GRID.size, *hu.shape[1:]), dtype=np.float32)
-    for g, src in enumerate(sources):
+    for g, src in enumerate(sources.fills):
         out[g] = hu[src.left] if src.kind == "acquired" else interpolated(hu, src)
         if src.kind == "synthetic" and edit is not None:
             out[g] = edit(out[g], src)
@@ -122,7 +122,9 @@ def test_fall_back_puts_back_the_interpolation_and_marks_the_seconds():
     out, sources = one_second(hu, lambda v, s: v + 5)
     replaced = fall_back(out, sources, hu)
     np.testing.assert_array_equal(out, linear)
-    assert [s.kind for s in replaced].count("interpolated") == 9 and "synthetic" not in [s.kind for s in replaced]
+    kinds = [s.kind for s in replaced.fills]
+    assert kinds.count("interpolated") == 9 and "synthetic" not in kinds
+    assert {s.reason for s in replaced.fills if s.kind == "interpolated"} == {"guardrail"}
 
 
 def test_a_class_with_too_few_voxels_is_not_measured_and_does_not_fail():
@@ -209,7 +211,7 @@ def ring(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unbiased(ring, tmp_path_factory):
-    return pipeline(0.0).run(ring[1], tmp_path_factory.mktemp("unbiased"))
+    return run_series(pipeline(0.0), ring[1], tmp_path_factory.mktemp("unbiased"))
 
 
 def test_an_unbiased_model_passes(unbiased):
@@ -220,7 +222,7 @@ def test_an_unbiased_model_passes(unbiased):
 
 
 def test_a_biased_model_is_flagged_and_sent_as_it_is(ring, tmp_path, unbiased):
-    result = pipeline(5.0, "flag").run(ring[1], tmp_path)
+    result = run_series(pipeline(5.0, "flag"), ring[1], tmp_path)
     verdict = result.guardrail
     assert verdict.action == "flagged"
     offsets = {c.name: c.value for c in verdict.checks if c.name.endswith("offset") and c.value is not None}
@@ -235,7 +237,7 @@ def test_a_biased_model_is_flagged_and_sent_as_it_is(ring, tmp_path, unbiased):
 
 
 def test_a_biased_model_falls_back_to_interpolation(ring, tmp_path):
-    result = pipeline(5.0, "fallback").run(ring[1], tmp_path)
+    result = run_series(pipeline(5.0, "fallback"), ring[1], tmp_path)
     assert result.guardrail.action == "fallback"
     assert not result.synthetic.any() and result.interpolated.sum() == 9
     ds = pydicom.dcmread(next(p for p in result.derived.paths if p.name.startswith("CTP1S_0002_")))

@@ -26,10 +26,10 @@ def test_train_command_writes_a_loadable_checkpoint_and_tensorboard_events(tmp_p
     result = runner.invoke(app, ["train", "--config", str(config), "--iterations", "2", "--output", str(run), "-q"])
     assert result.exit_code == 0, result.output
     assert "done: 2 steps" in result.output
-    net = load_denoiser(run / LAST_CHECKPOINT)
-    assert net.checkpoint_info["format"] == "ctp-node" and net.checkpoint_info["step"] == 2
+    net, info = load_denoiser(run / LAST_CHECKPOINT)
+    assert info.format == "ctp-node" and info.step == 2
     assert net.config.to_dict() == {**net.config.to_dict(), **TINY_NETWORK}
-    assert load_denoiser(run / EXPORT_NAME).checkpoint_info["weights"] == "model"
+    assert load_denoiser(run / EXPORT_NAME).info.weights == "model"
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
 
     again = runner.invoke(app, ["train", "--resume", str(run / LAST_CHECKPOINT), "--iterations", "3", "-q"])

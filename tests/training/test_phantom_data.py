@@ -1,14 +1,18 @@
+"""Studies drawn on the fly: the digital phantom as the trainer's StudySource, and the stream itself."""
+
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ctp_node.phantom.training_source import PhantomStudies
 from training.config import parse_config
-from training.datasets import PhantomStream, draw_phantom_frames, phantom_validation
+from training.datasets import DataError, StudyStream, drawn_validation
 from training.trainer import train
 
-from .helpers import TINY_NETWORK
+from .helpers import TINY_NETWORK, bolus_sequence
 
 PHANTOM = {
     "matrix": 32,
@@ -33,7 +37,7 @@ def phantom_config(output, **runtime):
 
 
 def test_phantom_frames_are_skull_stripped_windowed_published_layout():
-    frames = draw_phantom_frames(phantom_config("x").data.phantom, np.random.default_rng(0))
+    frames = PhantomStudies(phantom_config("x").data.phantom)(np.random.default_rng(0))
     assert frames.shape[:3] == (8, 32, 32) and 18 <= frames.shape[3] <= 22 and frames.dtype == np.float32
     assert frames.min() >= 0 and frames.max() <= 80
     outside = frames.sum(axis=-1) == 0
@@ -44,18 +48,21 @@ def test_phantom_frames_are_skull_stripped_windowed_published_layout():
 
 def test_phantom_stream_yields_model_space_items_and_differs_per_rank():
     cfg = phantom_config("x").data
-    items = list(itertools.islice(PhantomStream(cfg, seed=0, rank=0), 4))
+    studies = PhantomStudies(cfg.phantom)
+    items = list(itertools.islice(StudyStream(cfg, studies, seed=0, rank=0), 4))
     for item in items:
         assert item.x.shape == (3, 8, 32, 32) and item.x.min() >= -1 and item.x.max() <= 1
         assert item.local_context.min() >= 0 and item.local_context.max() <= 1
         assert item.global_context.sum() == 1
-    other = next(iter(PhantomStream(cfg, seed=0, rank=1)))
+    other = next(iter(StudyStream(cfg, studies, seed=0, rank=1)))
     assert not torch.equal(items[0].x, other.x)
-    assert phantom_validation(cfg) is not None and len(phantom_validation(cfg).sequences) == 1
+    validation = drawn_validation(cfg, studies)
+    assert validation is not None and len(validation.sequences) == 1
 
 
 def test_training_on_phantoms_logs_validation_loss_and_sample_images(tmp_path):
-    result = train(phantom_config(tmp_path / "run", val_every=2, sample_every=2, val_batches=1))
+    cfg = phantom_config(tmp_path / "run", val_every=2, sample_every=2, val_batches=1)
+    result = train(cfg, studies=PhantomStudies(cfg.data.phantom))
     assert result.step == 2 and np.isfinite(result.last_loss)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -87,16 +94,56 @@ def test_phantom_stream_crops_training_items_but_validation_sees_whole_volumes()
             "data": {"kind": "phantom", "max_tr": 4, "phantom": {**PHANTOM, "crop": 16}},
         }
     ).data
-    items = list(itertools.islice(PhantomStream(cfg, seed=0), 3))
+    studies = PhantomStudies(cfg.phantom)
+    items = list(itertools.islice(StudyStream(cfg, studies, seed=0), 3))
     assert all(item.x.shape == (3, 8, 16, 16) for item in items)
     assert all((item.x > -1).any() for item in items)  # centred on brain, not on air
-    assert phantom_validation(cfg)[(0, False)].x.shape == (3, 8, 32, 32)
+    assert drawn_validation(cfg, studies)[(0, False)].x.shape == (3, 8, 32, 32)
 
 
 def test_crop_larger_than_the_matrix_is_a_config_error():
-    import pytest
-
     from training.config import ConfigError
 
     with pytest.raises(ConfigError, match="crop 64 is larger than the matrix 32"):
         parse_config({"data": {"kind": "phantom", "phantom": {**PHANTOM, "crop": 64}}})
+
+
+class BolusStudies:
+    """A study source without the phantom: Gaussian boluses of the configured shape."""
+
+    def __init__(self, shape=(8, 32, 32), frames=10):
+        self.shape, self.frames, self.calls = shape, frames, 0
+
+    def __call__(self, rng):
+        self.calls += 1
+        return bolus_sequence(self.frames, peak=4, shape=self.shape, seed=int(rng.integers(1000)))
+
+
+def test_any_study_source_feeds_the_stream_and_its_draws_are_reproducible():
+    cfg = phantom_config("x").data
+    first = list(itertools.islice(StudyStream(cfg, BolusStudies(), seed=3), 4))
+    again = list(itertools.islice(StudyStream(cfg, BolusStudies(), seed=3), 4))
+    assert all(torch.equal(a.x, b.x) for a, b in zip(first, again))
+    source = BolusStudies()
+    list(itertools.islice(StudyStream(cfg, source, seed=3), 2 * PHANTOM["samples_per_study"]))
+    assert source.calls == 2  # samples_per_study tuples from each study before the next
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (BolusStudies(shape=(8, 16, 16)), r"shape \(8, 16, 16, 10\) is not the published layout \(8, 32, 32, T\)"),
+        (lambda rng: np.full((8, 32, 32, 10), 200.0, np.float32), "values span 200..200, expected windowed HU 0..80"),
+        (lambda rng: np.zeros((8, 32, 32, 2), np.float32), "2 time points, need at least 3"),
+    ],
+)
+def test_a_source_drawing_the_wrong_studies_is_a_data_error_naming_the_draw(source, message):
+    cfg = phantom_config("x").data
+    with pytest.raises(DataError, match=message) as caught:
+        next(iter(StudyStream(cfg, source)))
+    assert "<drawn study training>" in str(caught.value)
+
+
+def test_phantom_data_without_a_study_source_says_what_to_run(tmp_path):
+    with pytest.raises(DataError, match="run `ctp-node train`, which supplies the digital phantom"):
+        train(phantom_config(tmp_path / "run"))

@@ -127,3 +127,15 @@ def test_dataset_items_hold_left_target_right_in_model_space_with_scenario_from_
     np.testing.assert_array_equal(flipped.x.numpy(), item.x.numpy()[..., ::-1])  # horizontal flip: W axis
     np.save(tmp_path / "seq.npy", frames)  # the .npy path finds the same peak while validating the file
     assert load_npy_sequence(tmp_path / "seq.npy", (2, 4, 6), max_tr=4).samples == dataset.sequences[0].samples
+
+
+def test_training_and_inference_share_the_one_hot_scenario():
+    from model.planner import Target, scenario_one_hot
+
+    samples = enumerate_samples(12, peak=5, max_tr=4)
+    for sample in samples:
+        inference = Target(sample.target, sample.left, sample.right, sample.local_context, sample.scenario)
+        assert sample.global_context == inference.global_context == scenario_one_hot(sample.scenario)
+    assert {s.global_context for s in samples} == {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)}
+    with pytest.raises(ValueError, match="contrast scenario must be 0, 1 or 2"):
+        scenario_one_hot(3)

@@ -146,7 +146,7 @@ def test_export_writes_bf16_ema_weights_only_and_training_can_start_from_it(tmp_
     assert "ema" not in raw and "training" not in raw and "optimizer" not in raw
     assert {v.dtype for v in raw["model"].values()} == {torch.bfloat16}
     ema = read_checkpoint(result.checkpoint).state_dict
-    net = load_denoiser(out)
+    net = load_denoiser(out).net
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, ema[key].bfloat16().float(), rtol=0, atol=0)
 
@@ -156,7 +156,7 @@ def test_export_writes_bf16_ema_weights_only_and_training_can_start_from_it(tmp_
     finetune = cfg.with_overrides({"init.weights": str(out), "runtime.output": str(tmp_path / "ft"), "optim.lr": 1e-12})
     tuned = train(finetune, callback=lambda s: seen.append(int(s.optimizer.state[next(s.model.parameters())]["step"])))
     assert seen == [1] and tuned.step == 1
-    for key, value in load_denoiser(tuned.checkpoint).state_dict().items():
+    for key, value in load_denoiser(tuned.checkpoint).net.state_dict().items():
         torch.testing.assert_close(value, net.state_dict()[key], rtol=0, atol=1e-9)
 
 

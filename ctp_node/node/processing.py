@@ -1,0 +1,49 @@
+"""The worker's processor: a job's spooled files through ``ctp_node.series.pipeline.run_series``.
+
+The series pipeline knows nothing about jobs; this module is the one place that joins them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ctp_node.errors import NotCTPError
+from ctp_node.node.jobs import SeriesJob
+from ctp_node.series.pipeline import SeriesPipeline, run_series
+from model.engine import ProgressLog
+
+if TYPE_CHECKING:
+    from ctp_node.node.worker import ProcessOutput
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+def make_processor(
+    pipeline: SeriesPipeline, progress: ProgressFn | None = None
+) -> Callable[[SeriesJob, Sequence[Path], Path], ProcessOutput]:
+    """Run the pipeline on the spooled files of a job. ``progress``: the engine's volume-steps (default:
+    a line in the log every 10 s or 10 %, since a worker has no terminal)."""
+
+    def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
+        # Imported here: the worker imports this module's processor, not the other way round.
+        from ctp_node.node.worker import ProcessOutput
+
+        if not files:
+            raise NotCTPError(f"series {job.series_uid} has no spooled instances")
+        shown = progress or ProgressLog(log.info, f"series {job.series_uid} inpainting", steps=pipeline.steps)
+        result = run_series(pipeline, files, out_dir, progress=shown)
+        assert result.derived is not None  # written: an out_dir was given
+        log.info(
+            "series %s: %d instances written (%d synthetic seconds) in %.1f s %s",
+            job.series_uid, result.derived.count, int(result.synthetic.sum()), result.seconds["total"],
+            {k: round(v, 2) for k, v in result.seconds.items()},
+        )  # fmt: skip
+        verdict = result.guardrail
+        return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
+
+    return process

@@ -1,0 +1,253 @@
+"""The send stage: deliver a processed series' result to its destinations, and nothing else.
+
+A job whose result is recorded (state ``sending``) is delivered by this stage alone: the worker
+runs it right after processing, and ``SendStage.run_once`` claims only jobs that wait to be sent,
+so a failed send is tried again later without recomputing anything. A failed send is a value the
+retry policy consumes (``delivery_failed`` with the next attempt time, ``backoff_s``), never an
+exception out of the stage.
+
+Results layout (spelled here only; ``deploy/bin/ctp-node-rotate-spool`` imports it)::
+
+    <data>/results/<StudyInstanceUID>/<SeriesInstanceUID>/g<generation>/*.dcm
+
+one folder per generation (a late instance re-opens a series as generation + 1), holding the
+derived series the send stage delivers. Delivery records: one row per (series, destination) in the
+job store's ``deliveries`` table (state, attempts, next attempt, last error); what went out, when
+and where: the audit trail's ``sent`` lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ctp_node.config import Destination, SendSettings, Settings, StorageSettings
+from ctp_node.errors import LeaseLost
+from ctp_node.node.audit import AuditLog
+from ctp_node.node.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
+from ctp_node.node.lease import Heartbeat
+from ctp_node.node.notify import Notifier
+from ctp_node.node.prometheus import NodeMetrics
+from ctp_node.node.scu import Peer, SendResult, send_files
+from ctp_node.node.spool import check_uid
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[Sequence[Path], Destination, str], list[SendResult]]
+"""Sends files to a destination (calling AE title for DICOM peers); one result per file (``send_to``)."""
+
+
+# --- where results live -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """The results folder: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/g<generation>/``, holding the
+    synthetic series (``*.dcm``), the perfusion outputs (``perfusion/<output>/*.dcm``, each its own
+    series), the QA report PNG and ``guardrail.json``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, storage: StorageSettings) -> ResultsLayout:
+        return cls(storage.results_dir)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """Every generation of one series' results (the UIDs are validated: no path outside the root)."""
+        return self.root / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
+
+    def generation_dir(self, study_uid: str, series_uid: str, generation: int) -> Path:
+        """Where the processing stage writes the result of one generation."""
+        return self.series_dir(study_uid, series_uid) / f"g{int(generation)}"
+
+    @staticmethod
+    def files(result_dir: Path | str) -> list[Path]:
+        """The instances of a recorded result, as the send stage delivers them (temporary files of an
+        interrupted atomic write start with a dot and are never sent)."""
+        return sorted(p for p in Path(result_dir).rglob("*.dcm") if not p.name.startswith("."))
+
+
+# --- peers ------------------------------------------------------------------------------------------
+
+
+def peer_for(destination: Destination) -> Peer:
+    """The DICOM peer of a configured destination; ValueError for a DICOMweb one (it has a URL, no peer)."""
+    if destination.kind != "dimse" or destination.host is None or destination.port is None:
+        raise ValueError(
+            f"destination {destination.name!r} is a DICOMweb service ({destination.url}), not a DICOM peer: "
+            "C-ECHO, C-STORE and C-GET need a destination of kind dimse"
+        )
+    return Peer(destination.host, destination.port, destination.ae_title or "")
+
+
+def find_peer(destinations: Sequence[Destination], target: str) -> Peer:
+    """A configured destination by name, else ``HOST:PORT:AET``; ValueError naming both forms."""
+    for destination in destinations:
+        if destination.name == target:
+            return peer_for(destination)
+    try:
+        return Peer.parse(target)
+    except ValueError as exc:
+        names = ", ".join(d.name for d in destinations) or "none configured"
+        raise ValueError(f"{target!r} is neither a configured destination ({names}) nor HOST:PORT:AET: {exc}") from exc
+
+
+# --- the retry policy -------------------------------------------------------------------------------
+
+
+def backoff_s(attempt: int, policy: SendSettings) -> float:
+    """Delay before attempt ``attempt + 1`` (attempt counts from 1): initial * multiplier^(attempt-1), capped."""
+    return min(policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0), policy.max_backoff_s)
+
+
+def retry_at(attempt: int, max_attempts: int, policy: SendSettings) -> datetime | None:
+    """When to try again after failed attempt ``attempt``; None when that was the last one allowed."""
+    if attempt >= max_attempts:
+        return None
+    return utcnow() + timedelta(seconds=backoff_s(attempt, policy))
+
+
+# --- the stage --------------------------------------------------------------------------------------
+
+
+def send_to(files: Sequence[Path], destination: Destination, calling_ae_title: str) -> list[SendResult]:
+    """Send ``files`` to a destination of either kind: C-STORE to a DICOM peer, STOW-RS to a DICOMweb service."""
+    if destination.kind == "dicomweb":
+        from ctp_node.node.dicomweb import send_files_dicomweb  # requests and dicomweb-client: only for this kind
+
+        return send_files_dicomweb(files, destination)
+    return send_files(files, peer_for(destination), calling_ae_title)
+
+
+def refusal(files: Sequence[Path], results: Sequence[SendResult]) -> str | None:
+    """None when the peer stored every file, else what went wrong, with the statuses it answered."""
+    failed = [r for r in results if not r.ok]
+    unanswered = max(len(files) - len(results), 0)
+    if not failed and not unanswered:
+        return None
+    statuses = sorted({hex(r.status) if r.status is not None else "no response" for r in failed})
+    if unanswered and "no response" not in statuses:
+        statuses.append("no response")
+    return f"{len(failed) + unanswered} of {len(files)} instances refused ({', '.join(statuses)})"
+
+
+class SendStage:
+    """Delivers recorded results to the configured destinations; never processes anything."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        *,
+        sender: Sender | None = None,
+        audit: AuditLog | None = None,
+        metrics: NodeMetrics | None = None,
+        worker_id: str | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sender: Sender = sender or send_to
+        self.audit = audit or AuditLog(settings.storage.audit_log)
+        self.metrics = metrics or NodeMetrics()
+        self.worker_id = worker_id or default_worker_id()
+        # Webhooks: none configured costs nothing (no thread); the caller owns and closes a given one.
+        self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
+        self.destinations = {d.name: d for d in settings.destinations}
+
+    def run_once(self) -> SeriesJob | None:
+        """Claim one job whose result waits to be sent and deliver it; None when none is due."""
+        jobs = self.settings.jobs
+        job = self.store.claim(self.worker_id, jobs.lease_s, sending_only=True)
+        if job is None:
+            return None
+        log.info("claimed series %s for sending (job %d)", job.series_uid, job.id)
+        try:
+            with Heartbeat(self.store, job.id, self.worker_id, jobs.lease_s, jobs.heartbeat_s):
+                self.deliver(job)
+        except LeaseLost as exc:
+            log.warning("%s; another worker owns the job now", exc)
+        return job
+
+    def deliver(self, job: SeriesJob) -> State:
+        """One sending pass over the job's due deliveries (the job must be leased to this worker)."""
+        current = self.store.get(job.id)
+        if current is None or current.result_dir is None:
+            return current.state if current else State.FAILED
+        files = ResultsLayout.files(current.result_dir)
+        now = utcnow()
+        for delivery in self.store.pending_deliveries(job.id):
+            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                continue
+            destination = self.destinations.get(delivery.destination)
+            if destination is None:
+                reason = f"destination {delivery.destination!r} is not configured"
+                self.store.delivery_failed(delivery.id, reason, None)
+                self._tell_failed(job, reason, delivery.destination)
+                continue
+            error = self._send(files, destination)
+            if error is None:
+                self.store.delivery_sent(delivery.id, len(files))
+                self.metrics.sent.labels(destination.name).inc()
+                self._tell_delivered(job, destination.name, len(files))
+                self.audit.write(
+                    "sent",
+                    study_uid=job.study_uid,
+                    source_series_uid=job.series_uid,
+                    destination=destination.name,
+                    **_where(destination),
+                    instances=len(files),
+                    generation=current.result_generation,
+                )
+                continue
+            attempt = delivery.attempts + 1
+            again = retry_at(attempt, self.settings.send.max_attempts, self.settings.send)
+            self.store.delivery_failed(delivery.id, error, again)
+            self.metrics.send_failures.labels(destination.name).inc()
+            if again is None:
+                self._tell_failed(job, f"sending to {destination.name} given up: {error}", destination.name)
+            log.warning(
+                "sending %s to %s failed (attempt %d): %s%s",
+                job.series_uid,
+                destination.name,
+                attempt,
+                error,
+                f"; next try at {again:%H:%M:%S}" if again else "; giving up",
+            )
+        state = self.store.finish_sending(job.id, self.worker_id)
+        log.info("series %s: %s", job.series_uid, state.value)
+        return state
+
+    # Webhooks carry the job as the store has it now; queuing one never fails or delays a delivery.
+    def _tell_delivered(self, job: SeriesJob, destination: str, instances: int) -> None:
+        now = self.store.get(job.id)
+        if now is not None:
+            self.notifier.result_delivered(now, destination, instances)
+
+    def _tell_failed(self, job: SeriesJob, reason: str, destination: str) -> None:
+        now = self.store.get(job.id)
+        if now is not None:
+            self.notifier.failed(now, reason, destination=destination)
+
+    def _send(self, files: Sequence[Path], destination: Destination) -> str | None:
+        """None on success, else the reason; a failed send is a value, never an exception."""
+        if not files:
+            return "no result files to send"
+        try:
+            results = self.sender(files, destination, self.settings.dicom.ae_title)
+        except (OSError, RuntimeError) as exc:  # no association, refused contexts, timeouts, a peer that aborts
+            return str(exc) or type(exc).__name__
+        except Exception as exc:  # unforeseen: still a failed attempt (bounded by send.max_attempts), with its trace
+            log.exception("sending to %s failed unexpectedly", destination.name)
+            return f"{type(exc).__name__}: {exc}"
+        return refusal(files, results)
+
+
+def _where(destination: Destination) -> dict[str, str | None]:
+    """The audit trail's record of where a destination is."""
+    if destination.kind == "dicomweb":
+        return {"url": destination.url}
+    return {"ae_title": destination.ae_title, "host": destination.host}

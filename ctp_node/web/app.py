@@ -1,0 +1,328 @@
+"""The status page: an ASGI app (FastAPI), server-rendered HTML, no JavaScript, nothing fetched from outside.
+
+Routes (all but ``/healthz`` behind ``ctp_node.web.auth``):
+  GET  /healthz                     "ok" while the job store answers (for a load balancer or systemd)
+  GET  /                            the job list, newest first (``?state=failed`` filters)
+  GET  /jobs/{id}                   one job: timings, errors, deliveries, guardrail, derived series,
+                                    QA figures, audit trail, actions
+  GET  /jobs/{id}/figures/{name}    a PNG of the job's results folder
+  POST /jobs/{id}/retry             process a failed, ignored or done series again
+  POST /jobs/{id}/resend            send an existing result again (all or one destination)
+  GET  /static/style.css            the page's only style sheet, shipped in the package
+and, with ``[dicomweb] stow_enabled``, the STOW-RS router of ``ctp_node.web.stow``.
+
+Actions are plain HTML forms, checked against cross-site forgery as ``ctp_node.web.auth`` says, and
+answered with a redirect back to the job (post/redirect/get). Every response forbids framing and
+caching and allows no script (Content-Security-Policy).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ctp_node.config import Settings
+from ctp_node.node.audit import AuditLog
+from ctp_node.node.jobs import JobStore, State
+from ctp_node.web import jobview
+from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, origin_allowed
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parent
+RETRYABLE = (State.FAILED, State.IGNORED, State.DONE)
+RESENDABLE = (State.DONE, State.FAILED)
+MAX_FORM_BYTES = 16 * 1024
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    # same-origin, not no-referrer: under no-referrer a browser posts forms with "Origin: null".
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response (plain ASGI: request bodies stream through untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    if key not in headers:
+                        headers[key] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _fmt_time(value: datetime | str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "\u2013"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _fmt_bytes(value: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024  # type: ignore[assignment]
+    return str(value)
+
+
+def _templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
+    templates.env.filters.update(time=_fmt_time, seconds=_fmt_seconds, size=_fmt_bytes)
+    return templates
+
+
+def _stow_router(settings: Settings, receiver: Any) -> Any:
+    """The STOW-RS router of ``ctp_node.web.stow`` when ``[dicomweb] stow_enabled`` (None otherwise)."""
+    dicomweb = getattr(settings, "dicomweb", None)
+    if not getattr(dicomweb, "stow_enabled", False):
+        return None
+    if receiver is None:
+        raise RuntimeError("[dicomweb] stow_enabled needs the receiver: the status page runs inside `ctp-node serve`")
+    try:
+        from ctp_node.web.stow import stow_router
+    except ModuleNotFoundError as exc:
+        if exc.name != "ctp_node.web.stow":
+            raise
+        raise RuntimeError("[dicomweb] stow_enabled, but this installation has no STOW-RS endpoint") from exc
+    return stow_router(receiver)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An HTML form's fields (application/x-www-form-urlencoded, the only kind the page posts)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if not kind and not body:  # e.g. `curl -X POST` with a bearer token: an empty form
+        return {}
+    if kind != "application/x-www-form-urlencoded":
+        raise HTTPException(415, "actions take an HTML form (application/x-www-form-urlencoded)")
+    if len(body) > MAX_FORM_BYTES:
+        raise HTTPException(413, "form too large")
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, "the form is not UTF-8") from exc
+    return {key: values[-1] for key, values in fields.items()}
+
+
+def create_app(
+    settings: Settings,
+    store: JobStore,
+    *,
+    receiver: Any = None,
+    authenticator: Authenticator | None = None,
+    audit: AuditLog | None = None,
+) -> FastAPI:
+    """The status page of the node configured by ``settings``, over ``store``.
+
+    ``receiver`` (the running ``ctp_node.node.receiver.Receiver``) is needed only for STOW-RS;
+    ``authenticator`` defaults to the [web] section's secrets (``Authenticator.from_settings``).
+    """
+    web = settings.web
+    auth = authenticator or Authenticator.from_settings(web)
+    csrf = CsrfTokens()
+    audit = audit or AuditLog(settings.storage.audit_log)
+    headers_cache = jobview.HeaderCache(settings.storage.spool_dir, web.mask_patient)
+    destinations = [d.name for d in settings.destinations]
+    templates = _templates()
+
+    app = FastAPI(title="ctp-node status", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SecurityHeaders)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _error_page(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 401:  # no page: the browser asks for credentials
+            return PlainTextResponse("authentication required", 401, headers=exc.headers)
+        if "text/html" not in request.headers.get("accept", ""):  # a script or a DICOMweb client: JSON
+            return await http_exception_handler(request, exc)
+        return templates.TemplateResponse(
+            request, "error.html", {"status": exc.status_code, "detail": exc.detail}, exc.status_code, exc.headers
+        )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _store_down(request: Request, exc: SQLAlchemyError) -> Response:
+        log.error("status page: the job store does not answer: %s", exc)
+        detail = "the job store does not answer; the node's log says why"
+        return await _error_page(request, StarletteHTTPException(503, detail))
+
+    def principal(request: Request) -> Principal:
+        found = auth.authenticate(request.headers.get("authorization"))
+        if found is None:
+            if request.headers.get("authorization"):
+                client = request.client.host if request.client else "?"
+                log.warning("status page: refused credentials from %s for %s", client, request.url.path)
+            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": auth.challenge()})
+        return found
+
+    def check_action(request: Request, who: Principal, form: dict[str, str]) -> None:
+        if who.scheme == "bearer":  # never attached by a browser on its own: no forgery to fear
+            return
+        if not origin_allowed(request.headers.get("origin"), request.headers.get("host"), web.allowed_origins):
+            log.warning("status page: refused an action posted from %s", request.headers.get("origin"))
+            raise HTTPException(403, "this action was posted from another site; use the node's own page")
+        if not csrf.valid(form.get("csrf"), who):
+            raise HTTPException(403, "the form is stale or did not come from this page: reload the job and try again")
+
+    def job_or_404(job_id: int) -> jobview.JobRow:
+        row = jobview.get_job(store, job_id)
+        if row is None:
+            raise HTTPException(404, f"there is no job {job_id}; the job list shows the ones there are")
+        return row
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    def healthz() -> PlainTextResponse:
+        try:
+            store.counts()
+        except Exception as exc:
+            log.error("health check: the job store does not answer: %s", exc)
+            return PlainTextResponse("job store unavailable", 503)
+        return PlainTextResponse("ok")
+
+    @app.get("/static/style.css", name="style")
+    def style(_: Principal = Depends(principal)) -> Response:
+        css = resources.files("ctp_node.web").joinpath("static/style.css").read_text(encoding="utf-8")
+        return Response(css, media_type="text/css")
+
+    @app.get("/", name="jobs")
+    def job_list(request: Request, state: str = "", who: Principal = Depends(principal)) -> Response:
+        try:
+            states = [State(state)] if state else []
+        except ValueError as exc:
+            raise HTTPException(400, f"state must be one of {', '.join(s.value for s in State)}") from exc
+        rows = jobview.list_jobs(store, states, web.jobs_per_page)
+        context = {
+            "rows": rows,
+            "headers": {row.job.id: headers_cache.get(row.job) for row in rows},
+            "counts": store.counts(),
+            "state": state,
+            "states": [s.value for s in State],
+            "limit": web.jobs_per_page,
+            "user": who.name,
+            "masked": web.mask_patient,
+        }
+        return templates.TemplateResponse(request, "jobs.html", context)
+
+    @app.get("/jobs/{job_id}", name="job")
+    def job_page(request: Request, job_id: int, done: str = "", who: Principal = Depends(principal)) -> Response:
+        row = job_or_404(job_id)
+        job = row.job
+        folder = jobview.result_folder(job)
+        trail = jobview.audit_trail(settings.storage.audit_log, job.series_uid)
+        context = {
+            "row": row,
+            "job": job,
+            "header": headers_cache.get(job),
+            "stages": jobview.detailed_stages(row, trail),
+            "trail": trail,
+            "folder": folder,
+            "derived": jobview.derived_series(folder, web.mask_patient) if folder else [],
+            "figures": jobview.figures(folder) if folder else [],
+            "guardrail": jobview.guardrail_verdict(folder) if folder else None,
+            "can_retry": job.state in RETRYABLE,
+            "can_resend": job.state in RESENDABLE and job.result_dir is not None and bool(destinations),
+            "destinations": destinations,
+            "csrf": csrf.issue(who),
+            "done": done,
+            "user": who.name,
+            "masked": web.mask_patient,
+        }
+        return templates.TemplateResponse(request, "job.html", context)
+
+    @app.get("/jobs/{job_id}/figures/{name:path}", name="figure")
+    def figure(job_id: int, name: str, _: Principal = Depends(principal)) -> Response:
+        folder = jobview.result_folder(job_or_404(job_id).job)
+        # Served only when it is one of the figures listed for the job: no path reaches outside.
+        if folder is None or name not in jobview.figures(folder):
+            raise HTTPException(404, f"job {job_id} has no figure {name!r}")
+        return FileResponse(folder / name, media_type="image/png")
+
+    @app.post("/jobs/{job_id}/retry", name="retry")
+    async def retry(request: Request, job_id: int, who: Principal = Depends(principal)) -> Response:
+        form = await _form(request)
+        check_action(request, who, form)
+        row = await run_in_threadpool(job_or_404, job_id)
+        if row.job.state not in RETRYABLE:
+            raise HTTPException(
+                409, f"job {job_id} is {row.job.state.value}: only failed, ignored or done jobs can be retried"
+            )
+        await run_in_threadpool(store.retry, job_id)
+        await run_in_threadpool(
+            audit.write, "retry", series_uid=row.job.series_uid, job=job_id, by=who.name, via="status page"
+        )
+        log.info("status page: %s queued job %d (%s) again", who.name, job_id, row.job.series_uid)
+        return RedirectResponse(request.url_for("job", job_id=job_id).path + "?done=retry", 303)
+
+    @app.post("/jobs/{job_id}/resend", name="resend")
+    async def resend(request: Request, job_id: int, who: Principal = Depends(principal)) -> Response:
+        form = await _form(request)
+        check_action(request, who, form)
+        row = await run_in_threadpool(job_or_404, job_id)
+        chosen = form.get("destination", "")
+        names = [chosen] if chosen else destinations
+        if not names:
+            raise HTTPException(409, "no destinations are configured: there is nowhere to send the result")
+        if chosen and chosen not in destinations:
+            raise HTTPException(400, f"unknown destination {chosen!r}; configured: {', '.join(destinations)}")
+        if row.job.state not in RESENDABLE or row.job.result_dir is None:
+            raise HTTPException(
+                409, f"job {job_id} is {row.job.state.value} and has no result to send again: retry processes it"
+            )
+        try:
+            await run_in_threadpool(store.resend, job_id, names)
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        await run_in_threadpool(
+            audit.write, "resend", series_uid=row.job.series_uid, job=job_id, destinations=names, by=who.name,
+            via="status page",
+        )  # fmt: skip
+        log.info("status page: %s asked to send job %d again to %s", who.name, job_id, ", ".join(names))
+        return RedirectResponse(request.url_for("job", job_id=job_id).path + "?done=resend", 303)
+
+    stow = _stow_router(settings, receiver)
+    if stow is not None:
+        app.include_router(stow, dependencies=[Depends(principal)])
+    return app

@@ -1,0 +1,354 @@
+"""Webhooks (ctp_node/node/notify.py) against a local HTTP receiver the tests start on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ctp_node.config import (
+    ConfigError,
+    Credential,
+    DicomSettings,
+    NotifySettings,
+    SeriesSettings,
+    Settings,
+    StorageSettings,
+    Webhook,
+)
+from ctp_node.node.jobs import JobStore
+from ctp_node.node.notify import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Notifier,
+    verify_signature,
+)
+from ctp_node.node.receiver import Receiver
+from tests.ports import free_port
+
+SECRET = "webhook-secret-for-tests"
+SECRET_ENV = "CTP_NODE_TEST_WEBHOOK_SECRET"
+
+
+class Hook:
+    """A webhook receiver: records each request; answers with the queued statuses, then 200."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
+        self.statuses: list[int] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.hold.wait()
+                hook.requests.put(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(hook.statuses.pop(0) if hook.statuses else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?key=in-the-url"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def next(self, timeout_s: float = 20) -> tuple[dict[str, str], bytes]:
+        return self.requests.get(timeout=timeout_s)
+
+    def stop(self) -> None:
+        self.hold.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def hook():
+    hook = Hook()
+    yield hook
+    hook.stop()
+
+
+@pytest.fixture()
+def secret_env(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+
+
+@pytest.fixture()
+def job(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER", count=40)
+    return store.find("1.2.3.4")
+
+
+def notify_settings(url: str, **overrides) -> NotifySettings:
+    webhook = {"name": "ris", "url": url, "secret": Credential(env=SECRET_ENV)}
+    webhook.update(overrides.pop("webhook", {}))
+    values = {"webhooks": (Webhook(**webhook),), "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "timeout_s": 5}
+    return NotifySettings(**{**values, **overrides})
+
+
+def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, {"webhook": "ris", **labels}) or 0.0
+
+
+def test_a_notification_is_signed_json_without_patient_data(hook, secret_env, job):
+    registry = CollectorRegistry()
+    notifier = Notifier(notify_settings(hook.url), node="CTPNODE", registry=registry)
+    try:
+        notifier.series_received(job)
+        headers, body = hook.next()
+    finally:
+        notifier.close()
+    assert headers["content-type"] == "application/json" and headers[EVENT_HEADER.lower()] == "series.received"
+    assert verify_signature(SECRET, body, headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()])
+    assert not verify_signature(
+        "another secret", body, headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()]
+    )
+    assert not verify_signature(
+        SECRET, body + b" ", headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()]
+    )
+    stale = str(int(headers[TIMESTAMP_HEADER.lower()]) - 3600)  # a replay an hour later
+    assert not verify_signature(SECRET, body, stale, headers[SIGNATURE_HEADER.lower()])
+    payload = json.loads(body)
+    assert payload["event"] == "series.received" and payload["node"] == "CTPNODE"
+    assert payload["id"] == headers[DELIVERY_HEADER.lower()]
+    assert payload["job"]["id"] == job.id and payload["job"]["series_uid"] == "1.2.3.4"
+    assert payload["job"]["state"] == "receiving" and payload["job"]["instances"] == 40
+    assert not {"patient_name", "patient_id", "PatientName", "PatientID"} & (set(payload) | set(payload["job"]))
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="series.received", outcome="delivered") == 1
+
+
+def test_delivered_and_failed_carry_their_facts(hook, secret_env, job):
+    notifier = Notifier(notify_settings(hook.url))
+    try:
+        notifier.result_delivered(job, "pacs", instances=120)
+        delivered = json.loads(hook.next()[1])
+        notifier.failed(job, "IncompleteSeriesError: 3 slices missing")
+        failed = json.loads(hook.next()[1])
+    finally:
+        notifier.close()
+    assert delivered["event"] == "result.delivered" and delivered["destination"] == "pacs"
+    assert delivered["instances_sent"] == 120
+    assert failed["event"] == "job.failed" and failed["reason"] == "IncompleteSeriesError: 3 slices missing"
+    assert "destination" not in failed
+
+
+def test_server_errors_are_retried_with_the_same_id(hook, secret_env, job):
+    registry = CollectorRegistry()
+    hook.statuses = [503, 500]
+    notifier = Notifier(notify_settings(hook.url), registry=registry)
+    try:
+        notifier.failed(job, "boom")
+        attempts = [hook.next() for _ in range(3)]
+        assert notifier.flush()
+    finally:
+        notifier.close()
+    assert len({h[DELIVERY_HEADER.lower()] for h, _ in attempts}) == 1
+    assert all(body == attempts[0][1] for _, body in attempts)
+    assert counted(registry, "ctp_node_webhook_attempt_failures_total", event="job.failed") == 2
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="delivered") == 1
+
+
+def test_backoff_doubles_up_to_its_cap(secret_env):
+    notifier = Notifier(NotifySettings(initial_backoff_s=2, max_backoff_s=20))
+    assert [notifier._backoff_s(attempt) for attempt in range(1, 6)] == [2, 4, 8, 16, 20]
+
+
+def test_a_refusal_is_not_retried(hook, secret_env, job, caplog):
+    registry = CollectorRegistry()
+    hook.statuses = [403]
+    notifier = Notifier(notify_settings(hook.url), registry=registry)
+    with caplog.at_level(logging.WARNING, logger="ctp_node.node.notify"):
+        try:
+            notifier.failed(job, "boom")
+            hook.next()
+            assert notifier.flush()
+        finally:
+            notifier.close()
+    assert hook.requests.empty()
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="failed") == 1
+    assert "HTTP 403" in caplog.text and "check its URL and secret" in caplog.text
+
+
+def test_an_unreachable_receiver_is_retried_then_given_up_without_logging_secrets(secret_env, job, caplog):
+    registry = CollectorRegistry()
+    url = f"http://127.0.0.1:{free_port()}/hook?token=in-the-url"  # nothing listens there
+    notifier = Notifier(notify_settings(url, max_attempts=3), registry=registry)
+    with caplog.at_level(logging.DEBUG, logger="ctp_node.node.notify"):
+        try:
+            notifier.failed(job, "boom")
+            assert notifier.flush()
+        finally:
+            notifier.close()
+    assert counted(registry, "ctp_node_webhook_attempt_failures_total", event="job.failed") == 3
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="failed") == 1
+    assert "given up after 3 attempts" in caplog.text
+    assert SECRET not in caplog.text and "in-the-url" not in caplog.text
+
+
+def test_notifying_never_waits_on_the_receiver(hook, secret_env, job):
+    hook.hold.clear()  # the receiver takes the request and does not answer
+    notifier = Notifier(notify_settings(hook.url))
+    caller = threading.Thread(target=lambda: [notifier.series_received(job) for _ in range(5)])
+    caller.start()
+    caller.join(timeout=10)
+    try:
+        assert not caller.is_alive()
+    finally:
+        hook.hold.set()
+        notifier.close()
+
+
+def test_only_subscribed_events_are_sent(hook, secret_env, job):
+    notifier = Notifier(notify_settings(hook.url, webhook={"events": ("job.failed",)}))
+    try:
+        notifier.series_received(job)
+        notifier.result_delivered(job, "pacs")
+        notifier.failed(job, "boom")
+        headers, _ = hook.next()
+        assert notifier.flush()
+    finally:
+        notifier.close()
+    assert headers[EVENT_HEADER.lower()] == "job.failed" and hook.requests.empty()
+
+
+def test_a_full_queue_drops_the_oldest_and_stopping_drops_what_waits(secret_env, job):
+    registry = CollectorRegistry()
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    settings = notify_settings(url, max_pending=2, initial_backoff_s=60, max_backoff_s=60)
+    notifier = Notifier(settings, registry=registry)
+    for _ in range(4):
+        notifier.failed(job, "boom")
+    notifier.close(timeout_s=5)
+    dropped = counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="dropped")
+    failed_once = counted(registry, "ctp_node_webhook_attempt_failures_total", event="job.failed")
+    assert dropped == 4 and failed_once >= 1  # 2 pushed out of the full queue, 2 waiting for a retry at stop
+    notifier.failed(job, "after stop")  # counted, not sent, no error
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="dropped") == 5
+
+
+def test_secrets_come_from_the_environment_or_a_file(tmp_path, monkeypatch, hook, job):
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    with pytest.raises(ConfigError, match=SECRET_ENV):
+        Notifier(notify_settings(hook.url))
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
+        Notifier(notify_settings(hook.url, webhook={"secret": Credential(file=tmp_path / "missing")}))
+    with pytest.raises(ValueError, match="exactly one of env"):
+        Credential(env=SECRET_ENV, file=tmp_path / "x")
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    notifier = Notifier(notify_settings(hook.url, webhook={"secret": Credential(file=tmp_path / "secret")}))
+    try:
+        notifier.failed(job, "boom")
+        headers, body = hook.next()
+    finally:
+        notifier.close()
+    assert verify_signature(SECRET, body, headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()])
+
+
+def test_the_receiver_announces_a_queued_series(tmp_path: Path, hook, secret_env):
+    settings = Settings(
+        storage=StorageSettings(data_dir=tmp_path / "data"),
+        dicom=DicomSettings(bind_address="127.0.0.1", port=free_port()),
+        series=SeriesSettings(quiet_period_s=0.2, complete_quiet_period_s=0.2, incomplete_wait_s=0.2),
+        notify=notify_settings(hook.url),
+    )
+    store = JobStore(settings.database_url)
+    receiver = Receiver(settings, store)
+    store.record_instance("1.2.3", "1.2.3.9", "SCANNER", count=12)
+    stop = threading.Event()
+    watcher = threading.Thread(target=receiver.watch, args=(stop,))
+    watcher.start()
+    try:
+        headers, body = hook.next()
+    finally:
+        stop.set()
+        watcher.join()
+        receiver.stop()
+    payload = json.loads(body)
+    assert headers[EVENT_HEADER.lower()] == "series.received"
+    assert payload["job"]["series_uid"] == "1.2.3.9" and payload["job"]["state"] == "queued"
+    assert payload["job"]["instances"] == 12
+    assert (
+        receiver.metrics.registry.get_sample_value(
+            "ctp_node_webhook_notifications_total",
+            {"webhook": "ris", "event": "series.received", "outcome": "delivered"},
+        )
+        == 1
+    )
+
+
+def _worker_with_hook(tmp_path: Path, url: str, processor, outcomes):
+    from ctp_node.node.worker import Worker
+    from tests.node.worker_helpers import FakeSender, queued_series
+
+    settings, store = queued_series(tmp_path / "data")
+    settings = settings.model_copy(
+        update={"notify": notify_settings(url, webhook={"events": ("result.delivered", "job.failed")})}
+    )
+    return Worker(settings, store, processor, sender=FakeSender(outcomes)), store
+
+
+def _writing(job, files, out_dir):
+    from ctp_node.node.worker import ProcessOutput
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "1.dcm").write_bytes(b"x")
+    return ProcessOutput(out_dir, 1)
+
+
+def test_the_worker_announces_a_delivered_result(tmp_path: Path, hook, secret_env):
+    worker, store = _worker_with_hook(tmp_path, hook.url, _writing, [0x0000])
+    try:
+        job = worker.run_once()
+        headers, body = hook.next()
+    finally:
+        worker.close()
+    payload = json.loads(body)
+    assert headers[EVENT_HEADER.lower()] == "result.delivered"
+    assert payload["destination"] == "pacs" and payload["instances_sent"] == 1
+    # One event per destination, sent as that destination has its result: the job is still sending then.
+    assert payload["job"]["id"] == job.id and payload["job"]["state"] == "sending"
+
+
+def test_the_worker_announces_an_input_fault_and_a_given_up_delivery(tmp_path: Path, hook, secret_env):
+    from ctp_node.errors import NotCTPError
+
+    def not_ct(job, files, out_dir):
+        raise NotCTPError("MR, not CT")
+
+    worker, store = _worker_with_hook(tmp_path, hook.url, not_ct, [])
+    try:
+        worker.run_once()
+        headers, body = hook.next()
+    finally:
+        worker.close()
+    payload = json.loads(body)
+    assert headers[EVENT_HEADER.lower()] == "job.failed" and "MR, not CT" in payload["reason"]
+
+    settings_dir = tmp_path / "second"
+    worker, store = _worker_with_hook(settings_dir, hook.url, _writing, [0xA700])
+    worker.settings = worker.settings.model_copy(
+        update={"send": worker.settings.send.model_copy(update={"max_attempts": 1})}
+    )
+    worker.sending.settings = worker.settings
+    try:
+        worker.run_once()
+        headers, body = hook.next()
+    finally:
+        worker.close()
+    payload = json.loads(body)
+    assert headers[EVENT_HEADER.lower()] == "job.failed"
+    assert payload["destination"] == "pacs" and "given up" in payload["reason"]

@@ -1,0 +1,83 @@
+"""run_series: the one path of a series, with or without writing; the record of what fills each second."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctp_node.config import GuardrailSettings
+from ctp_node.errors import NotCTPError
+from ctp_node.phantom.dicom_study import write_study
+from ctp_node.series.derived import DerivedRecipe
+from ctp_node.series.pipeline import SeriesPipeline, run_series
+from model.engine import LinearInpainter
+from tests.series.helpers import ring_head
+
+RECIPE = DerivedRecipe("test model", "1", "test.pt sha256:0", "linear", 1)
+
+
+@pytest.fixture(scope="module")
+def ring_files(tmp_path_factory):
+    series = ring_head(shape_zyx=(8, 96, 96), spacing_zyx=(5.0, 2.0, 2.0), times_s=(0.0, 4.0, 8.0))
+    return series, write_study(series, tmp_path_factory.mktemp("ring"), uid_seed="run-series ring")
+
+
+def test_without_an_output_folder_nothing_is_written_and_the_arrays_come_back(ring_files):
+    series, _ = ring_files
+    result = run_series(SeriesPipeline(LinearInpainter(), guardrail=GuardrailSettings(policy="off")), series)
+    assert result.derived is None and "write" not in result.seconds
+    assert result.hu.shape == (9, *series.hu.shape[1:]) and result.brain_mask.shape == series.hu.shape[1:]
+    np.testing.assert_array_equal(result.hu[[0, 4, 8]], series.hu)
+    assert result.synthetic.tolist() == [s % 4 != 0 for s in range(9)]
+    assert all(f.voxels is not None for f in result.fill.fills)  # the source-grid stage's counts, per second
+
+
+def test_the_written_series_follows_the_one_fill_record(ring_files, tmp_path):
+    _, files = ring_files
+    result = run_series(SeriesPipeline(LinearInpainter(), RECIPE), files, tmp_path)
+    assert result.derived is not None and result.derived.count == 9 * 8
+    for fill in result.fill.fills:
+        ds = pydicom.dcmread(tmp_path / f"CTP1S_{fill.second:04d}_000.dcm", stop_before_pixels=True)
+        assert ds.ImageComments.startswith(fill.kind.upper())
+        assert (fill.kind == "acquired") == (list(ds.ImageType)[1] == "PRIMARY")
+
+
+def test_the_first_source_file_is_read_once_for_its_header(ring_files, tmp_path, monkeypatch):
+    _, files = ring_files
+    reads = []
+    original = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        if str(path) == str(files[0]):
+            reads.append(kwargs.get("stop_before_pixels", False))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    run_series(SeriesPipeline(LinearInpainter(), RECIPE), files, tmp_path)
+    assert reads.count(True) == 1  # one header read (the template), plus the pixels once
+    assert len(reads) == 2
+
+
+def test_writing_needs_a_recipe(ring_files, tmp_path):
+    series, _ = ring_files
+    with pytest.raises(ValueError, match="no output recipe"):
+        run_series(SeriesPipeline(LinearInpainter()), series, tmp_path)
+
+
+def test_the_node_refuses_its_own_output(ring_files, tmp_path):
+    _, files = ring_files
+    first = run_series(SeriesPipeline(LinearInpainter(), RECIPE), files, tmp_path / "first")
+    with pytest.raises(NotCTPError, match="own synthetic output"):
+        run_series(SeriesPipeline(LinearInpainter(), RECIPE), first.derived.paths, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_series_pipeline_does_not_import_the_job_system():
+    code = (
+        "import sys, ctp_node.series.pipeline; sys.exit(int(any(m.startswith('ctp_node.node') for m in sys.modules)))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,0 +1,181 @@
+"""Imports run one way: a new back-arrow fails here, naming file and line.
+
+- ``model`` (the network and diffusion maths) imports neither ``training`` nor ``ctp_node``;
+- ``training`` imports ``model`` and nothing of the node: phantom studies reach the trainer through
+  ``training.datasets.StudySource``, which the CLI fills;
+- inside the node, ``series`` (one series' path) knows nothing of the running node, the phantom, the
+  evaluation or the CLI; ``node`` nothing of phantom, evaluation or CLI; ``perfusion`` and ``phantom``
+  nothing of the node, evaluation or CLI (and ``perfusion`` nothing of the phantom);
+- no library code imports the tests or the benchmarks;
+- no module imports another module's private (``_name``) names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.import_graph import Edge, Forbidden, forbidden_edges, import_edges, is_private, is_under, private_imports
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKED = ("ctp_node", "model", "training", "benchmarks")
+FIRST_PARTY = (*CHECKED, "tests")
+
+RULES = (
+    Forbidden("model", ("ctp_node", "training", "benchmarks", "tests"), "the model is a library of its own"),
+    Forbidden("training", ("ctp_node", "benchmarks", "tests"), "phantom studies reach the trainer as a StudySource"),
+    Forbidden(
+        "ctp_node.series",
+        ("ctp_node.node", "ctp_node.phantom", "ctp_node.evaluation", "ctp_node.cli"),
+        "a series' path does not know who runs it or where its test data comes from",
+    ),
+    Forbidden(
+        "ctp_node.node",
+        ("ctp_node.phantom", "ctp_node.evaluation", "ctp_node.cli"),
+        "the running node does not depend on test data, evaluation or its command line",
+    ),
+    Forbidden(
+        "ctp_node.perfusion",
+        ("ctp_node.phantom", "ctp_node.node", "ctp_node.evaluation", "ctp_node.cli"),
+        "perfusion maps are computed from any study, the phantom's included",
+    ),
+    Forbidden(
+        "ctp_node.phantom",
+        ("ctp_node.node", "ctp_node.evaluation", "ctp_node.cli"),
+        "the phantom generates studies; it does not run or judge the node",
+    ),
+    Forbidden("ctp_node", ("benchmarks", "tests"), "library code does not depend on its tests or benchmarks"),
+)
+
+
+def private_part(edge: Edge) -> str:
+    names = [n for n in edge.names if is_private(n)]
+    return f"{', '.join(names)} from {edge.target}" if names else edge.target
+
+
+def report(lines: list[str]) -> str:
+    """One offence per line, by file and line number."""
+
+    def key(line: str) -> tuple[str, int]:
+        where = line.split(": ", 1)[0]
+        path, _, number = where.rpartition(":")
+        return path, int(number)
+
+    return "\n".join(sorted(lines, key=key))
+
+
+def test_no_back_arrows_between_packages():
+    edges = import_edges(REPO, CHECKED)
+    found = forbidden_edges(edges, RULES)
+    if found:
+        pytest.fail(
+            "imports against the one-way contract:\n"
+            + report([f"{e.where(REPO)}: {e.source} imports {e.target} ({rule.why})" for e, rule in found])
+        )
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = private_imports(import_edges(REPO, CHECKED), FIRST_PARTY)
+    if found:
+        pytest.fail(
+            "private names imported across modules (make them public or move them):\n"
+            + report([f"{e.where(REPO)}: {e.source} imports {private_part(e)}" for e in found])
+        )
+
+
+def is_test_module(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last.startswith("test_") or last == "conftest"
+
+
+def test_no_module_imports_a_test_module_or_a_conftest():
+    """Shared test code lives in plain helper modules (tests/ports.py, tests/series/helpers.py, ...);
+    fixtures in conftest.py reach tests through pytest, never through an import."""
+    edges = import_edges(REPO, (*CHECKED, "tests"))
+    found = [e for e in edges if is_under(e.target, "tests") and is_test_module(e.target) and e.target != e.source]
+    if found:
+        pytest.fail(
+            "test modules or conftest imported (move what they share into a helper module):\n"
+            + report([f"{e.where(REPO)}: {e.source} imports {e.target}" for e in found])
+        )
+
+
+# --- the checker itself, on a small synthetic package ------------------------------------------------
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def package(tmp_path):
+    return write(
+        tmp_path,
+        {
+            "lib/__init__.py": "",
+            "lib/core.py": "import numpy as np\nfrom lib import util\n",
+            "lib/util.py": "def helper():\n    return 1\n\n\ndef _hidden():\n    return 2\n",
+            "app/__init__.py": "",
+            "app/main.py": "from lib.core import np\n",
+        },
+    )
+
+
+LIB_RULES = (Forbidden("lib", ("app",), "lib is below app"),)
+
+
+def test_a_clean_package_has_no_forbidden_edges(package):
+    edges = import_edges(package, ("lib", "app"))
+    assert {(e.source, e.target) for e in edges} >= {("lib.core", "lib"), ("app.main", "lib.core")}
+    assert forbidden_edges(edges, LIB_RULES) == []
+    assert private_imports(edges, ("lib", "app")) == []
+
+
+def test_a_function_level_back_arrow_is_reported_with_file_and_line(package):
+    write(package, {"lib/util.py": "def helper():\n    x = 1\n    from app.main import np\n    return np, x\n"})
+    found = forbidden_edges(import_edges(package, ("lib", "app")), LIB_RULES)
+    assert [(e.where(package), e.source, e.target) for e, _ in found] == [("lib/util.py:3", "lib.util", "app.main")]
+
+
+def test_relative_and_type_checking_imports_count(package):
+    write(
+        package,
+        {
+            "lib/sub/__init__.py": "from ...app import main\n",
+            "lib/late.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import app.main\n",
+        },
+    )
+    found = forbidden_edges(import_edges(package, ("lib", "app")), LIB_RULES)
+    assert sorted((e.where(package), e.target) for e, _ in found) == [
+        ("lib/late.py:3", "app.main"),
+        ("lib/sub/__init__.py:1", "app"),
+    ]
+
+
+def test_a_package_may_import_inside_itself_but_not_a_sibling_under_a_rule(tmp_path):
+    root = write(tmp_path, {"p/__init__.py": "", "p/a/x.py": "from p.a import y\nfrom p.b import z\n"})
+    rules = (Forbidden("p.a", ("p.b",), "a is below b"),)
+    found = forbidden_edges(import_edges(root, ("p",)), rules)
+    assert [e.target for e, _ in found] == ["p.b"]
+
+
+def test_private_names_and_private_modules_from_another_module_are_reported(package):
+    write(
+        package,
+        {"app/main.py": "from lib.util import helper, _hidden\nimport lib._impl\nfrom lib import __version__\n"},
+    )
+    found = private_imports(import_edges(package, ("lib", "app")), ("lib", "app"))
+    assert [(e.where(package), e.target) for e in found] == [
+        ("app/main.py:1", "lib.util"),
+        ("app/main.py:2", "lib._impl"),
+    ]
+
+
+def test_private_names_of_third_party_modules_are_not_this_contract(package):
+    write(package, {"app/main.py": "from numpy import _globals\n"})
+    assert private_imports(import_edges(package, ("lib", "app")), ("lib", "app")) == []
