@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from ctp_node.config import Settings
 from ctp_node.node.dicom_status import STATUS_SUCCESS
@@ -26,6 +27,7 @@ from ctp_node.node.receiver import Receiver
 from ctp_node.node.scu import Peer, send_files
 from ctp_node.node.spool import SeriesKey, check_uid
 from ctp_node.node.worker import Worker
+from ctp_node.series.outputs.qa_report import PNG_NAME as QA_REPORT_PNG
 from ctp_node.series.pipeline import SeriesPipeline
 
 log = logging.getLogger(__name__)
@@ -131,10 +133,18 @@ def run_demo(
             raise RuntimeError(f"the demo series ended {done.state.value}: {done.error}")
         if done.guardrail:
             say(f"guardrail: {done.guardrail}")
-        derived_dirs = [p for p in (out / "pacs").iterdir() if p.is_dir()]
-        derived_dir = derived_dirs[0]
+        # The result folder's top level holds the synthetic series; perfusion/ holds the other outputs.
+        first = next(Path(done.result_dir).glob("*.dcm"))
+        derived_uid = str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+        derived_dir = out / "pacs" / derived_uid
         derived_files = sorted(derived_dir.glob("*.dcm"))
         say(f"synthetic 1 s series {derived_dir.name}: {len(derived_files)} instances landed in {derived_dir}")
+        others = [p for p in (out / "pacs").iterdir() if p.is_dir() and p != derived_dir]
+        report = Path(done.result_dir) / QA_REPORT_PNG
+        say(
+            f"perfusion outputs: {len(others)} more series in the demo PACS (maps, colour maps, SR, SEG, QA report)"
+            + (f"; QA report {report}" if report.is_file() else "")
+        )
         spool_files = receiver.spool.instances(SeriesKey(job.study_uid, job.series_uid))
         result = DemoResult(pacs_dir=derived_dir, derived_series_uid=derived_dir.name, derived_files=len(derived_files))
         result.summary, result.figures = _compare_perfusion(study, spool_files, derived_files, out, say)
@@ -160,7 +170,7 @@ def _wait(fetch, timeout_s: float, what: str):
 def _compare_perfusion(study, acquired_files, derived_files, out: Path, say: Say) -> tuple[dict, list[Path]]:
     """Maps of the acquired (4 s) and synthetic (1 s) series against the phantom's truth."""
     from ctp_node.evaluation.metrics import ReferenceMaps, perfusion_agreement
-    from ctp_node.perfusion import compute_perfusion
+    from ctp_node.perfusion import PerfusionSettings, compute_perfusion
     from ctp_node.perfusion.figure import save_figure
     from ctp_node.phantom import TissueLabel
     from ctp_node.series.assemble import assemble_series
@@ -172,7 +182,8 @@ def _compare_perfusion(study, acquired_files, derived_files, out: Path, say: Say
     summary, figures = {}, []
     for name, files in (("acquired every 4 s", acquired_files), ("synthetic 1 s", derived_files)):
         series = assemble_series(files)
-        maps = compute_perfusion(series.hu, series.times_s, voxel_ml, method="parametric")
+        settings = PerfusionSettings(pixel_mm=float(series.spacing_mm[2]))
+        maps = compute_perfusion(series.hu, series.times_s, voxel_ml, method="parametric", settings=settings)
         agreement = perfusion_agreement(maps, reference, regions, voxel_ml)
         key = name.split()[0]
         summary[key] = agreement.to_dict()

@@ -63,6 +63,10 @@ class PerfusionError(CTPInputError):
     """The series cannot be analysed as given (bad shape, bad times, no bolus, ...)."""
 
 
+class PerfusionOutputError(CTPInputError):
+    """The perfusion outputs cannot be written from what was given (the message says what to change)."""
+
+
 class NoAIFError(PerfusionError):
     """No arterial input function could be found automatically."""
 

@@ -52,3 +52,12 @@ def atomic_write(path: Path, *, sync_folder: bool = True, suffix: str = TEMPORAR
         raise
     if sync_folder:
         fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: object) -> Path:
+    """``data`` as indented JSON at ``path``, atomically and 0640 (job records beside the results)."""
+    import json
+
+    with atomic_write(Path(path)) as fh:
+        fh.write(json.dumps(data, indent=2, allow_nan=False).encode())
+    return Path(path)

@@ -4,6 +4,11 @@ Input: a DICOM folder (assembled by ``ctp_node.series.assemble``), a ``.npy`` (T
 ``--times`` or a ``<stem>.json`` sidecar (``{"times_s": [...], "spacing_mm": [z, y, x]}``), or with
 ``--model-layout`` the published array layout (8, 192, 192, T) in 0..80 HU. Output: maps.npz,
 summary.json, perfusion.png and, with ``--nifti``, one .nii.gz per map and mask.
+
+Printed: the volumes (core rCBF < 30 %, Tmax > 6 s, Tmax > 10 s, mismatch volume and ratio,
+hypoperfusion intensity ratio), the chosen AIF and VOF voxels with the reasons, and, for a phantom
+with its ``truth.npz`` (``--truth`` or next to the input), the accuracy targets' numbers against
+the true maps (also in summary.json under ``agreement_with_truth``).
 """
 
 from __future__ import annotations
@@ -135,6 +140,12 @@ def perfusion(
         None, "--aif-mask", help="A .npy (Z, Y, X) bool array marking arterial voxels (skips automatic AIF)."
     ),
     nifti: bool = typer.Option(False, "--nifti", help="Also write one .nii.gz per map and mask."),
+    truth: Path | None = typer.Option(
+        None,
+        "--truth",
+        help="A phantom's truth.npz: report the agreement with the true maps (default: a truth.npz next to "
+        "the input, as `ctp-node phantom` writes it).",
+    ),
 ) -> None:
     """Compute perfusion maps, core and hypoperfusion of one CTP series and draw them."""
     import numpy as np
@@ -151,6 +162,8 @@ def perfusion(
         raise typer.BadParameter("--smooth-mm must be >= 0")
     if not input_path.exists():
         raise typer.BadParameter(f"{input_path} does not exist")
+    if truth is not None and not truth.is_file():
+        raise typer.BadParameter(f"--truth {truth} does not exist")
     data = _load_dicom(input_path) if input_path.is_dir() else _load_array(input_path, times, spacing, model_layout)
     settings = _settings(data, k, smooth_mm, aif_min_peak, model_layout, denoise)
     if model_layout:
@@ -164,19 +177,22 @@ def perfusion(
     except PerfusionError as exc:
         stderr.print(f"[red]perfusion analysis failed:[/] {exc}")
         raise typer.Exit(1) from exc
+    truth_path = truth or _truth_next_to(input_path)
+    agreement = None
+    if truth_path is not None:
+        agreement = _agreement_with_truth(maps, truth_path, data.spacing_mm)
     output.mkdir(parents=True, exist_ok=True)
     write_npz(output / "maps.npz", maps)
-    write_summary(output / "summary.json", maps, {"input": str(input_path), "spacing_mm": data.spacing_mm})
+    extra = {"input": str(input_path), "spacing_mm": data.spacing_mm}
+    if agreement is not None:
+        extra |= {"truth": str(truth_path), "agreement_with_truth": agreement}
+    write_summary(output / "summary.json", maps, extra)
     if nifti:
         write_nifti(output, maps, data.spacing_mm, data.origin, data.direction)
     save_figure(output / "perfusion.png", data.hu, maps, title=input_path.name)
-    volumes = "(no voxel size: volumes not reported)"
-    if maps.core_volume_ml is not None:
-        volumes = (
-            f"core (rCBF < 30 %) {maps.core_volume_ml:.1f} mL, Tmax > 6 s {maps.hypoperfusion_volume_ml:.1f} mL, "
-            f"Tmax > 10 s {maps.severe_hypoperfusion_volume_ml:.1f} mL, mismatch {maps.mismatch_volume_ml:.1f} mL"
-        )
-    typer.echo(f"{input_path.name}: {volumes}; AIF from {len(maps.aif_voxels)} voxels; wrote {output}")
+    typer.echo(f"{input_path.name}: {_volumes_line(maps)}; wrote {output}")
+    for line in _input_function_lines(maps):
+        typer.echo(line)
     normal = maps.tissue_mask & ~maps.hypoperfusion_mask & (maps.tmax < 2.0)
     if normal.any():
         typer.echo(
@@ -185,3 +201,75 @@ def perfusion(
             f"Tmax {float(np.median(maps.tmax[normal])):.1f} s"
             + ("" if maps.noise_hu is None else f"; noise {maps.noise_hu:.1f} HU")
         )
+    if agreement is not None:
+        typer.echo(_agreement_line(agreement, truth_path))
+
+
+def _volumes_line(maps) -> str:
+    if maps.core_volume_ml is None:
+        return "(no voxel size: volumes not reported)"
+    ratio = "n/a (no core)" if maps.mismatch_ratio is None else f"{maps.mismatch_ratio:.1f}"
+    hir = "n/a" if maps.hypoperfusion_intensity_ratio is None else f"{maps.hypoperfusion_intensity_ratio:.2f}"
+    return (
+        f"core (rCBF < 30 %) {maps.core_volume_ml:.1f} mL, Tmax > 6 s {maps.hypoperfusion_volume_ml:.1f} mL, "
+        f"Tmax > 10 s {maps.severe_hypoperfusion_volume_ml:.1f} mL, mismatch {maps.mismatch_volume_ml:.1f} mL "
+        f"(ratio {ratio}), hypoperfusion intensity ratio {hir}"
+    )
+
+
+def _input_function_lines(maps) -> list[str]:
+    """The chosen AIF and VOF voxels and why (first few voxels; all of them are in summary.json)."""
+    selection = maps.aif_selection
+    if selection is None:
+        return [f"AIF from {len(maps.aif_voxels)} voxels"]
+
+    def voxels(array) -> str:
+        shown = ", ".join(f"({z},{y},{x})" for z, y, x in array[:4].tolist())
+        return shown + (f" and {len(array) - 4} more" if len(array) > 4 else "")
+
+    lines = [f"AIF voxels (z,y,x): {voxels(selection.aif.voxels)}"]
+    if selection.vof is not None:
+        lines.append(f"VOF voxels (z,y,x): {voxels(selection.vof.voxels)}")
+    lines += [f"  {reason}" for reason in selection.reasons]
+    return lines
+
+
+def _truth_next_to(input_path: Path) -> Path | None:
+    """``truth.npz`` beside the input, where ``ctp-node phantom`` puts it (next to phantom.npy or dicom/)."""
+    folder = input_path if input_path.is_dir() else input_path.parent
+    for candidate in (folder / "truth.npz", folder.parent / "truth.npz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _agreement_with_truth(maps, truth_path: Path, spacing_mm) -> dict | None:
+    """The accuracy targets' numbers against a phantom's true maps (None when the grids differ)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ctp_node.evaluation.perfusion_accuracy import accuracy
+    from ctp_node.perfusion.lesion import convention_masks
+    from ctp_node.phantom.tissue import PERFUSION
+
+    with np.load(truth_path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    if arrays["cbf"].shape != maps.cbf.shape or spacing_mm is None:
+        stderr.print(f"[yellow]{truth_path} does not match the analysed grid (or no voxel size): no agreement[/]")
+        return None
+    arrays["parenchyma_mask"] = np.isin(arrays["labels"], list(PERFUSION))
+    study = SimpleNamespace(truth=SimpleNamespace(**arrays), spacing_mm=tuple(spacing_mm))
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    truth_masks = convention_masks(arrays["cbf"], arrays["tmax"], arrays["parenchyma_mask"], voxel_ml)
+    return {key: round(float(value), 4) for key, value in accuracy(maps, study, truth_masks).items()}
+
+
+def _agreement_line(agreement: dict, truth_path: Path) -> str:
+    a = agreement
+    return (
+        f"against {truth_path}: core {a['core_ml']:.1f} mL (truth {a['core_true_ml']:.1f}), Tmax > 6 s "
+        f"{a['tmax6_ml']:.1f} mL (truth {a['tmax6_true_ml']:.1f}); median CBF / CBV error white matter "
+        f"{a['cbf_wm_rel']:+.0%} / {a['cbv_wm_rel']:+.0%}, core {a['cbf_core_rel']:+.0%} / {a['cbv_core_rel']:+.0%}; "
+        f"Tmax in normal tissue off by {a['tmax_normal_s']:.2f} s (median)"
+    )

@@ -2,6 +2,14 @@
 
 Computed on the baseline (not on a contrast frame) so that enhancing arteries, which reach several
 hundred HU, are not mistaken for bone.
+
+The node's other brain mask, ``ctp_node.series.grid.brain_mask`` (the voxels the model may change),
+gives the same voxels on a head with a closed skull (tested on both phantom families:
+tests/perfusion/test_brain_masks.py) but is a different rule where the skull is open or absent: it
+seals gaps of the skull ring with closings in millimetres and raises when no skull encloses anything,
+while the perfusion analysis falls back to the soft tissue of a slice, so that it also runs on
+skull-stripped or skull-base slices. Replacing either by the other would change the synthetic series
+or the perfusion maps of such studies, so both stay, each documented for what it is used for.
 """
 
 from __future__ import annotations

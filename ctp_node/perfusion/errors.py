@@ -1,11 +1,10 @@
-"""Errors of the perfusion analysis: each message says what was wrong and what to do about it."""
+"""Errors of the perfusion analysis: input faults of the node's one hierarchy (``ctp_node.errors``).
+
+Kept importable from here, where the perfusion modules have always found them.
+"""
 
 from __future__ import annotations
 
+from ctp_node.errors import NoAIFError, PerfusionError
 
-class PerfusionError(ValueError):
-    """The series cannot be analysed as given (bad shape, bad times, no bolus, ...)."""
-
-
-class NoAIFError(PerfusionError):
-    """No arterial input function could be found automatically."""
+__all__ = ["NoAIFError", "PerfusionError"]

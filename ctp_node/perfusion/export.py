@@ -17,6 +17,14 @@ MASK_NAMES = ("brain_mask", "tissue_mask", "core_mask", "hypoperfusion_mask")
 def write_npz(path: Path, maps: PerfusionMaps) -> Path:
     names = (*MAP_NAMES, *MASK_NAMES, "aif_curve", "aif_voxels", "times_s")
     arrays = {name: getattr(maps, name) for name in names}
+    if maps.severe_mask is not None:
+        arrays["severe_hypoperfusion_mask"] = maps.severe_mask
+    selection = maps.aif_selection
+    if selection is not None:
+        arrays["aif_curve_uncorrected"] = selection.aif.curve
+        arrays["vof_voxels"] = maps.vof_voxels
+        if selection.vof is not None:
+            arrays["vof_curve"] = selection.vof.curve
     np.savez_compressed(path, **arrays)
     return path
 

@@ -45,7 +45,11 @@ class LesionMasks:
     reference: np.ndarray | None = None  # the voxels it came from
 
 
-def tissue_mask(brain: np.ndarray, baseline_hu: np.ndarray, cbv: np.ndarray, csf_max_hu: float) -> np.ndarray:
+def parenchyma_mask(brain: np.ndarray, baseline_hu: np.ndarray, cbv: np.ndarray, csf_max_hu: float) -> np.ndarray:
+    """Brain voxels that are perfused tissue: not CSF (baseline above ``csf_max_hu``), not vessel (CBV).
+
+    (``model.window.tissue_mask`` is another thing: the published inference mask of skull-stripped data.)
+    """
     return brain & (baseline_hu > csf_max_hu) & (cbv < VESSEL_CBV)
 
 

@@ -2,8 +2,9 @@
 
 Steps: frames that are linear interpolations of their neighbours dropped (``timing.interpolated_frames``)
 -> bolus arrival and baseline S0 (mean of the pre-arrival frames) -> brain mask on S0 ->
-concentration curves S - S0 -> linear resampling to a uniform grid -> automatic AIF (from the
-unfiltered series) -> noise handling of the parenchyma curves (``denoise``: model subspace + TIPS
+concentration curves S - S0 -> linear resampling to a uniform grid -> automatic AIF and VOF (from
+the unfiltered series; ``aif``: arterial checks with reasons, the AIF area scaled up to the venous one
+as partial-volume correction) -> noise handling of the parenchyma curves (``denoise``: model subspace + TIPS
 filter, the default) -> a model-based fit (``parametric``, the default: delay, transit time and
 residue shape per voxel, baseline re-estimated from the frames before each voxel's bolus) or
 block-circulant deconvolution (bSVD or oSVD) -> maps -> core and hypoperfusion (see ``lesion``).
@@ -25,7 +26,7 @@ MTT is the fitted one (refined between the dictionary's grid values), also where
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -58,7 +59,7 @@ class PerfusionSettings:
     grid_step_s: float | None = None  # None: shortest sampling interval, clipped to 0.25..1 s
     aif_min_peak_hu: float = aif_select.MIN_AIF_PEAK_HU
     aif_voxels: int = 12
-    vof_scaling: bool = False  # scale the AIF area up to the venous one (partial-volume correction)
+    vof_scaling: bool = True  # scale the AIF area up to the venous one (partial-volume correction, never down)
     # Noise handling of the tissue curves (the AIF is never filtered): "tips" = model-subspace
     # projection + edge-preserving TIPS bilateral filter (``denoise``), "gaussian" = in-plane
     # Gaussian of ``smoothing_sigma_vox`` voxels, "none".
@@ -107,6 +108,22 @@ class PerfusionMaps:
     hypoperfusion_intensity_ratio: float | None = None
     notes: list[str] = field(default_factory=list)
     noise_hu: float | None = None  # noise per voxel and frame estimated from the baseline (TIPS only)
+    aif_selection: aif_select.AIFSelection | None = None  # AIF and VOF voxels, curves and the reasons
+    severe_mask: np.ndarray | None = None  # Tmax > 10 s (cleaned like the other masks)
+    reference_mask: np.ndarray | None = None  # the normal tissue the rCBF reference came from
+
+    @property
+    def vof_voxels(self) -> np.ndarray:
+        """(m, 3) int (z, y, x) of the venous output function; empty when none was found."""
+        vof = None if self.aif_selection is None else self.aif_selection.vof
+        return np.zeros((0, 3), dtype=np.int64) if vof is None else vof.voxels
+
+    @property
+    def mismatch_ratio(self) -> float | None:
+        """Tmax > 6 s volume / core volume; None without volumes or with no core."""
+        if self.hypoperfusion_volume_ml is None or not self.core_volume_ml:
+            return None
+        return self.hypoperfusion_volume_ml / self.core_volume_ml
 
     def summary(self) -> dict:
         """JSON-ready scalars: volumes, reference values, the AIF and how it was found."""
@@ -115,12 +132,16 @@ class PerfusionMaps:
             "core_volume_ml", "hypoperfusion_volume_ml", "severe_hypoperfusion_volume_ml",
             "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes", "noise_hu",
         )  # fmt: skip
-        out = {key: value for key, value in asdict(self).items() if key in keys}
+        out = {key: getattr(self, key) for key in keys}
+        out["notes"] = list(self.notes)
         out["baseline_frames"] = [int(i) for i in self.baseline_frames]
         out["times_s"] = [float(t) for t in self.times_s]
         out["aif_curve_hu"] = [round(float(v), 3) for v in self.aif_curve]
         out["aif_voxels_zyx"] = self.aif_voxels.tolist()
         out["brain_voxels"] = int(self.brain_mask.sum())
+        out["mismatch_ratio"] = self.mismatch_ratio
+        if self.aif_selection is not None:
+            out["input_functions"] = self.aif_selection.summary()
         return out
 
 
@@ -185,8 +206,12 @@ def compute_perfusion(
     same_grid = interp.shape[0] == interp.shape[1] and np.array_equal(interp, np.eye(interp.shape[0]))
     conc_grid = conc.copy() if same_grid else conc @ interp.T  # (V, N)
 
-    # 3. Arterial input function (and optional venous scaling), from the unsmoothed series.
-    aif_curve, aif_index, vof_scale = _arterial_input(hu, baseline, brain, peak, interp, grid, arrival, aif_given, cfg)
+    # 3. Arterial input function (and the venous partial-volume correction), from the unsmoothed series.
+    selection = aif_select.select_input_functions(
+        hu, baseline, brain, interp, grid, arrival.time_s, cfg.pixel_mm or DEFAULT_PIXEL_MM, cfg.aif_min_peak_hu,
+        cfg.aif_voxels, cfg.vof_scaling, aif_given,
+    )  # fmt: skip
+    aif_curve, vof_scale = selection.curve, selection.pvc_scale
     aif_grid = interp @ aif_curve.astype(np.float64)
     aif_area = float(aif_grid.sum())
     if aif_area <= 0:
@@ -240,7 +265,7 @@ def compute_perfusion(
     maps = {name: _to_volume(values, flat_index, shape) for name, values in per_voxel.items()}
 
     # 5. Core and hypoperfusion.
-    tissue = lesion.tissue_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
+    tissue = lesion.parenchyma_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
     masks = lesion.lesion_masks(
         tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
         cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
@@ -249,12 +274,12 @@ def compute_perfusion(
     result = PerfusionMaps(
         **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
         hypoperfusion_mask=masks.hypoperfusion, aif_curve=aif_curve.astype(np.float32),
-        aif_voxels=np.column_stack(np.unravel_index(aif_index, shape)).astype(np.int64), times_s=times,
+        aif_voxels=selection.aif.voxels, times_s=times,
         method=method, k=cfg.k, grid_step_s=step, arrival_time_s=arrival.time_s,
         baseline_frames=arrival.baseline_frames, reference_cbf=masks.reference_cbf, vof_scale=vof_scale,
         voxel_volume_ml=voxel_volume_ml,
         hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks), notes=notes,
-        noise_hu=noise_hu,
+        noise_hu=noise_hu, aif_selection=selection, severe_mask=masks.severe, reference_mask=masks.reference,
     )  # fmt: skip
     if voxel_volume_ml is not None:
         _fill_volumes(result, masks, voxel_volume_ml)
@@ -302,37 +327,6 @@ def _tips(
     return out, note, noise.sigma_hu, basis
 
 
-def _arterial_input(
-    hu: np.ndarray,
-    baseline: np.ndarray,
-    brain: np.ndarray,
-    peak: np.ndarray,
-    interp: np.ndarray,
-    grid: np.ndarray,
-    arrival: timing.BolusArrival,
-    aif_given: np.ndarray | None,
-    cfg: PerfusionSettings,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(AIF enhancement at the acquisition times, its flat voxel indices, VOF scale applied)."""
-    candidates = None
-    if aif_given is not None:
-        index = np.flatnonzero(aif_given)
-        if index.size == 0:
-            raise NoAIFError("aif_mask is empty: mark at least one arterial voxel")
-        curve = _curves(hu, baseline, index).mean(axis=0)
-    else:
-        candidates = aif_select.candidate_voxels(peak, brain, cfg.aif_min_peak_hu)
-        candidate_curves = _curves(hu, baseline, candidates)
-        rows = aif_select.select_aif(candidate_curves @ interp.T, grid, arrival.time_s, n_voxels=cfg.aif_voxels)
-        index, curve = candidates[rows], candidate_curves[rows].mean(axis=0)
-    if not cfg.vof_scaling:
-        return curve, index, 1.0
-    if candidates is None:
-        candidates = aif_select.candidate_voxels(peak, brain, cfg.aif_min_peak_hu)
-    scale = _vof_scale(_curves(hu, baseline, candidates) @ interp.T, grid, interp @ curve.astype(np.float64))
-    return curve * scale, index, scale
-
-
 def _fill_volumes(result: PerfusionMaps, masks: lesion.LesionMasks, voxel_ml: float) -> None:
     result.core_volume_ml = float(masks.core.sum()) * voxel_ml
     result.hypoperfusion_volume_ml = float(masks.hypoperfusion.sum()) * voxel_ml
@@ -359,15 +353,6 @@ def _to_volume(values: np.ndarray, flat_index: np.ndarray, shape: tuple[int, ...
     out = np.zeros(int(np.prod(shape)), dtype=np.float32)
     out[flat_index] = values
     return out.reshape(shape)
-
-
-def _vof_scale(candidate_grid: np.ndarray, grid: np.ndarray, aif_grid: np.ndarray) -> float:
-    """Partial-volume correction: AIF area scaled up to the venous area (never down)."""
-    aif_ttp = float(grid[np.argmax(aif_grid)])
-    rows = aif_select.select_vof(candidate_grid, grid, aif_ttp)
-    if rows is None:
-        return 1.0
-    return max(1.0, float(candidate_grid[rows].mean(axis=0).sum() / aif_grid.sum()))
 
 
 def _smooth_in_mask(hu: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctp_node.perfusion.errors import PerfusionError
+from ctp_node.perfusion.errors import NoAIFError, PerfusionError
 
 EARLIEST_WINDOW_S = 2.0
 BASELINE_MARGIN_S = 1.0  # baseline frames end this long before the extrapolated foot of the bolus
 # Float32 interpolation a * (1 - f) + b * f is exact to a few ulps; noise of 1 HU is 100 times more.
 INTERPOLATION_RTOL = 2e-6
 INTERPOLATION_ATOL_HU = 1e-3
+COHERENT_FRACTION = 0.5  # the vessels' mean curve keeps at least this share of their own range
 MIN_FRAMES = 6  # one baseline frame, an upslope, a peak and a washout need at least this many
 
 
@@ -158,8 +159,14 @@ def detect_bolus_arrival(
     curve = flat[:, earliest].astype(np.float64).mean(axis=1)
     rise = curve - curve[0]
     peak = rise.max()
-    if peak <= 0 or curve.max() - curve.min() < 1.0:
-        raise PerfusionError("no contrast enhancement anywhere in the series: is this a perfusion study?")
+    # Noise alone gives every voxel a range of several sigma, but at random frames: the mean curve of
+    # the "strongest" voxels then stays flat. A bolus enhances them together.
+    coherent = curve.max() - curve.min() >= COHERENT_FRACTION * float(np.median(enhancement[earliest]))
+    if peak <= 0 or curve.max() - curve.min() < 1.0 or not coherent:
+        raise NoAIFError(
+            "no contrast enhancement anywhere in the series, so no arterial input function: is this a "
+            "contrast perfusion study, and does it cover the bolus?"
+        )
     if curve[0] - curve.min() > fraction * (curve.max() - curve.min()):
         raise PerfusionError(
             "the bolus is already present in the first frame, so there is no pre-contrast baseline: "

@@ -71,6 +71,7 @@ class FamilyBConfig:
     lesion: bool = True
     penumbra_delay_override_s: float | None = None
     core_radius_override_mm: float | None = None
+    core_extra_delay_override_s: float | None = None  # the core's delay beyond the penumbra's (drawn: 0-2 s)
     side_override: int | None = None  # +1: patient left (+x), -1: right
 
     def __post_init__(self) -> None:
@@ -139,8 +140,14 @@ def _draw(cfg: FamilyBConfig) -> _Draw:
         penumbra_delay_s=cfg.penumbra_delay_override_s if cfg.penumbra_delay_override_s is not None else u(2.5, 9.0),
         core_cbf_ratio=u(0.12, 0.2), core_cbv_ratio=u(0.4, 0.6),
         core_radius_mm=cfg.core_radius_override_mm if cfg.core_radius_override_mm is not None else u(10.0, 22.0),
-        core_extra_delay_s=u(0.0, 2.0), gyri=int(rng.integers(18, 28)), fold_phase=u(0.0, 2 * np.pi),
+        core_extra_delay_s=_pinned(cfg.core_extra_delay_override_s, u(0.0, 2.0)),
+        gyri=int(rng.integers(18, 28)), fold_phase=u(0.0, 2 * np.pi),
     )  # fmt: skip
+
+
+def _pinned(override: float | None, drawn: float) -> float:
+    """The override when given; the value is drawn either way, so the other draws stay the same."""
+    return drawn if override is None else override
 
 
 def aif_curve(t: np.ndarray, d: _Draw) -> np.ndarray:

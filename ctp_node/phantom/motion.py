@@ -56,3 +56,52 @@ def moved_grid(grid: Grid, motion: RigidMotion) -> Grid:
     linear = motion.rotation().T @ grid.affine[:, :3]
     offset = motion.head_point(grid.affine[:, 3:4])[:, 0]
     return Grid(grid.shape, np.concatenate([linear, offset[:, None]], axis=1))
+
+
+@dataclass(frozen=True)
+class SliceMotion:
+    """Slices ``first_slice..last_slice`` (inclusive) of ``volume`` recorded with the head in another pose.
+
+    Motion that registering whole volumes cannot undo. The pose (rotation in degrees about x, y, z
+    through ``centre_mm``, then translation, relative to the unmoved head) replaces the volume's
+    own pose (unmoved, or its ``RigidMotion``) in those slices:
+
+    - ``sweep_steps == 1``: the head moved between the acquisition of the other slices and of these
+      (shuttle/helical perfusion, or a slice reconstructed at the wrong position): a step between
+      slices, or a single shifted slice when ``first_slice == last_slice``;
+    - ``sweep_steps > 1``: the head moved during these slices' acquisition, from the volume's pose to
+      this one; they show the mean of ``sweep_steps`` poses evenly spaced along the way (the blur
+      of motion within one gantry rotation, without its streaks).
+    """
+
+    volume: int
+    first_slice: int
+    last_slice: int
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    centre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sweep_steps: int = 1
+
+    def poses(self, start: RigidMotion | None = None) -> tuple[RigidMotion, ...]:
+        """The pose(s) whose mean these slices show; a sweep starts at ``start`` (None: unmoved)."""
+        end = np.array([*self.rotation_deg, *self.translation_mm], dtype=np.float64)
+        begin = np.zeros(6) if start is None else np.array([*start.rotation_deg, *start.translation_mm])
+        fractions = [1.0] if self.sweep_steps == 1 else np.linspace(0.0, 1.0, self.sweep_steps)
+        out = []
+        for f in fractions:
+            p = begin + f * (end - begin)
+            out.append(RigidMotion(self.volume, tuple(p[:3]), tuple(p[3:]), self.centre_mm))
+        return tuple(out)
+
+    def problems(self, duration_s: int, slices: int) -> list[str]:
+        """What is wrong with this motion for a study of ``duration_s`` volumes and ``slices`` slices."""
+        out = []
+        if not 0 <= self.volume < duration_s:
+            out.append(f"slice motion volume {self.volume} outside 0..{duration_s - 1}")
+        if not 0 <= self.first_slice <= self.last_slice < slices:
+            out.append(
+                f"slice motion slices {self.first_slice}..{self.last_slice}: need 0 <= first <= last <= {slices - 1}"
+            )
+        if not (isinstance(self.sweep_steps, int) and self.sweep_steps >= 1):
+            out.append(f"slice motion sweep_steps must be an integer >= 1, got {self.sweep_steps!r}")
+        return out

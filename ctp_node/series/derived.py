@@ -72,7 +72,7 @@ from ctp_node.errors import DerivedSeriesError
 from ctp_node.files import atomic_write, fsync_dir
 from ctp_node.permissions import make_dirs
 from ctp_node.series import CTPSeries
-from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_time, pixel_format
+from ctp_node.series.dicom_attributes import StudyUIDs, code_item, dicom_date, dicom_time, pixel_format
 from model.planner import FillCounts, FillPlan, SecondFill
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ def _contributing_equipment(recipe: DerivedRecipe) -> Dataset:
         f"Temporal inpainting by conditional diffusion model {recipe.model_name} {recipe.model_version}, "
         f"checkpoint {recipe.checkpoint_id}, sampler {recipe.sampler}, {recipe.steps} steps"
     )
-    item.PurposeOfReferenceCodeSequence = Sequence([_code("109102", "DCM", "Processing Equipment")])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item("109102", "DCM", "Processing Equipment")])
     return item
 
 
@@ -527,7 +527,10 @@ def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, f
     volumes = (src.left,) if src.kind == "acquired" else (src.left, src.right)
     references = [_reference(context.header, source, v, z) for v in volumes]
     ds.SourceImageSequence = Sequence(
-        [_with_purpose(r, _code("121322", "DCM", "Source image for image processing operation")) for r in references]
+        [
+            _with_purpose(r, code_item("121322", "DCM", "Source image for image processing operation"))
+            for r in references
+        ]
     )
     referenced_series = Dataset()
     referenced_series.SeriesInstanceUID = source.series_uid
@@ -546,12 +549,6 @@ def _reference(header: Dataset, source: CTPSeries, volume: int, z: int) -> Datas
 def _with_purpose(reference: Dataset, code: Dataset) -> Dataset:
     item = copy.deepcopy(reference)
     item.PurposeOfReferenceCodeSequence = Sequence([code])
-    return item
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
 
 

@@ -75,3 +75,10 @@ def pixel_format(ds: Dataset, rows: int, columns: int, signed: bool, bits_stored
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """One Code Sequence item (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item

@@ -30,9 +30,7 @@ applies the policy (``GuardrailSettings.policy``): flag, or fall back to ``I``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.config import GuardrailSettings
-from ctp_node.permissions import make_dirs, open_new_file
+from ctp_node.files import write_json
+from ctp_node.permissions import make_dirs
 from model.planner import FillPlan, SecondFill
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
 
@@ -106,10 +105,7 @@ class GuardrailVerdict:
     def write(self, folder: Path) -> Path:
         """``guardrail.json`` in ``folder`` (a job's results: modes as for all patient data)."""
         make_dirs(folder)
-        path = folder / VERDICT_FILE
-        with os.fdopen(open_new_file(path), "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(self.to_dict(), indent=2, allow_nan=False))
-        return path
+        return write_json(folder / VERDICT_FILE, self.to_dict())
 
 
 def _describe(check: CheckResult) -> str:

@@ -1,6 +1,7 @@
 """The path of one series, as plain functions over plain data (docs/architecture.md):
 
-    assemble -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> back_to_source -> guardrail -> write
+    assemble -> motion -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> back_to_source
+    -> guardrail -> write (synthetic 1 s series) -> perfusion outputs (maps, SR, SEG, QA report)
 
 ``run_series`` is the one function that runs it; the worker (``ctp_node.node.processing``),
 ``ctp-node process``/``reprocess``, ``ctp-node demo``, ``ctp-node evaluate`` and the benchmarks
@@ -21,14 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node import __version__
-from ctp_node.config import GuardrailSettings, ModelSettings, OutputSettings, Settings
-from ctp_node.errors import NotCTPError
+from ctp_node.config import (
+    GuardrailSettings,
+    ModelSettings,
+    MotionSettings,
+    OutputSettings,
+    PerfusionOutputSettings,
+    Settings,
+)
+from ctp_node.errors import NotCTPError, PerfusionError, PerfusionOutputError
+from ctp_node.files import write_json
 from ctp_node.series import CTPSeries
 from ctp_node.series.assemble import assemble_series
 from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.series.grid import back_to_source, to_model_grid
 from ctp_node.series.guardrail import GuardrailVerdict, check_series, fall_back
+from ctp_node.series.motion import MotionError, MotionResult, correct_motion
+from ctp_node.series.outputs import OutputSeries
 from model import EngineSettings, FillPlan, Inpainter, load_denoiser
 from model.engine import SamplingChoice, StudyInpainter, choose_sampling
 
@@ -54,6 +65,8 @@ class SeriesResult:
     guardrail: GuardrailVerdict | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    motion: MotionResult | None = None  # None: the motion stage was off or could not run (see notes)
+    outputs: list[OutputSeries] = field(default_factory=list)  # the perfusion output series written
 
     @property
     def times_s(self) -> np.ndarray:
@@ -122,6 +135,8 @@ class SeriesPipeline:
     guardrail: GuardrailSettings = field(default_factory=GuardrailSettings)
     # How the engine's sampler and steps were chosen (given, the checkpoint's, the default).
     sampling: SamplingChoice | None = None
+    motion: MotionSettings | None = None  # None: no motion stage
+    perfusion_outputs: PerfusionOutputSettings | None = None  # None: no perfusion outputs
 
     def __post_init__(self) -> None:
         settings = getattr(self.engine, "settings", None)
@@ -144,7 +159,10 @@ class SeriesPipeline:
         log.info("sampler %s", sampling.describe())
         engine = Inpainter(loaded, engine_settings(model, sampling), device=device or model.device)
         recipe = recipe_for(model, settings.output, checkpoint, sampling)
-        return cls(engine, recipe, settings.series.min_time_points, settings.guardrail, sampling)
+        return cls(
+            engine, recipe, settings.series.min_time_points, settings.guardrail, sampling,
+            motion=settings.motion, perfusion_outputs=settings.perfusion_outputs,
+        )  # fmt: skip
 
 
 def run_series(
@@ -155,12 +173,14 @@ def run_series(
     usable: np.ndarray | None = None,
     progress: ProgressFn | None = None,
 ) -> SeriesResult:
-    """Run one series through assemble -> grid -> inpaint -> back -> guardrail -> write.
+    """Run one series through assemble -> motion -> grid -> inpaint -> back -> guardrail -> write ->
+    perfusion outputs.
 
     ``source``: the series' DICOM files (assembled here; the node's own output is refused), or an
     already assembled ``CTPSeries``. ``out_dir``: where the derived series and the guardrail's verdict
     go; None runs every stage but writing and returns the arrays (evaluation). ``usable``: (T,) False
-    for source volumes to treat as missing. ``progress(done, total)``: the engine's volume-steps.
+    for source volumes to treat as missing (the motion stage adds the volumes it cannot rescue).
+    ``progress(done, total)``: the engine's volume-steps.
     """
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -177,6 +197,13 @@ def run_series(
             f"{series.hu.shape[0]} time points: a CT perfusion series needs at least {pipeline.min_time_points}"
         )
     seconds["assemble"] = time.perf_counter() - started
+    notes: list[str] = []
+
+    motion = None
+    if pipeline.motion is not None and pipeline.motion.enabled:
+        mark = time.perf_counter()
+        motion, series, usable = _motion_stage(series, pipeline.motion, usable, notes)
+        seconds["motion"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     grid = to_model_grid(series)
@@ -194,9 +221,11 @@ def run_series(
     mark = time.perf_counter()
     verdict = check_series(hu_1s, fill, series.hu, series.times_s, grid.brain_mask, pipeline.guardrail)
     recipe = pipeline.recipe
+    if motion is not None and recipe is not None and (motion.corrected.any() or not motion.usable.all()):
+        recipe = dataclasses.replace(recipe, comment=_joined(recipe.comment, motion.comment()))
     if not verdict.passed:
         log.warning("series %s: guardrail %s", series.series_uid, verdict.summary())
-        recipe = dataclasses.replace(recipe, comment=verdict.comment()) if recipe else None
+        recipe = dataclasses.replace(recipe, comment=_joined(recipe.comment, verdict.comment())) if recipe else None
     if verdict.action == "fallback":
         had_long_gaps = fill.fallback.any()
         fill = fall_back(hu_1s, fill, series.hu)
@@ -213,12 +242,83 @@ def run_series(
         mark = time.perf_counter()
         derived = write_derived_series(hu_1s, fill, series, files, out_dir, recipe=recipe)
         verdict.write(out_dir)
+        if motion is not None:
+            write_json(out_dir / MOTION_FILE, motion.summary())
         seconds["write"] = time.perf_counter() - mark
+
+    outputs: list[OutputSeries] = []
+    cfg = pipeline.perfusion_outputs
+    if derived is not None and cfg is not None and cfg.enabled:
+        mark = time.perf_counter()
+        outputs = _perfusion_outputs(series, hu_1s, fill, derived, verdict, recipe, cfg, out_dir, seconds, notes)
+        seconds["perfusion_outputs"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
     return SeriesResult(
         fill=fill, hu=hu_1s, brain_mask=grid.brain_mask, derived=derived, guardrail=verdict,
-        notes=list(study.fill.notes), seconds=seconds,
+        notes=list(study.fill.notes) + notes, seconds=seconds, motion=motion, outputs=outputs,
     )  # fmt: skip
+
+
+MOTION_FILE = "motion.json"  # every volume's pose, displacement, residual and reasons (the job's record)
+
+
+def _joined(*comments: str) -> str:
+    return " ".join(c for c in comments if c)
+
+
+def _motion_stage(
+    series: CTPSeries, settings: MotionSettings, usable: np.ndarray | None, notes: list[str]
+) -> tuple[MotionResult | None, CTPSeries, np.ndarray | None]:
+    """Realign the volumes; the ones registration cannot rescue join ``usable``'s unusable ones.
+    A series the check cannot run on (too short, no skull in the slab) goes on unchecked, with a note."""
+    try:
+        motion = correct_motion(series, settings)
+    except MotionError as exc:
+        notes.append(f"motion not checked: {exc}")
+        log.warning("series %s: motion not checked: %s", series.series_uid, exc)
+        return None, series, usable
+    combined = motion.usable if usable is None else (np.asarray(usable, dtype=bool) & motion.usable)
+    if motion.corrected.any() or not motion.usable.all():
+        log.info("series %s: %s", series.series_uid, motion.comment())
+        notes.append(motion.comment())
+    return motion, motion.series, combined
+
+
+def _perfusion_outputs(
+    series: CTPSeries,
+    hu_1s: np.ndarray,
+    fill: FillPlan,
+    derived: DerivedSeries,
+    verdict: GuardrailVerdict,
+    recipe: DerivedRecipe | None,
+    cfg: PerfusionOutputSettings,
+    out_dir: Path,
+    seconds: dict[str, float],
+    notes: list[str],
+) -> list[OutputSeries]:
+    """Maps, volumes (SR), masks (SEG) and the QA report of the synthetic 1 s series (and of the acquired
+    series alone, for comparison). A series perfusion analysis refuses (e.g. no arterial input) still
+    sends its synthetic series: the refusal is logged and noted, not a failed job."""
+    from ctp_node.perfusion import PerfusionSettings, compute_perfusion
+    from ctp_node.series.outputs import output_input, write_perfusion_outputs
+
+    voxel_ml = float(np.prod(series.spacing_mm)) / 1000.0
+    analysis = PerfusionSettings(pixel_mm=float(series.spacing_mm[2]))  # the noise filter works in mm
+    try:
+        maps = compute_perfusion(hu_1s, fill.times_s, voxel_ml, settings=analysis)
+        acquired = (
+            compute_perfusion(series.hu, series.times_s, voxel_ml, settings=analysis) if cfg.from_acquired else None
+        )
+        data = output_input(
+            maps, hu_1s, derived.paths[: series.hu.shape[1]], series.series_uid, voxel_volume_ml=voxel_ml,
+            acquired_maps=acquired, acquired_hu=series.hu if acquired is not None else None, guardrail=verdict,
+            generation=recipe.generation if recipe is not None else 1,
+        )  # fmt: skip
+        return write_perfusion_outputs(data, out_dir / "perfusion", cfg, png_dir=out_dir, seconds=seconds)
+    except (PerfusionError, PerfusionOutputError) as exc:
+        notes.append(f"perfusion outputs not made: {exc}")
+        log.warning("series %s: perfusion outputs not made: %s", series.series_uid, exc)
+        return []
 
 
 def refuse_own_output(header) -> None:

@@ -2,6 +2,7 @@
 
 import json
 
+import pydicom
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
@@ -16,8 +17,15 @@ def test_demo_sends_receives_inpaints_and_compares_perfusion(tmp_path):
     )
     assert result.exit_code == 0, result.output
     series = [p for p in (out / "pacs").iterdir() if p.is_dir()]
-    assert len(series) == 1  # one synthetic series landed in the stand-in PACS
-    assert len(list(series[0].glob("*.dcm"))) == 8 * 61  # 8 slices x every second 0..60 (acquired every 4 s)
+    # 8 slices x every second 0..60 (acquired every 4 s): exactly one synthetic series landed
+    synthetic = [p for p in series if len(list(p.glob("*.dcm"))) == 8 * 61]
+    assert len(synthetic) == 1
+    # and the perfusion outputs, each its own series: per analysis (synthetic, acquired) 4 maps, 4 colour
+    # maps, an SR and a SEG, plus one QA report
+    modalities = sorted(pydicom.dcmread(next(p.glob("*.dcm")), stop_before_pixels=True).Modality for p in series)
+    assert len(series) == 1 + 2 * 10 + 1
+    assert modalities.count("SR") == 2 and modalities.count("SEG") == 2
+    series = synthetic
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"acquired", "synthetic"}
     assert all((out / f"perfusion_{key}.png").stat().st_size > 0 for key in summary)

@@ -11,15 +11,11 @@ from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
 from ctp_node.perfusion.figure import DPI, FIGSIZE_IN
+from tests.cli_output import flat
 from tests.perfusion.synthetic import synthetic_head
 
 TIMES = np.arange(0.0, 40.0, 1.0)
 runner = CliRunner()
-
-
-def _flat(output: str) -> str:
-    """The output as one line, without rich's box drawing (usage errors are wrapped in a panel)."""
-    return " ".join(output.replace("│", " ").split())
 
 
 def test_npy_with_sidecar_writes_maps_summary_nifti_and_figure(tmp_path):
@@ -64,7 +60,7 @@ def test_missing_times_is_a_usage_error(tmp_path):
     np.save(tmp_path / "bare.npy", np.zeros((8, 1, 4, 4), np.float32))
     result = runner.invoke(app, ["perfusion", str(tmp_path / "bare.npy"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "give --times or a sidecar bare.json" in _flat(result.output)
+    assert "give --times or a sidecar bare.json" in flat(result.output)
 
 
 def test_analysis_failure_exits_1_with_the_reason(tmp_path):
@@ -105,7 +101,7 @@ def test_not_a_ctp_folder_is_a_usage_error(tmp_path):
     (tmp_path / "junk" / "note.txt").write_text("not DICOM")
     result = runner.invoke(app, ["perfusion", str(tmp_path / "junk"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "junk is not one complete CTP series" in _flat(result.output)
+    assert "junk is not one complete CTP series" in flat(result.output)
 
 
 def test_given_aif_mask_is_used(tmp_path):
@@ -134,7 +130,7 @@ def test_noise_handling_option_and_reported_statistics(tmp_path):
     assert plain.exit_code == 0, plain.output
     assert json.loads((tmp_path / "plain" / "summary.json").read_text())["noise_hu"] is None
     bad = runner.invoke(app, [*base, "--denoise", "median", "-o", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "--denoise must be tips, gaussian or none" in _flat(bad.output)
+    assert bad.exit_code == 2 and "--denoise must be tips, gaussian or none" in flat(bad.output)
 
 
 def test_phantom_family_b_in_the_model_layout(tmp_path):
@@ -148,3 +144,37 @@ def test_phantom_family_b_in_the_model_layout(tmp_path):
     assert sidecar["config"]["pixel_mm"] == pytest.approx(1.2) and sidecar["config"]["matrix"] == 192
     truth = np.load(tmp_path / "truth.npz")
     assert truth["core_mask"].any() and truth["cbf"].shape == (8, 192, 192)
+
+
+def test_phantom_with_truth_reports_volumes_input_functions_and_agreement(tmp_path):
+    from ctp_node.phantom.export import write_truth
+    from ctp_node.phantom.family_b import FamilyBConfig, generate_family_b
+
+    study = generate_family_b(FamilyBConfig(seed=9, matrix=200, slices=2, duration_s=45, noise_hu=6.0))
+    np.save(tmp_path / "study.npy", study.hu)
+    sidecar = {"times_s": study.times_s.tolist(), "spacing_mm": list(study.spacing_mm)}
+    (tmp_path / "study.json").write_text(json.dumps(sidecar))
+    write_truth(study, tmp_path / "truth.npz")  # found next to the input
+    result = runner.invoke(app, ["perfusion", str(tmp_path / "study.npy"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    for expected in ("Tmax > 10 s", "mismatch", "hypoperfusion intensity ratio", "AIF voxels", "VOF voxels"):
+        assert expected in text
+    assert f"against {tmp_path / 'truth.npz'}" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    agreement = summary["agreement_with_truth"]
+    assert set(agreement) >= {"core_ml", "core_true_ml", "tmax6_ml", "cbf_wm_rel", "tmax_normal_s"}
+    assert abs(agreement["cbv_wm_rel"]) < 0.2  # the analysis, not only the report, is sane
+    assert summary["input_functions"]["vof"] is not None
+    saved = np.load(tmp_path / "out" / "maps.npz")
+    assert {"vof_voxels", "vof_curve", "severe_hypoperfusion_mask", "aif_curve_uncorrected"} <= set(saved.files)
+
+
+def test_missing_truth_file_is_a_usage_error(tmp_path):
+    hu, _ = synthetic_head(TIMES, size=32)
+    np.save(tmp_path / "s.npy", hu)
+    times = ",".join(str(t) for t in TIMES)
+    args = ["perfusion", str(tmp_path / "s.npy"), "--times", times, "--truth", str(tmp_path / "none.npz")]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "none.npz does not exist" in flat(result.output)

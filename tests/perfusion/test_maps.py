@@ -134,8 +134,8 @@ def test_venous_scaling_corrects_a_partial_volume_aif():
     vein = np.zeros(artery.shape, bool)
     vein[30:33, 12:15] = True
     hu[:, :, vein] = 40.0 + np.interp(TIMES, fine, vein_fine)[:, None, None]
-    plain = compute_perfusion(hu, TIMES, settings=K1)
-    scaled = compute_perfusion(hu, TIMES, settings=PerfusionSettings(k=1.0, vof_scaling=True))
+    plain = compute_perfusion(hu, TIMES, settings=PerfusionSettings(k=1.0, vof_scaling=False))
+    scaled = compute_perfusion(hu, TIMES, settings=K1)  # the correction is on by default
     assert all(artery[y, x] for _, y, x in plain.aif_voxels)  # the later, broader vein is not taken
     normal = truth["normal"] & ~vein
     assert _median(plain.cbv, normal) == pytest.approx(50 * 4 / 60 / 0.6, rel=0.03)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctp_node.evaluation.perfusion_accuracy import accuracy
 from ctp_node.perfusion import NoAIFError, PerfusionSettings, compute_perfusion
 from ctp_node.perfusion import denoise as dn
-from ctp_node.perfusion.compare import accuracy, median_disagreement
+from ctp_node.perfusion.compare import median_disagreement
 from ctp_node.perfusion.lesion import convention_masks, drop_small_clusters, lesion_masks, reference_region
 from ctp_node.phantom import FamilyBConfig, TissueLabel, generate_family_b
 from ctp_node.phantom.family_b import K_HAEMATOCRIT_DENSITY, truth_volumes

@@ -40,10 +40,10 @@ def _demo_series_pixels(tmp_path: Path) -> np.ndarray:
         storage={"data_dir": str((tmp_path / "node").resolve())},
         model={"checkpoint": str(DEMO_WEIGHTS), "long_gap": "linear", "device": "cpu"},
     )
-    run_series(SeriesPipeline.from_settings(settings, device="cpu"), files, tmp_path / "derived")
-    images = sorted(
-        (pydicom.dcmread(f) for f in (tmp_path / "derived").rglob("*.dcm")), key=lambda ds: int(ds.InstanceNumber)
-    )
+    # The node's defaults: the motion stage runs (a still study must come out unchanged) and the
+    # perfusion outputs are written beside the synthetic series (not part of the pinned pixels).
+    result = run_series(SeriesPipeline.from_settings(settings, device="cpu"), files, tmp_path / "derived")
+    images = sorted((pydicom.dcmread(f) for f in result.derived.paths), key=lambda ds: int(ds.InstanceNumber))
     return np.stack([ds.pixel_array.astype(np.int16) for ds in images])
 
 

@@ -81,3 +81,44 @@ def test_the_series_pipeline_does_not_import_the_job_system():
         "import sys, ctp_node.series.pipeline; sys.exit(int(any(m.startswith('ctp_node.node') for m in sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_motion_stage_replaces_a_volume_it_cannot_rescue_and_says_so(tmp_path):
+    from ctp_node.config import MotionSettings
+    from ctp_node.phantom import PhantomConfig, generate_phantom
+    from ctp_node.phantom.motion import SliceMotion
+    from ctp_node.phantom.sampling import parse_schedule, sample_study
+
+    broken = 3  # the 4th acquired volume (12 s): its lower slices moved 3 mm during the volume
+    study = generate_phantom(
+        PhantomConfig(
+            matrix=96, slices=8, duration_s=29, noise_hu=6.0, supersample=3, seed=5,
+            slice_motions=(SliceMotion(12, 4, 7, translation_mm=(3.0, 0.0, 0.0)),),
+        )
+    )  # fmt: skip
+    acquired = sample_study(study, parse_schedule("every:4"))
+    assert float(acquired.times_s[broken]) == 12.0
+    files = write_study(acquired, tmp_path / "in", uid_seed="motion stage")
+    pipeline = SeriesPipeline(LinearInpainter(), RECIPE, guardrail=GuardrailSettings(policy="off"))
+    still = run_series(pipeline, files, tmp_path / "without")
+    at_12_s = int(np.flatnonzero(still.fill.seconds == 12)[0])  # the acquisition starts at 0 s
+    assert still.motion is None and still.fill.fills[at_12_s].kind == "acquired"
+
+    pipeline.motion = MotionSettings()
+    result = run_series(pipeline, files, tmp_path / "with")
+    assert not result.motion.usable[broken] and result.motion.usable.sum() == len(acquired.times_s) - 1
+    second = result.fill.fills[at_12_s]
+    assert second.kind != "acquired" and second.replaces == broken  # inpainted like a gap
+    comment = str(pydicom.dcmread(result.derived.paths[0], stop_before_pixels=True).ImageComments)
+    assert "motion:" in comment and "1 unusable" in comment and "12 s" in comment
+    assert (tmp_path / "with" / "motion.json").is_file()
+
+
+def test_a_series_the_motion_check_cannot_run_on_goes_on_unchecked(ring_files, tmp_path):
+    from ctp_node.config import MotionSettings
+
+    series, files = ring_files  # 3 volumes: too few to tell motion from contrast
+    pipeline = SeriesPipeline(LinearInpainter(), RECIPE, motion=MotionSettings())
+    result = run_series(pipeline, files, tmp_path)
+    assert result.motion is None and any(note.startswith("motion not checked") for note in result.notes)
+    assert result.derived is not None

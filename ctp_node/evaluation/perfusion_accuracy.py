@@ -1,0 +1,39 @@
+"""The accuracy targets of ``ctp-node perfusion`` on a phantom study: maps against the phantom's truth.
+
+Needs the phantom's tissue labels (normally perfused grey and white matter, the lesion core), so it
+lives with the evaluation; the comparison itself is ``ctp_node.perfusion.compare``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctp_node.perfusion.compare import region_median_error
+from ctp_node.phantom.tissue import TissueLabel
+
+
+def accuracy(maps, study, truth_masks) -> dict[str, float]:
+    """The accuracy targets' numbers for ``maps`` (``PerfusionMaps``) of a phantom ``study``.
+
+    ``truth_masks``: ``perfusion.lesion.convention_masks`` of the true maps (same voxel size).
+    Volumes in mL; ``*_rel`` are relative errors of the region medians; ``tmax_normal_s`` is the
+    median |Tmax - true delay| in normally perfused grey and white matter.
+    """
+    truth = study.truth
+    voxel_ml = float(np.prod(study.spacing_mm)) / 1000.0
+    normal = np.isin(truth.labels, (TissueLabel.GREY_MATTER, TissueLabel.WHITE_MATTER))
+    wm = truth.labels == TissueLabel.WHITE_MATTER
+    core = truth.core_mask
+    return {
+        "core_ml": float(maps.core_mask.sum()) * voxel_ml,
+        "core_true_ml": float(truth_masks.core.sum()) * voxel_ml,
+        "tmax6_ml": float(maps.hypoperfusion_mask.sum()) * voxel_ml,
+        "tmax6_true_ml": float(truth_masks.hypoperfusion.sum()) * voxel_ml,
+        "reference_cbf": float(maps.reference_cbf),
+        "reference_cbf_true": float(truth_masks.reference_cbf),
+        "cbf_wm_rel": region_median_error(maps.cbf, truth.cbf, wm),
+        "cbv_wm_rel": region_median_error(maps.cbv, truth.cbv, wm),
+        "cbf_core_rel": region_median_error(maps.cbf, truth.cbf, core),
+        "cbv_core_rel": region_median_error(maps.cbv, truth.cbv, core),
+        "tmax_normal_s": float(np.median(np.abs(maps.tmax[normal] - truth.tmax[normal]))),
+    }

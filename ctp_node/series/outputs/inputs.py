@@ -1,0 +1,281 @@
+"""What the perfusion output writers draw on: plain arrays and small dataclasses, no analysis code.
+
+``PerfusionAnalysis`` is one analysis of one series (the synthetic 1 s series, or the acquired one
+alone): maps, lesion masks, volumes, the AIF and VOF. ``PerfusionOutputInput`` gathers the analyses
+of one job with the images the outputs refer to and the guardrail's verdict. ``analysis_from_maps``
+and ``output_input`` adapt the result of ``ctp_node.perfusion.compute_perfusion``; any other analysis
+can fill the dataclasses directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctp_node.errors import PerfusionOutputError  # noqa: F401 (re-exported: ctp_node.series.outputs)
+from ctp_node.series.guardrail import GuardrailVerdict
+
+MAP_NAMES = ("cbf", "cbv", "mtt", "tmax")
+MASK_NAMES = ("core", "tmax6", "tmax10")
+
+
+@dataclass(frozen=True)
+class PerfusionAnalysis:
+    """One perfusion analysis on the grid of the reference images: (Z, Y, X) maps and masks.
+
+    Units: CBF mL/100 g/min, CBV mL/100 g, MTT s, Tmax s. Volumes in mL (None: not known, e.g. without
+    a voxel size). ``aif_voxels`` / ``vof_voxels``: (n, 3) int (z, y, x) of the voxels whose mean curves
+    are ``aif_curve`` / ``vof_curve`` (HU above baseline at ``times_s``); VOF None when none was chosen.
+    ``label``: how the outputs name the analysed series ("synthetic 1 s", "acquired").
+    """
+
+    label: str
+    cbf: np.ndarray
+    cbv: np.ndarray
+    mtt: np.ndarray
+    tmax: np.ndarray
+    core_mask: np.ndarray
+    tmax6_mask: np.ndarray
+    tmax10_mask: np.ndarray
+    times_s: np.ndarray
+    aif_curve: np.ndarray | None
+    aif_voxels: np.ndarray | None
+    vof_curve: np.ndarray | None = None
+    vof_voxels: np.ndarray | None = None
+    brain_mask: np.ndarray | None = None
+    core_volume_ml: float | None = None
+    tmax6_volume_ml: float | None = None
+    tmax10_volume_ml: float | None = None
+    mismatch_volume_ml: float | None = None
+    mismatch_ratio: float | None = None
+    hypoperfusion_intensity_ratio: float | None = None
+    reference_cbf: float | None = None
+    method: str = ""
+    notes: tuple[str, ...] = ()
+
+    def map(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+    def mask(self, name: str) -> np.ndarray:
+        return getattr(self, f"{name}_mask")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(np.shape(self.cbf))  # type: ignore[return-value]
+
+    def check(self) -> None:
+        """Shapes and types agree; PerfusionOutputError says what does not."""
+        shape = self.shape
+        if len(shape) != 3:
+            raise PerfusionOutputError(f"{self.label}: maps must be (Z, Y, X), got cbf of shape {shape}")
+        for name in MAP_NAMES:
+            if np.shape(self.map(name)) != shape:
+                raise PerfusionOutputError(f"{self.label}: {name} has shape {np.shape(self.map(name))}, cbf {shape}")
+        for name in MASK_NAMES:
+            mask = np.asarray(self.mask(name))
+            if mask.shape != shape or mask.dtype != bool:
+                raise PerfusionOutputError(
+                    f"{self.label}: {name}_mask must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}"
+                )
+        if self.brain_mask is not None and np.shape(self.brain_mask) != shape:
+            raise PerfusionOutputError(f"{self.label}: brain_mask has shape {np.shape(self.brain_mask)}, maps {shape}")
+        for name in ("aif", "vof"):
+            curve, voxels = getattr(self, f"{name}_curve"), getattr(self, f"{name}_voxels")
+            if curve is not None and np.shape(curve) != np.shape(self.times_s):
+                raise PerfusionOutputError(
+                    f"{self.label}: {name}_curve has {np.shape(curve)} values for {np.shape(self.times_s)} times"
+                )
+            if voxels is not None and (np.ndim(voxels) != 2 or np.shape(voxels)[1] != 3):
+                raise PerfusionOutputError(f"{self.label}: {name}_voxels must be (n, 3) (z, y, x)")
+
+
+@dataclass(frozen=True)
+class TissueCurves:
+    """Mean time-attenuation curves (HU) of tissue classes of one series, at ``times_s``."""
+
+    times_s: np.ndarray
+    curves: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PerfusionOutputInput:
+    """Everything one job's perfusion outputs are written from.
+
+    ``reference_files``: one single-frame image per slice (z order) on the maps' grid, whose patient,
+    study and geometry the outputs copy and which SEG and SR reference: the derived 1 s series' first
+    second (``DerivedSeries.paths[:Z]``). ``source_series_uid``: the series the job received (part of
+    every output UID, as for the derived series). ``anatomy_hu``: (Z, Y, X) unenhanced HU shown under the
+    QA report's overlays (None: the CBV map is shown instead).
+    """
+
+    synthetic: PerfusionAnalysis
+    reference_files: Sequence[Path]
+    source_series_uid: str
+    acquired: PerfusionAnalysis | None = None
+    synthetic_curves: TissueCurves | None = None
+    acquired_curves: TissueCurves | None = None
+    anatomy_hu: np.ndarray | None = None
+    guardrail: GuardrailVerdict | None = None
+    generation: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def analyses(self) -> list[PerfusionAnalysis]:
+        return [a for a in (self.synthetic, self.acquired) if a is not None]
+
+
+def mean_tissue_curves(hu: np.ndarray, times_s: np.ndarray, regions: Mapping[str, np.ndarray]) -> TissueCurves:
+    """Mean curve of each non-empty region (Z, Y, X bool; a voxel counts for the first region holding it)
+    of a (T, Z, Y, X) HU series.
+
+    Per frame, the voxels of all regions are gathered once and summed per region by one ``bincount``:
+    a 1 s series at 512 x 512 is never copied, and voxels outside every region are never read."""
+    hu = np.asarray(hu)
+    names = [name for name, mask in regions.items() if np.any(mask)]
+    labels = np.zeros(hu.shape[1:], dtype=np.int32)
+    for index, name in reversed(list(enumerate(names, start=1))):  # the first region wins a shared voxel
+        labels[np.asarray(regions[name], dtype=bool)] = index
+    flat = labels.reshape(-1)
+    inside = np.flatnonzero(flat)
+    region = flat[inside] - 1
+    counts = np.bincount(region, minlength=len(names)).astype(np.float64)
+    sums = np.stack([np.bincount(region, weights=frame.reshape(-1)[inside], minlength=len(names)) for frame in hu])
+    curves = {name: sums[:, i] / counts[i] for i, name in enumerate(names)}
+    return TissueCurves(np.asarray(times_s, dtype=np.float64), curves)
+
+
+def tissue_regions(analysis: PerfusionAnalysis, tissue: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The QA report's tissue classes: normally perfused tissue, Tmax > 6 s outside the core, core."""
+    base = tissue if tissue is not None else analysis.brain_mask
+    if base is None:
+        base = np.ones(analysis.shape, dtype=bool)
+    return {
+        "normal (Tmax <= 6 s)": base & ~analysis.tmax6_mask & ~analysis.core_mask,
+        "Tmax > 6 s, not core": analysis.tmax6_mask & ~analysis.core_mask,
+        "core (rCBF < 30 %)": analysis.core_mask,
+    }
+
+
+def analysis_from_maps(maps, label: str, voxel_volume_ml: float | None = None) -> PerfusionAnalysis:
+    """A ``PerfusionAnalysis`` from ``ctp_node.perfusion.PerfusionMaps`` (read by attribute name, so that a
+    result with more fields, e.g. a VOF or the Tmax > 10 s mask, fills them too).
+
+    Without a ``severe_hypoperfusion_mask`` the Tmax > 10 s mask is rebuilt by the lesion module's rules
+    (same thresholds and cleaning as the analysis used by default)."""
+    from ctp_node.perfusion import lesion
+
+    voxel_ml = voxel_volume_ml if voxel_volume_ml is not None else getattr(maps, "voxel_volume_ml", None)
+    tmax10 = _first(maps, "severe_hypoperfusion_mask", "severe_mask", "tmax10_mask")
+    if tmax10 is None:
+        tissue = getattr(maps, "tissue_mask", None)
+        tissue = tissue if tissue is not None else maps.brain_mask
+        tmax10 = lesion.lesion_masks(tissue, maps.cbf, maps.tmax, voxel_volume_ml=voxel_ml).severe
+    core, tmax6 = np.asarray(maps.core_mask, bool), np.asarray(maps.hypoperfusion_mask, bool)
+    tmax10 = np.asarray(tmax10, bool)
+    volumes = _volumes(core, tmax6, tmax10, voxel_ml)
+    for key, attribute in (
+        ("core", "core_volume_ml"),
+        ("tmax6", "hypoperfusion_volume_ml"),
+        ("tmax10", "severe_hypoperfusion_volume_ml"),
+    ):
+        given = getattr(maps, attribute, None)
+        if given is not None:
+            volumes[key] = float(given)
+    mismatch = getattr(maps, "mismatch_volume_ml", None)
+    if mismatch is None and volumes["core"] is not None:
+        mismatch = volumes["tmax6"] - volumes["core"]  # as the analysis defines it: negative when core > Tmax > 6 s
+    vof_curve, vof_voxels = _vof(maps)
+    return PerfusionAnalysis(
+        label=label,
+        cbf=maps.cbf, cbv=maps.cbv, mtt=maps.mtt, tmax=maps.tmax,
+        core_mask=core, tmax6_mask=tmax6, tmax10_mask=tmax10,
+        times_s=np.asarray(maps.times_s, dtype=np.float64),
+        aif_curve=_optional_array(getattr(maps, "aif_curve", None)),
+        aif_voxels=_optional_array(getattr(maps, "aif_voxels", None)),
+        vof_curve=vof_curve,
+        vof_voxels=vof_voxels,
+        brain_mask=getattr(maps, "brain_mask", None),
+        core_volume_ml=volumes["core"], tmax6_volume_ml=volumes["tmax6"], tmax10_volume_ml=volumes["tmax10"],
+        mismatch_volume_ml=None if mismatch is None else float(mismatch),
+        mismatch_ratio=_ratio(volumes["tmax6"], volumes["core"]),
+        hypoperfusion_intensity_ratio=_ratio(volumes["tmax10"], volumes["tmax6"]),
+        reference_cbf=getattr(maps, "reference_cbf", None),
+        method=str(getattr(maps, "method", "")),
+        notes=tuple(getattr(maps, "notes", ()) or ()),
+    )  # fmt: skip
+
+
+def output_input(
+    synthetic_maps,
+    synthetic_hu: np.ndarray,
+    reference_files: Sequence[Path],
+    source_series_uid: str,
+    *,
+    voxel_volume_ml: float | None,
+    acquired_maps=None,
+    acquired_hu: np.ndarray | None = None,
+    guardrail: GuardrailVerdict | None = None,
+    generation: int = 1,
+) -> PerfusionOutputInput:
+    """The writers' input from ``compute_perfusion`` results of the synthetic (and acquired) series.
+
+    ``synthetic_hu`` / ``acquired_hu``: the (T, Z, Y, X) HU series the maps were computed from (mean tissue
+    curves, anatomy); the tissue classes of both come from the synthetic analysis, so the curves compare
+    the same voxels."""
+    synthetic = analysis_from_maps(synthetic_maps, "synthetic 1 s", voxel_volume_ml)
+    acquired = None if acquired_maps is None else analysis_from_maps(acquired_maps, "acquired", voxel_volume_ml)
+    regions = tissue_regions(synthetic, getattr(synthetic_maps, "tissue_mask", None))
+    synthetic_curves = mean_tissue_curves(synthetic_hu, synthetic.times_s, regions)
+    acquired_curves = None
+    if acquired_hu is not None and acquired_maps is not None:
+        acquired_curves = mean_tissue_curves(acquired_hu, np.asarray(acquired_maps.times_s), regions)
+    baseline = getattr(synthetic_maps, "baseline_frames", None)
+    frames = np.asarray(baseline if baseline is not None and len(baseline) else [0], dtype=int)
+    anatomy = np.mean([np.asarray(synthetic_hu[int(i)], dtype=np.float32) for i in frames], axis=0)
+    return PerfusionOutputInput(
+        synthetic=synthetic, reference_files=list(reference_files), source_series_uid=source_series_uid,
+        acquired=acquired, synthetic_curves=synthetic_curves, acquired_curves=acquired_curves,
+        anatomy_hu=anatomy, guardrail=guardrail, generation=generation,
+    )  # fmt: skip
+
+
+def _vof(maps) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The VOF's curve and voxels: from ``aif_selection.vof`` (a ``VesselCurve``) when the analysis chose
+    one, else from ``vof_curve`` / ``vof_voxels`` attributes; (None, None) when there is none."""
+    selection = getattr(maps, "aif_selection", None)
+    vessel = getattr(selection, "vof", None)
+    curve = getattr(vessel, "curve", None) if vessel is not None else getattr(maps, "vof_curve", None)
+    voxels = getattr(vessel, "voxels", None) if vessel is not None else getattr(maps, "vof_voxels", None)
+    if voxels is not None and len(voxels) == 0:
+        voxels = None
+    if curve is None or voxels is None or np.shape(curve) != np.shape(maps.times_s):
+        return None, None  # none, or not on the analysis' times: the QA report says "no VOF"
+    return np.asarray(curve, dtype=np.float64), np.asarray(voxels)
+
+
+def _first(obj, *names: str):
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _optional_array(value) -> np.ndarray | None:
+    return None if value is None else np.asarray(value)
+
+
+def _volumes(core, tmax6, tmax10, voxel_ml: float | None) -> dict[str, float | None]:
+    if voxel_ml is None:
+        return {"core": None, "tmax6": None, "tmax10": None}
+    return {name: float(mask.sum()) * voxel_ml for name, mask in (("core", core), ("tmax6", tmax6), ("tmax10", tmax10))}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """None when either is unknown or the denominator is 0 (no lesion: the ratio is undefined, not 0)."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return float(numerator) / float(denominator)
