@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ctp_node.errors import PerfusionOutputError  # noqa: F401 (re-exported: ctp_node.series.outputs)
+from ctp_node.perfusion import PerfusionMaps
 from ctp_node.series.guardrail import GuardrailVerdict
 
 MAP_NAMES = ("cbf", "cbv", "mtt", "tmax")
@@ -159,33 +160,30 @@ def tissue_regions(analysis: PerfusionAnalysis, tissue: np.ndarray | None = None
     }
 
 
-def analysis_from_maps(maps, label: str, voxel_volume_ml: float | None = None) -> PerfusionAnalysis:
-    """A ``PerfusionAnalysis`` from ``ctp_node.perfusion.PerfusionMaps`` (read by attribute name, so that a
-    result with more fields, e.g. a VOF or the Tmax > 10 s mask, fills them too).
+def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float | None = None) -> PerfusionAnalysis:
+    """A ``PerfusionAnalysis`` from ``compute_perfusion``'s result.
 
-    Without a ``severe_hypoperfusion_mask`` the Tmax > 10 s mask is rebuilt by the lesion module's rules
-    (same thresholds and cleaning as the analysis used by default)."""
+    An analysis without a Tmax > 10 s mask (``severe_mask`` None: made by an older version) gets it
+    rebuilt by the lesion module's rules (same thresholds and cleaning as the analysis uses)."""
     from ctp_node.perfusion import lesion
 
-    voxel_ml = voxel_volume_ml if voxel_volume_ml is not None else getattr(maps, "voxel_volume_ml", None)
-    tmax10 = _first(maps, "severe_hypoperfusion_mask", "severe_mask", "tmax10_mask")
+    voxel_ml = voxel_volume_ml if voxel_volume_ml is not None else maps.voxel_volume_ml
+    tmax10 = maps.severe_mask
     if tmax10 is None:
-        tissue = getattr(maps, "tissue_mask", None)
-        tissue = tissue if tissue is not None else maps.brain_mask
-        tmax10 = lesion.lesion_masks(tissue, maps.cbf, maps.tmax, voxel_volume_ml=voxel_ml).severe
+        tmax10 = lesion.lesion_masks(maps.tissue_mask, maps.cbf, maps.tmax, voxel_volume_ml=voxel_ml).severe
     core, tmax6 = np.asarray(maps.core_mask, bool), np.asarray(maps.hypoperfusion_mask, bool)
     tmax10 = np.asarray(tmax10, bool)
     volumes = _volumes(core, tmax6, tmax10, voxel_ml)
-    for key, attribute in (
-        ("core", "core_volume_ml"),
-        ("tmax6", "hypoperfusion_volume_ml"),
-        ("tmax10", "severe_hypoperfusion_volume_ml"),
+    # The analysis' own volumes win where it reports them (its cleaning of isolated voxels included).
+    for key, given in (
+        ("core", maps.core_volume_ml),
+        ("tmax6", maps.hypoperfusion_volume_ml),
+        ("tmax10", maps.severe_hypoperfusion_volume_ml),
     ):
-        given = getattr(maps, attribute, None)
         if given is not None:
             volumes[key] = float(given)
-    mismatch = getattr(maps, "mismatch_volume_ml", None)
-    if mismatch is None and volumes["core"] is not None:
+    mismatch = maps.mismatch_volume_ml
+    if mismatch is None and volumes["core"] is not None and volumes["tmax6"] is not None:
         mismatch = volumes["tmax6"] - volumes["core"]  # as the analysis defines it: negative when core > Tmax > 6 s
     vof_curve, vof_voxels = _vof(maps)
     return PerfusionAnalysis(
@@ -193,29 +191,28 @@ def analysis_from_maps(maps, label: str, voxel_volume_ml: float | None = None) -
         cbf=maps.cbf, cbv=maps.cbv, mtt=maps.mtt, tmax=maps.tmax,
         core_mask=core, tmax6_mask=tmax6, tmax10_mask=tmax10,
         times_s=np.asarray(maps.times_s, dtype=np.float64),
-        aif_curve=_optional_array(getattr(maps, "aif_curve", None)),
-        aif_voxels=_optional_array(getattr(maps, "aif_voxels", None)),
+        aif_curve=np.asarray(maps.aif_curve), aif_voxels=np.asarray(maps.aif_voxels),
         vof_curve=vof_curve,
         vof_voxels=vof_voxels,
-        brain_mask=getattr(maps, "brain_mask", None),
+        brain_mask=maps.brain_mask,
         core_volume_ml=volumes["core"], tmax6_volume_ml=volumes["tmax6"], tmax10_volume_ml=volumes["tmax10"],
         mismatch_volume_ml=None if mismatch is None else float(mismatch),
         mismatch_ratio=_ratio(volumes["tmax6"], volumes["core"]),
         hypoperfusion_intensity_ratio=_ratio(volumes["tmax10"], volumes["tmax6"]),
-        reference_cbf=getattr(maps, "reference_cbf", None),
-        method=str(getattr(maps, "method", "")),
-        notes=tuple(getattr(maps, "notes", ()) or ()),
+        reference_cbf=maps.reference_cbf,
+        method=maps.method,
+        notes=tuple(maps.notes),
     )  # fmt: skip
 
 
 def output_input(
-    synthetic_maps,
+    synthetic_maps: PerfusionMaps,
     synthetic_hu: np.ndarray,
     reference_files: Sequence[Path],
     source_series_uid: str,
     *,
     voxel_volume_ml: float | None,
-    acquired_maps=None,
+    acquired_maps: PerfusionMaps | None = None,
     acquired_hu: np.ndarray | None = None,
     guardrail: GuardrailVerdict | None = None,
     generation: int = 1,
@@ -227,12 +224,12 @@ def output_input(
     the same voxels."""
     synthetic = analysis_from_maps(synthetic_maps, "synthetic 1 s", voxel_volume_ml)
     acquired = None if acquired_maps is None else analysis_from_maps(acquired_maps, "acquired", voxel_volume_ml)
-    regions = tissue_regions(synthetic, getattr(synthetic_maps, "tissue_mask", None))
+    regions = tissue_regions(synthetic, synthetic_maps.tissue_mask)
     synthetic_curves = mean_tissue_curves(synthetic_hu, synthetic.times_s, regions)
     acquired_curves = None
     if acquired_hu is not None and acquired_maps is not None:
         acquired_curves = mean_tissue_curves(acquired_hu, np.asarray(acquired_maps.times_s), regions)
-    baseline = getattr(synthetic_maps, "baseline_frames", None)
+    baseline = synthetic_maps.baseline_frames
     frames = np.asarray(baseline if baseline is not None and len(baseline) else [0], dtype=int)
     anatomy = np.mean([np.asarray(synthetic_hu[int(i)], dtype=np.float32) for i in frames], axis=0)
     return PerfusionOutputInput(
@@ -242,30 +239,12 @@ def output_input(
     )  # fmt: skip
 
 
-def _vof(maps) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The VOF's curve and voxels: from ``aif_selection.vof`` (a ``VesselCurve``) when the analysis chose
-    one, else from ``vof_curve`` / ``vof_voxels`` attributes; (None, None) when there is none."""
-    selection = getattr(maps, "aif_selection", None)
-    vessel = getattr(selection, "vof", None)
-    curve = getattr(vessel, "curve", None) if vessel is not None else getattr(maps, "vof_curve", None)
-    voxels = getattr(vessel, "voxels", None) if vessel is not None else getattr(maps, "vof_voxels", None)
-    if voxels is not None and len(voxels) == 0:
-        voxels = None
-    if curve is None or voxels is None or np.shape(curve) != np.shape(maps.times_s):
-        return None, None  # none, or not on the analysis' times: the QA report says "no VOF"
-    return np.asarray(curve, dtype=np.float64), np.asarray(voxels)
-
-
-def _first(obj, *names: str):
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _optional_array(value) -> np.ndarray | None:
-    return None if value is None else np.asarray(value)
+def _vof(maps: PerfusionMaps) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The VOF's curve and voxels when the analysis chose one on its own times; else (None, None)."""
+    vessel = maps.aif_selection.vof if maps.aif_selection is not None else None
+    if vessel is None or len(vessel.voxels) == 0 or np.shape(vessel.curve) != np.shape(maps.times_s):
+        return None, None  # the QA report says "no VOF"
+    return np.asarray(vessel.curve, dtype=np.float64), np.asarray(vessel.voxels)
 
 
 def _volumes(core, tmax6, tmax10, voxel_ml: float | None) -> dict[str, float | None]:
