@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from datetime import timedelta
@@ -243,14 +244,17 @@ def write_derived_series(
     out_dir: Path,
     *,
     recipe: DerivedRecipe,
+    volume_notes: Mapping[int, str] | None = None,
 ) -> DerivedSeries:
     """Write ``hu_1s`` float (T1, Z, Y, X) HU as the derived series into ``out_dir`` (rules: module docstring).
 
     ``fill``: the engine's record of what fills each second (``model.planner.FillPlan``, on the clock
     of ``source.times_s``), with the voxel counts of ``ctp_node.series.grid.back_to_source`` when they
     are to be stated in ImageComments. ``source_files``: the source instances (one is read for the
-    patient/study header only when ``source.header`` is None). Everything is checked before the first
-    file is written.
+    patient/study header only when ``source.header`` is None). ``volume_notes``: what happened to a
+    source volume before inpainting (by its index: realigned by the motion stage, or why it was not
+    used), stated in the ImageComments of the images it fills or that replace it. Everything is checked
+    before the first file is written.
     """
     hu = np.asarray(hu_1s)
     grid_times = np.asarray(fill.times_s, dtype=np.float64)
@@ -279,7 +283,9 @@ def write_derived_series(
         base.add_new("PixelPaddingValue", "SS", padding[2])  # the derived pixels are signed
         if "PixelPaddingRangeLimit" in header:
             base.add_new("PixelPaddingRangeLimit", "SS", padding[1] if padding[2] == padding[0] else padding[0])
-    context = _Context(source, header, uids, recipe, grid_times, _summary(recipe, grid_times, sources))
+    context = _Context(
+        source, header, uids, recipe, grid_times, _summary(recipe, grid_times, sources), dict(volume_notes or {})
+    )
 
     make_dirs(out_dir)
     paths, clipped = [], 0
@@ -487,6 +493,7 @@ class _Context:
     recipe: DerivedRecipe
     grid_times: np.ndarray
     summary: str
+    volume_notes: dict[int, str]
 
 
 def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, fill: FillCounts | None) -> None:
@@ -507,7 +514,9 @@ def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, f
     ds.ImagePositionPatient = [_ds(v) for v in position]
     ds.SliceLocation = _ds(float(np.dot(position, np.asarray(source.direction, dtype=np.float64)[:, 2])))
     t, t_left, t_right = _s(src.time_s), _s(source.times_s[src.left]), _s(source.times_s[src.right])
-    if src.kind == "acquired":
+    if src.kind == "acquired" and src.left in context.volume_notes:  # the motion stage moved it
+        what = f"ACQUIRED image at {t} s: the source volume acquired at {t_left} s, {context.volume_notes[src.left]}."
+    elif src.kind == "acquired":
         what = f"ACQUIRED image at {t} s: pixels of the source volume acquired at {t_left} s, unchanged."
     elif src.kind == "synthetic":
         what = (
@@ -520,6 +529,10 @@ def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, f
         if fill.vessel_fit:
             what = what[:-1] + " (contrast-filled vessels: gamma-variate bolus fit of the acquired samples)."
         what += f" Filled voxels: {fill.describe()}."
+    if src.replaces is not None:
+        replaced = _s(source.times_s[src.replaces])
+        why = context.volume_notes.get(src.replaces, "marked unusable")
+        what += f" It replaces the volume acquired at {replaced} s, not used: {why}."
     ds.ImageComments = f"{what} {CAUTION}"
     if recipe.comment:  # the guardrail's flag or fallback, on every image of the series
         ds.ImageComments = f"{ds.ImageComments} {recipe.comment}"

@@ -240,7 +240,9 @@ def run_series(
         if recipe is None:
             raise ValueError("the pipeline has no output recipe: give SeriesPipeline a DerivedRecipe to write")
         mark = time.perf_counter()
-        derived = write_derived_series(hu_1s, fill, series, files, out_dir, recipe=recipe)
+        derived = write_derived_series(
+            hu_1s, fill, series, files, out_dir, recipe=recipe, volume_notes=_volume_notes(motion)
+        )
         verdict.write(out_dir)
         if motion is not None:
             write_json(out_dir / MOTION_FILE, motion.summary())
@@ -260,6 +262,21 @@ def run_series(
 
 
 MOTION_FILE = "motion.json"  # every volume's pose, displacement, residual and reasons (the job's record)
+
+
+def _volume_notes(motion: MotionResult | None) -> dict[int, str]:
+    """Per source volume, what the motion stage did to it (for the images it fills or that replace it)."""
+    if motion is None:
+        return {}
+    notes = {}
+    for volume in motion.volumes:
+        if not volume.usable:
+            notes[volume.volume] = "; ".join(volume.reasons)
+        elif volume.corrected:
+            notes[volume.volume] = (
+                f"realigned to the baseline by rigid registration (it had moved {volume.displacement_mm:.1f} mm)"
+            )
+    return notes
 
 
 def _joined(*comments: str) -> str:

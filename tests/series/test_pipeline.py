@@ -93,7 +93,10 @@ def test_the_motion_stage_replaces_a_volume_it_cannot_rescue_and_says_so(tmp_pat
     study = generate_phantom(
         PhantomConfig(
             matrix=96, slices=8, duration_s=29, noise_hu=6.0, supersample=3, seed=5,
-            slice_motions=(SliceMotion(12, 4, 7, translation_mm=(3.0, 0.0, 0.0)),),
+            slice_motions=(
+                SliceMotion(8, 0, 7, (0.0, 0.0, 2.0), (1.5, -1.0, 0.0)),  # the whole head moved: rescued
+                SliceMotion(12, 4, 7, translation_mm=(3.0, 0.0, 0.0)),  # moved during the volume: not
+            ),
         )
     )  # fmt: skip
     acquired = sample_study(study, parse_schedule("every:4"))
@@ -107,11 +110,20 @@ def test_the_motion_stage_replaces_a_volume_it_cannot_rescue_and_says_so(tmp_pat
     pipeline.motion = MotionSettings()
     result = run_series(pipeline, files, tmp_path / "with")
     assert not result.motion.usable[broken] and result.motion.usable.sum() == len(acquired.times_s) - 1
+    assert "1 unusable" in result.motion.comment()
     second = result.fill.fills[at_12_s]
     assert second.kind != "acquired" and second.replaces == broken  # inpainted like a gap
     comment = str(pydicom.dcmread(result.derived.paths[0], stop_before_pixels=True).ImageComments)
     assert "motion:" in comment and "1 unusable" in comment and "12 s" in comment
     assert (tmp_path / "with" / "motion.json").is_file()
+    at_8_s = int(np.flatnonzero(result.fill.seconds == 8)[0])
+    assert result.motion.corrected[2] and result.fill.fills[at_8_s].kind == "acquired"
+    realigned = str(pydicom.dcmread(result.derived.paths[at_8_s * 8], stop_before_pixels=True).ImageComments)
+    assert "realigned to the baseline by rigid registration" in realigned and "unchanged" not in realigned
+    # The images standing in for the broken volume say which volume they replace and why.
+    replacing = str(pydicom.dcmread(result.derived.paths[at_12_s * 8], stop_before_pixels=True).ImageComments)
+    assert "replaces the volume acquired at 12 s, not used:" in replacing
+    assert any(reason in replacing for reason in result.motion.volumes[broken].reasons)
 
 
 def test_a_series_the_motion_check_cannot_run_on_goes_on_unchecked(ring_files, tmp_path):
