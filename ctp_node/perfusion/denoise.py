@@ -35,17 +35,12 @@ from ctp_node.perfusion import parametric
 
 SUBSPACE_TOLERANCE = 0.05  # worst atom's residual / norm after projection
 MAX_COMPONENTS = 16
-SPATIAL_SIGMA_MM = float(__import__("os").environ.get("H13_SIGMA", "2.0"))
+SPATIAL_SIGMA_MM = 2.0
 RADIUS_SIGMAS = 2.0
 STENCIL_STEP_MM = 0.9  # neighbours closer than the noise correlation add little: ~1 mm apart
 GUIDE_SIGMA_MM = 1.0
 NOISE_RANK_RTOL = 1e-6  # noise-covariance eigenvalues below this fraction of the largest: no direction
 SIGNAL_VARIANCE = 1.5  # x noise variance: a direction with more variance than this carries signal
-import os  # EXPERIMENT
-ORACLE = None
-_BOX = None
-GUIDED_PASSES = int(os.environ.get("H13_PASSES", "1"))
-GUIDED_EXPECTED_SCALE = float(os.environ.get("H13_SCALE", "1.0"))
 
 
 @dataclass(frozen=True)
@@ -132,8 +127,6 @@ def tips_filter(
     box = _bounding_box(mask)
     if box is None or noise.sigma_hu <= 0:
         return coefficients
-    global _BOX  # EXPERIMENT
-    _BOX = box
     coef = np.ascontiguousarray(coefficients[(slice(None), *box)], dtype=np.float32)
     m = mask[box]
     weight = m.astype(np.float32)
@@ -171,90 +164,43 @@ def tips_filter(
 
     step = max(1, int(round(STENCIL_STEP_MM / pixel_mm)))
     radius = int(np.ceil(RADIUS_SIGMAS * spatial_sigma_mm / pixel_mm / step)) * step
-    offsets = [
-        (dy, dx, float(np.exp(-0.5 * (dy * dy + dx * dx) * pixel_mm**2 / spatial_sigma_mm**2)))
-        for dy in range(-radius, radius + 1, step)
-        for dx in range(-radius, radius + 1, step)
-        if (dy * dy + dx * dx) * pixel_mm**2 <= (RADIUS_SIGMAS * spatial_sigma_mm) ** 2 + 1e-9
-    ]
-    n_offsets = len(offsets)
-    flat = _weighted_pass(coef, guide, weight, offsets, radius, [expected] * n_offsets, [spread] * n_offsets)
-    for _ in range(GUIDED_PASSES - 1):
-        # Rolling guidance: the previous pass' curves are the new guide. Their noise is far lower,
-        # so curves that differ by less than one voxel's noise (core against normal tissue at the
-        # core's rim) are now told apart. The guide's noise per offset is measured by running the
-        # previous pass' weights over the noise-only image (its data-dependent smoothing included).
-        filtered_noise = _weighted_pass(
-            noise.noise_image[box][None].astype(np.float32), guide, weight, offsets, radius,
-            [expected] * n_offsets, [spread] * n_offsets,
-        )[0] if _ == 0 else filtered_noise_next  # noqa: F821
-        new_guide = np.tensordot(signal.T.astype(np.float32), flat, axes=1) * weight
-        noise_p = np.pad(filtered_noise, ((0, 0), (radius, radius), (radius, radius)))
-        weight_p = np.pad(weight, ((0, 0), (radius, radius), (radius, radius)))
-        ny, nx = m.shape[1:]
-        exp_off, spread_off = [], []
-        for dy, dx, _w in offsets:
-            ys, xs = slice(radius + dy, radius + dy + ny), slice(radius + dx, radius + dx + nx)
-            both = m & (weight_p[:, ys, xs] > 0)
-            diff2 = (filtered_noise - noise_p[:, ys, xs])[both] ** 2
-            per_dir = float(diff2.mean()) / sigma2 if diff2.size else 0.0
-            e = max(per_dir * k * GUIDED_EXPECTED_SCALE, 1e-12)
-            exp_off.append(e)
-            spread_off.append(e * np.sqrt(2.0 / k))
-        filtered_noise_next = _weighted_pass(
-            noise.noise_image[box][None].astype(np.float32), new_guide, weight, offsets, radius, exp_off, spread_off
-        )[0]
-        flat = _weighted_pass(coef, new_guide, weight, offsets, radius, exp_off, spread_off)
-        guide = new_guide
-    out = coefficients.copy()
-    region = out[(slice(None), *box)]
-    region[:, m] = flat[:, m]
-    return out
-
-
-def _weighted_pass(
-    coef: np.ndarray,
-    guide: np.ndarray,
-    weight: np.ndarray,
-    offsets: list[tuple[int, int, float]],
-    radius: int,
-    expected: list[float],
-    spread: list[float],
-) -> np.ndarray:
-    """One bilateral pass: (C, Z, Y, X) ``coef`` averaged over the stencil ``offsets`` (dy, dx,
-    spatial weight) with the range weight of the (k, Z, Y, X) ``guide`` distance, per offset."""
     pad = ((0, 0), (0, 0), (radius, radius), (radius, radius))
     coef_p = np.pad(coef, pad)
     guide_p = np.pad(guide, pad)
     weight_p = np.pad(weight, pad[1:])
-    ny, nx = weight.shape[1:]
+    ny, nx = m.shape[1:]
     acc = np.zeros_like(coef)
-    total = np.zeros(weight.shape, dtype=np.float32)
-    d2 = np.empty(weight.shape, dtype=np.float32)
-    tmp = np.empty(weight.shape, dtype=np.float32)
-    for (dy, dx, spatial), e, s in zip(offsets, expected, spread):
-        ys, xs = slice(radius + dy, radius + dy + ny), slice(radius + dx, radius + dx + nx)
-        d2.fill(0.0)
-        for c in range(guide.shape[0]):
-            np.subtract(guide[c], guide_p[c, :, ys, xs], out=tmp)
-            np.square(tmp, out=tmp)
-            d2 += tmp
-        # w = spatial * exp(-max(d2 - expected, 0) / spread) * neighbour in mask
-        np.subtract(d2, np.float32(e), out=d2)
-        np.maximum(d2, 0.0, out=d2)
-        np.multiply(d2, np.float32(-1.0 / s), out=d2)
-        np.exp(d2, out=d2)
-        d2 *= np.float32(spatial)
-        d2 *= weight_p[:, ys, xs]
-        if ORACLE is not None:  # EXPERIMENT
-            lab = ORACLE[_BOX].astype(np.float32)
-            lab_p = np.pad(lab, pad[1:])
-            d2 *= (lab == lab_p[:, ys, xs])
-        total += d2
-        for c in range(coef.shape[0]):
-            np.multiply(coef_p[c, :, ys, xs], d2, out=tmp)
-            acc[c] += tmp
-    return acc / np.maximum(total, 1e-12)
+    total = np.zeros(m.shape, dtype=np.float32)
+    d2 = np.empty(m.shape, dtype=np.float32)
+    tmp = np.empty(m.shape, dtype=np.float32)
+    n_coef = coef.shape[0]
+    for dy in range(-radius, radius + 1, step):
+        for dx in range(-radius, radius + 1, step):
+            r2 = (dy * dy + dx * dx) * pixel_mm**2
+            if r2 > (RADIUS_SIGMAS * spatial_sigma_mm) ** 2 + 1e-9:
+                continue
+            ys, xs = slice(radius + dy, radius + dy + ny), slice(radius + dx, radius + dx + nx)
+            d2.fill(0.0)
+            for c in range(k):
+                np.subtract(guide[c], guide_p[c, :, ys, xs], out=tmp)
+                np.square(tmp, out=tmp)
+                d2 += tmp
+            # w = spatial * exp(-max(d2 - expected, 0) / spread) * neighbour in mask
+            np.subtract(d2, np.float32(expected), out=d2)
+            np.maximum(d2, 0.0, out=d2)
+            np.multiply(d2, np.float32(-1.0 / spread), out=d2)
+            np.exp(d2, out=d2)
+            d2 *= np.float32(np.exp(-0.5 * r2 / spatial_sigma_mm**2))
+            d2 *= weight_p[:, ys, xs]
+            total += d2
+            for c in range(n_coef):
+                np.multiply(coef_p[c, :, ys, xs], d2, out=tmp)
+                acc[c] += tmp
+    out = coefficients.copy()
+    filtered = acc / np.maximum(total, 1e-12)
+    region = out[(slice(None), *box)]
+    region[:, m] = filtered[:, m]
+    return out
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
