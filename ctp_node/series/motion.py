@@ -61,6 +61,7 @@ SOFT_TISSUE_HU = (0.0, 80.0)  # brain parenchyma and CSF on the unenhanced refer
 RESIDUAL = "residual misalignment after registration"
 DISCONTINUITY = "slice discontinuity (intra-volume motion)"
 BASELINE = "baseline outlier"
+MOTION_FILE = "motion.json"  # beside a job's result: every volume's pose, displacement, residual and reasons
 
 
 class MotionError(CTPInputError):

@@ -38,7 +38,7 @@ from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.series.grid import back_to_source, to_model_grid
 from ctp_node.series.guardrail import GuardrailVerdict, check_series, fall_back
-from ctp_node.series.motion import MotionError, MotionResult, correct_motion
+from ctp_node.series.motion import MOTION_FILE, MotionError, MotionResult, correct_motion
 from ctp_node.series.outputs import OutputSeries
 from model import EngineSettings, FillPlan, Inpainter, load_denoiser
 from model.engine import SamplingChoice, StudyInpainter, choose_sampling
@@ -259,9 +259,6 @@ def run_series(
         fill=fill, hu=hu_1s, brain_mask=grid.brain_mask, derived=derived, guardrail=verdict,
         notes=list(study.fill.notes) + notes, seconds=seconds, motion=motion, outputs=outputs,
     )  # fmt: skip
-
-
-MOTION_FILE = "motion.json"  # every volume's pose, displacement, residual and reasons (the job's record)
 
 
 def _volume_notes(motion: MotionResult | None) -> dict[int, str]:

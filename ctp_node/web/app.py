@@ -262,6 +262,7 @@ def create_app(
             "derived": jobview.derived_series(folder, web.mask_patient) if folder else [],
             "figures": jobview.figures(folder) if folder else [],
             "guardrail": jobview.guardrail_verdict(folder) if folder else None,
+            "motion": jobview.motion_record(folder) if folder else None,
             "can_retry": job.state in RETRYABLE,
             "can_resend": job.state in RESENDABLE and job.result_dir is not None and bool(destinations),
             "destinations": destinations,

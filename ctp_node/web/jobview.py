@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from ctp_node.node.jobs import Delivery, JobStore, SeriesJob, State, deliveries_table, series_table
 from ctp_node.series.guardrail import VERDICT_FILE
+from ctp_node.series.motion import MOTION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,15 @@ def figures(folder: Path) -> list[str]:
 
 
 def guardrail_verdict(folder: Path) -> dict[str, Any] | None:
-    path = folder / VERDICT_FILE
+    return _record(folder / VERDICT_FILE)
+
+
+def motion_record(folder: Path) -> dict[str, Any] | None:
+    """The motion stage's record (``motion.json``: every volume's pose and the ones not used)."""
+    return _record(folder / MOTION_FILE)
+
+
+def _record(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

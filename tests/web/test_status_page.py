@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -335,3 +337,23 @@ def test_pages_say_when_the_job_store_does_not_answer(node, monkeypatch):
         page = c.get("/", headers={**BEARER, "Accept": "text/html"})
     assert page.status_code == 503 and "job store does not answer" in page.text
     assert page.headers["x-frame-options"] == "DENY"
+
+
+def test_the_job_page_shows_the_motion_record_when_there_is_one(client, node):
+    from ctp_node.series.motion import MOTION_FILE
+
+    _, store = node
+    done = job_id(store, DONE_SERIES)
+    assert "<h2>Motion</h2>" not in client.get(f"/jobs/{done}", headers=basic()).text  # none written
+    record = {
+        "corrected": 1, "unusable": [3], "centre_mm": [0, 0, 0], "seconds": {}, "notes": [],
+        "volumes": [
+            {"volume": 2, "time_s": 8.0, "displacement_mm": 2.4, "corrected": True, "residual_mm": 0.2, "reasons": []},
+            {"volume": 3, "time_s": 12.0, "displacement_mm": 0.1, "corrected": False, "residual_mm": 2.9,
+             "reasons": ["slice discontinuity (intra-volume motion)"]},
+        ],
+    }  # fmt: skip
+    (Path(store.get(done).result_dir) / MOTION_FILE).write_text(json.dumps(record))
+    page = client.get(f"/jobs/{done}", headers=basic()).text
+    assert "<h2>Motion</h2>" in page and "1 of 2 volumes realigned" in page
+    assert "volumes 3" in page and "slice discontinuity (intra-volume motion)" in page
