@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -274,6 +275,24 @@ def test_dicomweb_client_stores_over_http(receiver, served, tmp_path):
     assert unauthorized.value.response.status_code == 401
 
 
+def _read_response(sock: socket.socket) -> str:
+    """One whole HTTP response: headers and body can arrive in separate segments."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode("latin-1")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
 def test_a_stalled_body_is_dropped_and_a_second_request_meanwhile_is_busy(served, tmp_path):
     port = int(served.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as stalled:
@@ -290,7 +309,7 @@ def test_a_stalled_body_is_dropped_and_a_second_request_meanwhile_is_busy(served
         )
         assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
         stalled.settimeout(30)
-        reply = stalled.recv(65536).decode("latin-1")
+        reply = _read_response(stalled)
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert "stalled" in json.loads(reply.split("\r\n\r\n", 1)[1])["detail"]
     after = requests.post(
