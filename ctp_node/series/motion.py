@@ -189,12 +189,17 @@ def correct_motion(series: CTPSeries, settings: MotionSettings | None = None) ->
         mark = time.perf_counter()
         skull = _skull_points(anchor)
         full_reference = _image(reference, series, 1)
-        registered = np.empty_like(hu, dtype=np.float32)
+        # The series is copied only when a volume is resampled: a still series (the common case) is
+        # passed on as it is, without a second full-size array.
+        registered = hu
         volumes = []
         for t, tx in enumerate(transforms):
             shift = _displacement(tx, skull)
             corrected = shift > cfg.min_correction_mm
-            registered[t] = _resample(hu[t], series, full_reference, tx, cfg.interpolation) if corrected else hu[t]
+            if corrected:
+                if registered is hu:
+                    registered = hu.astype(np.float32, copy=True)
+                registered[t] = _resample(hu[t], series, full_reference, tx, cfg.interpolation)
             volumes.append(_volume_motion(t, float(series.times_s[t]), tx, shift, corrected))
         seconds["resample"] = time.perf_counter() - mark
 
@@ -206,7 +211,7 @@ def correct_motion(series: CTPSeries, settings: MotionSettings | None = None) ->
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous_threads)
     seconds["total"] = sum(seconds.values())
-    out = dataclasses.replace(series, hu=registered)
+    out = series if registered is hu else dataclasses.replace(series, hu=registered)
     return MotionResult(out, volumes, tuple(float(c) for c in centre), seconds, notes)
 
 
