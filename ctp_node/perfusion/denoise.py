@@ -207,3 +207,33 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     if not mask.any():
         return None
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))  # type: ignore[return-value]
+
+
+def median_window(window_mm: float, pixel_mm: float) -> int:
+    """The odd in-plane window (pixels, at least 3) nearest to ``window_mm``; 0 when ``window_mm`` is 0."""
+    if window_mm <= 0:
+        return 0
+    return max(3, 2 * int(round((window_mm / pixel_mm - 1.0) / 2.0)) + 1)
+
+
+def median_in_mask(volume: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """In-plane ``size`` x ``size`` median of ``volume`` (Z, Y, X) over the voxels of ``mask`` only.
+
+    Voxels outside ``mask`` neither vote nor change: a parameter map is filtered within the tissue
+    it is defined in, and a step between two tissues stays where it is (a median never moves an
+    edge, unlike a mean)."""
+    out = np.array(volume, dtype=np.float32, copy=True)
+    if size < 3:
+        return out
+    half = size // 2
+    outside_is_nan = np.where(mask, out, np.float32(np.nan))
+    padded = np.pad(outside_is_nan, ((0, 0), (half, half), (half, half)), constant_values=np.nan)
+    for z in range(out.shape[0]):
+        rows, cols = np.nonzero(mask[z])
+        if rows.size == 0:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(padded[z], (size, size))  # (Y, X, size, size) view
+        for start in range(0, rows.size, 65536):  # bounded memory on 512 x 512 slices
+            r, c = rows[start : start + 65536], cols[start : start + 65536]
+            out[z, r, c] = np.nanmedian(windows[r, c].reshape(r.size, -1), axis=1)
+    return out

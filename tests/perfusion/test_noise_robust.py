@@ -174,3 +174,22 @@ def test_reference_is_normal_tissue_of_the_other_hemisphere_and_small_clusters_g
     island[:, 5:8, 5:8] = True
     kept = drop_small_clusters(island, 5)
     assert not kept[1, 1, 1] and kept[:, 5:8, 5:8].all()
+
+
+def test_the_mtt_median_narrows_the_transit_time_scatter_without_moving_it(noisy_b):
+    """The fitted MTT scatters with heavy tails under noise (shape, delay and transit time trade off);
+    the default in-plane median narrows that scatter in white matter and in the core and leaves the
+    per-voxel median where it was."""
+    truth = noisy_b.truth
+    off = compute_perfusion(noisy_b.hu, noisy_b.times_s, settings=PerfusionSettings(pixel_mm=0.9, mtt_median_mm=0.0))
+    on = compute_perfusion(noisy_b.hu, noisy_b.times_s, settings=PerfusionSettings(pixel_mm=0.9))
+    for region in (truth.labels == TissueLabel.WHITE_MATTER, truth.core_mask):
+        use = region & (truth.mtt > 0) & (off.mtt > 0) & (on.mtt > 0)
+        spread = {}
+        for name, maps in (("off", off), ("on", on)):
+            log_ratio = np.log(maps.mtt[use] / truth.mtt[use])
+            q25, q50, q75 = np.percentile(log_ratio, [25, 50, 75])
+            spread[name] = (q75 - q25, q50)
+        assert spread["on"][0] < 0.9 * spread["off"][0]  # measured: 19 % narrower in white matter, 17 % in the core
+        assert abs(spread["on"][1] - spread["off"][1]) < 0.03
+    np.testing.assert_array_equal(on.cbv, off.cbv)  # only the transit time (and so CBF) is filtered
