@@ -251,8 +251,8 @@ def compute_perfusion(
             # residue shape and transit time trade off, so under noise the fitted MTT scatters with
             # heavy tails (interquartile range +-35 % in a 6 HU core) and CBF = CBV / MTT inherits it.
             # A median within the fitted parenchyma removes the tails and leaves edges in place.
-            fitted = _to_volume(fitted_mtt, flat_index, shape) > 0
-            median = denoise.median_in_mask(_to_volume(fitted_mtt, flat_index, shape), fitted, size)
+            mtt_volume = _to_volume(fitted_mtt, flat_index, shape)
+            median = denoise.median_in_mask(mtt_volume, mtt_volume > 0, size)
             fitted_mtt = np.where(fitted_mtt > 0, median.reshape(-1)[flat_index], 0.0)
     else:
         # Fitted at the acquisition times themselves: no resampling of the tissue curves.

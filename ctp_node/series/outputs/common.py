@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.coding import Code
 
 from ctp_node import __version__
 from ctp_node.files import atomic_write
@@ -31,6 +32,9 @@ from ctp_node.series.outputs.inputs import PerfusionOutputError
 
 RESEARCH_PREFIX = "RUO"
 RESEARCH_NOTE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+# What the lesion masks and their volumes are (SR measurements and SEG segments name the same findings).
+INFARCT = Code("55641003", "SCT", "Infarct")
+ISCHEMIA = Code("52674009", "SCT", "Ischemia")
 LO_MAX = 64
 
 

@@ -28,6 +28,8 @@ from pydicom.sr.coding import Code
 from ctp_node import __version__
 from ctp_node.files import fsync_dir
 from ctp_node.series.outputs.common import (
+    INFARCT,
+    ISCHEMIA,
     RESEARCH_NOTE,
     OutputSeries,
     SeriesIdentity,
@@ -42,8 +44,6 @@ MILLILITRE = Code("ml", "UCUM", "milliliter")
 UNITLESS = Code("{ratio}", "UCUM", "ratio")
 SUM_OF_VOXELS = Code("126030", "DCM", "Sum of segmented voxel method for volume")
 PROCEDURE = Code("126301", "DCM", "Perfusion analysis by IV Iodinated Contrast CT technique")
-INFARCT = Code("55641003", "SCT", "Infarct")
-ISCHEMIA = Code("52674009", "SCT", "Ischemia")
 
 
 @dataclass(frozen=True)

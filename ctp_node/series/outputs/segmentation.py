@@ -19,6 +19,8 @@ from pydicom.sr.coding import Code
 from ctp_node import __version__
 from ctp_node.files import fsync_dir
 from ctp_node.series.outputs.common import (
+    INFARCT,
+    ISCHEMIA,
     OutputSeries,
     SeriesIdentity,
     save_atomic,
@@ -27,8 +29,6 @@ from ctp_node.series.outputs.common import (
 from ctp_node.series.outputs.inputs import PerfusionAnalysis
 
 MORPHOLOGICALLY_ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
-INFARCT = Code("55641003", "SCT", "Infarct")
-ISCHEMIA = Code("52674009", "SCT", "Ischemia")
 # (mask name, label, property type, description)
 SEGMENTS = (
     ("core", "Core rCBF<30%", INFARCT, "ischaemic core: relative CBF below 30 % of normal tissue"),
