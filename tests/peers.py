@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.tools import need_program
 from tests.ports import free_port, wait_for_port
 
 
@@ -109,3 +110,15 @@ def start_orthanc(
         proc.kill()
         raise
     return Orthanc(proc, http_port, dicom_port, config["DicomAet"])
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A one-day self-signed certificate for localhost and 127.0.0.1: (cert.pem, key.pem) in ``folder``."""
+    openssl = need_program("openssl", "apt-get install openssl")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -8,10 +8,8 @@ or whose UIDs differed from the command's, were acknowledged; refusals left no m
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage
 from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.node.running_node import RunningNode, proc_status, read_until_closed
-from tests.peers import wait_for
+from tests.peers import self_signed_certificate, wait_for
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3.0  # the node's network and ACSE timeouts in these tests
@@ -156,21 +154,8 @@ def test_out_of_resources_is_refused_and_counted(node, tmp_path):
     assert node.metric("ctp_node_refused_instances_total", reason="disk") == counted + 1
 
 
-def _certificates(folder: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key = folder / "node.pem", folder / "node.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_a_silent_connection_does_not_stall_tls_associations(tmp_path):
-    cert, key = _certificates(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     node = Node(tmp_path, network_timeout_s=30, acse_timeout_s=30, tls={"certificate": cert, "private_key": key})
     try:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))

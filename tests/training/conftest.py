@@ -1,14 +1,3 @@
-"""Training tests share 2 busy cores with other suites: one intra-op thread avoids oversubscription."""
+"""The training tests run the network on CPU: one torch intra-op thread (tests/torch_threads.py)."""
 
-from __future__ import annotations
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse fixture)

@@ -20,23 +20,12 @@ import pytest
 from ctp_node.node.jobs import State
 from ctp_node.web import start_web
 from tests.deploy.tools import DEPLOY, need_program
-from tests.peers import stop_process
+from tests.peers import self_signed_certificate, stop_process
 from tests.ports import free_port, wait_for_port
 from tests.web.helpers import FAILED_SERIES, PASSWORD, USER, job_id, make_node
 
 SITE = DEPLOY / "nginx" / "ctp-node-status.conf"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
-
-
-def _certificate(folder):
-    openssl = need_program("openssl", "apt-get install openssl")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def _site(web_port: int, http_port: int, https_port: int, cert, key, prefix: str) -> str:
@@ -77,7 +66,7 @@ def _nginx(tmp_path, site: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("prefix", ["", "/ctp-node"])
 def test_the_page_through_the_shipped_nginx_configuration(tmp_path, prefix):
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     settings, store = make_node(tmp_path / "data", root_path=prefix)
     server = start_web(settings, store, port=0)
     http_port, https_port = free_port(), free_port()
