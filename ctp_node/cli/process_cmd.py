@@ -78,7 +78,15 @@ def _send(settings, files: list[Path], targets: list[str]) -> int:
     for target in targets:
         peer = peer_or_exit(settings, target)
         try:
-            results = send_files(files, peer, settings.dicom.ae_title)
+            dicom = settings.dicom
+            results = send_files(
+                files,
+                peer,
+                dicom.ae_title,
+                timeout_s=dicom.network_timeout_s,
+                dimse_timeout_s=dicom.dimse_timeout_s,
+                acse_timeout_s=dicom.acse_timeout_s,
+            )
         except (ConnectionError, OSError) as exc:
             stderr.print(f"[red]send to {target} failed:[/red] {exc}")
             failures += 1

@@ -10,6 +10,11 @@ Series states: receiving -> queued -> processing -> sending -> done, or failed (
 retryable by hand) or ignored (not CTP). An instance arriving after completion re-opens the series
 (state receiving, generation + 1): the result is recomputed and replaces the earlier one.
 
+A delivery under way keeps the result files its destination confirmed (table ``sent_instances``, by
+path within the result folder) as they are confirmed, so a delivery that stops half way (an
+association that drops, a worker that is killed) resends only the rest; a new generation or a resend
+starts afresh, and a finished delivery drops them.
+
 Instances are counted by SOPInstanceUID (table ``instances``: a resent instance is one instance),
 with the few header facts the completeness check needs (``ctp_node.node.completeness``). A store made
 by an older version opens as it is: missing tables are created and missing (nullable) columns
@@ -41,6 +46,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     inspect,
@@ -124,6 +130,13 @@ deliveries_table = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("instances_sent", Integer),
     UniqueConstraint("series_id", "destination", name="uq_delivery"),
+)
+
+sent_instances_table = Table(
+    "sent_instances",
+    metadata,
+    Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True),
+    Column("file", String(512), primary_key=True),  # the file's path within the result folder, as posix
 )
 
 
@@ -241,6 +254,7 @@ def _upsert_delivery(conn: Connection, job_id: int, destination: str, generation
         conn.execute(deliveries_table.insert().values(series_id=job_id, destination=destination, **values))
     else:
         conn.execute(update(deliveries_table).where(deliveries_table.c.id == existing.id).values(**values))
+        conn.execute(delete(sent_instances_table).where(sent_instances_table.c.delivery_id == existing.id))
 
 
 class JobStore:
@@ -523,9 +537,12 @@ class JobStore:
         seconds: float,
         destinations: Sequence[str],
         guardrail: str | None = None,
+        warning: str | None = None,
     ) -> bool:
         """Record a result (and the guardrail's verdict on it) and move to sending (or done with no destination).
 
+        ``warning``: what the result lacks although it is sent (e.g. outputs that could not be made),
+        added to the job's warning unless it already says so (a retried job records it again).
         False when the series was re-opened meanwhile (a newer generation): the stale result is
         not delivered and the series goes through receiving again.
         """
@@ -537,10 +554,14 @@ class JobStore:
             if row.generation != generation or row.state != State.PROCESSING.value:
                 return False
             next_state = State.SENDING.value if destinations else State.DONE.value
+            warned = {}
+            if warning and not (row.warning and warning in row.warning):
+                warned = {"warning": f"{row.warning}; {warning}" if row.warning else warning}
             conn.execute(
                 update(series_table)
                 .where(series_table.c.id == job_id)
                 .values(
+                    **warned,
                     state=next_state,
                     result_dir=result_dir,
                     result_generation=generation,
@@ -573,9 +594,31 @@ class JobStore:
             )
             return [Delivery.from_row(r) for r in rows]
 
+    def confirmed_files(self, delivery_id: int) -> set[str]:
+        """The files of this delivery's result that its destination has confirmed (``confirm_files``)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(sent_instances_table.c.file).where(sent_instances_table.c.delivery_id == delivery_id)
+            )
+            return {r.file for r in rows}
+
+    def confirm_files(self, delivery_id: int, files: Sequence[str]) -> None:
+        """Record files the destination confirmed (stored, or stored with a warning); repeats are ignored.
+        Called once per answer while sending: one statement, one short transaction."""
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        rows = [{"delivery_id": delivery_id, "file": f} for f in dict.fromkeys(files)]
+        if rows:
+            with self._tx() as conn:
+                conn.execute(insert(sent_instances_table).on_conflict_do_nothing(), rows)
+
     def delivery_sent(self, delivery_id: int, instances: int) -> None:
+        """Every file delivered: the confirmations of a partial delivery are no longer needed."""
         now = utcnow()
         with self._tx() as conn:
+            conn.execute(delete(sent_instances_table).where(sent_instances_table.c.delivery_id == delivery_id))
             conn.execute(
                 update(deliveries_table)
                 .where(deliveries_table.c.id == delivery_id)

@@ -12,19 +12,24 @@ Results layout (spelled here only; ``deploy/bin/ctp-node-rotate-spool`` imports 
 
 one folder per generation (a late instance re-opens a series as generation + 1), holding the
 derived series the send stage delivers. Delivery records: one row per (series, destination) in the
-job store's ``deliveries`` table (state, attempts, next attempt, last error); what went out, when
-and where: the audit trail's ``sent`` lines.
+job store's ``deliveries`` table (state, attempts, next attempt, last error), and the files each
+destination confirmed (``sent_instances``, recorded as each answer arrives): a delivery cut off half
+way (an association that drops, a worker that is killed) is retried with only the files not yet
+confirmed. What went out, when and where: the audit trail's ``sent`` lines.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ctp_node.config import Destination, SendSettings, Settings, StorageSettings
+from ctp_node.config import Destination, DicomSettings, SendSettings, Settings, StorageSettings
 from ctp_node.errors import LeaseLost
 from ctp_node.node.audit import AuditLog
 from ctp_node.node.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
@@ -113,13 +118,33 @@ def retry_at(attempt: int, max_attempts: int, policy: SendSettings) -> datetime 
 # --- the stage --------------------------------------------------------------------------------------
 
 
-def send_to(files: Sequence[Path], destination: Destination, calling_ae_title: str) -> list[SendResult]:
-    """Send ``files`` to a destination of either kind: C-STORE to a DICOM peer, STOW-RS to a DICOMweb service."""
+def send_to(
+    files: Sequence[Path],
+    destination: Destination,
+    calling_ae_title: str,
+    *,
+    dicom: DicomSettings | None = None,
+    on_result: Callable[[SendResult], None] | None = None,
+) -> list[SendResult]:
+    """Send ``files`` to a destination of either kind: C-STORE to a DICOM peer (with the ACSE, DIMSE and
+    network timeouts of ``dicom``, the node's ``[dicom]`` settings), STOW-RS to a DICOMweb service."""
     if destination.kind == "dicomweb":
         from ctp_node.node.dicomweb import send_files_dicomweb  # requests and dicomweb-client: only for this kind
 
-        return send_files_dicomweb(files, destination)
-    return send_files(files, peer_for(destination), calling_ae_title)
+        results = send_files_dicomweb(files, destination)
+        for result in results if on_result else ():
+            on_result(result)
+        return results
+    dicom = dicom or DicomSettings()
+    return send_files(
+        files,
+        peer_for(destination),
+        calling_ae_title,
+        timeout_s=dicom.network_timeout_s,
+        dimse_timeout_s=dicom.dimse_timeout_s,
+        acse_timeout_s=dicom.acse_timeout_s,
+        on_result=on_result,
+    )
 
 
 def refusal(files: Sequence[Path], results: Sequence[SendResult]) -> str | None:
@@ -150,7 +175,7 @@ class SendStage:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.sender: Sender = sender or send_to
+        self.sender: Sender | None = sender  # None: send_to, with the node's timeouts
         self.audit = audit or AuditLog(settings.storage.audit_log)
         self.metrics = metrics or NodeMetrics()
         self.worker_id = worker_id or default_worker_id()
@@ -177,7 +202,8 @@ class SendStage:
         current = self.store.get(job.id)
         if current is None or current.result_dir is None:
             return current.state if current else State.FAILED
-        files = ResultsLayout.files(current.result_dir)
+        root = Path(current.result_dir)
+        files = ResultsLayout.files(root)
         now = utcnow()
         for delivery in self.store.pending_deliveries(job.id):
             if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
@@ -188,7 +214,7 @@ class SendStage:
                 self.store.delivery_failed(delivery.id, reason, None)
                 self._tell_failed(job, reason, delivery.destination)
                 continue
-            error = self._send(files, destination)
+            error = self._send(files, destination, delivery.id, root)
             if error is None:
                 self.store.delivery_sent(delivery.id, len(files))
                 self.metrics.sent.labels(destination.name).inc()
@@ -232,18 +258,83 @@ class SendStage:
         if now is not None:
             self.notifier.failed(now, reason, destination=destination)
 
-    def _send(self, files: Sequence[Path], destination: Destination) -> str | None:
-        """None on success, else the reason; a failed send is a value, never an exception."""
+    def _send(self, files: Sequence[Path], destination: Destination, delivery_id: int, root: Path) -> str | None:
+        """Send the files the destination has not confirmed yet, recording each one it confirms: None
+        once all are confirmed, else the reason; a failed send is a value, never an exception."""
         if not files:
             return "no result files to send"
+
+        def name(path: Path) -> str:
+            return path.relative_to(root).as_posix()
+
+        confirmed = self.store.confirmed_files(delivery_id)
+        todo = [f for f in files if name(f) not in confirmed]
+        if not todo:
+            return None
+        if len(todo) < len(files):
+            earlier = len(files) - len(todo)
+            log.info("%s confirmed %d of %d files earlier: sending the rest", destination.name, earlier, len(files))
+
+        aet = self.settings.dicom.ae_title
         try:
-            results = self.sender(files, destination, self.settings.dicom.ae_title)
+            if self.sender is None:  # each confirmation recorded as it arrives: a killed worker resends only the rest
+                with _Confirmations(self.store, delivery_id, name) as record:
+                    results = send_to(todo, destination, aet, dicom=self.settings.dicom, on_result=record)
+            else:
+                results = self.sender(todo, destination, aet)
         except (OSError, RuntimeError) as exc:  # no association, refused contexts, timeouts, a peer that aborts
             return str(exc) or type(exc).__name__
         except Exception as exc:  # unforeseen: still a failed attempt (bounded by send.max_attempts), with its trace
             log.exception("sending to %s failed unexpectedly", destination.name)
             return f"{type(exc).__name__}: {exc}"
-        return refusal(files, results)
+        # What the destination confirmed counts even when the rest failed (repeats are ignored).
+        self.store.confirm_files(delivery_id, [name(r.path) for r in results if r.ok])
+        return refusal(todo, results)
+
+
+class _Confirmations:
+    """Records the files a destination confirms while a delivery runs, off the sending thread.
+
+    One transaction per ``linger_s`` at most, with every answer that arrived meanwhile: a worker killed
+    half way resends the instance in flight and the answers of the last ``linger_s`` (a few), and the
+    C-STOREs never wait on the job store. Measured on 488 files to a default storescp (2 loaded cores):
+    a commit per answer made the delivery 27 % slower (4.56 s against 3.60 s), 20 ms or 50 ms none
+    measurably. A store that fails here costs only repeats: the stage records every confirmed file
+    again when the sender returns.
+    """
+
+    linger_s = 0.02
+
+    def __init__(self, store: JobStore, delivery_id: int, name: Callable[[Path], str]) -> None:
+        self.store, self.delivery_id, self.name = store, delivery_id, name
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"confirmations-{delivery_id}")
+
+    def __call__(self, result: SendResult) -> None:
+        if result.ok:
+            self._queue.put(self.name(result.path))
+
+    def __enter__(self) -> _Confirmations:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            files = [self._queue.get()]
+            if files[0] is not None:
+                time.sleep(self.linger_s)
+            while not self._queue.empty():
+                files.append(self._queue.get())
+            done = None in files
+            try:
+                self.store.confirm_files(self.delivery_id, [f for f in files if f is not None])
+            except Exception as exc:
+                log.warning("could not record confirmed files of delivery %d yet: %s", self.delivery_id, exc)
 
 
 def _where(destination: Destination) -> dict[str, str | None]:

@@ -98,6 +98,32 @@ def test_sending_retries_then_fails_with_the_reason(store):
     assert [d.state for d in store.pending_deliveries(job.id)] == ["pending"]
 
 
+def test_confirmed_files_are_kept_per_delivery_until_delivered_a_new_result_or_a_resend(store):
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    store.processed(job.id, "w1", 1, "/r/g1", 1.0, ["pacs", "archive"])
+    pacs, archive = store.pending_deliveries(job.id)
+    store.confirm_files(pacs.id, ["0.dcm", "sub/1.dcm"])
+    store.confirm_files(pacs.id, ["0.dcm", "2.dcm", "2.dcm"])  # repeats are ignored
+    store.delivery_failed(pacs.id, "1 of 4 instances refused (no response)", utcnow())
+    assert store.confirmed_files(pacs.id) == {"0.dcm", "sub/1.dcm", "2.dcm"}
+    assert store.confirmed_files(archive.id) == set()
+    store.resend(job.id, ["archive"])
+    assert store.confirmed_files(pacs.id) == {"0.dcm", "sub/1.dcm", "2.dcm"}, "only a resent destination starts afresh"
+    store.resend(job.id, ["pacs"])
+    assert store.confirmed_files(pacs.id) == set()
+    store.confirm_files(pacs.id, ["0.dcm"])
+    store.record_instance("1.2.3", "1.2.3.4", "SCANNER")  # a late instance: generation 2, a new result
+    store.queue_quiet_series(0)
+    claimed = store.claim("w1", lease_s=60, now=utcnow() + timedelta(seconds=120))
+    assert store.processed(job.id, claimed.lease_owner, 2, "/r/g2", 1.0, ["pacs"])
+    assert store.confirmed_files(pacs.id) == set()
+    store.confirm_files(pacs.id, ["0.dcm"])
+    store.delivery_sent(pacs.id, 4)  # delivered: the confirmations are not needed any more
+    assert store.confirmed_files(pacs.id) == set()
+
+
 def test_processing_failure_retry_ignore_and_manual_retry(store):
     job = received(store, at=utcnow() - timedelta(seconds=120))
     store.queue_quiet_series(60)
@@ -269,3 +295,18 @@ def test_opening_a_store_that_does_not_exist_creates_nothing(database_url, tmp_p
         engine.dispose()
     JobStore(database_url)  # made once ...
     assert JobStore(database_url, create=False).counts()["receiving"] == 0  # ... it opens
+
+
+def test_a_result_sent_with_a_warning_states_it_once(store):
+    """What a result lacks although it is sent (outputs that could not be made) is the job's warning;
+    a retried job recording the same result again does not repeat it."""
+    job = received(store, at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    store.claim("w1", lease_s=60)
+    reason = "perfusion outputs not made: the QA report failed"
+    assert store.processed(job.id, "w1", 1, "/r", 1.0, [], warning=reason)
+    assert store.find("1.2.3.4").warning == reason
+    store.retry(job.id)
+    store.claim("w1", lease_s=60)
+    assert store.processed(job.id, "w1", 1, "/r", 1.0, [], warning=reason)
+    assert store.find("1.2.3.4").warning == reason  # not twice

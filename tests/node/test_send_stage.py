@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -9,15 +14,16 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.config import Destination
+from ctp_node.config import Destination, JobSettings, Settings, StorageSettings
 from ctp_node.node.dicom_status import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
-from ctp_node.node.jobs import State, utcnow
+from ctp_node.node.jobs import JobStore, State, utcnow
 from ctp_node.node.scu import SendResult
 from ctp_node.node.send import ResultsLayout, SendStage, find_peer, peer_for
 from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool
 from ctp_node.node.worker import ProcessOutput, Worker
 from tests.node.dicom_helpers import ct_instance
 from tests.node.worker_helpers import KEY, FakeSender
+from tests.peers import wait_for
 from tests.ports import free_port
 
 
@@ -171,3 +177,139 @@ def test_results_reach_a_real_dicom_peer_and_its_refusals_are_retried_without_re
         server.shutdown()
     assert store.get(job.id).state == State.DONE
     assert sorted(stored) == sorted(ds.SOPInstanceUID for ds in made) and calls == [job.id]
+
+
+def test_an_association_dropped_mid_delivery_keeps_what_was_stored_and_the_retry_sends_only_the_rest(env):
+    settings, store = env
+    port = free_port()
+    settings = settings.model_copy(
+        update={"destinations": (Destination(name="pacs", host="127.0.0.1", port=port, ae_title="PEER"),)}
+    )
+    associations: list[list[str]] = []
+
+    def on_open(event):
+        associations.append([])
+
+    def on_store(event):
+        if len(associations) == 1 and len(associations[0]) == 3:
+            event.assoc.abort()  # the first association drops while the 4th instance is in flight
+            return STATUS_SUCCESS
+        associations[-1].append(event.request.AffectedSOPInstanceUID)
+        return STATUS_SUCCESS
+
+    made = []
+
+    def process(job, files, out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            made.append(ct_instance(out_dir / f"{i}.dcm", study=KEY.study_uid, series="1.2.3.4.9", value=i))
+        return ProcessOutput(out_dir, len(made))
+
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        worker = Worker(settings, store, process, worker_id="w1")  # the real sender: C-STORE
+        job = worker.run_once()
+        (delivery,) = store.deliveries(job.id)
+        assert delivery.state == "pending" and delivery.error == "3 of 6 instances refused (no response)"
+        assert store.confirmed_files(delivery.id) == {"0.dcm", "1.dcm", "2.dcm"}
+        due_now(store)
+        worker.run_once()
+    finally:
+        server.shutdown()
+    uids = [ds.SOPInstanceUID for ds in made]
+    assert associations == [uids[:3], uids[3:]], "the retry sent only the instances that were not confirmed"
+    assert store.get(job.id).state == State.DONE
+    (delivery,) = store.deliveries(job.id)
+    assert delivery.state == "sent" and delivery.attempts == 2
+    sent = [e for e in SendStage(settings, store).audit.read() if e["event"] == "sent"]
+    assert [e["instances"] for e in sent] == [6]
+
+
+def test_a_partial_send_is_resumed_and_a_resend_by_hand_starts_afresh(env):
+    settings, store = env
+    calls = []
+
+    def sender(files, destination, aet):
+        calls.append([f.name for f in files])
+        if len(calls) == 1:  # the first attempt: the peer confirmed one file, refused nothing, then went away
+            return [SendResult(files[0], STATUS_SUCCESS), *(SendResult(f, None) for f in files[1:])]
+        return [SendResult(f, STATUS_SUCCESS) for f in files]
+
+    job = Worker(settings, store, counting_processor([]), sender=sender, worker_id="w1").run_once()
+    (delivery,) = store.deliveries(job.id)
+    assert store.confirmed_files(delivery.id) == {"0.dcm"}
+    due_now(store)
+    SendStage(settings, store, sender=sender, worker_id="w1").run_once()
+    assert calls == [["0.dcm", "1.dcm"], ["1.dcm"]] and store.get(job.id).state == State.DONE
+    assert store.confirmed_files(delivery.id) == set(), "kept only while the delivery is under way"
+    store.resend(job.id, ["pacs"])  # by hand: everything again
+    SendStage(settings, store, sender=sender, worker_id="w1").run_once()
+    assert calls[-1] == ["0.dcm", "1.dcm"] and store.get(job.id).state == State.DONE
+
+
+KILLED_WORKER = """
+import sys
+from ctp_node.config import Destination, JobSettings, Settings, StorageSettings
+from ctp_node.node.jobs import JobStore
+from ctp_node.node.send import SendStage
+
+data_dir, port = sys.argv[1], int(sys.argv[2])
+settings = Settings(
+    storage=StorageSettings(data_dir=data_dir),
+    destinations=(Destination(name="pacs", host="127.0.0.1", port=port, ae_title="PEER"),),
+    jobs=JobSettings(lease_s=1, heartbeat_s=0.3),
+)
+SendStage(settings, JobStore(settings.database_url), worker_id="first").run_once()
+"""
+
+
+def test_a_worker_killed_mid_delivery_is_taken_over_and_resends_only_what_was_not_confirmed(tmp_path):
+    # Before the confirmations were recorded, the second worker sent every instance again (issue 23).
+    port, n = free_port(), 120
+    settings = Settings(
+        storage=StorageSettings(data_dir=tmp_path),
+        destinations=(Destination(name="pacs", host="127.0.0.1", port=port, ae_title="PEER"),),
+        jobs=JobSettings(lease_s=1, heartbeat_s=0.3),
+    )
+    store = JobStore(settings.database_url)
+    store.record_instance(KEY.study_uid, KEY.series_uid, "SCANNER")
+    store.queue_quiet_series(0)
+    job = store.claim("setup", 0.01)
+    result_dir = ResultsLayout.of(settings.storage).generation_dir(KEY.study_uid, KEY.series_uid, job.generation)
+    result_dir.mkdir(parents=True)
+    made = [
+        ct_instance(result_dir / f"{i:03d}.dcm", study=KEY.study_uid, series="1.2.3.4.9", value=i) for i in range(n)
+    ]
+    assert store.processed(job.id, "setup", job.generation, str(result_dir), 1.0, ["pacs"])
+    time.sleep(0.05)  # the setup's lease is over
+    stored = []
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        time.sleep(0.005)
+        return STATUS_SUCCESS
+
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    first = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(tmp_path), str(port)])
+    try:
+        wait_for(lambda: len(stored) >= n // 3 or first.poll() is not None, timeout_s=60, what="a third sent")
+        assert first.poll() is None, "the first worker ended before it was killed"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        at_kill = len(stored)
+        time.sleep(1.1)  # its lease expires
+        assert SendStage(settings, store, worker_id="second").run_once().id == job.id
+    finally:
+        if first.poll() is None:
+            first.kill()
+        server.shutdown()
+    assert store.get(job.id).state == State.DONE
+    assert set(stored) == {ds.SOPInstanceUID for ds in made}
+    repeats = len(stored) - n
+    # Only what was in flight, or confirmed in the last 20 ms before the kill (_Confirmations.linger_s).
+    assert repeats <= 8, f"{repeats} instances sent twice (killed after {at_kill} of {n})"
