@@ -86,7 +86,9 @@ def main() -> None:
     print(f"  {'total beyond the inpainting':34} {total_wall:7.1f} s wall, {total_cpu:.1f} s CPU")
     writers = seconds["outputs (all)"] + seconds["writer input (curves, anatomy)"]
     print(f"  {'writers only (input + outputs)':34} {writers:7.1f} s")
-    print(f"{len(written)} series, {files} files, {size / 1e6:.1f} MB; core {maps_synthetic.core_volume_ml:.1f} mL")
+    core = maps_synthetic.volume_checks["core"].measured_ml
+    withheld = " (withheld)" if "core" in maps_synthetic.withheld else ""
+    print(f"{len(written)} series, {files} files, {size / 1e6:.1f} MB; core {core:.1f} mL{withheld}")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"peak memory {peak_gb:.1f} GB; load {os.getloadavg()[0]:.1f} at end")
     if args.keep is None:

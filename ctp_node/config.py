@@ -88,6 +88,9 @@ class SeriesSettings(Section):
     # new instance for the rest, then is queued anyway with a warning on the job and in the log.
     incomplete_wait_s: float = Field(600, gt=0)
     min_time_points: int = Field(3, ge=2)
+    # Largest Rows and Columns a series may state; beyond it the job fails at assembly with the reason,
+    # before memory is allocated for its pixels (ctp_node.series.assemble.DEFAULT_MAX_MATRIX).
+    max_matrix: int = Field(1024, ge=16, le=65535)
 
 
 DEFAULT_DATA_DIR = Path("/var/lib/ctp-node")
@@ -171,6 +174,10 @@ class GuardrailSettings(Section):
     # Tissue classes by the voxel's baseline HU: CSF below the first edge, white matter up to the second, grey above.
     class_edges_hu: tuple[float, float] = (20.0, 32.0)
     min_class_voxels: int = Field(500, ge=1)
+    # After the perfusion analyses: the synthetic series' core and Tmax > 6 s volumes may differ from the
+    # acquired series' own (where that one reports them) by at most this much; a larger jump is flagged
+    # and the synthetic volume withheld (mL; 0 = off).
+    volume_jump_ml: float = Field(15.0, ge=0)
 
     @model_validator(mode="after")
     def _edges_ordered(self) -> GuardrailSettings:
@@ -315,6 +322,12 @@ class PerfusionOutputSettings(Section):
     segmentation: bool = True  # core, Tmax > 6 s, Tmax > 10 s masks as DICOM SEG
     qa_report: bool = True  # one-page QA report: PNG in the job folder and Secondary Capture
     from_acquired: bool = True  # also the maps, SR and SEG of the acquired series alone, for comparison
+    # When a lesion volume is withheld instead of reported (ctp_node/perfusion/reliability.py; 0 = check off):
+    # more than this much of a lesion class in the less affected hemisphere (mL) ...
+    mirror_limit_ml: float = Field(5.0, ge=0)
+    # ... or a bolus acquired at longer intervals than these (s; synthetic seconds do not count).
+    tmax_max_interval_s: float = Field(2.0, ge=0)
+    core_max_interval_s: float = Field(2.0, ge=0)
     series_number_offset: int = Field(2000, ge=0, description="Output SeriesNumbers = source + offset + index")
 
 

@@ -1,7 +1,7 @@
 """The node's errors, in one hierarchy, split by what should happen next.
 
 - ``CTPInputError`` (an *input fault*): the series itself is wrong (not CTP, incomplete, mixed,
-  undecodable, RescaleSlope 0, no brain, a UID that is not one, ...). Running it again gives the
+  undecodable, RescaleSlope 0, no brain, a UID or a date that is not one, ...). Running it again gives the
   same answer, so the worker fails the job at once with the message and no traceback.
 - ``TransientError`` (a *transient fault*): something outside the series failed (disk, peer,
   network, job store). Worth another try: the worker retries with backoff.
@@ -49,6 +49,11 @@ class UndecodableError(CTPInputError):
 
 class InvalidUIDError(CTPInputError):
     """A UID that cannot be used (and so never becomes a path)."""
+
+
+class InvalidHeaderError(CTPInputError):
+    """A header value the pipeline needs cannot be used: a date or time that is not one, a code the
+    outputs must state (PatientSex), an image matrix beyond ``[series] max_matrix``."""
 
 
 class GridError(CTPInputError):

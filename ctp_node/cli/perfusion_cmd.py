@@ -206,15 +206,30 @@ def perfusion(
 
 
 def _volumes_line(maps) -> str:
-    if maps.core_volume_ml is None:
+    if maps.voxel_volume_ml is None:
         return "(no voxel size: volumes not reported)"
+    withheld = maps.withheld
+
+    def volume(value: float | None, *names: str) -> str:
+        if any(name in withheld for name in names):
+            return "withheld"
+        return "n/a" if value is None else f"{value:.1f} mL"
+
     ratio = "n/a (no core)" if maps.mismatch_ratio is None else f"{maps.mismatch_ratio:.1f}"
     hir = "n/a" if maps.hypoperfusion_intensity_ratio is None else f"{maps.hypoperfusion_intensity_ratio:.2f}"
-    return (
-        f"core (rCBF < 30 %) {maps.core_volume_ml:.1f} mL, Tmax > 6 s {maps.hypoperfusion_volume_ml:.1f} mL, "
-        f"Tmax > 10 s {maps.severe_hypoperfusion_volume_ml:.1f} mL, mismatch {maps.mismatch_volume_ml:.1f} mL "
-        f"(ratio {ratio}), hypoperfusion intensity ratio {hir}"
+    if withheld.keys() & {"core", "tmax6"}:
+        ratio = "withheld"
+    if withheld.keys() & {"tmax6", "tmax10"}:
+        hir = "withheld"
+    line = (
+        f"core (rCBF < 30 %) {volume(maps.core_volume_ml, 'core')}, "
+        f"Tmax > 6 s {volume(maps.hypoperfusion_volume_ml, 'tmax6')}, "
+        f"Tmax > 10 s {volume(maps.severe_hypoperfusion_volume_ml, 'tmax10')}, "
+        f"mismatch {volume(maps.mismatch_volume_ml, 'core', 'tmax6')} (ratio {ratio}), "
+        f"hypoperfusion intensity ratio {hir}"
     )
+    reasons = [f"\n  {name} withheld: {reason}" for name, reason in withheld.items()]
+    return line + "".join(reasons)
 
 
 def _input_function_lines(maps) -> list[str]:

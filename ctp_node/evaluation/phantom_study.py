@@ -212,8 +212,10 @@ def evaluate_phantom(
             regions = {name: mask & node.brain_mask for name, mask in study.regions.items()}
             outputs = {}
             for name, hu in candidates.items():
+                # The node analyses its synthetic series knowing which seconds were acquired; so does this.
+                acquired_s = None if name == "reference" else series.times_s
                 metrics, maps = _candidate_metrics(
-                    hu, truth, synthetic, grid_s, regions, node.brain_mask, truth_maps, study.parenchyma
+                    hu, truth, synthetic, grid_s, regions, node.brain_mask, truth_maps, study.parenchyma, acquired_s
                 )
                 row = Row(study.name, gap, name, metrics)
                 if name == "model":
@@ -241,8 +243,11 @@ def _candidate_metrics(
     brain: np.ndarray,
     truth_maps: Any,
     parenchyma: np.ndarray,
+    acquired_s: np.ndarray | None = None,
 ) -> tuple[dict[str, float], Any]:
-    """Every metric of one candidate 1 s series against the noise-free truth (module docstring)."""
+    """Every metric of one candidate 1 s series against the noise-free truth (module docstring).
+
+    ``acquired_s``: the times of the acquired volumes the series was completed from (None: all acquired)."""
     from ctp_node.perfusion import PerfusionError, compute_perfusion
     from ctp_node.perfusion.compare import median_disagreement
 
@@ -264,13 +269,48 @@ def _candidate_metrics(
     })  # fmt: skip
 
     try:
-        maps = compute_perfusion(hu, grid_s, truth_maps.voxel_volume_ml)
+        maps = compute_perfusion(hu, grid_s, truth_maps.voxel_volume_ml, acquired_times_s=acquired_s)
     except PerfusionError:
         return {**metrics, **{f"map.{m}": math.nan for m in MAPS}}, None
     metrics.update({f"map.{m}": v for m, v in median_disagreement(maps, truth_maps, parenchyma).items()})
     metrics["dice.core"] = dice(maps.core_mask, truth_maps.core_mask)
     metrics["dice.hypoperfusion"] = dice(maps.hypoperfusion_mask, truth_maps.hypoperfusion_mask)
+    metrics.update(volume_metrics(maps, truth_maps))
     return metrics, maps
+
+
+def volume_metrics(maps: Any, truth_maps: Any) -> dict[str, float]:
+    """Core, Tmax > 6 s and mismatch volumes as measured (withheld or not) against the same analysis of the
+    noise-free series, the DEFUSE 3 mismatch decision and whether it agrees, and what the node withholds.
+
+    Keys: ``volume_ml.<v>``, ``volume_error_ml.<v>`` (candidate - truth), ``volume_abs_error_ml.<v>`` for
+    v in core, tmax6, mismatch; ``volume_truth_ml.<v>``; ``decision.defuse3`` and
+    ``decision.truth_defuse3`` (1 / 0), ``decision.agrees`` (1 / 0); ``withheld.core`` / ``withheld.tmax6``
+    (1 / 0: the node would not report it) and ``decision.reported`` (1 when neither is withheld)."""
+    from ctp_node.perfusion.lesion import defuse3_mismatch
+
+    def volumes(m: Any) -> dict[str, float]:
+        measured = m.measured_volumes_ml
+        core, tmax6 = float(measured["core"]), float(measured["tmax6"])
+        return {"core": core, "tmax6": tmax6, "mismatch": tmax6 - core}
+
+    got, truth = volumes(maps), volumes(truth_maps)
+    out: dict[str, float] = {}
+    for key in got:
+        out[f"volume_ml.{key}"] = got[key]
+        out[f"volume_truth_ml.{key}"] = truth[key]
+        out[f"volume_error_ml.{key}"] = got[key] - truth[key]
+        out[f"volume_abs_error_ml.{key}"] = abs(got[key] - truth[key])
+    decision = defuse3_mismatch(got["core"], got["tmax6"])
+    truth_decision = defuse3_mismatch(truth["core"], truth["tmax6"])
+    out["decision.defuse3"] = float(decision)
+    out["decision.truth_defuse3"] = float(truth_decision)
+    out["decision.agrees"] = float(decision == truth_decision)
+    withheld = maps.withheld
+    out["withheld.core"] = float("core" in withheld)
+    out["withheld.tmax6"] = float("tmax6" in withheld)
+    out["decision.reported"] = float(not ({"core", "tmax6"} & withheld.keys()))
+    return out
 
 
 def evaluate_npy(

@@ -141,6 +141,8 @@ class EvaluationReport:
             parts.append(_targets_table(targets, n_studies))
         if summary:
             parts.append(_tables(summary, self.gaps()))
+        if any("volume_ml.core" in r.metrics for r in self.rows):
+            parts.append(_volume_tables(self.rows, self.gaps()))
         if self.static_rows:
             parts.append(_static_table(self.static_rows))
         timed = [r.seconds for r in self.rows if r.seconds.get("total")]
@@ -429,6 +431,82 @@ def _tables(summary: dict, gaps: list[int]) -> str:
                 lambda g, c: [_pm(stats(g, c, k), digits=d) for k, d in image_keys + aif_keys],
                 lambda ch: [_all(ch.psnr)] + ([_all(ch.aif)] if aif_keys else []),
             ),
+        )
+    )
+    return "\n".join(parts)
+
+
+VOLUMES = ("core", "tmax6", "mismatch")
+VOLUME_TITLES = {"core": "core", "tmax6": "Tmax > 6 s", "mismatch": "mismatch"}
+
+
+def _volume_tables(rows: list[Row], gaps: list[int]) -> str:
+    """Issue 20's volume targets: per gap and candidate the mean |error| of each volume against the same
+    analysis of the noise-free series, whether the model's is within the 1 s acquisition's and within half
+    of linear's, the DEFUSE 3 decisions that agree, and how often the node would withhold; then every
+    study's volumes in mL."""
+    by = {(g, c): [r for r in rows if r.gap_s == g and r.candidate == c and "volume_ml.core" in r.metrics]
+          for g in gaps for c in CANDIDATES}  # fmt: skip
+
+    def mean(gap: int, candidate: str, key: str) -> float:
+        values = [r.metrics[key] for r in by[(gap, candidate)] if math.isfinite(r.metrics.get(key, math.nan))]
+        return float(np.mean(values)) if values else math.nan
+
+    summary_rows = []
+    for gap in gaps:
+        for candidate in CANDIDATES:
+            items = by[(gap, candidate)]
+            if not items:
+                continue
+            errors = [mean(gap, candidate, f"volume_abs_error_ml.{v}") for v in VOLUMES]
+            verdicts = []
+            if candidate == "model":
+                ref = [mean(gap, "reference", f"volume_abs_error_ml.{v}") for v in VOLUMES]
+                lin = [mean(gap, "linear", f"volume_abs_error_ml.{v}") for v in VOLUMES]
+                verdicts = [
+                    _verdict(all(e <= r for e, r in zip(errors, ref)) if all(map(math.isfinite, ref)) else None),
+                    _verdict(all(e <= 0.5 * w for e, w in zip(errors, lin)) if all(map(math.isfinite, lin)) else None),
+                ]
+            agree = sum(int(r.metrics["decision.agrees"]) for r in items)
+            reported = sum(int(r.metrics["decision.reported"]) for r in items)
+            summary_rows.append(
+                [str(gap), CANDIDATE_TITLES[candidate], *(f"{e:.1f}" for e in errors), f"{agree}/{len(items)}",
+                 f"{len(items) - reported}/{len(items)}", *(verdicts or ["", ""])]
+            )  # fmt: skip
+    parts = [
+        _table(
+            "Lesion volumes vs the same analysis of the noise-free series (mean |error| over studies, mL; as "
+            "measured, whether or not the node would withhold them) and the DEFUSE 3 mismatch decision (core < "
+            "70 mL, ratio >= 1.8, mismatch >= 15 mL)",
+            [
+                "gap (s)",
+                "candidate",
+                *(VOLUME_TITLES[v] for v in VOLUMES),
+                "decision agrees",
+                "withheld by the node",
+                "<= 1 s acquisition",
+                "<= 0.5 x linear",
+            ],
+            summary_rows,
+        )  # fmt: skip
+    ]
+    study_rows = []
+    for gap in gaps:
+        for candidate in CANDIDATES:
+            for r in by[(gap, candidate)]:
+                m = r.metrics
+                flags = "".join(f" ({v} withheld)" for v in ("core", "tmax6") if m.get(f"withheld.{v}"))
+                study_rows.append(
+                    [r.study, str(gap), CANDIDATE_TITLES[candidate],
+                     *(f"{m[f'volume_ml.{v}']:.1f} ({m[f'volume_truth_ml.{v}']:.1f})" for v in VOLUMES),
+                     ("yes" if m["decision.defuse3"] else "no") + ("" if m["decision.agrees"] else " (DISAGREES)")
+                     + flags]
+                )  # fmt: skip
+    parts.append(
+        _table(
+            "Every study's volumes, mL (noise-free series in brackets), and the DEFUSE 3 decision",
+            ["study", "gap (s)", "candidate", *(VOLUME_TITLES[v] for v in VOLUMES), "DEFUSE 3 mismatch"],
+            study_rows,
         )
     )
     return "\n".join(parts)

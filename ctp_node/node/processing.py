@@ -44,6 +44,7 @@ def make_processor(
             {k: round(v, 2) for k, v in result.seconds.items()},
         )  # fmt: skip
         verdict = result.guardrail
-        return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None)
+        warning = "; ".join(result.warnings) or None  # e.g. outputs not made: stated on the job, still sent
+        return ProcessOutput(out_dir, result.derived.count, verdict.summary() if verdict else None, warning)
 
     return process

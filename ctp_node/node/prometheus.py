@@ -6,6 +6,7 @@ of every worker sharing the store. Each process uses its own registry (no module
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -14,6 +15,12 @@ from prometheus_client.registry import Collector
 
 from ctp_node.config import MetricsSettings
 from ctp_node.node.jobs import JobStore
+
+# Each label value is a time series kept for the life of the process: a peer that calls with ever new
+# AE titles (300 made /metrics grow from 2.2 to 43.9 KB) must not grow it without bound. The first
+# titles keep their own label; the rest are counted together (the audit trail names every one).
+MAX_CALLING_AE_LABELS = 20
+OTHER_CALLING_AE = "(other)"
 
 
 class _JobStateCollector(Collector):
@@ -53,6 +60,16 @@ class NodeMetrics:
         )
         if store is not None:
             self.registry.register(_JobStateCollector(store))
+        self._calling_aes: set[str] = set()
+        self._lock = threading.Lock()
+
+    def count_received(self, calling_ae: str, count: int = 1) -> None:
+        """Count stored instances under their calling AE title's label (bounded: ``MAX_CALLING_AE_LABELS``)."""
+        with self._lock:
+            if calling_ae not in self._calling_aes and len(self._calling_aes) < MAX_CALLING_AE_LABELS:
+                self._calling_aes.add(calling_ae)
+            label = calling_ae if calling_ae in self._calling_aes else OTHER_CALLING_AE
+        self.received.labels(label).inc(count)
 
     def serve(self, settings: MetricsSettings) -> None:
         if settings.port is not None:

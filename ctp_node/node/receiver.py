@@ -151,7 +151,7 @@ class InstanceRecorder:
                     time.sleep(delay)
                     delay = min(delay * 2, 60.0)
         for item in received:
-            self.metrics.received.labels(item.calling_ae).inc()
+            self.metrics.count_received(item.calling_ae)  # a bounded label set
         self.audit.write_many(
             "received",
             [

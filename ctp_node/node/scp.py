@@ -129,8 +129,9 @@ MAX_SHORT_PDU = 64
 PDATA_HEADER = 6  # some peers fill the PDV to the negotiated maximum, so its item header comes on top
 # When a peer is told "no limit" (maximum length 0), what a P-DATA-TF may still claim.
 MAX_UNLIMITED_PDATA = 64 << 20
-# Source 2 (service provider), reason 6 (invalid PDU parameter value).
+# Source 2 (service provider), reason 6 (invalid PDU parameter value) or 1 (unrecognized PDU).
 _A_ABORT_INVALID_LENGTH = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
+_A_ABORT_UNRECOGNIZED = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1])
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
@@ -152,6 +153,8 @@ class BulkReadSocket(AssociationSocket):
     - Each header's claimed length is checked against :func:`pdu_limit` before anything is
       allocated: an over-long claim is answered with an A-ABORT, logged, and the connection closed
       (pynetdicom would allocate whatever 4 bytes claim, up to 4 GB, before any authentication).
+      So is a PDU type that does not exist: pynetdicom logged an error and read on, taking the next
+      6 bytes as another header (64 KiB of random bytes: 77 ERROR lines).
     - A whole PDU (header and body) must arrive within ``read_timeout_s`` and each send must
       complete within it, else the connection is closed: accepted sockets have no timeout of their
       own, so a peer that sent half a header held its thread and association slot for ever.
@@ -189,9 +192,9 @@ class BulkReadSocket(AssociationSocket):
         except Exception:  # only for the log line
             return "peer"
 
-    def _drop(self, reason: str, abort: bool) -> None:
-        """Log, optionally A-ABORT, and shut the connection; the short read that follows is pynetdicom's
-        "connection closed" (Evt17), which ends the association."""
+    def _drop(self, reason: str, abort: bool, message: bytes = _A_ABORT_INVALID_LENGTH) -> None:
+        """Log, optionally A-ABORT (``message``), and shut the connection; the short read that follows is
+        pynetdicom's "connection closed" (Evt17), which ends the association."""
         log.warning("closing connection from %s: %s", self._peer(), reason)
         sock = self.socket
         if sock is None:
@@ -199,7 +202,7 @@ class BulkReadSocket(AssociationSocket):
         with contextlib.suppress(OSError):  # the peer may be gone already
             if abort:
                 sock.settimeout(1.0)
-                sock.sendall(_A_ABORT_INVALID_LENGTH)
+                sock.sendall(message)
             sock.shutdown(socket.SHUT_RDWR)
 
     def _read(self, nr_bytes: int) -> bytearray:
@@ -241,8 +244,9 @@ class BulkReadSocket(AssociationSocket):
             return header
         pdu_type, claimed = header[0], int.from_bytes(header[2:6], "big")
         limit = pdu_limit(pdu_type, self.max_receive)
-        if limit is None:  # unknown type: pynetdicom aborts without reading a body
-            return header
+        if limit is None:  # no such PDU type: one warning and the connection closed
+            self._drop(f"unknown PDU type 0x{pdu_type:02X}", abort=True, message=_A_ABORT_UNRECOGNIZED)
+            return bytearray()
         if claimed > limit:
             self._drop(f"PDU type 0x{pdu_type:02X} claims {claimed} bytes, more than {limit}", abort=True)
             return bytearray()

@@ -44,6 +44,7 @@ class ProcessOutput:
     result_dir: Path
     files: int
     guardrail: str | None = None  # the guardrail's verdict in one line ("pass: ...", "flagged: ...", "fallback: ...")
+    warning: str | None = None  # what the job states was not made (e.g. "perfusion outputs not made: ...")
 
 
 Processor = Callable[[SeriesJob, Sequence[Path], Path], ProcessOutput]
@@ -141,6 +142,7 @@ class ProcessStage:
             instances=output.files,
             seconds=round(seconds, 3),
             guardrail=output.guardrail,
+            **({"warning": output.warning} if output.warning else {}),
         )
         moved = self.store.processed(
             job.id,
@@ -150,9 +152,12 @@ class ProcessStage:
             seconds,
             [d.name for d in self.settings.destinations],
             guardrail=output.guardrail,
+            warning=output.warning,
         )
         if not moved:
             log.info("series %s changed while processing; it will be processed again", job.series_uid)
+        elif output.warning:
+            log.warning("series %s: %s (job %d)", job.series_uid, output.warning, job.id)
         return moved
 
     def _failed(self, job: SeriesJob, exc: Exception) -> None:

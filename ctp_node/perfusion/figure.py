@@ -70,8 +70,11 @@ def save_figure(path: Path, hu: np.ndarray, maps: PerfusionMaps, title: str = ""
     ax.imshow(overlay)
     ax.plot(aif_here[:, 2], aif_here[:, 1], "y+", markersize=6)
     volumes = ""
-    if maps.core_volume_ml is not None:
-        volumes = f": core {maps.core_volume_ml:.1f} mL, Tmax>6 s {maps.hypoperfusion_volume_ml:.1f} mL"
+    if maps.voxel_volume_ml is not None:
+        # A withheld volume reads "withheld", never a number the analysis does not stand behind.
+        reported = (maps.core_volume_ml, maps.hypoperfusion_volume_ml)
+        shown = [f"{v:.1f} mL" if v is not None else "withheld" for v in reported]
+        volumes = f": core {shown[0]}, Tmax>6 s {shown[1]}"
     ax.set_title(f"core (red), hypoperfusion (blue), AIF (+){volumes}", fontsize=9)
     ax.axis("off")
     ax = axes.flat[5]

@@ -129,6 +129,21 @@ def convention_masks(cbf: np.ndarray, tmax: np.ndarray, tissue: np.ndarray, voxe
     return lesion_masks(tissue, cbf, tmax, voxel_volume_ml=voxel_volume_ml)
 
 
+# DEFUSE 3 imaging criteria (Albers et al., NEJM 2018): the trial's mismatch profile.
+DEFUSE3_CORE_ML = 70.0  # core below
+DEFUSE3_RATIO = 1.8  # Tmax > 6 s volume / core volume at least
+DEFUSE3_MISMATCH_ML = 15.0  # Tmax > 6 s volume - core volume at least
+
+
+def defuse3_mismatch(core_ml: float | None, tmax6_ml: float | None) -> bool | None:
+    """Whether the volumes meet the DEFUSE 3 target mismatch (core < 70 mL, ratio >= 1.8, mismatch >= 15
+    mL); None when either volume is unknown. A core of 0 with 15 mL or more of Tmax > 6 s qualifies."""
+    if core_ml is None or tmax6_ml is None:
+        return None
+    ratio_ok = core_ml <= 0 or tmax6_ml / core_ml >= DEFUSE3_RATIO
+    return core_ml < DEFUSE3_CORE_ML and ratio_ok and tmax6_ml - core_ml >= DEFUSE3_MISMATCH_ML
+
+
 def hypoperfusion_intensity_ratio(masks: LesionMasks) -> float | None:
     """volume(Tmax > 10 s) / volume(Tmax > 6 s); None when there is no hypoperfusion at all."""
     n_hypo = int(masks.hypoperfusion.sum())

@@ -7,7 +7,8 @@ the unfiltered series; ``aif``: arterial checks with reasons, the AIF area scale
 as partial-volume correction) -> noise handling of the parenchyma curves (``denoise``: model subspace + TIPS
 filter, the default) -> a model-based fit (``parametric``, the default: delay, transit time and
 residue shape per voxel, baseline re-estimated from the frames before each voxel's bolus) or
-block-circulant deconvolution (bSVD or oSVD) -> maps -> core and hypoperfusion (see ``lesion``).
+block-circulant deconvolution (bSVD or oSVD) -> maps -> core and hypoperfusion (see ``lesion``) ->
+which of their volumes the study can support (``reliability``: the others are withheld, with the reason).
 
 Default analysis on held-out noisy phantoms: benchmarks/perfusion_accuracy.py, docs/benchmarks.md.
 
@@ -27,6 +28,7 @@ MTT is the fitted one (refined between the dictionary's grid values, then median
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +37,7 @@ from scipy import ndimage
 
 from ctp_node.perfusion import aif as aif_select
 from ctp_node.perfusion import deconvolution as dec
-from ctp_node.perfusion import denoise, lesion, parametric, timing
+from ctp_node.perfusion import denoise, lesion, parametric, reliability, timing
 from ctp_node.perfusion.brain_mask import CSF_MAX_HU
 from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
 from ctp_node.perfusion.errors import NoAIFError, PerfusionError
@@ -79,6 +81,13 @@ class PerfusionSettings:
     # method="parametric" with "tips": in-plane median of the fitted MTT over this window (mm; 0 = off)
     # before CBF = CBV / MTT (see ``compute_perfusion``).
     mtt_median_mm: float = 3.0
+    # Volumes the study itself says are unreliable are withheld with the reason (``reliability``):
+    # more than this much of a lesion class in the less affected hemisphere (mL; 0 = off) ...
+    mirror_limit_ml: float = reliability.MIRROR_LIMIT_ML
+    # ... or Tmax volumes from a bolus acquired at longer intervals than this (s; 0 = off) ...
+    tmax_max_interval_s: float = reliability.TMAX_MAX_INTERVAL_S
+    # ... or the core volume from a bolus acquired at longer intervals than this (s; 0 = off).
+    core_max_interval_s: float = reliability.CORE_MAX_INTERVAL_S
 
 
 @dataclass
@@ -115,6 +124,29 @@ class PerfusionMaps:
     aif_selection: aif_select.AIFSelection | None = None  # AIF and VOF voxels, curves and the reasons
     severe_mask: np.ndarray | None = None  # Tmax > 10 s (cleaned like the other masks)
     reference_mask: np.ndarray | None = None  # the normal tissue the rCBF reference came from
+    # Per lesion volume ("core", "tmax6", "tmax10"): measured, mirror volume and whether it is withheld.
+    # A withheld volume is None in the ``*_volume_ml`` fields (and so are mismatch, ratio and HIR).
+    volume_checks: dict[str, reliability.VolumeCheck] = field(default_factory=dict)
+    acquired_interval_s: float | None = None  # longest acquired interval during the first pass
+
+    @property
+    def withheld(self) -> dict[str, str]:
+        """Volume name -> why it is not reported."""
+        return {name: c.withheld for name, c in self.volume_checks.items() if c.withheld}
+
+    def withhold(self, name: str, reason: str) -> None:
+        """Withhold one more volume (e.g. the guardrail's verdict on a synthetic series), with its reason."""
+        check = self.volume_checks[name]
+        joined = reason if not check.withheld else f"{check.withheld}; {reason}"
+        self.volume_checks[name] = dataclasses.replace(check, withheld=joined)
+        self.notes.append(f"{reliability.LABELS[name]} volume withheld: {reason}")
+        if self.voxel_volume_ml is not None:
+            _fill_volumes(self)
+
+    @property
+    def measured_volumes_ml(self) -> dict[str, float | None]:
+        """Every lesion volume as measured, withheld or not (for evaluation; never for a report)."""
+        return {name: c.measured_ml for name, c in self.volume_checks.items()}
 
     @property
     def vof_voxels(self) -> np.ndarray:
@@ -134,7 +166,7 @@ class PerfusionMaps:
         keys = (
             "method", "k", "grid_step_s", "arrival_time_s", "reference_cbf", "vof_scale", "voxel_volume_ml",
             "core_volume_ml", "hypoperfusion_volume_ml", "severe_hypoperfusion_volume_ml",
-            "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes", "noise_hu",
+            "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes", "noise_hu", "acquired_interval_s",
         )  # fmt: skip
         out = {key: getattr(self, key) for key in keys}
         out["notes"] = list(self.notes)
@@ -144,6 +176,7 @@ class PerfusionMaps:
         out["aif_voxels_zyx"] = self.aif_voxels.tolist()
         out["brain_voxels"] = int(self.brain_mask.sum())
         out["mismatch_ratio"] = self.mismatch_ratio
+        out["volume_checks"] = {name: check.summary() for name, check in self.volume_checks.items()}
         if self.aif_selection is not None:
             out["input_functions"] = self.aif_selection.summary()
         return out
@@ -157,11 +190,15 @@ def compute_perfusion(
     brain_mask: np.ndarray | None = None,
     aif_mask: np.ndarray | None = None,
     settings: PerfusionSettings | None = None,
+    acquired_times_s: np.ndarray | None = None,
 ) -> PerfusionMaps:
     """Perfusion maps of a (T, Z, Y, X) HU series acquired at ``times_s`` (s, any sampling).
 
     ``brain_mask`` / ``aif_mask`` (Z, Y, X) bool override the automatic ones. ``voxel_volume_ml``
     turns voxel counts into the summary volumes (None: volumes are not reported).
+    ``acquired_times_s``: when some frames are estimates (a series completed by inpainting), the
+    times of the frames the scanner acquired; the sampling check of ``reliability`` uses them.
+    Volumes the study itself shows to be unreliable are withheld (``PerfusionMaps.volume_checks``).
     """
     cfg = settings or PerfusionSettings()
     if method not in METHODS:
@@ -294,8 +331,15 @@ def compute_perfusion(
         hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks), notes=notes,
         noise_hu=noise_hu, aif_selection=selection, severe_mask=masks.severe, reference_mask=masks.reference,
     )  # fmt: skip
+    acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
+    result.acquired_interval_s = reliability.bolus_interval_s(acquired, arrival.time_s)
+    result.volume_checks = reliability.check_volumes(
+        {"core": masks.core, "tmax6": masks.hypoperfusion, "tmax10": masks.severe}, tissue, voxel_volume_ml,
+        result.acquired_interval_s, cfg.mirror_limit_ml, cfg.tmax_max_interval_s, cfg.core_max_interval_s,
+    )  # fmt: skip
     if voxel_volume_ml is not None:
-        _fill_volumes(result, masks, voxel_volume_ml)
+        _fill_volumes(result)
+        result.notes.extend(reliability.withheld_notes(result.volume_checks))
     if np.ptp(np.diff(times)) > 1e-3:
         result.notes.append(f"non-uniform sampling: curves linearly resampled to a {step:g} s grid")
     if method == "osvd" and np.max(np.diff(times)) > OSVD_MAX_INTERVAL_S:
@@ -340,11 +384,16 @@ def _tips(
     return out, note, noise.sigma_hu, basis
 
 
-def _fill_volumes(result: PerfusionMaps, masks: lesion.LesionMasks, voxel_ml: float) -> None:
-    result.core_volume_ml = float(masks.core.sum()) * voxel_ml
-    result.hypoperfusion_volume_ml = float(masks.hypoperfusion.sum()) * voxel_ml
-    result.severe_hypoperfusion_volume_ml = float(masks.severe.sum()) * voxel_ml
-    result.mismatch_volume_ml = result.hypoperfusion_volume_ml - result.core_volume_ml
+def _fill_volumes(result: PerfusionMaps) -> None:
+    """The reported volumes: None where ``volume_checks`` withholds them, and then also what is built on them."""
+    checks = result.volume_checks
+    result.core_volume_ml = checks["core"].reported_ml
+    result.hypoperfusion_volume_ml = checks["tmax6"].reported_ml
+    result.severe_hypoperfusion_volume_ml = checks["tmax10"].reported_ml
+    core, tmax6 = result.core_volume_ml, result.hypoperfusion_volume_ml
+    result.mismatch_volume_ml = None if core is None or tmax6 is None else tmax6 - core
+    severe = result.severe_hypoperfusion_volume_ml
+    result.hypoperfusion_intensity_ratio = None if tmax6 is None or severe is None or tmax6 <= 0 else severe / tmax6
 
 
 def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray | None:

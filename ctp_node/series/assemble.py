@@ -12,7 +12,10 @@ Rules (docs/ctp-data.md):
 
 Everything is checked, nothing repaired: one series, one grid, evenly spaced slices, complete
 volumes that do not interleave in time, at least two time points, decodable pixels. Violations raise
-the matching ``ctp_node.errors`` exception with a message that says what to do.
+the matching ``ctp_node.errors`` exception with a message that says what to do. What later stages
+need from the headers is checked here too, before any pixel is read (``InvalidHeaderError``): an
+image matrix within ``max_matrix``, readable acquisition dates and times, and the dates, times and
+codes the outputs copy (``COPIED_VALUES``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from ctp_node.errors import (
     IncompleteSeriesError,
+    InvalidHeaderError,
     MixedGeometryError,
     MixedSeriesError,
     NotCTPError,
@@ -43,6 +47,13 @@ ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 POSITION_DECIMALS = 2  # slices closer than 0.01 mm are the same position
 ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE_MM = 0.01
+# Rows and Columns at most (``[series] max_matrix``): CT images are 512 (sometimes 768 or 1024); a
+# header claiming 65535 would otherwise be met by a 1 TiB allocation, retried as a transient fault.
+DEFAULT_MAX_MATRIX = 1024
+# Copied from the header into the derived series and every perfusion output, where highdicom parses
+# them: a value that is not DICOM fails there, after the whole series was inpainted (issue 23).
+COPIED_VALUES = (("StudyDate", "DA"), ("StudyTime", "TM"), ("PatientBirthDate", "DA"), ("PatientBirthTime", "TM"))
+PATIENT_SEX = ("M", "F", "O")  # highdicom's PatientSexValues; empty is allowed (Type 2)
 
 
 @dataclass(frozen=True)
@@ -68,14 +79,17 @@ class _Grid:
 
 
 def assemble_series(
-    paths: Iterable[str | Path], *, check_first_header: Callable[[Dataset], None] | None = None
+    paths: Iterable[str | Path],
+    *,
+    check_first_header: Callable[[Dataset], None] | None = None,
+    max_matrix: int = DEFAULT_MAX_MATRIX,
 ) -> CTPSeries:
     """Read and check the instances in ``paths`` and return the 4D series in HU.
 
     ``check_first_header``: called with the first file's header before anything else is checked or
     any pixels are read (e.g. to refuse a series by its header early). That header is kept as the
-    series' ``header`` template. Raises a ``ctp_node.errors.CTPInputError`` subclass if the files are
-    not one complete CTP series.
+    series' ``header`` template. ``max_matrix``: the largest Rows and Columns accepted. Raises a
+    ``ctp_node.errors.CTPInputError`` subclass if the files are not one complete CTP series.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -85,7 +99,8 @@ def assemble_series(
         check_first_header(first)
     headers = [first, *(_read_header(p) for p in paths[1:])]
     _check_one_series(headers, paths)
-    grid = _check_one_grid(headers, paths)
+    grid = _check_one_grid(headers, paths, max_matrix)
+    _check_copied_values(headers, paths)
     slices = [s for path, ds in zip(paths, headers, strict=True) for s in _slices(path, ds)]
     _check_unique(slices)
     normal = np.cross(grid.orientation[:3], grid.orientation[3:])
@@ -94,6 +109,8 @@ def assemble_series(
     hu = _pixels(volumes, grid)
     start = min(s.moment for s in volumes[0])
     times = np.array([(min(s.moment for s in v) - start).total_seconds() for v in volumes])
+    # Each slice's own time: the derived series gives an acquired image the time of its source instance.
+    slice_times = np.array([[(s.moment - start).total_seconds() for s in v] for v in volumes])
     direction = np.column_stack([grid.orientation[:3], grid.orientation[3:], normal])
     return CTPSeries(
         hu=hu,
@@ -107,6 +124,7 @@ def assemble_series(
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         start=start,
         header=first,
+        slice_times_s=slice_times,
     )
 
 
@@ -136,16 +154,15 @@ def _check_one_series(headers: list, paths: list[Path]) -> None:
             )
 
 
-def _check_one_grid(headers: list, paths: list[Path]) -> _Grid:
+def _check_one_grid(headers: list, paths: list[Path], max_matrix: int) -> _Grid:
     grids = {}
     for path, ds in zip(paths, headers, strict=True):
         orientation = _attribute(ds, "PlaneOrientationSequence", "ImageOrientationPatient", frame=0)
         spacing = _attribute(ds, "PixelMeasuresSequence", "PixelSpacing", frame=0)
         if orientation is None or spacing is None:
             raise MixedGeometryError(f"{path} lacks ImageOrientationPatient or PixelSpacing: no usable geometry")
-        grid = _Grid(
-            tuple(float(v) for v in orientation), tuple(float(v) for v in spacing), int(ds.Rows), int(ds.Columns)
-        )
+        rows, columns = _matrix(ds, path, max_matrix)
+        grid = _Grid(tuple(float(v) for v in orientation), tuple(float(v) for v in spacing), rows, columns)
         grids[path] = grid
     reference = next(iter(grids.values()))
     for path, grid in grids.items():
@@ -161,6 +178,49 @@ def _check_one_grid(headers: list, paths: list[Path]) -> _Grid:
                 f"{reference.rows}x{reference.columns}: all images of a CTP series must share one grid"
             )
     return reference
+
+
+def _matrix(ds, path: Path, max_matrix: int) -> tuple[int, int]:
+    """(Rows, Columns), checked before the series' array is allocated from them."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        rows = columns = 0
+    if rows < 1 or columns < 1:
+        raise InvalidHeaderError(
+            f"{path} states Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r}: not an image matrix"
+        )
+    if rows > max_matrix or columns > max_matrix:
+        raise InvalidHeaderError(
+            f"{path} states a {rows}x{columns} matrix, beyond this node's [series] max_matrix {max_matrix}: "
+            "the header is wrong, or the node must be configured for such images"
+        )
+    return rows, columns
+
+
+def _check_copied_values(headers: list, paths: list[Path]) -> None:
+    """The dates, times and codes the derived series and the perfusion outputs copy must be DICOM."""
+    from pydicom.valuerep import DA, TM
+
+    parsers = {"DA": DA, "TM": TM}
+    for path, ds in zip(paths, headers, strict=True):
+        for keyword, vr in COPIED_VALUES:
+            value = ds.get(keyword)
+            if value in (None, ""):  # Type 2: empty is allowed
+                continue
+            try:
+                parsers[vr](value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidHeaderError(
+                    f"{path} states {keyword} {str(value)[:64]!r}, not a DICOM {vr} value ({exc}): "
+                    "correct it at the scanner or PACS and resend the series"
+                ) from exc
+        sex = str(ds.get("PatientSex") or "").strip()
+        if sex and sex not in PATIENT_SEX:
+            raise InvalidHeaderError(
+                f"{path} states PatientSex {sex[:64]!r}, not one of M, F, O or empty: "
+                "correct it at the scanner or PACS and resend the series"
+            )
 
 
 def _attribute(ds, group: str, keyword: str, frame: int | None = None):
@@ -253,8 +313,8 @@ def _parse_da_tm(date: str, time: str) -> datetime:
         return datetime.strptime(f"{str(date).strip()[:8]}{whole}", "%Y%m%d%H%M%S").replace(
             microsecond=int(fraction.ljust(6, "0")[:6] or 0)
         )
-    except ValueError as exc:
-        raise NotCTPError(
+    except ValueError as exc:  # a CT series with a broken header: failed with the reason, not ignored as not CTP
+        raise InvalidHeaderError(
             f"unreadable date/time {date!r} {time!r} ({exc}): the acquisition times are unusable"
         ) from exc
 
@@ -286,6 +346,7 @@ def _volumes(slices: list[_Slice], normal: np.ndarray) -> tuple[list[np.ndarray]
     for s in slices:
         groups[tuple(np.round(s.position, POSITION_DECIMALS))].append(s)
     keys = sorted(groups, key=lambda k: float(np.dot(k, normal)))
+    _check_positions_kept(groups, keys)
     counts = {k: len(groups[k]) for k in keys}
     expected = max(counts.values())
     short = {k: n for k, n in counts.items() if n != expected}
@@ -316,6 +377,26 @@ def _volumes(slices: list[_Slice], normal: np.ndarray) -> tuple[list[np.ndarray]
                 f"volume {t + 1} mixes TemporalPositionIndex values {sorted(indices)}: some time point lacks frames"
             )
     return [np.asarray(groups[k][0].position, dtype=np.float64) for k in keys], volumes
+
+
+def _check_positions_kept(groups: dict[tuple[float, ...], list[_Slice]], keys: list) -> None:
+    """Every slice position is imaged from the first volume to the last. Slices at some positions that
+    all end before others begin mean the geometry moved during the series; grouping them by position
+    would mix them into volumes, refused with a misleading "overlap in time" (issue 23). Positions with a
+    single instance are left to the completeness check (a stray or missing instance)."""
+    repeated = [k for k in keys if len(groups[k]) > 1]
+    if not repeated:
+        return
+    first = {k: min(s.moment for s in groups[k]) for k in repeated}
+    last = {k: max(s.moment for s in groups[k]) for k in repeated}
+    early = min(repeated, key=lambda k: last[k])
+    late = max(repeated, key=lambda k: first[k])
+    if last[early] < first[late]:
+        raise MixedGeometryError(
+            f"slice positions change during the series: {_mm(early)} is imaged only until {last[early]:%H:%M:%S.%f}, "
+            f"{_mm(late)} only from {first[late]:%H:%M:%S.%f} on: the volumes do not share one set of slices "
+            "(table or field of view moved between volumes); a CTP series needs the same slices in every volume"
+        )
 
 
 def _mm(position: tuple[float, ...]) -> str:

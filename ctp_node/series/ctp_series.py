@@ -38,6 +38,9 @@ class CTPSeries:
         header: the header (no pixels) of the first source instance, read once by the assembler:
             the template of the patient, study and acquisition attributes of a derived series; None
             when not from DICOM.
+        slice_times_s: float64 (T, Z) the time of each slice itself, in seconds after ``start``
+            (a scanner may acquire the slices of a volume one after the other, each with its own
+            AcquisitionTime; ``times_s`` is the earliest of them); None when not from DICOM.
     """
 
     hu: np.ndarray
@@ -51,6 +54,7 @@ class CTPSeries:
     frame_of_reference_uid: str = ""
     start: datetime | None = None
     header: Dataset | None = field(default=None, repr=False, compare=False)
+    slice_times_s: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 4:
@@ -61,6 +65,8 @@ class CTPSeries:
             raise ValueError("times_s must be strictly increasing")
         if np.asarray(self.direction).shape != (3, 3):
             raise ValueError("direction must be a 3x3 matrix")
+        if self.slice_times_s is not None and np.shape(self.slice_times_s) != self.hu.shape[:2]:
+            raise ValueError(f"slice_times_s has shape {np.shape(self.slice_times_s)}, expected {self.hu.shape[:2]}")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -26,6 +26,13 @@ every other voxel is ``I`` by construction. Three checks:
 
 The verdict is plain data (``GuardrailVerdict``), saved as JSON beside the result; the pipeline
 applies the policy (``GuardrailSettings.policy``): flag, or fall back to ``I``.
+
+A fourth check runs later, once the perfusion analyses are done (``check_volumes``): the lesion
+volumes of the synthetic 1 s series against those of the acquired series alone. Synthetic seconds
+add no measurement; a model that is only interpolation at long gaps (or one that invents a bolus)
+shows up as core or Tmax > 6 s volumes that jump away from what the acquired frames alone give.
+Where the acquired analysis withholds a volume (``ctp_node.perfusion.reliability``) there is nothing
+to compare with, and the check says so instead of passing.
 """
 
 from __future__ import annotations
@@ -84,6 +91,17 @@ class GuardrailVerdict:
         status = "pass" if self.passed else self.action
         return f"{status}: " + "; ".join(parts) if parts else status
 
+    def add(self, checks: Sequence[CheckResult]) -> None:
+        """Checks made after the verdict was first written (``check_volumes``): a failing one flags the
+        series (it is already written; there is nothing left to fall back from)."""
+        if self.policy == "off":
+            return
+        self.checks.extend(checks)
+        if any(not c.passed for c in checks):
+            self.passed = False
+            if self.action == "none":
+                self.action = "flagged"
+
     def comment(self) -> str:
         """What every image of a failing series says about it (empty for a passing one)."""
         if self.passed or self.policy == "off":
@@ -108,9 +126,42 @@ class GuardrailVerdict:
         return write_json(folder / VERDICT_FILE, self.to_dict())
 
 
+VOLUME_CHECKS = {"core": "core volume vs acquired", "tmax6": "Tmax > 6 s volume vs acquired"}
+
+
+def check_volumes(
+    synthetic_ml: dict[str, float | None],
+    acquired_ml: dict[str, float | None],
+    tolerance_ml: float,
+    acquired_reasons: dict[str, str] | None = None,
+) -> list[CheckResult]:
+    """The synthetic series' core and Tmax > 6 s volumes against the acquired series' own (mL).
+
+    ``None`` is a volume its analysis withholds (``acquired_reasons`` says why for the acquired one):
+    the check is then not measured, and its detail says why. ``tolerance_ml`` <= 0: no checks."""
+    if tolerance_ml <= 0:
+        return []
+    reasons = acquired_reasons or {}
+    checks = []
+    for key, name in VOLUME_CHECKS.items():
+        syn, acq = synthetic_ml.get(key), acquired_ml.get(key)
+        if syn is None or acq is None:
+            why = "synthetic volume withheld"
+            if acq is None:
+                why = f"acquired volume withheld ({reasons.get(key, 'no volume')})"
+            checks.append(CheckResult(name, None, tolerance_ml, True, detail=f"not measured: {why}"))
+            continue
+        jump = syn - acq
+        detail = f"synthetic {syn:.1f} mL, acquired alone {acq:.1f} mL"
+        checks.append(CheckResult(name, jump, tolerance_ml, abs(jump) <= tolerance_ml, detail=detail))
+    return checks
+
+
 def _describe(check: CheckResult) -> str:
     if check.value is None:
-        return f"{check.name}: not measured"
+        return f"{check.name}: {check.detail or 'not measured'}"
+    if check.name in VOLUME_CHECKS.values():
+        return f"{check.name} {check.value:+.1f} mL (tolerance {check.tolerance:g} mL; {check.detail})"
     unit = "" if check.name == "range" else " HU"
     value = f"{check.value:.1%}" if check.name == "range" else f"{check.value:+.2f}{unit}"
     tolerance = f"{check.tolerance:.1%}" if check.name == "range" else f"{check.tolerance:g}{unit}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,16 +34,17 @@ from ctp_node.config import (
 from ctp_node.errors import NotCTPError, PerfusionError, PerfusionOutputError
 from ctp_node.files import write_json
 from ctp_node.series import CTPSeries
-from ctp_node.series.assemble import assemble_series
+from ctp_node.series.assemble import DEFAULT_MAX_MATRIX, assemble_series
 from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.series.grid import back_to_source, to_model_grid
-from ctp_node.series.guardrail import GuardrailVerdict, check_series, fall_back
+from ctp_node.series.guardrail import VOLUME_CHECKS, GuardrailVerdict, check_series, check_volumes, fall_back
 from ctp_node.series.motion import MOTION_FILE, MotionError, MotionResult, correct_motion
 from ctp_node.series.outputs import OutputSeries
 from model import EngineSettings, FillPlan, Inpainter, load_denoiser
 from model.engine import SamplingChoice, StudyInpainter, choose_sampling
 
+VOLUMES_FILE = "volumes.json"  # per job: the lesion volumes reported or withheld, and why
 log = logging.getLogger(__name__)
 MODEL_NAME = "CTP temporal inpainting diffusion (Bae et al. MICCAI 2024)"
 
@@ -67,6 +69,8 @@ class SeriesResult:
     seconds: dict[str, float] = field(default_factory=dict)
     motion: MotionResult | None = None  # None: the motion stage was off or could not run (see notes)
     outputs: list[OutputSeries] = field(default_factory=list)  # the perfusion output series written
+    # What the job states besides the guardrail (also in ``notes``): outputs asked for but not made.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def times_s(self) -> np.ndarray:
@@ -137,6 +141,7 @@ class SeriesPipeline:
     sampling: SamplingChoice | None = None
     motion: MotionSettings | None = None  # None: no motion stage
     perfusion_outputs: PerfusionOutputSettings | None = None  # None: no perfusion outputs
+    max_matrix: int = DEFAULT_MAX_MATRIX  # [series] max_matrix: larger images are refused at assembly
 
     def __post_init__(self) -> None:
         settings = getattr(self.engine, "settings", None)
@@ -162,6 +167,7 @@ class SeriesPipeline:
         return cls(
             engine, recipe, settings.series.min_time_points, settings.guardrail, sampling,
             motion=settings.motion, perfusion_outputs=settings.perfusion_outputs,
+            max_matrix=settings.series.max_matrix,
         )  # fmt: skip
 
 
@@ -191,7 +197,7 @@ def run_series(
             refuse_own_output(series.header)
     else:
         files = [Path(p) for p in source]
-        series = assemble_series(files, check_first_header=refuse_own_output)
+        series = assemble_series(files, check_first_header=refuse_own_output, max_matrix=pipeline.max_matrix)
     if series.hu.shape[0] < pipeline.min_time_points:
         raise NotCTPError(
             f"{series.hu.shape[0]} time points: a CT perfusion series needs at least {pipeline.min_time_points}"
@@ -249,15 +255,19 @@ def run_series(
         seconds["write"] = time.perf_counter() - mark
 
     outputs: list[OutputSeries] = []
+    warnings: list[str] = []
     cfg = pipeline.perfusion_outputs
     if derived is not None and cfg is not None and cfg.enabled:
         mark = time.perf_counter()
-        outputs = _perfusion_outputs(series, hu_1s, fill, derived, verdict, recipe, cfg, out_dir, seconds, notes)
+        outputs = _perfusion_outputs(
+            series, hu_1s, fill, derived, verdict, recipe, cfg, out_dir, seconds, notes,
+            pipeline.guardrail.volume_jump_ml, warnings=warnings,
+        )  # fmt: skip
         seconds["perfusion_outputs"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
     return SeriesResult(
         fill=fill, hu=hu_1s, brain_mask=grid.brain_mask, derived=derived, guardrail=verdict,
-        notes=list(study.fill.notes) + notes, seconds=seconds, motion=motion, outputs=outputs,
+        notes=list(study.fill.notes) + notes, seconds=seconds, motion=motion, outputs=outputs, warnings=warnings,
     )  # fmt: skip
 
 
@@ -309,30 +319,94 @@ def _perfusion_outputs(
     out_dir: Path,
     seconds: dict[str, float],
     notes: list[str],
+    volume_jump_ml: float = 0.0,
+    *,
+    warnings: list[str] | None = None,
 ) -> list[OutputSeries]:
     """Maps, volumes (SR), masks (SEG) and the QA report of the synthetic 1 s series (and of the acquired
     series alone, for comparison). A series perfusion analysis refuses (e.g. no arterial input) still
-    sends its synthetic series: the refusal is logged and noted, not a failed job."""
+    sends its synthetic series: the refusal is logged and noted, not a failed job. So does a series whose
+    outputs fail to be written: none of them is sent (the folder is removed), the failure goes to
+    ``warnings`` (the job states it) with its traceback in the log."""
     from ctp_node.perfusion import PerfusionSettings, compute_perfusion
     from ctp_node.series.outputs import output_input, write_perfusion_outputs
 
     voxel_ml = float(np.prod(series.spacing_mm)) / 1000.0
-    analysis = PerfusionSettings(pixel_mm=float(series.spacing_mm[2]))  # the noise filter works in mm
+    analysis = PerfusionSettings(
+        pixel_mm=float(series.spacing_mm[2]),  # the noise filter works in mm
+        mirror_limit_ml=cfg.mirror_limit_ml, tmax_max_interval_s=cfg.tmax_max_interval_s,
+        core_max_interval_s=cfg.core_max_interval_s,
+    )  # fmt: skip
+    acquired_times = series.times_s[np.asarray(fill.input_second) >= 0]  # the volumes the seconds rest on
     try:
-        maps = compute_perfusion(hu_1s, fill.times_s, voxel_ml, settings=analysis)
+        maps = compute_perfusion(hu_1s, fill.times_s, voxel_ml, settings=analysis, acquired_times_s=acquired_times)
         acquired = (
             compute_perfusion(series.hu, series.times_s, voxel_ml, settings=analysis) if cfg.from_acquired else None
         )
+        if acquired is not None:
+            _check_volumes(maps, acquired, verdict, volume_jump_ml, out_dir)
+        for label, result in (("synthetic", maps), ("acquired", acquired)):
+            notes.extend(f"{label}: {line}" for line in _withheld_lines(result))
+        write_json(out_dir / VOLUMES_FILE, volumes_record(maps, acquired))
         data = output_input(
             maps, hu_1s, derived.paths[: series.hu.shape[1]], series.series_uid, voxel_volume_ml=voxel_ml,
             acquired_maps=acquired, acquired_hu=series.hu if acquired is not None else None, guardrail=verdict,
-            generation=recipe.generation if recipe is not None else 1,
+            generation=recipe.generation if recipe is not None else 1, synthetic_times_s=fill.times_s,
+            acquired_times_s=series.times_s,
         )  # fmt: skip
         return write_perfusion_outputs(data, out_dir / "perfusion", cfg, png_dir=out_dir, seconds=seconds)
     except (PerfusionError, PerfusionOutputError) as exc:
         notes.append(f"perfusion outputs not made: {exc}")
+        if warnings is not None:
+            warnings.append(notes[-1])
         log.warning("series %s: perfusion outputs not made: %s", series.series_uid, exc)
         return []
+    except Exception as exc:
+        # A writer that fails (a bug, a value highdicom refuses) used to fail the whole job, which was
+        # then inpainted again on every retry (issue 23); the synthetic series is the result that matters.
+        shutil.rmtree(out_dir / "perfusion", ignore_errors=True)  # no half-written output series is sent
+        notes.append(f"perfusion outputs not made: {type(exc).__name__}: {exc}")
+        if warnings is not None:
+            warnings.append(notes[-1])
+        log.error("series %s: %s", series.series_uid, notes[-1], exc_info=exc)
+        return []
+
+
+def _check_volumes(maps, acquired, verdict: GuardrailVerdict, tolerance: float, out_dir: Path) -> None:
+    """The guardrail's volume check (synthetic vs acquired alone); a jump withholds the synthetic volume."""
+    checks = check_volumes(
+        {"core": maps.core_volume_ml, "tmax6": maps.hypoperfusion_volume_ml},
+        {"core": acquired.core_volume_ml, "tmax6": acquired.hypoperfusion_volume_ml},
+        tolerance, acquired.withheld,
+    )  # fmt: skip
+    verdict.add(checks)
+    for key, check in zip(VOLUME_CHECKS, checks):
+        if not check.passed:
+            apart = f"{check.value:+.1f} mL apart (tolerance {check.tolerance:g} mL)"
+            maps.withhold(key, f"guardrail: {check.detail}, {apart}")
+    if checks:
+        verdict.write(out_dir)
+
+
+def volumes_record(synthetic, acquired) -> dict:
+    """``volumes.json`` of a job: per analysis and lesion volume, the number reported or why it is withheld
+    (what the SR says), and the measured value (for whoever audits a withheld one)."""
+    record = {}
+    for label, maps in (("synthetic 1 s", synthetic), ("acquired", acquired)):
+        if maps is None:
+            continue
+        record[label] = {
+            "acquired_interval_s": maps.acquired_interval_s,
+            "volumes": {name: check.summary() for name, check in maps.volume_checks.items()},
+            "mismatch_ratio": maps.mismatch_ratio,
+        }
+    return record
+
+
+def _withheld_lines(maps) -> list[str]:
+    if maps is None:
+        return []
+    return [f"{name} volume withheld: {reason}" for name, reason in maps.withheld.items()]
 
 
 def refuse_own_output(header) -> None:

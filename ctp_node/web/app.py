@@ -47,6 +47,7 @@ PACKAGE = Path(__file__).resolve().parent
 RETRYABLE = (State.FAILED, State.IGNORED, State.DONE)
 RESENDABLE = (State.DONE, State.FAILED)
 MAX_FORM_BYTES = 16 * 1024
+MAX_JOB_ID = 2**63 - 1  # job ids are 64-bit integers in the store: a larger one overflowed SQLite (HTTP 500)
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -61,7 +62,8 @@ SECURITY_HEADERS = {
 
 
 class SecurityHeaders:
-    """Adds SECURITY_HEADERS to every response (plain ASGI: request bodies stream through untouched)."""
+    """Adds SECURITY_HEADERS to every response (plain ASGI: request bodies stream through untouched),
+    the answer to an unexpected error included."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -71,15 +73,27 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 for key, value in SECURITY_HEADERS.items():
                     if key not in headers:
                         headers[key] = value
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette answers an unhandled error outside every middleware: without this, a 500 went out
+            # without the headers above (issue 23). The traceback goes to the log, not to the page.
+            log.exception("status page: unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await PlainTextResponse("internal error; the node's log says why", 500)(scope, receive, send_with_headers)
 
 
 def _fmt_time(value: datetime | str | None) -> str:
@@ -208,7 +222,7 @@ def create_app(
             raise HTTPException(403, "the form is stale or did not come from this page: reload the job and try again")
 
     def job_or_404(job_id: int) -> jobview.JobRow:
-        row = jobview.get_job(store, job_id)
+        row = jobview.get_job(store, job_id) if 1 <= job_id <= MAX_JOB_ID else None
         if row is None:
             raise HTTPException(404, f"there is no job {job_id}; the job list shows the ones there are")
         return row
@@ -263,6 +277,7 @@ def create_app(
             "figures": jobview.figures(folder) if folder else [],
             "guardrail": jobview.guardrail_verdict(folder) if folder else None,
             "motion": jobview.motion_record(folder) if folder else None,
+            "volumes": jobview.volumes_record(folder) if folder else None,
             "can_retry": job.state in RETRYABLE,
             "can_resend": job.state in RESENDABLE and job.result_dir is not None and bool(destinations),
             "destinations": destinations,

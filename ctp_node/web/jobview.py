@@ -24,6 +24,7 @@ from sqlalchemy import select
 from ctp_node.node.jobs import Delivery, JobStore, SeriesJob, State, deliveries_table, series_table
 from ctp_node.series.guardrail import VERDICT_FILE
 from ctp_node.series.motion import MOTION_FILE
+from ctp_node.series.pipeline import VOLUMES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,12 @@ def guardrail_verdict(folder: Path) -> dict[str, Any] | None:
 def motion_record(folder: Path) -> dict[str, Any] | None:
     """The motion stage's record (``motion.json``: every volume's pose and the ones not used)."""
     return _record(folder / MOTION_FILE)
+
+
+def volumes_record(folder: Path) -> dict[str, Any] | None:
+    """The perfusion analyses' lesion volumes (``volumes.json``): reported, or withheld and why."""
+    record = _record(folder / VOLUMES_FILE)
+    return record if record is None or "checks" not in record else None  # unreadable: logged, not shown
 
 
 def _record(path: Path) -> dict[str, Any] | None:

@@ -21,10 +21,14 @@ def test_demo_sends_receives_inpaints_and_compares_perfusion(tmp_path):
     synthetic = [p for p in series if len(list(p.glob("*.dcm"))) == 8 * 61]
     assert len(synthetic) == 1
     # and the perfusion outputs, each its own series: per analysis (synthetic, acquired) 4 maps, 4 colour
-    # maps, an SR and a SEG, plus one QA report
+    # maps and an SR, plus one QA report. No SEG: acquired every 4 s, every lesion volume is withheld
+    # (the SR says "Indeterminate" with the reason), and so are the masks.
     modalities = sorted(pydicom.dcmread(next(p.glob("*.dcm")), stop_before_pixels=True).Modality for p in series)
-    assert len(series) == 1 + 2 * 10 + 1
-    assert modalities.count("SR") == 2 and modalities.count("SEG") == 2
+    assert len(series) == 1 + 2 * 9 + 1
+    assert modalities.count("SR") == 2 and modalities.count("SEG") == 0
+    reports = [pydicom.dcmread(next(p.glob("*.dcm"))) for p in (out / "pacs").iterdir() if p.is_dir()]
+    texts = [str(el.value) for sr in reports if sr.Modality == "SR" for el in sr.iterall() if el.keyword == "TextValue"]
+    assert any("needs samples at most 2 s apart" in text for text in texts)
     series = synthetic
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"acquired", "synthetic"}

@@ -42,12 +42,21 @@ def test_evaluate_on_phantom_reports_issue_10_targets(tmp_path):
     assert linear["aif.peak_time_abs_error_s"]["mean"] >= 0 and linear["aif.truth_peak_hu"]["mean"] > 200
     for name in ("cbf", "cbv", "mtt", "tmax"):
         assert 0 < reference[f"map.{name}"]["mean"] < linear[f"map.{name}"]["mean"]
+    for row in data["rows"]:  # issue 20: volumes and the DEFUSE 3 decision for every candidate
+        metrics = row["metrics"]
+        for volume in ("core", "tmax6", "mismatch"):
+            assert metrics[f"volume_abs_error_ml.{volume}"] == pytest.approx(abs(metrics[f"volume_error_ml.{volume}"]))
+        assert metrics["decision.agrees"] in (0, 1) and metrics["decision.reported"] in (0, 1)
+        assert metrics["decision.agrees"] == (metrics["decision.defuse3"] == metrics["decision.truth_defuse3"])
     targets = {t["target"] for t in data["targets"]}
     assert len(targets) == 10 and any("static real CT" in t for t in targets)
     (static_row,) = data["static_ct"]
     assert static_row["synthetic_seconds"] == 6 and static_row["n_voxels"] > 10_000
     table = (out / "evaluation.md").read_text()
-    for heading in ("## Targets", "per tissue", "Mean tissue curves", "Perfusion maps", "arterial input", "Static"):
+    for heading in (
+        "## Targets", "per tissue", "Mean tissue curves", "Perfusion maps", "arterial input", "Static",
+        "Lesion volumes", "Every study's volumes",
+    ):  # fmt: skip
         assert heading in table
     assert "| 4 | 1 s acquisition |" in table and "**fail**" in table
     for name in ("montage_gap4.png", "curves_gap4.png", "maps_gap4.png"):

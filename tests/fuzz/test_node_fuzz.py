@@ -302,3 +302,22 @@ def test_transfer_syntaxes(node, tmp_path):
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
     assert_healthy(node)
+
+
+def test_random_bytes_cost_one_log_line_not_a_page_of_errors(node):
+    """Issue 23 item 10: 64 KiB of random bytes made 77 ERROR lines, one per unknown "PDU type" pynetdicom
+    read on from the rubbish. The first unknown type now ends the connection, with one warning."""
+    import random
+
+    for seed in range(3):
+        start = node.log.stat().st_size
+        exchange(node, random.Random(seed).randbytes(65536))
+        time.sleep(0.5)
+        with open(node.log, "rb") as log:
+            log.seek(start)
+            lines = log.read().decode(errors="replace").splitlines()
+        assert not [line for line in lines if " ERROR " in line], lines[:5]
+        # The node's other work (series of earlier tests completing) logs too: count the receiving side's.
+        receiving = [line for line in lines if " pynetdicom" in line or "ctp_node.node.scp" in line]
+        assert len(receiving) <= 3, receiving
+    assert_healthy(node)

@@ -8,10 +8,12 @@ or whose UIDs differed from the command's, were acknowledged; refusals left no m
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,9 +93,9 @@ def test_stalled_connections_are_closed_within_the_network_timeout(node):
     assert result.returncode == 0, result.stderr
 
 
-def _store_file(node: RunningNode, path: Path) -> tuple[int, str]:
+def _store_file(node: RunningNode, path: Path, calling_ae: str = "SCANNER") -> tuple[int, str]:
     """C-STORE the file as it is on disk: the command's UIDs come from its file meta information."""
-    ae = AE(ae_title="SCANNER")
+    ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="CTPNODE")
@@ -171,3 +173,25 @@ def test_a_silent_connection_does_not_stall_tls_associations(tmp_path):
             wait_for(lambda: "TLS handshake with 127.0.0.1 failed" in node.log.read_text(), 40, "handshake timeout")
     finally:
         node.stop()
+
+
+def _received_by_calling_ae(node: RunningNode) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^ctp_node_received_instances_total\{calling_ae="([^"]*)"\} (\S+)$', text, re.MULTILINE)
+    return {label: float(value) for label, value in found}
+
+
+def test_many_calling_ae_titles_keep_the_metrics_bounded(node, tmp_path):
+    """Issue 23 item 10: each distinct calling AE title added a label for good (300 titles: /metrics 2.2 ->
+    43.9 KB). The first titles keep their own label; the others are counted together."""
+    from ctp_node.node.prometheus import MAX_CALLING_AE_LABELS, OTHER_CALLING_AE
+
+    study, series = generate_uid(), generate_uid()
+    before = sum(_received_by_calling_ae(node).values())
+    titles = [f"PEER{i:03d}" for i in range(MAX_CALLING_AE_LABELS + 8)]
+    for title in titles:
+        assert _store_file(node, _instance(tmp_path, title, study, series), calling_ae=title) == (0x0000, "")
+    wait_for(lambda: sum(_received_by_calling_ae(node).values()) == before + len(titles), 10, "the instances counted")
+    labels = _received_by_calling_ae(node)
+    assert len(labels) <= MAX_CALLING_AE_LABELS + 1 and labels[OTHER_CALLING_AE] >= 8

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from ctp_node.errors import ConfigError, IncompleteSeriesError
+from ctp_node.errors import ConfigError, IncompleteSeriesError, InvalidHeaderError
 from ctp_node.node.jobs import State, utcnow
 from ctp_node.node.send import backoff_s
 from ctp_node.node.spool import InvalidUIDError, check_uid
@@ -56,6 +56,7 @@ INPUT_FAULTS = [
     pytest.param(PlanError("times_s contains NaN or infinite values"), id="model-plan"),
     pytest.param(PerfusionError("no contrast enhancement anywhere in the series"), id="perfusion"),
     pytest.param(IncompleteSeriesError("volume 3 lacks slice 7"), id="incomplete"),
+    pytest.param(InvalidHeaderError("x.dcm states a 65535x65535 matrix, beyond max_matrix 1024"), id="header"),
 ]
 
 
@@ -158,3 +159,103 @@ def test_a_job_whose_uid_cannot_be_a_path_fails_before_the_processor_runs(tmp_pa
     ended = store.get(job.id)
     assert ended.state == State.FAILED and ended.error.startswith("InvalidUIDError: SeriesInstanceUID")
     assert attempts == [] and not (tmp_path / "results").exists()
+
+
+# Issue 23 item 7, through the real pipeline: a bad header costs one attempt and no inpainting; an output
+# writer that fails costs the outputs only (the synthetic series is still sent, the job says what failed).
+
+
+class CountingEngine:
+    """model.LinearInpainter, counting the studies it was asked to fill."""
+
+    def __init__(self):
+        from model.engine import LinearInpainter
+
+        self.inner, self.calls = LinearInpainter(), 0
+
+    def inpaint_study(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.inpaint_study(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    """A small phantom study with a bolus (41 s every 4 s, 64 x 64 x 2), written once."""
+    from ctp_node.phantom import PhantomConfig, generate_phantom
+    from ctp_node.phantom.dicom_study import write_study
+    from ctp_node.phantom.sampling import parse_schedule, sample_study
+
+    study = generate_phantom(PhantomConfig(matrix=64, slices=2, duration_s=41, noise_hu=6.0, seed=3))
+    return write_study(sample_study(study, parse_schedule("every:4")), tmp_path_factory.mktemp("src"), uid_seed="23-7")
+
+
+def spooled_worker(tmp_path, files, edit=None, sender=None):
+    """A worker with the real processor (linear engine, every perfusion output) and ``files`` spooled
+    and queued as one series; ``edit(ds)`` changes each header first."""
+    import pydicom
+
+    from ctp_node.config import Destination, PerfusionOutputSettings, Settings, StorageSettings
+    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.processing import make_processor
+    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.series.derived import DerivedRecipe
+    from ctp_node.series.pipeline import SeriesPipeline
+
+    settings = Settings(
+        storage=StorageSettings(data_dir=tmp_path),
+        destinations=(Destination(name="pacs", host="127.0.0.1", port=4242, ae_title="PACS"),),
+    )
+    store, spool = JobStore(settings.database_url), Spool(settings.storage.spool_dir)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if edit is not None:
+            edit(ds)
+        key = SeriesKey(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        spool.write(key, str(ds.SOPInstanceUID), _bytes(ds))
+        store.record_instance(key.study_uid, key.series_uid, "SCANNER", at=utcnow() - timedelta(seconds=120))
+    store.queue_quiet_series(60)
+    engine = CountingEngine()
+    recipe = DerivedRecipe("test model", "1", "test.pt sha256:0", "linear", 1)
+    pipeline = SeriesPipeline(engine, recipe, perfusion_outputs=PerfusionOutputSettings(qa_report=False))
+    worker = Worker(settings, store, make_processor(pipeline), sender=sender or FakeSender([]), worker_id="w1")
+    return worker, store, engine
+
+
+def _bytes(ds) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_date_the_outputs_cannot_state_fails_the_job_at_once_without_inpainting(tmp_path, phantom_files, caplog):
+    def bad_date(ds):
+        ds.StudyDate = "<b>x</b>"
+
+    worker, store, engine = spooled_worker(tmp_path, phantom_files, bad_date)
+    with caplog.at_level(logging.INFO, logger="ctp_node"):
+        job = worker.run_once()
+    ended = store.get(job.id)
+    assert ended.state == State.FAILED and ended.next_attempt_at is None, "an input fault: never retried"
+    assert ended.error.startswith("InvalidHeaderError:") and "StudyDate '<b>x</b>'" in ended.error
+    assert engine.calls == 0, "refused at assembly, before the inpainting"
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_failing_output_writer_still_sends_the_synthetic_series_and_the_job_says_so(
+    tmp_path, phantom_files, monkeypatch
+):
+    import ctp_node.series.outputs.writer as writer
+
+    def broken(*args, **kwargs):
+        raise ValueError("the colour writer broke")
+
+    monkeypatch.setattr(writer, "write_colour_series", broken)
+    sender = FakeSender([0x0000])
+    worker, store, engine = spooled_worker(tmp_path, phantom_files, sender=sender)
+    job = worker.run_once()
+    done = store.get(job.id)
+    assert done.state == State.DONE and engine.calls == 1
+    assert sender.sent == [("PACS", 41 * 2)]  # the synthetic series (41 s, 2 slices), no half-written outputs
+    assert "perfusion outputs not made: ValueError: the colour writer broke" in done.warning

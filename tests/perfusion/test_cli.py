@@ -90,7 +90,9 @@ def test_dicom_folder_with_irregular_sampling(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["times_s"][19:23] == [19.0, 20.0, 23.0, 26.0]
     assert any("linearly resampled to a 1 s grid" in note for note in summary["notes"])
-    assert summary["hypoperfusion_volume_ml"] > 0
+    # 3 s during the bolus: the volumes are measured but withheld, with the reason.
+    assert summary["volume_checks"]["tmax6"]["measured_ml"] > 0 and summary["hypoperfusion_volume_ml"] is None
+    assert "acquired every 3.0 s during the bolus" in summary["volume_checks"]["tmax6"]["withheld"]
     image = sitk.ReadImage(str(out / "tmax.nii.gz"))
     assert image.GetSpacing() == pytest.approx((3.75, 3.75, 5.0))
     assert image.GetOrigin() == pytest.approx(series.origin)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from ctp_node.errors import (
     IncompleteSeriesError,
+    InvalidHeaderError,
     MixedGeometryError,
     MixedSeriesError,
     NotCTPError,
@@ -18,6 +20,7 @@ from ctp_node.errors import (
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
+from ctp_node.series import assemble
 from ctp_node.series.assemble import assemble_series
 
 
@@ -134,3 +137,67 @@ def test_enhanced_order_follows_temporal_position_index(small_study, tmp_path):
     ds.save_as(paths[1])
     with pytest.raises(MixedSeriesError, match="mixes TemporalPositionIndex values \\[2, 3\\]"):
         assemble_series(paths)
+
+
+# Issue 23 item 7: values the pipeline needs are checked at assembly, before any pixel is read or
+# inpainted. Each of these used to pass, the series was inpainted in full, and then an output writer
+# raised (a plain ValueError, retried three times) or the host ran out of memory (retried as transient).
+
+
+def _no_pixels(path):
+    raise AssertionError(f"pixels of {path} read: the header should have been refused first")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("StudyDate", "<b>x</b>"), ("StudyTime", "<b>x</b>"), ("PatientBirthDate", "20241301"), ("PatientSex", "<b>")],
+)
+def test_a_header_value_the_outputs_state_is_checked_at_assembly(written, monkeypatch, keyword, value):
+    for path in written:
+        _edit(path, **{keyword: value})
+    monkeypatch.setattr(assemble, "_decode", _no_pixels)
+    with pytest.raises(InvalidHeaderError, match=f"{keyword} {re.escape(repr(value))}"):
+        assemble_series(written)
+
+
+def test_an_unreadable_acquisition_date_fails_the_series_instead_of_ignoring_it(written):
+    _edit(written[4], AcquisitionDate="<b>x</b>")
+    with pytest.raises(InvalidHeaderError, match="unreadable date/time '<b>x</b>'"):
+        assemble_series(written)
+
+
+def test_a_matrix_beyond_the_ceiling_is_refused_before_any_pixels_are_read(written, monkeypatch):
+    for path in written:
+        _edit(path, Rows=65535, Columns=65535)
+    monkeypatch.setattr(assemble, "_decode", _no_pixels)
+    with pytest.raises(InvalidHeaderError, match="65535x65535.*max_matrix 1024"):
+        assemble_series(written)  # the default ceiling: safe without configuration
+
+
+def test_the_matrix_ceiling_is_configurable(written):
+    from ctp_node.config import SeriesSettings
+
+    assert SeriesSettings().max_matrix == assemble.DEFAULT_MAX_MATRIX  # [series] max_matrix
+    with pytest.raises(InvalidHeaderError, match="64x64.*max_matrix 32"):
+        assemble_series(written, max_matrix=32)
+    assert assemble_series(written, max_matrix=64).hu.shape[2:] == (64, 64)
+
+
+@pytest.mark.parametrize("rows", [0, None])
+def test_a_missing_or_empty_matrix_is_an_input_fault(written, rows):
+    for path in written:
+        _edit(path, Rows=rows)
+    with pytest.raises(InvalidHeaderError, match="Rows"):
+        assemble_series(written)
+
+
+def test_shifted_geometry_is_refused_for_what_it_is(written):
+    """Issue 23 item 10: volumes 3 and 4 moved 1.3 mm along the table (their own slice positions) were
+    refused as "volumes 1 and 2 overlap in time"."""
+    for path in written:
+        if int(path.stem.split("_")[1]) >= 2:
+            ds = pydicom.dcmread(path)
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            _edit(path, ImagePositionPatient=[x, y, z + 1.3])
+    with pytest.raises(MixedGeometryError, match="slice positions change during the series"):
+        assemble_series(written)

@@ -248,3 +248,26 @@ def test_a_biased_model_falls_back_to_interpolation(ring, tmp_path):
     expected = hu[0] + 0.5 * (hu[1] - hu[0])
     z = int(ds.InstanceNumber - 1) % hu.shape[1]
     assert np.abs(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) - expected[z]).max() <= 0.5
+
+
+def test_volumes_that_jump_away_from_the_acquired_analysis_are_flagged():
+    from ctp_node.series.guardrail import CheckResult, GuardrailVerdict, check_volumes
+
+    checks = check_volumes({"core": 200.3, "tmax6": 39.2}, {"core": 61.0, "tmax6": 30.0}, 15.0)
+    core, tmax6 = checks
+    assert not core.passed and core.value == pytest.approx(139.3) and "acquired alone 61.0 mL" in core.detail
+    assert tmax6.passed and tmax6.value == pytest.approx(9.2)
+    verdict = GuardrailVerdict(policy="flag", passed=True, action="none", checks=[CheckResult("step", 0.1, 1.0, True)])
+    verdict.add(checks)
+    assert (verdict.passed, verdict.action) == (False, "flagged")
+    assert "core volume vs acquired +139.3 mL (tolerance 15 mL" in verdict.summary()
+    assert "GUARDRAIL FLAG" in verdict.comment()
+    # Nothing to compare with where the acquired analysis withholds its volume: said, not passed silently.
+    unmeasured = check_volumes({"core": 200.3, "tmax6": None}, {"core": None, "tmax6": 3.0}, 15.0, {"core": "noise"})
+    assert [c.value for c in unmeasured] == [None, None]
+    assert unmeasured[0].detail == "not measured: acquired volume withheld (noise)"
+    assert unmeasured[1].detail == "not measured: synthetic volume withheld"
+    assert check_volumes({"core": 1.0}, {"core": 90.0}, 0.0) == []  # switched off
+    off = GuardrailVerdict(policy="off", passed=True, action="none")
+    off.add(checks)
+    assert off.passed and off.checks == []

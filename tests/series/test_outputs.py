@@ -285,6 +285,36 @@ def test_from_compute_perfusion(tmp_path):
     np.testing.assert_allclose(cbf.pixel_array * float(cbf.RescaleSlope), maps.cbf[1], atol=0.05 + 1e-6)
 
 
+def test_a_series_with_interpolated_seconds_gets_curves_and_a_report_on_its_own_clock(tmp_path):
+    """The analysis drops seconds that are linear interpolations (a guardrail fallback, a long gap): its
+    times are then fewer than the series' frames. The QA report's curves once failed on that ("x and y
+    must have same first dimension")."""
+    from ctp_node.perfusion import compute_perfusion
+
+    study = generate_phantom(PhantomConfig(matrix=64, slices=2, duration_s=41, noise_hu=3.0, seed=8))
+    series = sample_study(study, parse_schedule("every:1"))
+    hu = series.hu.copy()
+    for t in range(13, 16):  # seconds 13-15 filled by interpolation between 12 and 16
+        w = np.float32((t - 12) / 4)
+        hu[t] = hu[12] + w * (hu[16] - hu[12])
+    first = dataclasses.replace(series, hu=series.hu[:1], times_s=series.times_s[:1])
+    references = write_study(first, tmp_path / "reference", uid_seed="outputs-interpolated")
+    voxel_ml = float(np.prod(study.spacing_mm)) / 1000.0
+    maps = compute_perfusion(hu, series.times_s, voxel_ml)
+    assert maps.times_s.size < hu.shape[0]  # the interpolated seconds were left out of the analysis
+    data = output_input(
+        maps, hu, references, SOURCE_UID, voxel_volume_ml=voxel_ml, synthetic_times_s=series.times_s
+    )  # fmt: skip
+    assert data.synthetic_curves.times_s.size == hu.shape[0]
+    only_report = PerfusionOutputSettings(
+        quantitative_maps=False, colour_maps=False, structured_report=False, segmentation=False
+    )
+    written = write_perfusion_outputs(data, tmp_path / "out", only_report)
+    assert [s.kind for s in written] == ["qa_report"]
+    # The dropped seconds are a 4 s gap during the bolus: the analysis withholds every volume.
+    assert set(maps.withheld) == {"core", "tmax6", "tmax10"} and maps.acquired_interval_s == pytest.approx(4.0)
+
+
 def test_mean_tissue_curves_average_each_region_per_frame():
     from ctp_node.series.outputs import mean_tissue_curves
 
@@ -324,3 +354,62 @@ def test_adapter_reads_vof_and_tmax10_of_the_analysis():
     other_times = SimpleNamespace(**{**vars(maps), "aif_selection": SimpleNamespace(vof=SimpleNamespace(
         curve=known.vof_curve[:5], voxels=known.vof_voxels))})  # fmt: skip
     assert analysis_from_maps(other_times, "acquired").vof_voxels is None
+
+
+def test_withheld_volumes_are_left_out_of_sr_and_seg_with_the_reason(reference_files, tmp_path):
+    reason = "12 mL of core (rCBF < 30 %) in the less affected hemisphere (limit 5 mL)"
+    analysis = make_analysis(
+        core_volume_ml=None, mismatch_volume_ml=None, mismatch_ratio=None, withheld={"core": reason}
+    )
+    data = make_input(reference_files, synthetic=analysis, acquired=None)
+    settings = PerfusionOutputSettings(quantitative_maps=False, colour_maps=False)
+    written = write_perfusion_outputs(data, tmp_path, settings)
+    sr_series = by_kind(written, "sr", "synthetic")
+    sr = hd.sr.srread(sr_series.paths[0])
+    groups = {g.tracking_identifier: g for g in _measurement_groups(sr)}
+    assert set(groups) == {"Core rCBF<30%", "Tmax>6s", "Tmax>10s", "Hypoperfusion intensity ratio"}
+    assert not groups["Core rCBF<30%"].get_measurements()  # looked for, not measured: "Indeterminate"
+    (evaluation,) = groups["Core rCBF<30%"].get_qualitative_evaluations()
+    assert (evaluation.value.value, evaluation.value.scheme_designator) == ("82334004", "SCT")
+    assert "Core rCBF<30%" in sr_series.notes[0] and "withheld" in sr_series.notes[0]
+    # The reason is in the SR's content, where a reader of the report finds it.
+    texts = list(_sr_texts(sr))
+    assert any(reason in text for text in texts), texts
+    assert dciodvfy_errors(sr_series.paths[0]) == []
+    seg_series = by_kind(written, "seg", "synthetic")
+    seg = hd.seg.segread(seg_series.paths[0])
+    labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert labels == ["Tmax>6s", "Tmax>10s"]  # the core mask is not drawn in PACS without its number
+    assert "left out (volume withheld): Core rCBF<30%" in seg_series.notes
+    assert dciodvfy_errors(seg_series.paths[0]) == []
+    report = pydicom.dcmread(by_kind(written, "qa_report", "both").paths[0])
+    assert report.pixel_array.ndim == 3
+
+
+def _sr_texts(item):
+    """Every TEXT value of an SR content tree."""
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") == "TEXT":
+            yield str(child.TextValue)
+        yield from _sr_texts(child)
+
+
+def test_every_volume_withheld_writes_no_seg_and_a_report_that_says_withheld(reference_files, tmp_path):
+    from ctp_node.series.outputs.qa_report import _volumes_text
+
+    withheld = {"core": "noise", "tmax6": "sampling", "tmax10": "sampling"}
+    analysis = make_analysis(
+        core_volume_ml=None, tmax6_volume_ml=None, tmax10_volume_ml=None, mismatch_volume_ml=None,
+        mismatch_ratio=None, hypoperfusion_intensity_ratio=None, withheld=withheld,
+    )  # fmt: skip
+    data = make_input(reference_files, synthetic=analysis, acquired=None)
+    settings = PerfusionOutputSettings(quantitative_maps=False, colour_maps=False)
+    written = write_perfusion_outputs(data, tmp_path, settings)
+    assert not [s for s in written if s.kind == "seg"]
+    assert {s.kind for s in written} == {"sr", "qa_report"}
+    sr_path = by_kind(written, "sr", "synthetic").paths[0]
+    assert len(_measurement_groups(hd.sr.srread(sr_path))) == 3 and dciodvfy_errors(sr_path) == []
+    text = _volumes_text(analysis, None)
+    for row in ("core, rCBF < 30 %", "Tmax > 6 s", "mismatch ratio", "hypoperfusion intensity ratio"):
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        assert line.rstrip().endswith("withheld"), line

@@ -134,3 +134,33 @@ def test_a_series_the_motion_check_cannot_run_on_goes_on_unchecked(ring_files, t
     result = run_series(pipeline, files, tmp_path)
     assert result.motion is None and any(note.startswith("motion not checked") for note in result.notes)
     assert result.derived is not None
+
+
+def test_a_scan_every_8_s_sends_no_tmax_volume_and_says_why(tmp_path):
+    """Issue 20/21: synthetic seconds are not acquisitions. With a bolus acquired every 8 s the synthetic
+    series' Tmax volumes are withheld (SR: "Indeterminate", the reason in the SR, the job's notes and the
+    guardrail's volume checks), whatever fills the seconds."""
+    import highdicom as hd
+
+    from ctp_node.config import PerfusionOutputSettings
+    from ctp_node.phantom import PhantomConfig, generate_phantom
+    from ctp_node.phantom.sampling import parse_schedule, sample_study
+
+    study = generate_phantom(PhantomConfig(matrix=96, slices=4, duration_s=49, noise_hu=6.0, seed=3))
+    files = write_study(sample_study(study, parse_schedule("every:8")), tmp_path / "in", uid_seed="every 8 s")
+    # The QA report too: linear seconds are dropped by the analysis, whose times are then a subset of the
+    # series' (the report's curves once failed on that: x and y of different lengths).
+    settings = PerfusionOutputSettings(quantitative_maps=False, colour_maps=False)
+    pipeline = SeriesPipeline(LinearInpainter(), RECIPE, guardrail=GuardrailSettings(), perfusion_outputs=settings)
+    result = run_series(pipeline, files, tmp_path / "out")
+    for label in ("synthetic", "acquired"):
+        assert any(note.startswith(f"{label}: tmax6 volume withheld: acquired every 8.0 s") for note in result.notes)
+    volume_checks = {c.name: c for c in result.guardrail.checks if "volume vs acquired" in c.name}
+    assert volume_checks["Tmax > 6 s volume vs acquired"].value is None  # nothing to compare: both withheld
+    sr_path = next(p for s in result.outputs if s.kind == "sr" and s.analysis == "synthetic" for p in s.paths)
+    groups = {g.tracking_identifier: g for g in hd.sr.srread(sr_path).content.get_image_measurement_groups()}
+    assert not groups["Tmax>6s"].get_measurements()
+    assert groups["Tmax>6s"].get_qualitative_evaluations()[0].value.meaning == "Indeterminate"
+    assert "Mismatch ratio" not in groups
+    assert not result.warnings, result.warnings  # every output written, the QA report included
+    assert any(s.kind == "qa_report" for s in result.outputs)

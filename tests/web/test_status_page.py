@@ -357,3 +357,49 @@ def test_the_job_page_shows_the_motion_record_when_there_is_one(client, node):
     page = client.get(f"/jobs/{done}", headers=basic()).text
     assert "<h2>Motion</h2>" in page and "1 of 2 volumes realigned" in page
     assert "volumes 3" in page and "slice discontinuity (intra-volume motion)" in page
+
+
+def test_the_job_page_shows_the_lesion_volumes_reported_and_withheld(client, node):
+    from ctp_node.series.pipeline import VOLUMES_FILE
+
+    _, store = node
+    done = job_id(store, DONE_SERIES)
+    assert "<h2>Lesion volumes</h2>" not in client.get(f"/jobs/{done}", headers=basic()).text  # none written
+    reason = "acquired every 8.0 s during the bolus; Tmax needs samples at most 2 s apart"
+    record = {
+        "synthetic 1 s": {"acquired_interval_s": 8.0, "mismatch_ratio": None, "volumes": {
+            "core": {"measured_ml": 41.2, "mirror_ml": 0.0, "reported": True, "withheld": None},
+            "tmax6": {"measured_ml": 39.0, "mirror_ml": 0.0, "reported": False, "withheld": reason},
+        }},
+    }  # fmt: skip
+    (Path(store.get(done).result_dir) / VOLUMES_FILE).write_text(json.dumps(record))
+    page = client.get(f"/jobs/{done}", headers=basic()).text
+    assert "<h2>Lesion volumes</h2>" in page and "41.2 mL" in page
+    assert "withheld" in page and "Tmax needs samples at most 2 s apart" in page
+    assert "39.0" not in page  # a withheld number is not shown as if it were reported
+
+
+@pytest.mark.parametrize("job", ["99999999999999999999", "9223372036854775808", "0", "-1"])
+@pytest.mark.parametrize("path", ["/jobs/{}", "/jobs/{}/figures/qa/curves.png"])
+def test_a_job_id_no_job_can_have_is_404_with_the_security_headers(node, job, path):
+    """Issue 23 item 10: /jobs/99999999999999999999 overflowed SQLite's integer: HTTP 500, no security headers."""
+    settings, store = node
+    with TestClient(create_app(settings, store), raise_server_exceptions=False) as c:
+        response = c.get(path.format(job), headers=basic())
+        assert c.post(f"/jobs/{job}/retry", headers=BEARER, data={}).status_code == 404
+    assert response.status_code == 404 and f"there is no job {job}" in response.json()["detail"]
+    assert response.headers["x-frame-options"] == "DENY"
+
+
+def test_an_unexpected_error_is_a_500_page_with_the_security_headers(node, monkeypatch, caplog):
+    settings, store = node
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail of a bug")
+
+    monkeypatch.setattr("ctp_node.web.jobview._job_rows", broken)
+    with TestClient(create_app(settings, store), raise_server_exceptions=False) as c:
+        response = c.get("/", headers=basic())
+    assert response.status_code == 500 and "secret detail" not in response.text
+    assert response.headers["x-frame-options"] == "DENY" and response.headers["cache-control"] == "no-store"
+    assert "secret detail of a bug" in caplog.text  # the log has it, with its traceback

@@ -56,6 +56,9 @@ class PerfusionAnalysis:
     reference_cbf: float | None = None
     method: str = ""
     notes: tuple[str, ...] = ()
+    # Volume name ("core", "tmax6", "tmax10") -> why the analysis withholds it (its ``*_volume_ml`` is
+    # then None, and so is everything built on it); the SR, SEG and QA report say so instead of a number.
+    withheld: Mapping[str, str] = field(default_factory=dict)
 
     def map(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -182,9 +185,13 @@ def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float |
     ):
         if given is not None:
             volumes[key] = float(given)
+    withheld = dict(getattr(maps, "withheld", {}) or {})
+    for key in withheld:
+        volumes[key] = None  # withheld by the analysis: never recomputed from the masks here
     mismatch = maps.mismatch_volume_ml
     if mismatch is None and volumes["core"] is not None and volumes["tmax6"] is not None:
         mismatch = volumes["tmax6"] - volumes["core"]  # as the analysis defines it: negative when core > Tmax > 6 s
+    hir = _ratio(volumes["tmax10"], volumes["tmax6"])
     vof_curve, vof_voxels = _vof(maps)
     return PerfusionAnalysis(
         label=label,
@@ -198,10 +205,11 @@ def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float |
         core_volume_ml=volumes["core"], tmax6_volume_ml=volumes["tmax6"], tmax10_volume_ml=volumes["tmax10"],
         mismatch_volume_ml=None if mismatch is None else float(mismatch),
         mismatch_ratio=_ratio(volumes["tmax6"], volumes["core"]),
-        hypoperfusion_intensity_ratio=_ratio(volumes["tmax10"], volumes["tmax6"]),
+        hypoperfusion_intensity_ratio=hir,
         reference_cbf=maps.reference_cbf,
         method=maps.method,
         notes=tuple(maps.notes),
+        withheld=withheld,
     )  # fmt: skip
 
 
@@ -216,21 +224,31 @@ def output_input(
     acquired_hu: np.ndarray | None = None,
     guardrail: GuardrailVerdict | None = None,
     generation: int = 1,
+    synthetic_times_s: np.ndarray | None = None,
+    acquired_times_s: np.ndarray | None = None,
 ) -> PerfusionOutputInput:
     """The writers' input from ``compute_perfusion`` results of the synthetic (and acquired) series.
 
     ``synthetic_hu`` / ``acquired_hu``: the (T, Z, Y, X) HU series the maps were computed from (mean tissue
-    curves, anatomy); the tissue classes of both come from the synthetic analysis, so the curves compare
-    the same voxels."""
+    curves, anatomy), acquired at ``synthetic_times_s`` / ``acquired_times_s`` (default: the maps' times,
+    which differ when the analysis dropped interpolated frames); the tissue classes of both come from
+    the synthetic analysis, so the curves compare the same voxels."""
     synthetic = analysis_from_maps(synthetic_maps, "synthetic 1 s", voxel_volume_ml)
     acquired = None if acquired_maps is None else analysis_from_maps(acquired_maps, "acquired", voxel_volume_ml)
     regions = tissue_regions(synthetic, synthetic_maps.tissue_mask)
-    synthetic_curves = mean_tissue_curves(synthetic_hu, synthetic.times_s, regions)
+    # The analysis may have dropped frames (linear interpolations of their neighbours: the guardrail's
+    # fallback, a long gap): its times are then a subset of the series', and curves and the baseline
+    # are taken from the series on its own clock.
+    syn_times = np.asarray(synthetic.times_s if synthetic_times_s is None else synthetic_times_s, dtype=np.float64)
+    synthetic_curves = mean_tissue_curves(synthetic_hu, syn_times, regions)
     acquired_curves = None
     if acquired_hu is not None and acquired_maps is not None:
-        acquired_curves = mean_tissue_curves(acquired_hu, np.asarray(acquired_maps.times_s), regions)
+        acq_times = acquired_maps.times_s if acquired_times_s is None else acquired_times_s
+        acquired_curves = mean_tissue_curves(acquired_hu, np.asarray(acq_times, dtype=np.float64), regions)
     baseline = synthetic_maps.baseline_frames
     frames = np.asarray(baseline if baseline is not None and len(baseline) else [0], dtype=int)
+    at = np.asarray(synthetic_maps.times_s, dtype=np.float64)[frames]
+    frames = np.clip(np.searchsorted(syn_times, at - 1e-6), 0, len(syn_times) - 1)
     anatomy = np.mean([np.asarray(synthetic_hu[int(i)], dtype=np.float32) for i in frames], axis=0)
     return PerfusionOutputInput(
         synthetic=synthetic, reference_files=list(reference_files), source_series_uid=source_series_uid,

@@ -187,9 +187,23 @@ def _volumes_text(syn: PerfusionAnalysis, acq: PerfusionAnalysis | None) -> str:
     ]
     lines = [header]
     for title, attribute, unit in rows:
-        values = "".join(f"{_fmt(getattr(a, attribute), unit).strip():>18}" for a in analyses)
+        values = "".join(f"{_shown(a, attribute, unit):>18}" for a in analyses)
         lines.append(f"{title:34}{values}")
     return "\n".join(lines)
+
+
+# Which withheld volumes a quantity is built on: it reads "withheld" (not "n/a") when any of them is.
+DEPENDS_ON = {
+    "core_volume_ml": ("core",), "tmax6_volume_ml": ("tmax6",), "tmax10_volume_ml": ("tmax10",),
+    "mismatch_volume_ml": ("core", "tmax6"), "mismatch_ratio": ("core", "tmax6"),
+    "hypoperfusion_intensity_ratio": ("tmax6", "tmax10"),
+}  # fmt: skip
+
+
+def _shown(analysis: PerfusionAnalysis, attribute: str, unit: str) -> str:
+    if any(name in analysis.withheld for name in DEPENDS_ON.get(attribute, ())):
+        return "withheld"
+    return _fmt(getattr(analysis, attribute), unit).strip()
 
 
 def _verdict_text(data: PerfusionOutputInput) -> str:
@@ -199,8 +213,14 @@ def _verdict_text(data: PerfusionOutputInput) -> str:
     else:
         lines = [f"guardrail ({verdict.policy}): {'PASS' if verdict.passed else verdict.action.upper()}"]
         lines += textwrap.wrap(verdict.summary(), 80)
+    # Withheld volumes first: the reason a number is missing matters more than the analysis' other notes.
+    for analysis in data.analyses:
+        for name, reason in analysis.withheld.items():
+            lines += textwrap.wrap(f"{analysis.label}: {name} withheld: {reason}", 80)
     for analysis in data.analyses:
         for note in analysis.notes:
+            if "volume withheld:" in note:
+                continue
             lines += textwrap.wrap(f"{analysis.label}: {note}", 80)
     lines += [textwrap.shorten(note, 80) for note in data.notes]
     return "\n".join(lines[:9])

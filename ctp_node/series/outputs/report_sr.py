@@ -9,7 +9,9 @@ One measurement group (TID 1501) per quantity, named by its tracking identifier:
   / Tmax > 6 s): Ratio (SCT 118586006), unitless (UCUM "{ratio}").
 
 A quantity that is unknown (no voxel size, a ratio over an empty region) is left out and named in the
-report's notes (``OutputSeries.notes``) rather than written as 0. The caution is in SeriesDescription
+report's notes (``OutputSeries.notes``) rather than written as 0. A lesion volume the analysis
+withholds (``ctp_node.perfusion.reliability``) keeps its group, with "Volume: Indeterminate"
+(SCT 82334004) instead of a number, and the reason in the algorithm parameters. The caution is in SeriesDescription
 and, for readers of the content, in the algorithm's parameters of every measurement group.
 """
 
@@ -46,6 +48,9 @@ SUM_OF_VOXELS = Code("126030", "DCM", "Sum of segmented voxel method for volume"
 PROCEDURE = Code("126301", "DCM", "Perfusion analysis by IV Iodinated Contrast CT technique")
 
 
+INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
+
+
 @dataclass(frozen=True)
 class Quantity:
     tracking_id: str
@@ -53,12 +58,13 @@ class Quantity:
     name: Code
     unit: Code
     finding: Code | None
+    volume: str | None = None  # the lesion volume it is (PerfusionAnalysis.withheld keys)
 
 
 QUANTITIES = (
-    Quantity("Core rCBF<30%", "core_volume_ml", VOLUME, MILLILITRE, INFARCT),
-    Quantity("Tmax>6s", "tmax6_volume_ml", VOLUME, MILLILITRE, ISCHEMIA),
-    Quantity("Tmax>10s", "tmax10_volume_ml", VOLUME, MILLILITRE, ISCHEMIA),
+    Quantity("Core rCBF<30%", "core_volume_ml", VOLUME, MILLILITRE, INFARCT, "core"),
+    Quantity("Tmax>6s", "tmax6_volume_ml", VOLUME, MILLILITRE, ISCHEMIA, "tmax6"),
+    Quantity("Tmax>10s", "tmax10_volume_ml", VOLUME, MILLILITRE, ISCHEMIA, "tmax10"),
     Quantity("Mismatch", "mismatch_volume_ml", VOLUME, MILLILITRE, ISCHEMIA),
     Quantity("Mismatch ratio", "mismatch_ratio", RATIO, UNITLESS, None),
     Quantity("Hypoperfusion intensity ratio", "hypoperfusion_intensity_ratio", RATIO, UNITLESS, None),
@@ -68,19 +74,35 @@ QUANTITIES = (
 def measurement_groups(
     analysis: PerfusionAnalysis, tracking: Callable[[str], str]
 ) -> tuple[list[hd.sr.MeasurementsAndQualitativeEvaluations], list[str]]:
-    """The groups of the known quantities and the names of the unknown ones."""
+    """The groups of the known quantities and the names of the unknown ones.
+
+    A withheld lesion volume gets a group without a measurement: its finding evaluated as
+    "Indeterminate" (SCT 82334004), so a reader sees that it was looked for and not measured, not
+    that it was forgotten; the reason travels in the algorithm parameters of every group."""
+    withheld = [f"{name} volume withheld: {reason}"[:256] for name, reason in analysis.withheld.items()]
     algorithm = hd.sr.AlgorithmIdentification(
         name="ctp-node perfusion",
         version=__version__,
-        parameters=[f"analysed series: {analysis.label}", RESEARCH_NOTE],
+        parameters=[f"analysed series: {analysis.label}", RESEARCH_NOTE, *withheld],
     )
     groups, unknown = [], []
     for quantity in QUANTITIES:
         value = getattr(analysis, quantity.attribute)
+        tracking_id = hd.sr.TrackingIdentifier(uid=tracking(quantity.tracking_id), identifier=quantity.tracking_id)
+        if quantity.volume is not None and quantity.volume in analysis.withheld:
+            unknown.append(quantity.tracking_id)
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking_id,
+                    finding_type=quantity.finding,
+                    algorithm_id=algorithm,
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(VOLUME, INDETERMINATE)],
+                )
+            )
+            continue
         if value is None or not math.isfinite(float(value)):
             unknown.append(quantity.tracking_id)
             continue
-        tracking_id = hd.sr.TrackingIdentifier(uid=tracking(quantity.tracking_id), identifier=quantity.tracking_id)
         measurement = hd.sr.Measurement(
             name=quantity.name,
             value=round(float(value), 3),
@@ -137,7 +159,7 @@ def write_structured_report(
     folder = series_folder(out_dir, f"{analysis.label.split()[0].lower()}_sr")
     path = save_atomic(sr, folder / "SR.dcm")
     fsync_dir(folder)
-    notes = (f"not reported (unknown or undefined): {', '.join(unknown)}",) if unknown else ()
+    notes = (f"not reported (unknown, undefined or withheld): {', '.join(unknown)}",) if unknown else ()
     return OutputSeries(
         "sr", analysis.label.split()[0].lower(), "volumes", ident.series_uid, ident.series_number, ident.description,
         folder, (path,), notes,

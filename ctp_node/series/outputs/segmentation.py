@@ -46,6 +46,12 @@ def algorithm(analysis: PerfusionAnalysis) -> hd.AlgorithmIdentificationSequence
     )
 
 
+def shown_segments(analysis: PerfusionAnalysis) -> tuple[tuple, ...]:
+    """The segments the SEG carries: a mask whose volume the analysis withholds is left out (drawn in
+    PACS it would say what its withheld number would have said)."""
+    return tuple(segment for segment in SEGMENTS if segment[0] not in analysis.withheld)
+
+
 def segment_descriptions(
     analysis: PerfusionAnalysis, tracking: Callable[[str], str]
 ) -> list[hd.seg.SegmentDescription]:
@@ -60,7 +66,7 @@ def segment_descriptions(
             tracking_id=label,
             tracking_uid=tracking(label),
         )
-        for number, (_, label, kind, _) in enumerate(SEGMENTS, start=1)
+        for number, (_, label, kind, _) in enumerate(shown_segments(analysis), start=1)
     ]
 
 
@@ -70,11 +76,15 @@ def write_segmentation(
     ident: SeriesIdentity,
     out_dir: Path,
     tracking: Callable[[str], str],
-) -> OutputSeries:
+) -> OutputSeries | None:
     """The three masks of ``analysis`` as one SEG instance into ``out_dir/<folder>``; ``tracking(label)``: the
-    segment's tracking UID (the SR's measurement groups of the same region carry the same)."""
-    masks = np.stack([np.asarray(analysis.mask(name), dtype=bool) for name, *_ in SEGMENTS], axis=-1)  # (Z,Y,X,S)
-    empty = [label for (name, label, *_), any_ in zip(SEGMENTS, masks.any(axis=(0, 1, 2))) if not any_]
+    segment's tracking UID (the SR's measurement groups of the same region carry the same). Masks whose
+    volumes the analysis withholds are left out; None (nothing written) when all three are."""
+    segments = shown_segments(analysis)
+    if not segments:
+        return None
+    masks = np.stack([np.asarray(analysis.mask(name), dtype=bool) for name, *_ in segments], axis=-1)  # (Z,Y,X,S)
+    empty = [label for (name, label, *_), any_ in zip(segments, masks.any(axis=(0, 1, 2))) if not any_]
     seg = hd.seg.Segmentation(
         source_images=references,
         pixel_array=masks,
@@ -97,6 +107,9 @@ def write_segmentation(
     path = save_atomic(seg, folder / "SEG.dcm")
     fsync_dir(folder)
     notes = (f"empty segments: {', '.join(empty)}",) if empty else ()
+    left_out = [label for name, label, *_ in SEGMENTS if name in analysis.withheld]
+    if left_out:
+        notes += (f"left out (volume withheld): {', '.join(left_out)}",)
     return OutputSeries(
         "seg", analysis.label.split()[0].lower(), "lesions", ident.series_uid, ident.series_number, ident.description,
         folder, (path,), notes,

@@ -113,11 +113,15 @@ def write_perfusion_outputs(
                 tracker(analysis),
             ))  # fmt: skip
         if cfg.segmentation:
-            written.append(timed(
+            seg = timed(
                 "seg", _segmentation, analysis, full,
                 ident("seg", analysis, "lesions", f"CTP lesions SEG {short}", INDEX["seg", "lesions"]), out_dir,
                 tracker(analysis),
-            ))  # fmt: skip
+            )  # fmt: skip
+            if seg is None:
+                log.warning("perfusion output %s seg: not written, every lesion volume is withheld", analysis.label)
+            else:
+                written.append(seg)
     if cfg.qa_report:
         report_data = data if cfg.from_acquired else _without_acquired(data)
         qa_ident = ident("qa_report", None, "qa", "CTP QA report", QA_INDEX)
@@ -134,7 +138,7 @@ def _short(analysis: PerfusionAnalysis) -> str:
     return "SYN1s" if analysis.label.startswith("synthetic") else "ACQ"
 
 
-def _segmentation(analysis: PerfusionAnalysis, full, ident, out_dir: Path, tracking) -> OutputSeries:
+def _segmentation(analysis: PerfusionAnalysis, full, ident, out_dir: Path, tracking) -> OutputSeries | None:
     try:
         return write_segmentation(analysis, full, ident, out_dir, tracking)
     except (ValueError, TypeError) as exc:
