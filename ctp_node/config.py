@@ -346,7 +346,10 @@ class Webhook(Section):
 
 
 class NotifySettings(Section):
-    """Webhooks, sent from a background thread so that receiving never waits on them."""
+    """Webhooks, sent from one background thread per webhook so that receiving never waits on them.
+
+    ``timeout_s`` bounds a whole try (connect, request, status and headers), not each read.
+    """
 
     webhooks: tuple[Webhook, ...] = ()
     timeout_s: float = Field(10, gt=0)

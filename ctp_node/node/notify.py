@@ -12,8 +12,11 @@ or ID (the job store holds none). Headers:
   ``<timestamp>.`` followed by the body bytes (:func:`verify_signature` checks one). Signing the
   timestamp lets a receiver refuse replays older than a few minutes.
 
-Sending never blocks the caller: notifications go to a queue that one background thread works
-through, retrying connection errors, timeouts, 408, 425, 429 and 5xx with exponential backoff
+Sending never blocks the caller: notifications go to a queue; each webhook has its own background
+thread, so a slow receiver delays only its own notifications. ``timeout_s`` bounds a whole try
+(connect, request, status line and headers; the response body is never read): past it the socket is
+shut down, so a receiver that trickles its answer byte by byte cannot hold a try longer. Tries are
+retried on connection errors, timeouts, 408, 425, 429 and 5xx with exponential backoff
 (``initial_backoff_s`` doubling up to ``max_backoff_s``, at most ``max_attempts`` tries; a numeric
 Retry-After is honoured within that cap). Other 4xx answers are not retried. Every failed attempt,
 every notification given up and every one dropped (queue full, node stopping) is logged (webhook
@@ -24,12 +27,14 @@ are best effort: pending retries do not survive a restart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import hmac
 import itertools
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -40,6 +45,9 @@ from typing import Any
 
 import requests
 from prometheus_client import CollectorRegistry, Counter
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from ctp_node.config import NotifySettings, Webhook
 from ctp_node.node.jobs import SeriesJob
@@ -121,6 +129,98 @@ class _Pending:
     attempt: int = field(default=0, compare=False)
 
 
+class _Try:
+    """One attempt's deadline: when it passes, the sockets the attempt uses are shut down, which ends
+    any read in progress (a per-read socket timeout never fires against a receiver that trickles)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Try:
+        _current.attempt = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.attempt = None
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+_current = threading.local()  # the _Try of the attempt this thread is making, if any
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    attempt: _Try | None = getattr(_current, "attempt", None)
+    if attempt is not None:
+        attempt.watch(sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """Hands its socket to the current attempt's deadline: a new one when made, a reused one per request."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)  # the TCP socket; shutting it down ends TLS reads on top of it too
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        _watch(self.sock)  # a kept-alive connection from an earlier try (None when not yet connected)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection, _WatchedHTTPConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with connections whose sockets an attempt's deadline can shut down."""
+
+    _pools = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if hasattr(manager, "pool_classes_by_scheme"):  # HTTP(S) proxies; not SOCKS
+            manager.pool_classes_by_scheme = self._pools
+        return manager
+
+
 def job_facts(job: SeriesJob) -> dict[str, Any]:
     """What a notification says about a job: identifiers, state and counts; nothing about the patient."""
     return {
@@ -137,7 +237,7 @@ def job_facts(job: SeriesJob) -> dict[str, Any]:
 
 
 class Notifier:
-    """Queues webhook notifications and sends them from a background thread.
+    """Queues webhook notifications and sends them from one background thread per webhook.
 
     Secrets are read at construction (ConfigError names the variable or file when one is missing), so
     a misconfigured webhook stops the node at start rather than failing silently later.
@@ -156,15 +256,20 @@ class Notifier:
         self._hooks: dict[str, Webhook] = {w.name: w for w in settings.webhooks}
         self._secrets = {w.name: w.secret.read() for w in settings.webhooks}
         self._session = session or requests.Session()
-        self._heap: list[_Pending] = []
+        adapter = _DeadlineAdapter()
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._heaps: dict[str, list[_Pending]] = {name: [] for name in self._hooks}  # per webhook
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._in_flight = 0
         self._closed = False
-        self._thread: threading.Thread | None = None
-        if self._hooks:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="webhooks")
-            self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(name,), daemon=True, name=f"webhook-{name}")
+            for name in self._hooks
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # The events --------------------------------------------------------------------------------
 
@@ -206,7 +311,7 @@ class Notifier:
                 return
             for hook in hooks:
                 self._push(_Pending(now, next(self._seq), hook.name, event, delivery_id, body, job.id))
-            self._cond.notify()
+            self._cond.notify_all()  # one thread per webhook waits
 
     # Life cycle --------------------------------------------------------------------------------
 
@@ -214,7 +319,7 @@ class Notifier:
         """Wait until nothing is queued or being sent (retries included); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._heap or self._in_flight:
+            while any(self._heaps.values()) or self._in_flight:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -225,46 +330,50 @@ class Notifier:
         """Send what is due within ``timeout_s``, then stop; what is left is logged and counted dropped."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while any(p.due <= time.monotonic() for p in self._heap) or self._in_flight:
+            while self._in_flight or any(p.due <= time.monotonic() for h in self._heaps.values() for p in h):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.1))
             self._closed = True
-            left, self._heap = self._heap, []
+            left = [p for heap in self._heaps.values() for p in heap]
+            for heap in self._heaps.values():
+                heap.clear()
             self._cond.notify_all()
         for pending in left:
             self._count(pending.webhook, pending.event, "dropped")
         if left:
             log.warning("%d webhook notifications dropped at stop (still waiting for a retry)", len(left))
-        if self._thread is not None:
-            self._thread.join(timeout=max(deadline - time.monotonic(), 0) + self.settings.timeout_s)
+        join_until = max(deadline, time.monotonic()) + self.settings.timeout_s
+        for thread in self._threads:
+            thread.join(timeout=max(join_until - time.monotonic(), 0))
 
     # Sending ------------------------------------------------------------------------------------
 
     def _push(self, pending: _Pending) -> None:
-        if len(self._heap) >= self.settings.max_pending:
-            oldest = min(self._heap, key=lambda p: p.seq)
-            self._heap.remove(oldest)
-            heapq.heapify(self._heap)
+        if sum(len(heap) for heap in self._heaps.values()) >= self.settings.max_pending:
+            oldest = min((p for heap in self._heaps.values() for p in heap), key=lambda p: p.seq)
+            self._heaps[oldest.webhook].remove(oldest)
+            heapq.heapify(self._heaps[oldest.webhook])
             self._count(oldest.webhook, oldest.event, "dropped")
             log.error(
                 "webhook %s: %s for job %s dropped, %d notifications already waiting",
                 oldest.webhook, oldest.event, oldest.job_id, self.settings.max_pending,
             )  # fmt: skip
-        heapq.heappush(self._heap, pending)
+        heapq.heappush(self._heaps[pending.webhook], pending)
 
     def _count(self, webhook: str, event: str, outcome: str) -> None:
         self.metrics.notifications.labels(webhook, event, outcome).inc()
 
-    def _run(self) -> None:
+    def _run(self, webhook: str) -> None:
+        heap = self._heaps[webhook]
         while True:
             with self._cond:
-                while not self._closed and (not self._heap or self._heap[0].due > time.monotonic()):
-                    self._cond.wait(None if not self._heap else self._heap[0].due - time.monotonic())
+                while not self._closed and (not heap or heap[0].due > time.monotonic()):
+                    self._cond.wait(None if not heap else heap[0].due - time.monotonic())
                 if self._closed:
                     return
-                pending = heapq.heappop(self._heap)
+                pending = heapq.heappop(heap)
                 self._in_flight += 1
             try:
                 retry_in = self._attempt(pending)
@@ -299,17 +408,21 @@ class Notifier:
         }
         retry_after: float | None = None
         try:
-            response = self._session.post(
-                hook.url,
-                data=pending.body,
-                headers=headers,
-                timeout=self.settings.timeout_s,
-                allow_redirects=False,  # a redirect would send the signed body somewhere not configured
-                verify=str(hook.ca_certificates) if hook.ca_certificates else True,
-            )
-            response.close()
+            with _Try(self.settings.timeout_s) as attempt:
+                response = self._session.post(
+                    hook.url,
+                    data=pending.body,
+                    headers=headers,
+                    timeout=self.settings.timeout_s,  # per connect and per read; _Try bounds the whole try
+                    allow_redirects=False,  # a redirect would send the signed body somewhere not configured
+                    verify=str(hook.ca_certificates) if hook.ca_certificates else True,
+                    stream=True,  # the status and headers are all it needs: the body is not read
+                )
+                response.close()
         except requests.RequestException as exc:
             problem, retryable = f"{type(exc).__name__}", True
+            if attempt.expired:
+                problem = f"Timeout: no answer within {self.settings.timeout_s:g} s ({problem})"
         else:
             if 200 <= response.status_code < 300:
                 self._count(hook.name, pending.event, "delivered")

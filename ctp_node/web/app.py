@@ -19,6 +19,7 @@ caching and allows no script (Content-Security-Policy).
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ from ctp_node.config import Settings
 from ctp_node.node.audit import AuditLog
 from ctp_node.node.jobs import JobStore, State
 from ctp_node.web import jobview
-from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, origin_allowed
+from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, Throttled, origin_allowed
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,15 @@ def create_app(
         return await _error_page(request, StarletteHTTPException(503, detail))
 
     def principal(request: Request) -> Principal:
-        found = auth.authenticate(request.headers.get("authorization"))
+        client = request.client.host if request.client else "?"
+        try:
+            found = auth.authenticate(request.headers.get("authorization"), client)
+        except Throttled as exc:
+            log.warning("status page: %s from %s locked out after failed logins", request.url.path, client)
+            retry_after = str(max(math.ceil(exc.retry_after_s), 1))
+            raise HTTPException(429, "too many failed logins; try again later", {"Retry-After": retry_after}) from None
         if found is None:
             if request.headers.get("authorization"):
-                client = request.client.host if request.client else "?"
                 log.warning("status page: refused credentials from %s for %s", client, request.url.path)
             raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": auth.challenge()})
         return found

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -352,3 +354,96 @@ def test_the_worker_announces_an_input_fault_and_a_given_up_delivery(tmp_path: P
     payload = json.loads(body)
     assert headers[EVENT_HEADER.lower()] == "job.failed"
     assert payload["destination"] == "pacs" and "given up" in payload["reason"]
+
+
+class TricklingHook:
+    """A webhook receiver that takes the request, then answers one byte every ``interval_s`` (status
+    line and headers included) for at most ``for_s`` seconds: every read gets a byte well within a
+    per-read timeout, so only a whole-try deadline ends the try."""
+
+    def __init__(self, interval_s: float = 0.5, for_s: float = 8.0) -> None:
+        self.interval_s, self.for_s = interval_s, for_s
+        self.stopping = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 200 + b"\r\nContent-Length: 0\r\n\r\n"
+        deadline = time.monotonic() + self.for_s
+        try:
+            conn.settimeout(1)
+            conn.recv(65536)  # the request (small enough for one read on loopback)
+            for i in range(len(answer)):
+                if self.stopping.is_set() or time.monotonic() > deadline:
+                    break
+                conn.sendall(answer[i : i + 1])
+                self.stopping.wait(self.interval_s)
+        except OSError:
+            pass  # the client hung up: what a whole-try deadline does
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+@pytest.fixture()
+def trickling_hook():
+    hook = TricklingHook()
+    yield hook
+    hook.stop()
+
+
+def test_a_trickling_receiver_cannot_hold_a_try_past_the_timeout(trickling_hook, secret_env, job, caplog):
+    registry = CollectorRegistry()
+    settings = notify_settings(trickling_hook.url, timeout_s=1, max_attempts=1)
+    notifier = Notifier(settings, registry=registry)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctp_node.node.notify"):
+            started = time.monotonic()
+            notifier.failed(job, "boom")
+            while time.monotonic() - started < 10:
+                if counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="failed"):
+                    break
+                time.sleep(0.02)
+            elapsed = time.monotonic() - started
+    finally:
+        notifier.close()
+    assert counted(registry, "ctp_node_webhook_notifications_total", event="job.failed", outcome="failed") == 1
+    assert elapsed < 2.0, f"the try lasted {elapsed:.1f} s with timeout_s = 1"
+    assert "Timeout" in caplog.text
+
+
+def test_a_slow_webhook_does_not_delay_the_others(trickling_hook, hook, secret_env, job):
+    slow = Webhook(name="slow", url=trickling_hook.url, secret=Credential(env=SECRET_ENV))
+    healthy = Webhook(name="ris", url=hook.url, secret=Credential(env=SECRET_ENV))
+    settings = NotifySettings(webhooks=(slow, healthy), timeout_s=4, max_attempts=1)
+    registry = CollectorRegistry()
+    notifier = Notifier(settings, registry=registry)
+    try:
+        started = time.monotonic()
+        notifier.failed(job, "boom")
+        headers, _ = hook.next(timeout_s=10)
+        elapsed = time.monotonic() - started
+        slow_outcomes = [
+            counted(registry, "ctp_node_webhook_notifications_total", webhook="slow", event="job.failed", outcome=o)
+            for o in ("delivered", "failed")
+        ]
+    finally:
+        notifier.close()
+    assert headers[EVENT_HEADER.lower()] == "job.failed"
+    assert elapsed < 1.5, f"the healthy webhook waited {elapsed:.1f} s behind the slow one"
+    assert slow_outcomes == [0, 0]  # the slow one was still being tried

@@ -403,3 +403,30 @@ def test_an_unexpected_error_is_a_500_page_with_the_security_headers(node, monke
     assert response.status_code == 500 and "secret detail" not in response.text
     assert response.headers["x-frame-options"] == "DENY" and response.headers["cache-control"] == "no-store"
     assert "secret detail of a bug" in caplog.text  # the log has it, with its traceback
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeated_wrong_passwords_lock_the_client_out_until_the_cooldown(node):
+    settings, store = node
+    clock = Clock()
+    auth = Authenticator.from_settings(settings.web, clock=clock)
+    with TestClient(create_app(settings, store, authenticator=auth)) as c:
+        statuses = [c.get("/", headers=basic(password=f"guess {i}")).status_code for i in range(20)]
+        assert statuses[0] == 401 and statuses[-1] == 429
+        refused = c.get("/", headers=basic())  # the right password, at once: refused all the same
+        assert refused.status_code == 429
+        retry_after = int(refused.headers["retry-after"])
+        assert 0 < retry_after <= 3600
+        clock.now += retry_after - 1
+        assert c.get("/", headers=basic()).status_code == 429  # not yet
+        clock.now += 2
+        assert c.get("/", headers=basic()).status_code == 200  # the cooldown is over

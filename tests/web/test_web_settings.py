@@ -103,3 +103,43 @@ def test_csrf_tokens_are_bound_to_the_user_and_the_process():
 )
 def test_origin_check(origin, host, allowed, ok):
     assert origin_allowed(origin, host, allowed) is ok
+
+
+def _counting_verifier(monkeypatch) -> list[str]:
+    import ctp_node.web.auth as auth_module
+
+    calls: list[str] = []
+    real = auth_module.verify_password
+
+    def counting(password: str, encoded: str) -> bool:
+        calls.append(password)
+        return real(password, encoded)
+
+    monkeypatch.setattr(auth_module, "verify_password", counting)
+    return calls
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_an_unknown_user_costs_a_hash_verification_like_a_wrong_password(monkeypatch):
+    calls = _counting_verifier(monkeypatch)
+    auth = Authenticator(basic_user="operator", basic_hash=hash_password("correct horse battery staple", n=2**10))
+    assert auth.authenticate(_basic("operator", "wrong password"), client="10.0.0.1") is None
+    wrong_password = len(calls)
+    assert auth.authenticate(_basic("someone", "wrong password"), client="10.0.0.2") is None
+    wrong_user = len(calls) - wrong_password
+    assert wrong_password == 1 and wrong_user == 1
+
+
+def test_the_failures_tracked_stay_bounded_under_many_names_and_addresses(monkeypatch):
+    from ctp_node.web.auth import MAX_TRACKED
+
+    monkeypatch.setattr("ctp_node.web.auth.verify_password", lambda password, encoded: False)  # no scrypt
+    auth = Authenticator(basic_user="operator", basic_hash=hash_password("correct horse battery staple", n=2**10))
+    for i in range(MAX_TRACKED + 500):
+        auth.authenticate(_basic(f"user{i}", "guess"), client=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+    assert auth.tracked <= MAX_TRACKED + 1  # the addresses (capped) and the one configured user
