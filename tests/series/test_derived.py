@@ -324,6 +324,18 @@ def test_a_rerun_into_the_same_folder_replaces_the_files(small_head, tmp_path):
     assert len(list(tmp_path.iterdir())) == 27
 
 
+def _through_the_grid(files: list[Path], out: Path):
+    """Assemble ``files``, fill every second with a constant model output (0.25) through the model grid
+    and back, and write the derived series: (series, back, the written paths)."""
+    series = assemble_series(files)
+    plan = plan_seconds(series.times_s, long_gap="linear")
+    grid = to_model_grid(series)
+    slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
+    back = back_to_source(grid, slabs, plan, series)
+    result = write_derived_series(back.hu, back.fill, series, files, out, recipe=RECIPE)
+    return series, back, result.paths
+
+
 @pytest.fixture(scope="module")
 def irregular(tmp_path_factory):
     """64 x 64 x 3, 22 s acquired every 1.5 s for 9 s, then every 3 s (the planner snaps half of them)."""
@@ -331,13 +343,8 @@ def irregular(tmp_path_factory):
     study = generate_phantom(PhantomConfig(matrix=64, slices=3, duration_s=22, noise_hu=5.0, seed=4))
     acquired = sample_study(study, parse_schedule("irregular:1.5@9,3"))
     files = write_study(acquired, folder / "src", uid_seed="pipeline-tests-irregular")
-    series = assemble_series(files)
-    plan = plan_seconds(series.times_s, long_gap="linear")
-    grid = to_model_grid(series)
-    slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
-    back = back_to_source(grid, slabs, plan, series)
-    result = write_derived_series(back.hu, back.fill, series, files, folder / "out", recipe=RECIPE)
-    return files, series, back, [pydicom.dcmread(p) for p in result.paths]
+    series, back, paths = _through_the_grid(files, folder / "out")
+    return files, series, back, [pydicom.dcmread(p) for p in paths]
 
 
 def _seconds_after(start, ds) -> float:
@@ -497,13 +504,8 @@ def staggered(tmp_path_factory):
         ds.AcquisitionDate, ds.AcquisitionTime = moment.strftime("%Y%m%d"), moment.strftime("%H%M%S.%f")
         ds.save_as(path)
         own[ds.SOPInstanceUID] = (ds.AcquisitionDate, ds.AcquisitionTime)
-    series = assemble_series(files)
-    plan = plan_seconds(series.times_s, long_gap="linear")
-    grid = to_model_grid(series)
-    slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
-    back = back_to_source(grid, slabs, plan, series)
-    result = write_derived_series(back.hu, back.fill, series, files, folder / "out", recipe=RECIPE)
-    return own, series, [pydicom.dcmread(p, stop_before_pixels=True) for p in result.paths]
+    series, _, paths = _through_the_grid(files, folder / "out")
+    return own, series, [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 def test_acquired_images_keep_their_own_per_slice_acquisition_time(staggered):
