@@ -206,27 +206,25 @@ def perfusion(
 
 
 def _volumes_line(maps) -> str:
+    from ctp_node.perfusion.reliability import is_withheld
+
     if maps.voxel_volume_ml is None:
         return "(no voxel size: volumes not reported)"
     withheld = maps.withheld
 
-    def volume(value: float | None, *names: str) -> str:
-        if any(name in withheld for name in names):
+    def shown(quantity: str, value: float | None, fmt: str = "{:.1f} mL", none: str = "n/a") -> str:
+        if is_withheld(quantity, withheld):
             return "withheld"
-        return "n/a" if value is None else f"{value:.1f} mL"
+        return none if value is None else fmt.format(value)
 
-    ratio = "n/a (no core)" if maps.mismatch_ratio is None else f"{maps.mismatch_ratio:.1f}"
-    hir = "n/a" if maps.hypoperfusion_intensity_ratio is None else f"{maps.hypoperfusion_intensity_ratio:.2f}"
-    if withheld.keys() & {"core", "tmax6"}:
-        ratio = "withheld"
-    if withheld.keys() & {"tmax6", "tmax10"}:
-        hir = "withheld"
     line = (
-        f"core (rCBF < 30 %) {volume(maps.core_volume_ml, 'core')}, "
-        f"Tmax > 6 s {volume(maps.hypoperfusion_volume_ml, 'tmax6')}, "
-        f"Tmax > 10 s {volume(maps.severe_hypoperfusion_volume_ml, 'tmax10')}, "
-        f"mismatch {volume(maps.mismatch_volume_ml, 'core', 'tmax6')} (ratio {ratio}), "
-        f"hypoperfusion intensity ratio {hir}"
+        f"core (rCBF < 30 %) {shown('core', maps.core_volume_ml)}, "
+        f"Tmax > 6 s {shown('tmax6', maps.hypoperfusion_volume_ml)}, "
+        f"Tmax > 10 s {shown('tmax10', maps.severe_hypoperfusion_volume_ml)}, "
+        f"mismatch {shown('mismatch', maps.mismatch_volume_ml)} "
+        f"(ratio {shown('mismatch_ratio', maps.mismatch_ratio, '{:.1f}', 'n/a (no core)')}), "
+        "hypoperfusion intensity ratio "
+        + shown("hypoperfusion_intensity_ratio", maps.hypoperfusion_intensity_ratio, "{:.2f}")
     )
     reasons = [f"\n  {name} withheld: {reason}" for name, reason in withheld.items()]
     return line + "".join(reasons)

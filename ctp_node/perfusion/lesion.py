@@ -75,15 +75,22 @@ def drop_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
-def reference_region(tissue: np.ndarray, tmax: np.ndarray, hypo: np.ndarray, normal_tmax_s: float) -> np.ndarray:
-    """Normally perfused tissue of the less affected hemisphere (columns split at the tissue's centre)."""
-    normal = tissue & (tmax < normal_tmax_s)
+def hemispheres(tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(left, right) column masks (X,) of the two halves of the tissue, split at its mean column; None
+    without tissue. The one split of the brain used for the rCBF reference and the mirror check."""
     columns = np.nonzero(tissue)[-1]
     if columns.size == 0:
+        return None
+    left = np.arange(tissue.shape[-1]) < float(np.mean(columns))
+    return left, ~left
+
+
+def reference_region(tissue: np.ndarray, tmax: np.ndarray, hypo: np.ndarray, normal_tmax_s: float) -> np.ndarray:
+    """Normally perfused tissue of the less affected hemisphere (``hemispheres``)."""
+    normal = tissue & (tmax < normal_tmax_s)
+    halves = hemispheres(tissue)
+    if halves is None:
         return normal
-    mid = float(np.mean(columns))
-    x = np.arange(tissue.shape[-1])
-    halves = [x < mid, x >= mid]
     affected = [int(hypo[..., h].sum()) for h in halves]
     side = np.zeros(tissue.shape, dtype=bool)
     side[..., halves[int(np.argmin(affected))]] = True

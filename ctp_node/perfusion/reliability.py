@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctp_node.perfusion import lesion
+
 MIRROR_LIMIT_ML = 5.0
 TMAX_MAX_INTERVAL_S = 2.0
 CORE_MAX_INTERVAL_S = 2.0
@@ -46,6 +48,11 @@ CORE_MAX_INTERVAL_S = 2.0
 # arterial peak and the tissue peaks of delays up to ~10 s; the washout may be sampled more sparsely.
 FIRST_PASS_S = 25.0
 VOLUMES = ("core", "tmax6", "tmax10")
+# Every reported quantity and the volumes it is built on: withheld when any of them is.
+BUILT_ON = {
+    "core": ("core",), "tmax6": ("tmax6",), "tmax10": ("tmax10",), "mismatch": ("core", "tmax6"),
+    "mismatch_ratio": ("core", "tmax6"), "hypoperfusion_intensity_ratio": ("tmax6", "tmax10"),
+}  # fmt: skip
 LABELS = {"core": "core (rCBF < 30 %)", "tmax6": "Tmax > 6 s", "tmax10": "Tmax > 10 s"}
 
 
@@ -75,14 +82,11 @@ class VolumeCheck:
 
 
 def mirror_volume_ml(mask: np.ndarray, tissue: np.ndarray, voxel_ml: float) -> float:
-    """Volume (mL) of ``mask`` in the half of the tissue (split at its mean column) holding less of it."""
-    columns = np.nonzero(tissue)[-1]
-    if columns.size == 0 or not mask.any():
+    """Volume (mL) of ``mask`` in the half of the tissue (``lesion.hemispheres``) holding less of it."""
+    halves = lesion.hemispheres(tissue)
+    if halves is None or not mask.any():
         return 0.0
-    x = np.arange(mask.shape[-1])
-    left = x < float(np.mean(columns))
-    counts = (int(mask[..., left].sum()), int(mask[..., ~left].sum()))
-    return float(min(counts)) * voxel_ml
+    return float(min(int(mask[..., half].sum()) for half in halves)) * voxel_ml
 
 
 def bolus_interval_s(acquired_s: np.ndarray, arrival_s: float, first_pass_s: float = FIRST_PASS_S) -> float:
@@ -131,6 +135,11 @@ def check_volumes(
             )
         checks[name] = VolumeCheck(name, measured, mirror, "; ".join(reasons) or None)
     return checks
+
+
+def is_withheld(quantity: str, withheld) -> bool:
+    """Whether ``quantity`` (a ``BUILT_ON`` key) is withheld, given the withheld volumes' names."""
+    return any(name in withheld for name in BUILT_ON[quantity])
 
 
 def withheld_notes(checks: dict[str, VolumeCheck]) -> list[str]:

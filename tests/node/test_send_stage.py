@@ -44,6 +44,21 @@ def counting_processor(calls):
     return process
 
 
+def ct_result_maker(count: int, made: list, calls: list | None = None):
+    """A processor whose result is ``count`` small CT instances (paths appended to ``made``; job ids to
+    ``calls``), for the tests that deliver by real C-STORE."""
+
+    def process(job, files, out_dir):
+        if calls is not None:
+            calls.append(job.id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            made.append(ct_instance(out_dir / f"{i}.dcm", study=KEY.study_uid, series="1.2.3.4.9", value=i))
+        return ProcessOutput(out_dir, len(made))
+
+    return process
+
+
 def test_retries_of_sending_never_reprocess(env):
     settings, store = env
     calls = []
@@ -154,13 +169,7 @@ def test_results_reach_a_real_dicom_peer_and_its_refusals_are_retried_without_re
         return STATUS_SUCCESS
 
     calls, made = [], []
-
-    def process(job, files, out_dir):
-        calls.append(job.id)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(3):
-            made.append(ct_instance(out_dir / f"{i}.dcm", study=KEY.study_uid, series="1.2.3.4.9", value=i))
-        return ProcessOutput(out_dir, len(made))
+    process = ct_result_maker(3, made, calls)
 
     ae = AE(ae_title="PEER")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -198,12 +207,7 @@ def test_an_association_dropped_mid_delivery_keeps_what_was_stored_and_the_retry
         return STATUS_SUCCESS
 
     made = []
-
-    def process(job, files, out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(6):
-            made.append(ct_instance(out_dir / f"{i}.dcm", study=KEY.study_uid, series="1.2.3.4.9", value=i))
-        return ProcessOutput(out_dir, len(made))
+    process = ct_result_maker(6, made)
 
     ae = AE(ae_title="PEER")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)

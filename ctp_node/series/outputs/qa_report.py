@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctp_node.files import atomic_write, fsync_dir
+from ctp_node.perfusion import reliability
 from ctp_node.series.outputs.colour import secondary_capture
 from ctp_node.series.outputs.common import (
     RESEARCH_NOTE,
@@ -192,16 +193,17 @@ def _volumes_text(syn: PerfusionAnalysis, acq: PerfusionAnalysis | None) -> str:
     return "\n".join(lines)
 
 
-# Which withheld volumes a quantity is built on: it reads "withheld" (not "n/a") when any of them is.
-DEPENDS_ON = {
-    "core_volume_ml": ("core",), "tmax6_volume_ml": ("tmax6",), "tmax10_volume_ml": ("tmax10",),
-    "mismatch_volume_ml": ("core", "tmax6"), "mismatch_ratio": ("core", "tmax6"),
-    "hypoperfusion_intensity_ratio": ("tmax6", "tmax10"),
+# The QA report's rows by what they are (``reliability.BUILT_ON``): "withheld", not "n/a", when withheld.
+QUANTITY = {
+    "core_volume_ml": "core", "tmax6_volume_ml": "tmax6", "tmax10_volume_ml": "tmax10",
+    "mismatch_volume_ml": "mismatch", "mismatch_ratio": "mismatch_ratio",
+    "hypoperfusion_intensity_ratio": "hypoperfusion_intensity_ratio",
 }  # fmt: skip
 
 
 def _shown(analysis: PerfusionAnalysis, attribute: str, unit: str) -> str:
-    if any(name in analysis.withheld for name in DEPENDS_ON.get(attribute, ())):
+    quantity = QUANTITY.get(attribute)
+    if quantity is not None and reliability.is_withheld(quantity, analysis.withheld):
         return "withheld"
     return _fmt(getattr(analysis, attribute), unit).strip()
 
