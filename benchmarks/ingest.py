@@ -4,7 +4,7 @@ Measures, in one run on this machine: (1) `ctp-node serve` (every instance fsync
 folder fsync'd, a job-store row updated and an audit line written before Success), and (2) DCMTK's
 `storescp` writing the same files (no fsync), both with TCP_NODELAY=1 and 128 KB PDUs on both sides;
 (3) the node's own path (``ctp_node.series.pipeline.run_series``) on the series acquired every 4 s:
-wall time per stage (assemble, to_grid, from_grid, guardrail, write) and CPU time in all, with the
+wall time per stage (assemble, to_model_grid, from_model_grid, guardrail, write) and CPU time in all, with the
 network replaced by linear interpolation on the model grid (``model.engine.LinearInpainter``; the
 network is timed by `ctp-node bench`).
 

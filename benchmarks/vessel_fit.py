@@ -2,7 +2,7 @@
 
 For each phantom seed and sampling onset (the first acquisition 0..step-1 s into the study, so the
 samples fall at different phases of the bolus), the study is sampled every 4 s or 8 s, brought to
-the model grid and back with ``ctp_node.series.grid.back_to_source``, once with the vessel fit and once
+the model grid and back with ``ctp_node.series.grid.from_model_grid``, once with the vessel fit and once
 without (linear), with a stand-in model that interpolates linearly in model space (the AIF lies
 above the model's window at its peak, so the model does not decide these numbers). The AIF of the
 output is the mean over the phantom's proximal-artery voxels (internal carotid, M1); its peak height
@@ -34,7 +34,7 @@ from ctp_node.phantom.anatomy import PROXIMAL_ARTERY, Lesion, head_labels
 from ctp_node.phantom.generator import reference_grid
 from ctp_node.phantom.sampling import parse_schedule, sample_study
 from ctp_node.series import vessel_fit
-from ctp_node.series.grid import back_to_source, to_model_grid, vessel_fits
+from ctp_node.series.grid import from_model_grid, to_model_grid, vessel_fits
 from model.planner import plan_seconds
 
 
@@ -82,7 +82,7 @@ def run_case(study, arteries: np.ndarray, step: int, onset: int) -> dict[str, tu
     truth = study.hu[onset + plan.seconds][:, arteries].mean(axis=1)
     errors = {}
     for name, fit in (("linear", False), ("fit", True)):
-        back = back_to_source(grid, slabs, plan, series, fit_vessels=fit)
+        back = from_model_grid(grid, slabs, plan, series, fit_vessels=fit)
         aif = back.hu[:, arteries].mean(axis=1)
         errors[name] = (
             abs(float(aif.max() - truth.max())),
@@ -124,12 +124,12 @@ def timing() -> None:
     study = generate_phantom(cfg)
     series = sample_study(study, parse_schedule("every:4"))
     del study
-    sources = plan_seconds(series.times_s, long_gap="linear").fills
+    plan = plan_seconds(series.times_s, long_gap="linear")
     grid = to_model_grid(series)
     noise = vessel_fit.estimate_noise_hu(series.hu[0], series.hu[1])
     n_candidates = int((vessel_fit.enhancement(list(series.hu)) >= vessel_fit.enhancement_threshold(noise)).sum())
     started, cpu = time.perf_counter(), time.process_time()
-    fitted = vessel_fits(series.hu, series.times_s, sources, grid.brain_mask)
+    fitted = vessel_fits(series.hu, series.times_s, plan, grid.brain_mask)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     n_fit = 0 if fitted is None else fitted[0].size
     print(

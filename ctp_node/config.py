@@ -8,17 +8,16 @@ Each part of the node receives only the section it needs.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ctp_node.errors import ConfigError  # defined with the node's other errors; importable from here
+from ctp_node.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +65,24 @@ class DicomSettings(Section):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(30, gt=0)
     network_timeout_s: float = Field(60, gt=0)
+    # Hostile or broken peers (ctp_node/node/scp.py). A connection is "pending" from the moment it is
+    # accepted until its A-ASSOCIATE-RQ has arrived in full (after the TLS handshake, with TLS), which
+    # must happen within acse_timeout_s. Pending connections hold no thread and do not count against
+    # max_associations; at most this many at once, the oldest closed to make room for a new one, so
+    # silent or stalled connections cannot lock a scanner out.
+    max_pending_connections: int = Field(64, ge=1, le=512)
+    # Connections from one address at once, pending or associated: a new one beyond it closes that
+    # address's oldest pending connection (or is itself closed when all of them are associations), so
+    # one host cannot crowd out the others' pending connections.
+    max_connections_per_host: int = Field(16, ge=1, le=1000)
+    listen_backlog: int = Field(256, ge=5, le=65535)  # connections the kernel queues before they are accepted
+    # The largest instance accepted (C-STORE and STOW-RS alike): a C-STORE whose data set grows past it
+    # is ended with A-ABORT before more is read (the data set goes to a file in the spool as it arrives,
+    # so this bounds spool disk per association, not memory), a STOW-RS part is refused (0xA700). 64 MiB
+    # is 32 classic 1024 x 1024 CT images, or an Enhanced CT instance of 128 frames of 512 x 512 (a
+    # perfusion volume of 1.25 mm slices over 16 cm); raise it for a scanner that sends a whole series
+    # as one instance.
+    max_instance_bytes: int = Field(64 << 20, ge=1 << 20, le=2**32 - 1)
     # How long an association's reactor sleeps when it finds nothing to do (pynetdicom's default
     # is 1 ms, on the path of every PDU). Lower is faster ingest, at a cost while an association is
     # open and idle: about 15 % of a core at 0.2 ms, 6 % at 1 ms (measured on the 2-core dev VM).
@@ -129,6 +146,9 @@ class JobSettings(Section):
     lease_s: float = Field(300, gt=0)
     heartbeat_s: float = Field(30, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # A worker whose loop fails outside any one job (the job store or its disk unavailable, e.g. full)
+    # waits 1 s, then twice as long after each further failure, at most this long (issue 23).
+    error_backoff_max_s: float = Field(60, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> JobSettings:
@@ -331,17 +351,19 @@ class PerfusionOutputSettings(Section):
     series_number_offset: int = Field(2000, ge=0, description="Output SeriesNumbers = source + offset + index")
 
 
+# ctp_node/node/notify.py sends them (README: "How to be told").
+WebhookEvent = Literal["series.received", "result.delivered", "job.delivered", "job.failed", "job.ignored"]
+
+
 class Webhook(Section):
     """One webhook receiver (ctp_node/node/notify.py): JSON POSTs signed with HMAC-SHA256."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # in logs and metric labels (never the URL)
     url: str = Field(pattern=r"^https?://[^\s]+$")
     secret: Credential
-    events: tuple[Literal["series.received", "result.delivered", "job.failed"], ...] = (
-        "series.received",
-        "result.delivered",
-        "job.failed",
-    )
+    # job.ignored (a series that is not CTP) only when listed: where the PACS routes every CT series,
+    # it would come for each ordinary head CT.
+    events: tuple[WebhookEvent, ...] = ("series.received", "result.delivered", "job.delivered", "job.failed")
     ca_certificates: Path | None = None
 
 
@@ -393,6 +415,14 @@ class WebSettings(Section):
     # Origins besides the page's own (scheme://host[:port]) from which actions may be posted.
     allowed_origins: tuple[str, ...] = ()
     jobs_per_page: int = Field(100, ge=1, le=1000)
+    # Connections held at once (browsers, scripts, STOW-RS uploads, a reverse proxy's upstream
+    # connections); one more is answered 503 and closed as it opens, so that a flood of connections
+    # cannot use up the process's file descriptors (README: Limits). Counted in open_files_needed().
+    max_connections: int = Field(64, ge=1, le=512)
+    # A connection must have sent its request line and headers this long after it opened (or after
+    # its previous response); else it is closed: a slow-loris peer cannot hold it. Request bodies
+    # have their own limit (STOW-RS: dicom.network_timeout_s between two pieces).
+    header_timeout_s: float = Field(10, gt=0, le=300)
 
     @model_validator(mode="after")
     def _authentication(self) -> WebSettings:
@@ -479,11 +509,73 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
     try:
         return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n{describe_errors(exc)}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}") from exc
 
 
-@functools.lru_cache(maxsize=4)
-def get_settings(path: str | None = None) -> Settings:
-    """The validated settings, read once per process (never at import time)."""
-    return load_settings(path)
+def describe_errors(error: ValidationError) -> str:
+    """One line per bad key: where, what is wrong, the value given. pydantic's own text adds a line
+    per error pointing to its documentation site, which says nothing about this node's keys."""
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check its spelling and section)")
+        elif item["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            shown = item.get("input")
+            # The value helps find the typo, except where it may be a credential: never print those.
+            secret = re.search(r"token|secret|password|hash|url", where, re.IGNORECASE)
+            given = "" if isinstance(shown, (dict, list, tuple)) or secret else f" (got {shown!r})"
+            lines.append(f"  {where}: {message}{given}")
+    return "\n".join(lines)
+
+
+# What `ctp-node serve` may hold open at once, by the caps above (README: Limits). The systemd units'
+# LimitNOFILE and compose's `ulimits: nofile` are 1024: pynetdicom polls each association's socket with
+# select(), which fails for a descriptor numbered 1024 or more, so a higher limit would only move the
+# failure; the caps keep the node well below it instead (tests/deploy check the sum for the defaults).
+BASE_OPEN_FILES = 128  # interpreter, logs, listeners, metrics: 17 measured for `serve`; room for a GPU driver's
+FILES_PER_ASSOCIATION = 3  # the socket, the instance being spooled, its folder (fsync)
+FILES_PER_HTTP_CONNECTION = 2  # the socket, a STOW-RS body waiting on disk
+# Beyond the served connections, the web server may hold as many refused ones while they read their
+# 503 (ctp_node.web.server), plus what one pass of its accept loop takes in before refusing any: at
+# most the listen backlog.
+HTTP_LISTEN_BACKLOG = 128
+JOB_STORE_FILES = 15 * 3  # SQLAlchemy's pool (5 + 10 overflow), SQLite's database, -wal and -shm each
+PROCESSING_FILES = 16  # a worker reads and writes one instance at a time; its send stage one association
+OPEN_FILES_LIMIT = 1024  # LimitNOFILE in deploy/systemd, ulimits.nofile in deploy/compose.yaml
+
+
+def open_files_needed(settings: Settings) -> int:
+    """File descriptors the node may need at its caps: dicom.max_associations (C-STORE and STOW-RS)
+    and max_pending_connections (a socket each), web.max_connections, the job store and processing,
+    over a fixed base."""
+    cap = settings.web.max_connections
+    web = FILES_PER_HTTP_CONNECTION * cap + cap + HTTP_LISTEN_BACKLOG if settings.web.enabled else 0
+    return (
+        BASE_OPEN_FILES
+        + FILES_PER_ASSOCIATION * settings.dicom.max_associations
+        + settings.dicom.max_pending_connections
+        + web
+        + JOB_STORE_FILES
+        + PROCESSING_FILES
+    )
+
+
+def open_files_warning(settings: Settings, soft_limit: int) -> str | None:
+    """What to tell the operator when the process's open-files limit is below what the caps need."""
+    needed = open_files_needed(settings)
+    if soft_limit < 0 or soft_limit >= needed:  # negative: RLIM_INFINITY
+        return None
+    web = f", web.max_connections = {settings.web.max_connections}" if settings.web.enabled else ""
+    return (
+        f"the open-files limit is {soft_limit}, but dicom.max_associations = {settings.dicom.max_associations}, "
+        f"max_pending_connections = {settings.dicom.max_pending_connections}{web} may need {needed}: raise "
+        "LimitNOFILE (ulimits.nofile in compose) or lower the caps, else a flood of connections can break "
+        "C-ECHO, C-STORE and the status page alike (README: Limits)"
+    )

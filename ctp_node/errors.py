@@ -56,6 +56,10 @@ class InvalidHeaderError(CTPInputError):
     outputs must state (PatientSex), an image matrix beyond ``[series] max_matrix``."""
 
 
+class MotionError(CTPInputError):
+    """The series cannot be checked for motion (too few volumes, NaN voxels, no skull in the slab)."""
+
+
 class GridError(CTPInputError):
     """The series cannot be mapped to the model grid (no brain found, brain wider than the model FOV)."""
 

@@ -10,6 +10,7 @@ its own small checkpoint writer (model/checkpoint.py), since ``model`` imports n
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -61,3 +62,27 @@ def write_json(path: Path, data: object) -> Path:
     with atomic_write(Path(path)) as fh:
         fh.write(json.dumps(data, indent=2, allow_nan=False).encode())
     return Path(path)
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_SQLSTATE = "53100"  # PostgreSQL: disk_full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the disk or a quota is full: an OSError, SQLite's
+    "database or disk is full" or PostgreSQL's disk_full, as such or wrapped by SQLAlchemy."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if getattr(error, "sqlite_errorname", None) == "SQLITE_FULL" or "database or disk is full" in str(error):
+            return True
+        if DISK_FULL_SQLSTATE in (getattr(error, "sqlstate", None), getattr(error, "pgcode", None)):
+            return True
+        pending += [getattr(error, "orig", None), error.__cause__, error.__context__]
+    return False

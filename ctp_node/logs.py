@@ -31,4 +31,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # Libraries that narrate at INFO: pynetdicom each association, highdicom each object it builds (32
+    # lines per job for the SR, SEG and secondary captures). Their warnings and errors still show.
+    for library in ("pynetdicom", "highdicom"):
+        logging.getLogger(library).setLevel(max(logging.WARNING, root.level))

@@ -14,21 +14,16 @@ from model.planner import FillPlan, InpaintPlan, plan_seconds
 
 
 def interpolate_seconds(plan: FillPlan | InpaintPlan, known: np.ndarray, seconds: Sequence[int]) -> np.ndarray:
-    """Linear interpolation of the given grid seconds between the plan's bracketing known volumes.
+    """Linear interpolation of the given grid seconds between the plan's bracketing known volumes
+    (``SecondFill.interpolate``: the formula of every stage); acquired seconds are their volume.
 
     ``known``: the input volumes (N, ...) in the order of the plan's ``input_second``.
     """
-    by_second = {int(sec): i for i, sec in enumerate(plan.input_second) if sec >= 0}
-    known_seconds = np.asarray(plan.known_seconds)
+    fill = plan.fill if isinstance(plan, InpaintPlan) else plan
     out = np.empty((len(seconds), *known.shape[1:]), dtype=np.float32)
     for k, sec in enumerate(seconds):
-        if sec in by_second:
-            out[k] = known[by_second[sec]]
-            continue
-        pos = int(np.searchsorted(known_seconds, sec))
-        left, right = int(known_seconds[pos - 1]), int(known_seconds[pos])
-        w = (sec - left) / (right - left)
-        out[k] = (1 - w) * known[by_second[left]] + w * known[by_second[right]]
+        src = fill.fills[fill.index(sec)]
+        out[k] = known[src.left] if src.kind == "acquired" else src.interpolate(known)
     return out
 
 

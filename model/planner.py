@@ -18,7 +18,7 @@ Real acquisition times are rarely whole, uniform seconds. The rules here, in one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -100,6 +100,22 @@ class SecondFill:
     replaces: int | None = None
     voxels: FillCounts | None = None
 
+    @property
+    def volumes(self) -> tuple[int, ...]:
+        """The input volumes this second's image is made from: ``(left,)`` if acquired, else ``(left, right)``."""
+        return (self.left,) if self.kind == "acquired" else (self.left, self.right)
+
+    def interpolate(self, volumes: Sequence[np.ndarray] | Mapping[int, np.ndarray] | np.ndarray) -> np.ndarray:
+        """``I``, the linear interpolation in time of ``volumes[left]`` and ``volumes[right]`` at ``weight``.
+
+        ``volumes``: anything indexed by input volume (an (N, ...) stack, or a dict of the volumes
+        needed). The one formula of every stage that interpolates a second (the engine's long-gap
+        fallback, the way back to the source grid, the guardrail's reference), so that they agree to
+        the last bit: a model that returns interpolation then changes nothing on the way back.
+        """
+        left, right = volumes[self.left], volumes[self.right]
+        return left + np.float32(self.weight) * (right - left)
+
 
 @dataclass(frozen=True)
 class FillPlan:
@@ -130,6 +146,11 @@ class FillPlan:
     def true_times_s(self) -> np.ndarray:
         """The time of what each image shows (``SecondFill.time_s``), strictly increasing."""
         return np.array([f.time_s for f in self.fills], dtype=np.float64)
+
+    @property
+    def volumes(self) -> tuple[int, ...]:
+        """The input volumes some second of the plan is made from, in order (``SecondFill.volumes``)."""
+        return tuple(sorted({v for f in self.fills for v in f.volumes}))
 
     def index(self, second: int) -> int:
         """Position of a grid second in the output sequence."""

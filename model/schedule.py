@@ -96,21 +96,33 @@ class NoiseSchedule:
         betas = self.betas
         abar = self.alphas_cumprod
         abar_prev = self.alphas_cumprod_prev
-        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        one_minus = 1.0 - abar
+        # 1 - abar is 0 while every beta so far is 0 (a schedule starting at beta 0), and abar is 0 after a
+        # beta of 1 (``jsd``'s last step). The published formulas divide by them there (NumPy warns); the
+        # values are their limits instead: the posterior is x0 itself (coefficients 1 and 0, variance 0),
+        # log(0) is -inf and 1 / 0 is inf. Everywhere else the divisions are the published ones, bit for bit.
+        defined = one_minus != 0
+        posterior_variance = _divide(betas * (1.0 - abar_prev), one_minus, defined, 0.0)
+        recip_abar = _divide(np.ones_like(abar), abar, abar != 0, np.inf)
         return {
             "betas": betas,
             "alphas_cumprod": abar,
             "alphas_cumprod_prev": abar_prev,
             "sqrt_alphas_cumprod": np.sqrt(abar),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(one_minus),
+            "log_one_minus_alphas_cumprod": np.log(one_minus, out=np.full_like(one_minus, -np.inf), where=defined),
+            "sqrt_recip_alphas_cumprod": np.sqrt(recip_abar),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(recip_abar - 1),
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
-            "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            "posterior_mean_coef1": _divide(betas * np.sqrt(abar_prev), one_minus, defined, 1.0),
+            "posterior_mean_coef2": _divide((1.0 - abar_prev) * np.sqrt(1.0 - betas), one_minus, defined, 0.0),
         }
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray, where: np.ndarray, limit: float) -> np.ndarray:
+    """``numerator / denominator`` where ``where``, ``limit`` elsewhere (no division by zero)."""
+    return np.divide(numerator, denominator, out=np.full_like(numerator, limit), where=where)
 
 
 SCHEDULE_BUFFER_NAMES: tuple[str, ...] = tuple(NoiseSchedule(np.array([0.5])).buffers())

@@ -10,4 +10,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+# pynetdicom's example apps (storescu, echoscu, ...) would shadow DCMTK's once .venv/bin is on PATH.
+bash scripts/remove-pynetdicom-apps.sh .venv
 echo "installed: $(.venv/bin/ctp-node --version)"

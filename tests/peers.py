@@ -40,6 +40,20 @@ def wait_for(predicate, timeout_s: float = 90.0, what: str = "condition", interv
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def wait_steady(read, timeout_s: float = 30.0, what: str = "a steady value", samples: int = 5, interval: float = 0.1):
+    """Poll ``read`` until it returns the same value ``samples`` times in a row (returned), or
+    TimeoutError: a process gone quiet (its threads and descriptors back to rest), where a fixed
+    sleep would guess how long that takes on a loaded machine."""
+    seen: list = []
+
+    def steady():
+        seen.append(read())
+        return len(seen) >= samples and all(v == seen[-1] for v in seen[-samples:])
+
+    wait_for(steady, timeout_s, what, interval)
+    return seen[-1]
+
+
 @dataclass
 class Orthanc:
     """A headless Orthanc PACS (Debian package) with its REST API on loopback."""

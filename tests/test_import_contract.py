@@ -6,12 +6,16 @@
 - inside the node, ``series`` (one series' path) knows nothing of the running node, the phantom, the
   evaluation or the CLI; ``node`` nothing of phantom, evaluation or CLI; ``perfusion`` and ``phantom``
   nothing of the node, evaluation or CLI (and ``perfusion`` nothing of the phantom);
+- the job store's tables (``ctp_node.node.job_tables``) and SQL are the store's own: the web layer and
+  the command line read through ``ctp_node.node.jobs_read`` (plain dataclasses) and import neither
+  the tables nor SQLAlchemy, so a schema change cannot break the status page silently;
 - no library code imports the tests or the benchmarks;
 - no module imports another module's private (``_name``) names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -44,6 +48,16 @@ RULES = (
         "ctp_node.phantom",
         ("ctp_node.node", "ctp_node.evaluation", "ctp_node.cli"),
         "the phantom generates studies; it does not run or judge the node",
+    ),
+    Forbidden(
+        "ctp_node.web",
+        ("ctp_node.node.job_tables", "sqlalchemy"),
+        "the status page reads the job store through its read side (ctp_node.node.jobs_read), never its tables",
+    ),
+    Forbidden(
+        "ctp_node.cli",
+        ("ctp_node.node.job_tables", "sqlalchemy"),
+        "the commands read the job store through its read side (ctp_node.node.jobs_read), never its tables",
     ),
     Forbidden("ctp_node", ("benchmarks", "tests"), "library code does not depend on its tests or benchmarks"),
 )
@@ -176,6 +190,55 @@ def test_private_names_and_private_modules_from_another_module_are_reported(pack
     ]
 
 
+def test_a_third_party_package_can_be_forbidden_by_its_prefix(package):
+    """The web layer's rule names SQLAlchemy itself: an edge to a package outside the checked ones counts."""
+    write(package, {"app/main.py": "from sqlalchemy.exc import SQLAlchemyError\nimport sqlalchemy\n"})
+    rules = (Forbidden("app", ("sqlalchemy",), "app reads through lib"),)
+    found = forbidden_edges(import_edges(package, ("lib", "app")), rules)
+    assert [(e.where(package), e.target) for e, _ in found] == [
+        ("app/main.py:1", "sqlalchemy.exc"),
+        ("app/main.py:2", "sqlalchemy"),
+    ]
+
+
 def test_private_names_of_third_party_modules_are_not_this_contract(package):
     write(package, {"app/main.py": "from numpy import _globals\n"})
     assert private_imports(import_edges(package, ("lib", "app")), ("lib", "app")) == []
+
+
+def import_circle(edges: Iterable[Edge]) -> list[str]:
+    """One circle of module imports among ``edges`` (``[a, b, ..., a]``), or [] when there is none."""
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        graph.setdefault(e.source, set()).add(e.target)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done (no circle through it)
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        path.pop()
+        state[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+def test_the_phantoms_modules_import_one_another_without_a_circle():
+    """phantom/config.py closed config -> motion -> anatomy -> config through a type-only import (issue
+    24): such a circle works only while nobody evaluates the annotation. The package's own __init__
+    (which imports its modules) is left out."""
+    inner = [
+        e
+        for e in import_edges(REPO, ("ctp_node",))
+        if e.source.startswith("ctp_node.phantom.") and e.target.startswith("ctp_node.phantom.")
+    ]
+    assert import_circle(inner) == []

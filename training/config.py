@@ -33,8 +33,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """The training configuration cannot be used; the message names the file, key and fix."""
+class TrainingConfigError(ValueError):
+    """The training configuration cannot be used; the message names the file, key and fix.
+
+    Not ``ctp_node.errors.ConfigError`` (the node's configuration): ``training/`` does not import the
+    node, and a bad training file is not a node fault."""
 
 
 class _Section(BaseModel):
@@ -103,6 +106,9 @@ class PhantomDataConfig(_Section):
     fov_mm: tuple[float, float] = (240.0, 240.0)
     noise_correlation_mm: tuple[float, float] = (0.7, 0.7)
     lesion_probability: float = Field(0.7, ge=0.0, le=1.0)
+    # Train towards the same study without noise (the posterior mean a synthetic second estimates)
+    # instead of towards the noisy target second; the neighbours stay noisy, as at inference.
+    noise_free_target: bool = False
     samples_per_study: int = Field(32, gt=0)
     val_studies: int = Field(2, ge=0)
     # In-plane training crop (pixels; None = whole slices). The network is fully convolutional, so
@@ -278,16 +284,16 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid training configuration {source}:\n{_describe(exc)}") from None
+        raise TrainingConfigError(f"invalid training configuration {source}:\n{_describe(exc)}") from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a TOML training configuration."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"training configuration {path} does not exist (see training/configs/ for examples)")
+        raise TrainingConfigError(f"training configuration {path} does not exist (see training/configs/ for examples)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raise TrainingConfigError(f"{path} is not valid TOML: {exc}") from None
     return parse_config(data, source=str(path))

@@ -52,12 +52,25 @@ class CTPSequence:
     name: str
     frames: np.ndarray  # (D, H, W, T) windowed HU 0..80; may be a read-only memory map
     samples: tuple[TrainingSample, ...]
+    # What the network is asked to produce for a target second, where known and different from the
+    # measured frames: the same study without noise (a simulated study knows it). The loss then
+    # pulls towards the posterior mean instead of towards one noise draw. None: the measured frames.
+    targets: np.ndarray | None = None
 
     @classmethod
-    def from_frames(cls, name: str, frames: np.ndarray, max_tr: int, sums: np.ndarray | None = None) -> CTPSequence:
+    def from_frames(
+        cls,
+        name: str,
+        frames: np.ndarray,
+        max_tr: int,
+        sums: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+    ) -> CTPSequence:
         """The sequence with its tuples; ``sums`` (per-volume voxel sums) when already computed."""
         sums = frame_sums(frames) if sums is None else sums
-        return cls(name, frames, enumerate_samples(frames.shape[-1], training_peak(sums), max_tr))
+        if targets is not None and targets.shape != frames.shape:
+            raise DataError(f"{name}: noise-free targets {targets.shape} differ from the frames {frames.shape}")
+        return cls(name, frames, enumerate_samples(frames.shape[-1], training_peak(sums), max_tr), targets)
 
 
 def frame_sums(frames: np.ndarray) -> np.ndarray:
@@ -65,9 +78,13 @@ def frame_sums(frames: np.ndarray) -> np.ndarray:
     return np.sum([np.asarray(frames[d], dtype=np.float64).sum(axis=(0, 1)) for d in range(frames.shape[0])], axis=0)
 
 
-def make_item(frames: np.ndarray, sample: TrainingSample, flip: bool) -> TrainingItem:
-    """The network's input for one tuple: [left, target, right] volumes in model space."""
-    volumes = np.stack([frames[..., i] for i in (sample.left, sample.target, sample.right)])
+def make_item(
+    frames: np.ndarray, sample: TrainingSample, flip: bool, targets: np.ndarray | None = None
+) -> TrainingItem:
+    """The network's input for one tuple: [left, target, right] volumes in model space; the target
+    volume from ``targets`` (the noise-free study) when given, the conditions always as measured."""
+    target = (frames if targets is None else targets)[..., sample.target]
+    volumes = np.stack([frames[..., sample.left], target, frames[..., sample.right]])
     x = to_model_space(volumes)
     if flip:
         x = x[..., ::-1]
@@ -159,7 +176,7 @@ class TupleDataset(Dataset[TrainingItem]):
     def __getitem__(self, key: int | tuple[int, bool]) -> TrainingItem:
         index, flip = (key, False) if isinstance(key, int) else key
         sequence, sample = self.sample(int(index))
-        return make_item(sequence.frames, sample, bool(flip))
+        return make_item(sequence.frames, sample, bool(flip), sequence.targets)
 
     def weights(self, gap_weights: dict[int, float] | None = None) -> np.ndarray:
         """Per-item sampling weights (see training.samples)."""
@@ -179,22 +196,33 @@ def npy_datasets(config: DataConfig) -> tuple[TupleDataset, TupleDataset | None]
 # --- studies drawn on the fly ----------------------------------------------------------------------
 
 
+class DrawnStudy(NamedTuple):
+    """A drawn study as measured (``frames``) and, where the source knows it, without noise."""
+
+    frames: np.ndarray
+    noise_free: np.ndarray | None = None
+
+
 class StudySource(Protocol):
     """Where drawn studies come from (``data.kind = "phantom"``); must be picklable for DataLoader workers.
 
     ``source(rng)`` draws one random study as a published-layout sequence (depth, H, W, T) at 1 s,
     windowed 0..80 HU and 0 outside the brain, of the configured ``(slices, matrix, matrix)``;
-    everything random comes from ``rng``, so the draw is reproducible.
+    everything random comes from ``rng``, so the draw is reproducible. A source that knows the study
+    without noise returns a :class:`DrawnStudy` with it; the trainer then uses it as the target.
     """
 
-    def __call__(self, rng: np.random.Generator) -> np.ndarray: ...
+    def __call__(self, rng: np.random.Generator) -> np.ndarray | DrawnStudy: ...
 
 
 def draw_sequence(studies: StudySource, config: DataConfig, rng: np.random.Generator, name: str) -> CTPSequence:
     """One drawn study as a sequence, checked like a published file (a wrong source is a DataError)."""
-    frames = studies(rng)
+    drawn = studies(rng)
+    frames, noise_free = (drawn.frames, drawn.noise_free) if isinstance(drawn, DrawnStudy) else (drawn, None)
     sums = check_frames(Path(f"<drawn study {name}>"), frames, config.shape)
-    return CTPSequence.from_frames(name, frames, config.max_tr, sums)
+    if noise_free is not None:
+        check_frames(Path(f"<drawn study {name}, noise-free>"), noise_free, config.shape)
+    return CTPSequence.from_frames(name, frames, config.max_tr, sums, noise_free)
 
 
 class StudyStream(IterableDataset[TrainingItem]):
@@ -230,10 +258,12 @@ class StudyStream(IterableDataset[TrainingItem]):
             picks = rng.choice(len(sequence.samples), size=phantom.samples_per_study, p=weights / weights.sum())
             brain = brain_pixels(sequence.frames) if phantom.crop is not None else None
             for index in picks:
-                frames = sequence.frames
+                frames, targets = sequence.frames, sequence.targets
                 if brain is not None and phantom.crop is not None:
-                    frames = crop_around(frames, brain[int(rng.integers(len(brain)))], phantom.crop)
-                yield make_item(frames, sequence.samples[int(index)], bool(rng.random() < 0.5))
+                    centre = brain[int(rng.integers(len(brain)))]
+                    frames = crop_around(frames, centre, phantom.crop)
+                    targets = None if targets is None else crop_around(targets, centre, phantom.crop)
+                yield make_item(frames, sequence.samples[int(index)], bool(rng.random() < 0.5), targets)
 
 
 def brain_pixels(frames: np.ndarray) -> np.ndarray:

@@ -30,7 +30,10 @@ def load_settings_or_exit(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
+        from rich.markup import escape
+
+        # escape: "[...]" in a message (a value, a key) would otherwise be taken for markup and vanish
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from exc
 
 
@@ -43,10 +46,12 @@ def open_job_store(config: Path | None) -> tuple[Settings, JobStore]:
     try:
         return settings, JobStore(settings.database_url, create=False)
     except StoreMissingError as exc:
-        stderr.print(
-            f"[red]error:[/red] {exc}; check storage.data_dir / jobs.database_url in the configuration "
-            "(--config or CTP_NODE_CONFIG), or start `ctp-node serve` once to create it"
-        )
+        # The error already says where the store was looked for and which keys set it; add only which
+        # configuration those came from.
+        from rich.markup import escape
+
+        source = config or "none (embedded defaults)"  # typer fills --config from CTP_NODE_CONFIG
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}; configuration: {escape(str(source))}", highlight=False)
         raise typer.Exit(2) from exc
 
 

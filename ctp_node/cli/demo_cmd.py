@@ -24,7 +24,7 @@ def _random_weights(path: Path) -> Path:
 def demo(
     output: Path = typer.Option(Path("ctp-node-demo"), "--output", "-o", help="Everything the demo writes."),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", "-c", help="Weights to use (default: the shipped demo weights when present)."
+        None, "--checkpoint", help="Weights to use (default: the shipped demo weights when present)."
     ),
     sampler: str | None = typer.Option(
         None, help="ddim, dpmpp_2m or ancestral (default: the checkpoint's recommendation, else dpmpp_2m)."

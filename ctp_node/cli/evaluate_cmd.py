@@ -10,7 +10,8 @@ from ctp_node.cli.progress import stderr
 
 
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Published-format or ctp-node checkpoint."),
+    # No -c: that is --config in every command that reads one (ctp_node/cli/common.py).
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Published-format or ctp-node checkpoint."),
     data: str = typer.Option("phantom", help="phantom (held-out simulated studies) or a folder of .npy sequences."),
     output: Path = typer.Option(Path("evaluation"), "--output", "-o", help="evaluation.json, evaluation.md, PNGs."),
     gaps: str = typer.Option("4,8", help="Acquisition gaps in seconds, comma-separated (issue 10's targets: 4,8)."),

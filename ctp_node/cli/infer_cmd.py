@@ -49,7 +49,6 @@ def infer(
     checkpoint: Path = typer.Option(
         ...,
         "--checkpoint",
-        "-c",
         envvar="CTP_NODE_CHECKPOINT",
         help="Published-format or ctp-node checkpoint.",
     ),

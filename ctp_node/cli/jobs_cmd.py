@@ -21,7 +21,7 @@ def list_jobs(
     """One line per series: id, state, distinct instances, received, series UID, error or warning."""
     from rich.table import Table
 
-    from ctp_node.node.jobs import State
+    from ctp_node.node.jobs_read import State
 
     try:
         states = [State(s) for s in state]
@@ -29,13 +29,16 @@ def list_jobs(
         raise typer.BadParameter(f"--state must be one of {', '.join(s.value for s in State)}") from exc
     _, store = open_job_store(config)
     table = Table("id", "state", "instances", "last received (UTC)", "series UID", "error / warning")
-    for job in store.list(states, limit):
+    # On a terminal a long error is cut to keep the rows readable (`jobs show` has it all); in a pipe
+    # or a file the line is not wrapped, so it is kept whole: a path in it can be copied.
+    limit_chars = 80 if stderr.is_terminal else None
+    for job in store.read.jobs(states, limit):
         table.add_row(
             str(job.id), job.state.value, str(job.instances), f"{job.last_received_at:%Y-%m-%d %H:%M:%S}",
-            job.series_uid, (job.error or job.warning or "")[:80],
+            job.series_uid, (job.error or job.warning or "")[:limit_chars],
         )  # fmt: skip
     stderr.print(table)
-    counts = ", ".join(f"{k} {v}" for k, v in store.counts().items() if v)
+    counts = ", ".join(f"{k} {v}" for k, v in store.read.counts().items() if v)
     typer.echo(counts or "no jobs")
 
 
@@ -49,7 +52,7 @@ def show(ref: str = typer.Argument(..., help="Job id or series UID."), config: P
     job = find_job(store, ref)
     data = dataclasses.asdict(job)
     data["state"] = job.state.value
-    data["deliveries"] = [dataclasses.asdict(d) for d in store.deliveries(job.id)]
+    data["deliveries"] = [dataclasses.asdict(d) for d in store.read.deliveries(job.id)]
     typer.echo(json.dumps(data, indent=2, default=str))
 
 

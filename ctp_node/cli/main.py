@@ -6,7 +6,10 @@ function, so `ctp-node --help` stays fast.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from typer.core import TyperOption
 
 from ctp_node import __version__
 from ctp_node.cli import (
@@ -23,9 +26,23 @@ from ctp_node.cli import (
     train_cmd,
 )
 
+_typed_label = TyperOption.display_type_rich
+
+
+def _label_without_flags(self: TyperOption, ctx: Any) -> str | None:
+    """Typer labels flags with their Python type too (``--nifti <bool>``), which reads as if the flag
+    took a value; a flag or a counter takes none, so its help line gets no type label."""
+    if self.is_flag or self.count:
+        return None
+    return _typed_label(self, ctx)
+
+
+TyperOption.display_type_rich = _label_without_flags  # type: ignore[method-assign]
+
 app = typer.Typer(
     name="ctp-node",
-    help="Inpaint sparsely sampled CT perfusion to 1 s with a conditional diffusion model. Research use only.",
+    help="Inpaint sparsely sampled CT perfusion to 1 s with a conditional diffusion model. Research use only.\n\n"
+    "-c is --config in every command that reads a configuration; a checkpoint is always --checkpoint.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,7 +1,8 @@
-"""`ctp-node serve` (receiver) and `ctp-node worker` (one per GPU)."""
+"""`ctp-node serve` (receiver) and `ctp-node worker` (one per GPU, or `--send-only`: delivery alone)."""
 
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import typer
 
 from ctp_node.cli.common import CONFIG_OPTION, load_settings_or_exit
 from ctp_node.cli.progress import stderr
+from ctp_node.config import Settings, open_files_warning
 
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 LOG_FORMAT = typer.Option("text", "--log-format", help="text, or json (one JSON object per line).")
@@ -44,6 +46,9 @@ def serve(
 
     setup_logging(log_level, log_format)
     settings = load_settings_or_exit(config)
+    too_few = open_files_warning(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if too_few:
+        stderr.print(f"[yellow]warning:[/yellow] {too_few}")
     # --worker-devices names one device per worker; otherwise --workers workers on model.device.
     devices: list[str | None] = list(worker_devices.split(",")) if worker_devices else [None] * workers
     try:
@@ -101,6 +106,11 @@ def worker(
     config: Path | None = CONFIG_OPTION,
     device: str | None = typer.Option(None, "--device", help="cuda:N, cpu or auto (default: model.device)."),
     once: bool = typer.Option(False, "--once", help="Run what is runnable now, then exit."),
+    send_only: bool = typer.Option(
+        False,
+        "--send-only",
+        help="Only deliver results that wait to be sent (no model, no GPU): e.g. after a destination was down.",
+    ),
     metrics_port: int | None = typer.Option(
         None, "--metrics-port", help="Serve this worker's Prometheus metrics (processing, sending) on this port."
     ),
@@ -116,6 +126,11 @@ def worker(
 
     setup_logging(log_level, log_format)
     settings = load_settings_or_exit(config)
+    if send_only:
+        if device is not None:
+            raise typer.BadParameter("--device is for processing; --send-only loads no model")
+        _send_only(settings, once, metrics_port)
+        return
     try:
         pipeline = SeriesPipeline.from_settings(settings, device)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -123,6 +138,7 @@ def worker(
         raise typer.Exit(2) from exc
     store = JobStore(settings.database_url)
     node_worker = Worker(settings, store, make_processor(pipeline))
+    node_worker.metrics.describe_worker(node_worker.worker_id, str(pipeline.engine.device))
     if metrics_port is not None:
         node_worker.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
     stderr.print(f"worker {node_worker.worker_id} on {pipeline.engine.device}, model {pipeline.recipe.checkpoint_id}")
@@ -134,3 +150,26 @@ def worker(
             node_worker.run_forever(_stop_on_signals())
     finally:
         node_worker.close()  # webhooks that are due go out before the process ends
+
+
+def _send_only(settings: Settings, once: bool, metrics_port: int | None) -> None:
+    """The send stage on its own: deliver every result that waits to be sent (state ``sending``), with
+    the worker's retry policy and the same per-destination sending; nothing is processed."""
+    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.send import SendStage
+    from ctp_node.node.worker import run_stage
+
+    store = JobStore(settings.database_url)
+    stage = SendStage(settings, store)
+    if metrics_port is not None:
+        stage.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
+    destinations = ", ".join(stage.destinations) or "none configured"
+    stderr.print(f"send stage {stage.worker_id}: delivering waiting results to {destinations}")
+    try:
+        if once:  # what is due now; a delivery waiting for its next attempt stays for a later run
+            while stage.run_once() is not None:
+                pass
+        else:
+            run_stage(stage.run_once, _stop_on_signals(), 1.0, settings.jobs.error_backoff_max_s)
+    finally:
+        stage.notifier.close()  # webhooks that are due go out before the process ends

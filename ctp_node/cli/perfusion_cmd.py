@@ -6,9 +6,10 @@ Input: a DICOM folder (assembled by ``ctp_node.series.assemble``), a ``.npy`` (T
 summary.json, perfusion.png and, with ``--nifti``, one .nii.gz per map and mask.
 
 Printed: the volumes (core rCBF < 30 %, Tmax > 6 s, Tmax > 10 s, mismatch volume and ratio,
-hypoperfusion intensity ratio), the chosen AIF and VOF voxels with the reasons, and, for a phantom
-with its ``truth.npz`` (``--truth`` or next to the input), the accuracy targets' numbers against
-the true maps (also in summary.json under ``agreement_with_truth``).
+hypoperfusion intensity ratio), the chosen AIF and VOF voxels with the reasons, and, with ``--truth``
+(a phantom's ``truth.npz``), the accuracy targets' numbers against the true maps (also in
+summary.json under ``agreement_with_truth``). A truth is only ever the one given: a ``truth.npz``
+that happens to lie near the input may be another study's.
 """
 
 from __future__ import annotations
@@ -143,14 +144,15 @@ def perfusion(
     truth: Path | None = typer.Option(
         None,
         "--truth",
-        help="A phantom's truth.npz: report the agreement with the true maps (default: a truth.npz next to "
-        "the input, as `ctp-node phantom` writes it).",
+        help="A phantom's truth.npz (`ctp-node phantom` writes it beside the study): report the agreement "
+        "with the true maps.",
     ),
 ) -> None:
     """Compute perfusion maps, core and hypoperfusion of one CTP series and draw them."""
     import numpy as np
 
-    from ctp_node.perfusion import PerfusionError, compute_perfusion
+    from ctp_node.errors import PerfusionError
+    from ctp_node.perfusion import compute_perfusion
     from ctp_node.perfusion.export import write_nifti, write_npz, write_summary
     from ctp_node.perfusion.figure import save_figure
 
@@ -164,6 +166,7 @@ def perfusion(
         raise typer.BadParameter(f"{input_path} does not exist")
     if truth is not None and not truth.is_file():
         raise typer.BadParameter(f"--truth {truth} does not exist")
+    true_maps = None if truth is None else _read_truth(truth)  # before the analysis: fail in seconds
     data = _load_dicom(input_path) if input_path.is_dir() else _load_array(input_path, times, spacing, model_layout)
     settings = _settings(data, k, smooth_mm, aif_min_peak, model_layout, denoise)
     if model_layout:
@@ -177,10 +180,10 @@ def perfusion(
     except PerfusionError as exc:
         stderr.print(f"[red]perfusion analysis failed:[/] {exc}")
         raise typer.Exit(1) from exc
-    truth_path = truth or _truth_next_to(input_path)
+    truth_path = truth
     agreement = None
-    if truth_path is not None:
-        agreement = _agreement_with_truth(maps, truth_path, data.spacing_mm)
+    if truth_path is not None and true_maps is not None:
+        agreement = _agreement_with_truth(maps, true_maps, truth_path, data.spacing_mm)
     output.mkdir(parents=True, exist_ok=True)
     write_npz(output / "maps.npz", maps)
     extra = {"input": str(input_path), "spacing_mm": data.spacing_mm}
@@ -247,16 +250,45 @@ def _input_function_lines(maps) -> list[str]:
     return lines
 
 
-def _truth_next_to(input_path: Path) -> Path | None:
-    """``truth.npz`` beside the input, where ``ctp-node phantom`` puts it (next to phantom.npy or dicom/)."""
-    folder = input_path if input_path.is_dir() else input_path.parent
-    for candidate in (folder / "truth.npz", folder.parent / "truth.npz"):
-        if candidate.is_file():
-            return candidate
-    return None
+# What the agreement reads from a truth.npz (ctp_node.phantom.export.write_truth writes more).
+TRUTH_ARRAYS = ("cbf", "cbv", "tmax", "labels", "core_mask")
 
 
-def _agreement_with_truth(maps, truth_path: Path, spacing_mm) -> dict | None:
+def _read_truth(path: Path) -> dict[str, np.ndarray]:
+    """The true maps of ``--truth``; exit 2 with one line saying what is wrong with the file."""
+    import zipfile
+
+    import numpy as np
+    from rich.markup import escape
+
+    def refuse(reason: str) -> typer.Exit:
+        stderr.print(f"[red]error:[/] --truth {escape(str(path))} is not a phantom's truth: {escape(reason)}")
+        return typer.Exit(2)
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise refuse(f"not an .npz archive ({exc})") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise refuse("it holds one array, not the named true maps")
+    with loaded as npz:
+        missing = [name for name in TRUTH_ARRAYS if name not in npz.files]
+        if missing:
+            raise refuse(
+                f"it has no {', '.join(missing)} (it holds {', '.join(npz.files) or 'nothing'}); give the "
+                "truth.npz that `ctp-node phantom` wrote with this study"
+            )
+        try:
+            arrays = {name: npz[name] for name in TRUTH_ARRAYS}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise refuse(f"unreadable ({exc})") from exc
+    shapes = {name: array.shape for name, array in arrays.items()}
+    if len(set(shapes.values())) != 1:
+        raise refuse(f"its maps differ in shape {shapes}")
+    return arrays
+
+
+def _agreement_with_truth(maps, arrays: dict[str, np.ndarray], truth_path: Path, spacing_mm) -> dict | None:
     """The accuracy targets' numbers against a phantom's true maps (None when the grids differ)."""
     from types import SimpleNamespace
 
@@ -266,8 +298,7 @@ def _agreement_with_truth(maps, truth_path: Path, spacing_mm) -> dict | None:
     from ctp_node.perfusion.lesion import convention_masks
     from ctp_node.phantom.tissue import PERFUSION
 
-    with np.load(truth_path) as npz:
-        arrays = {name: npz[name] for name in npz.files}
+    arrays = dict(arrays)
     if arrays["cbf"].shape != maps.cbf.shape or spacing_mm is None:
         stderr.print(f"[yellow]{truth_path} does not match the analysed grid (or no voxel size): no agreement[/]")
         return None

@@ -49,8 +49,14 @@ def phantom(
     schedule: str = typer.Option("every:1", help="Acquisitions: every:N, irregular:1.5@20,3 or times:0,1.5,3.2."),
     drop: str = typer.Option("", help="Acquisition indices to drop, comma-separated, e.g. 3,7."),
     transfer_syntax: SyntaxChoice = typer.Option(SyntaxChoice.explicit, help="Pixel data encoding."),
-    matrix: int = typer.Option(None, help="In-plane pixels [default: 512; 192 with --layout npy]."),
-    slices: int = typer.Option(None, help="Number of 5 mm slices [default: 16; 8 with --layout npy]."),
+    # The defaults depend on --layout and --family, so they are given as text (show_default): square
+    # brackets in the help itself would be taken for Rich markup and vanish from --help.
+    matrix: int | None = typer.Option(
+        None, help="In-plane pixels.", show_default="512; 192 with --layout npy; 256 with --family b"
+    ),
+    slices: int | None = typer.Option(
+        None, help="Number of 5 mm slices.", show_default="16; 8 with --layout npy or --family b"
+    ),
     duration: int = typer.Option(61, help="Simulated seconds (one 1 s volume each)."),
     noise: float = typer.Option(
         10.0, help="Per-voxel noise std in HU on the generated grid (0: none); 10 gives ~8.5 HU in 8x8 patches at 512."

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ctp_node.cli.common import CONFIG_OPTION, find_job, load_settings_or_exit, peer_or_exit
 from ctp_node.cli.progress import stderr, step_progress
+
+if TYPE_CHECKING:
+    from ctp_node.config import Destination, Settings
 
 # Overrides of the configured [model] section, shared by process and reprocess.
 CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="Overrides model.checkpoint.")
@@ -71,32 +75,32 @@ def _report_guardrail(result) -> None:
     stderr.print(f"  guardrail: [{colour}]{verdict.summary()}[/{colour}]", highlight=False)
 
 
-def _send(settings, files: list[Path], targets: list[str]) -> int:
-    from ctp_node.node.scu import send_files
+def _destinations(settings: Settings, targets: list[str]) -> list[Destination]:
+    """The ``--send`` targets as destinations (checked before any series is processed): a configured
+    destination of either kind (DICOM or DICOMweb) by name, else HOST:PORT:AET."""
+    from ctp_node.node.send import find_destination
 
+    try:
+        return [find_destination(settings.destinations, target) for target in targets]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--send") from exc
+
+
+def _send(settings: Settings, result_dir: Path, destinations: list[Destination]) -> int:
+    """Send a result as the worker's send stage does: every file it delivers (``ResultsLayout.files``: the
+    synthetic series and each perfusion output), one attempt per destination (``send_attempt``); how
+    many destinations did not take all of it. There is no job here, so no retry: run it again."""
+    from ctp_node.node.send import ResultsLayout, send_attempt
+
+    files = ResultsLayout.files(result_dir)
     failures = 0
-    for target in targets:
-        peer = peer_or_exit(settings, target)
-        try:
-            dicom = settings.dicom
-            results = send_files(
-                files,
-                peer,
-                dicom.ae_title,
-                timeout_s=dicom.network_timeout_s,
-                dimse_timeout_s=dicom.dimse_timeout_s,
-                acse_timeout_s=dicom.acse_timeout_s,
-            )
-        except (ConnectionError, OSError) as exc:
-            stderr.print(f"[red]send to {target} failed:[/red] {exc}")
-            failures += 1
-            continue
-        refused = [r for r in results if not r.ok]
-        if refused:
-            stderr.print(f"[red]{target} refused {len(refused)} of {len(files)} instances[/red]")
-            failures += 1
+    for destination in destinations:
+        _, error = send_attempt(files, destination, settings.dicom.ae_title, dicom=settings.dicom)
+        if error is None:
+            stderr.print(f"sent {len(files)} instances to {destination.name}", highlight=False)
         else:
-            stderr.print(f"sent {len(files)} instances to {target}")
+            stderr.print(f"[red]send to {destination.name} failed:[/red] {error}", highlight=False)
+            failures += 1
     return failures
 
 
@@ -107,7 +111,12 @@ def process(
     output: Path = typer.Option(
         Path("ctp-node-out"), "--output", "-o", help="Derived series go to OUTPUT/<series UID>/."
     ),
-    send: list[str] = typer.Option([], "--send", help="Configured destination name or HOST:PORT:AET (repeatable)."),
+    send: list[str] = typer.Option(
+        [],
+        "--send",
+        help="Send each result (the series and its perfusion outputs) to a configured destination (DICOM or "
+        "DICOMweb) or HOST:PORT:AET (repeatable).",
+    ),
     config: Path | None = CONFIG_OPTION,
     checkpoint: Path | None = CHECKPOINT_OPTION,
     steps: int | None = STEPS_OPTION,
@@ -123,6 +132,7 @@ def process(
         stderr.print(f"[red]error:[/red] no DICOM series in {folder}")
         raise typer.Exit(2)
     settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
+    destinations = _destinations(settings, send)
     failures = 0
     for series_uid, files in groups.items():
         out_dir = output / series_uid
@@ -140,7 +150,7 @@ def process(
         _report_guardrail(result)
         for note in result.notes:
             stderr.print(f"  note: {note}")
-        failures += _send(settings, list(result.derived.paths), send)
+        failures += _send(settings, out_dir, destinations)
     if failures:
         raise typer.Exit(1)
 

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,7 +20,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-stderr = Console(stderr=True)
+# Rich wraps at 80 columns when it cannot ask a terminal for its width: a pipe, a file, a service's
+# journal, a test's CliRunner. Series UIDs (up to 64 characters) and paths would then be split over
+# lines or cut in a table cell, and could not be copied. Without a terminal nobody reads the lines at
+# a width, so they are as long as their content.
+UNWRAPPED_WIDTH = 100_000
+
+
+class _Console(Console):
+    """Rich's console at the terminal's width on a terminal, and without wrapping anywhere else."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or self._width is not None:
+            return size
+        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+stderr = _Console(stderr=True)
 
 
 def log_line(message: str) -> None:

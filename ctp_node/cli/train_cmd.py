@@ -19,7 +19,7 @@ from ctp_node.cli.progress import stderr
 
 def train(
     config: Path | None = typer.Option(
-        None, "--config", help="Training configuration (TOML; see training/configs/). Optional with --resume."
+        None, "--config", "-c", help="Training configuration (TOML; see training/configs/). Optional with --resume."
     ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue a run from its checkpoint (same step, optimiser and EMA state)."
@@ -46,7 +46,7 @@ def train(
 
     from ctp_node.phantom.training_source import PhantomStudies
     from model.checkpoint import CheckpointError
-    from training.config import ConfigError, load_config
+    from training.config import TrainingConfigError, load_config
     from training.datasets import DataError
     from training.demo_weights import train_in_budget
     from training.state import config_from_checkpoint
@@ -94,7 +94,7 @@ def train(
             typer.echo(json.dumps(plan))
             return
         result = run_training(settings, studies=studies)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+    except (TrainingConfigError, DataError, CheckpointError, TrainingError) as exc:
         stderr.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from exc
     if result.checkpoint is None:

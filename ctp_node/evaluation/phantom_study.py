@@ -248,7 +248,8 @@ def _candidate_metrics(
     """Every metric of one candidate 1 s series against the noise-free truth (module docstring).
 
     ``acquired_s``: the times of the acquired volumes the series was completed from (None: all acquired)."""
-    from ctp_node.perfusion import PerfusionError, compute_perfusion
+    from ctp_node.errors import PerfusionError
+    from ctp_node.perfusion import compute_perfusion
     from ctp_node.perfusion.compare import median_disagreement
 
     metrics: dict[str, float] = {}

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ctp_node.config import SeriesSettings
 
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LAST_TAG_READ = 0x00280008  # NumberOfFrames; everything the verdict needs comes before it
@@ -157,3 +161,63 @@ def judge(rows: Iterable[tuple[str | None, str | None, int | None]], min_time_po
     if time_points < min_time_points:
         return Verdict("unknown", f"{time_points} time points so far (fewer than {min_time_points})")
     return Verdict("complete", f"{time_points} time points x {len(per_position)} slice positions")
+
+
+# --- the completion policy: which wait applies -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    """How long a series must stay quiet before it is queued, and the warning it is queued with."""
+
+    seconds: float
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class CompletionPolicy:
+    """Which wait applies to a receiving series (the ``[series]`` settings); the job store asks it for
+    each quiet series (``JobStore.queue_quiet_series``) and queues the series whose wait is over.
+
+    Without ``complete_quiet_period_s`` and ``incomplete_wait_s`` the headers are not read: quiet for
+    ``quiet_period_s``. With them, a series that looks complete, and was never re-opened by a late
+    instance (generation 1: after a late arrival more may come), waits ``complete_quiet_period_s``; one
+    that looks incomplete waits for the rest up to ``incomplete_wait_s`` and is then queued anyway,
+    with a warning on the job; one the headers say nothing about, ``quiet_period_s``.
+    """
+
+    quiet_period_s: float
+    complete_quiet_period_s: float | None = None
+    incomplete_wait_s: float | None = None
+    min_time_points: int = 3
+
+    @classmethod
+    def of(cls, series: SeriesSettings) -> CompletionPolicy:
+        """The policy of the ``[series]`` settings (``ctp_node.config.SeriesSettings``)."""
+        return cls(
+            series.quiet_period_s, series.complete_quiet_period_s, series.incomplete_wait_s, series.min_time_points
+        )
+
+    @property
+    def shortest_s(self) -> float:
+        """No series is queued sooner: the store looks only at series quiet for this long."""
+        return min(self.quiet_period_s, self.complete_quiet_period_s or self.quiet_period_s)
+
+    @property
+    def judges(self) -> bool:
+        return self.complete_quiet_period_s is not None or self.incomplete_wait_s is not None
+
+    def wait(
+        self, generation: int, instances: Callable[[], Iterable[tuple[str | None, str | None, int | None]]]
+    ) -> Wait:
+        """The wait of a series of ``generation``; ``instances`` gives its (position, time_key, frames),
+        asked only when the policy judges them."""
+        if not self.judges:
+            return Wait(self.quiet_period_s)
+        verdict = judge(instances(), self.min_time_points)
+        if verdict.kind == "complete" and generation == 1 and self.complete_quiet_period_s is not None:
+            return Wait(min(self.complete_quiet_period_s, self.quiet_period_s))
+        if verdict.kind == "incomplete" and self.incomplete_wait_s is not None:
+            seconds = max(self.incomplete_wait_s, self.quiet_period_s)
+            return Wait(seconds, f"queued incomplete after {seconds:g} s without a new instance: {verdict.reason}")
+        return Wait(self.quiet_period_s)

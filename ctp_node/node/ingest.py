@@ -14,7 +14,7 @@ a short reason label for the metric and a comment saying what is wrong.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -171,7 +171,7 @@ def check_identity(header: Dataset, claim: Claim, study_uid: str | None = None) 
 def accept_instance(
     read_header: Callable[[], Dataset],
     claim: Claim,
-    encoded: Callable[[], bytes],
+    encoded: Callable[[], bytes | Sequence[bytes | memoryview] | Path],
     origin: Origin,
     spool: Spool,
     on_stored: OnStored,
@@ -183,7 +183,8 @@ def accept_instance(
 
     ``read_header`` gives the elements up to NumberOfFrames (identity, series, the completeness
     facts), or raises (a Refusal as it is, anything else as "unreadable"); ``encoded`` gives the
-    Part 10 bytes to spool, asked for only once the identity is sound.
+    Part 10 bytes to spool, or a Part 10 file already written on the spool's filesystem (a C-STORE's,
+    received to disk) to move into place, asked for only once the identity is sound.
     """
     try:
         try:
@@ -194,7 +195,8 @@ def accept_instance(
             raise Refusal(STATUS_CANNOT_UNDERSTAND, "unreadable", f"unreadable dataset: {exc}") from exc
         key, sop_uid, sop_class = check_identity(header, claim, study_uid)
         try:
-            path = spool.write(key, sop_uid, encoded())
+            data = encoded()
+            path = spool.move_in(key, sop_uid, data) if isinstance(data, Path) else spool.write(key, sop_uid, data)
         except OSError as exc:
             log.error("could not store %s from %s@%s: %s", sop_uid, origin.calling_ae, origin.host, exc)
             raise Refusal(STATUS_OUT_OF_RESOURCES, "disk", f"node cannot store: {exc.strerror or exc}") from exc

@@ -1,5 +1,9 @@
 """The job store: one row per received series, one per (series, destination) delivery, with leases.
 
+This module is the write side (``JobStore``: every state transition); what is only read (the status
+page, ``ctp-node jobs``, the metrics) is ``ctp_node.node.jobs_read`` (``JobStore.read``), and the
+tables are ``ctp_node.node.job_tables``.
+
 SQLite (WAL) by default, embedded in the data folder; PostgreSQL when several machines share the
 work (``jobs.database_url = "postgresql+psycopg://..."``), where a worker claims with ``SELECT ...
 FOR UPDATE SKIP LOCKED``. Work is at-least-once: a worker that dies leaves a lease that expires and
@@ -23,193 +27,55 @@ added at start.
 
 from __future__ import annotations
 
-import enum
+import json
+import math
 import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Engine,
-    Float,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    func,
-    inspect,
-    select,
-    update,
-)
+from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from ctp_node.errors import LeaseLost, StoreMissingError
-from ctp_node.node.completeness import InstanceFacts, Verdict, judge
+from ctp_node.node.completeness import CompletionPolicy, InstanceFacts, Verdict, judge
+from ctp_node.node.job_tables import (
+    deliveries_table,
+    instances_table,
+    metadata,
+    sent_instances_table,
+    series_table,
+)
+
+# The read side's plain data, named here too: the stages that make transitions hold these snapshots.
+from ctp_node.node.jobs_read import (
+    ACTIVE_STATES,
+    Delivery,
+    JobQueries,
+    SeriesJob,
+    State,
+    aware,
+    parse_history,
+    utcnow,
+)
 from ctp_node.permissions import make_dirs, touch_private
 
-metadata = MetaData()
+ERROR_HISTORY = 5  # failed attempts kept per delivery: enough to see a pattern, bounded for a peer down for days
 
 
-class State(str, enum.Enum):
-    RECEIVING = "receiving"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    SENDING = "sending"
-    DONE = "done"
-    FAILED = "failed"
-    IGNORED = "ignored"
-
-
-ACTIVE_STATES = (State.PROCESSING.value, State.SENDING.value)
-
-series_table = Table(
-    "series",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("study_uid", String(64), nullable=False),
-    Column("series_uid", String(64), nullable=False),
-    Column("state", String(16), nullable=False, index=True),
-    Column("generation", Integer, nullable=False, default=1),
-    Column("instances", Integer, nullable=False, default=0),
-    Column("calling_ae", String(16), nullable=False, default=""),
-    Column("first_received_at", DateTime(timezone=True), nullable=False),
-    Column("last_received_at", DateTime(timezone=True), nullable=False),
-    Column("queued_at", DateTime(timezone=True)),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True)),
-    Column("lease_owner", String(128)),
-    Column("lease_expires_at", DateTime(timezone=True)),
-    Column("result_dir", Text),
-    Column("result_generation", Integer),
-    Column("error", Text),
-    Column("processing_s", Float),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("warning", Text),  # e.g. queued incomplete after waiting; kept while the job runs
-    Column("guardrail", Text),  # the guardrail's verdict on the result: "pass: ...", "flagged: ...", "fallback: ..."
-    UniqueConstraint("study_uid", "series_uid", name="uq_series_uid"),
-)
-
-instances_table = Table(
-    "instances",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
-    Column("sop_uid", String(64), nullable=False),
-    Column("position", String(64)),  # ImagePositionPatient to 0.01 mm, as x\y\z
-    Column("time_key", String(32)),  # TemporalPositionIdentifier (t...) or AcquisitionNumber (a...)
-    Column("instance_number", Integer),
-    Column("frames", Integer),  # multi-frame instances only
-    Column("received_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("series_id", "sop_uid", name="uq_instance"),
-)
-
-deliveries_table = Table(
-    "deliveries",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
-    Column("destination", String(64), nullable=False),
-    Column("generation", Integer, nullable=False),
-    Column("state", String(16), nullable=False),  # pending, sent, failed
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True)),
-    Column("error", Text),
-    Column("sent_at", DateTime(timezone=True)),
-    Column("instances_sent", Integer),
-    UniqueConstraint("series_id", "destination", name="uq_delivery"),
-)
-
-sent_instances_table = Table(
-    "sent_instances",
-    metadata,
-    Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True),
-    Column("file", String(512), primary_key=True),  # the file's path within the result folder, as posix
-)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything here is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
-
-
-def _row_values(cls: type, row: Any) -> dict[str, Any]:
-    """The row's columns named like the dataclass fields, datetimes made timezone-aware."""
-    m = row._mapping
-    return {f.name: _aware(m[f.name]) if isinstance(m[f.name], datetime) else m[f.name] for f in fields(cls)}
+NO_PROGRESS: dict[str, Any] = dict.fromkeys(("progress_done", "progress_total", "progress_at", "progress_eta_at"))
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@dataclass(frozen=True)
-class SeriesJob:
-    """A snapshot of one series row."""
-
-    id: int
-    study_uid: str
-    series_uid: str
-    state: State
-    generation: int
-    instances: int
-    calling_ae: str
-    first_received_at: datetime
-    last_received_at: datetime
-    attempts: int
-    next_attempt_at: datetime | None
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    result_dir: str | None
-    result_generation: int | None
-    error: str | None
-    processing_s: float | None
-    warning: str | None
-    guardrail: str | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> SeriesJob:
-        values = _row_values(cls, row)
-        return cls(**{**values, "state": State(values["state"])})
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    series_id: int
-    destination: str
-    generation: int
-    state: str
-    attempts: int
-    next_attempt_at: datetime | None
-    error: str | None
-    sent_at: datetime | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> Delivery:
-        return cls(**_row_values(cls, row))
-
-
 STORE_HINT = (
-    " (a node creates it when it first runs; check storage.data_dir or storage.database_url:"
+    " (a node creates it when it first runs; check storage.data_dir or jobs.database_url:"
     " `ctp-node config` prints the effective ones)"
 )
 
@@ -258,13 +124,18 @@ def _upsert_delivery(conn: Connection, job_id: int, destination: str, generation
 
 
 class JobStore:
-    """All state transitions of series and deliveries, each one short transaction."""
+    """All state transitions of series and deliveries, each one short transaction: the write side.
+
+    What is only shown (the job list, counts, a job with its deliveries) is asked of ``read``
+    (``JobQueries``); the few look-ups the stages make between transitions (``get``, ``find``,
+    ``deliveries``...) are answered by it too, so each query is written once."""
 
     def __init__(self, url: str, create: bool = True) -> None:
         """Open (and with ``create``, make) the store; StoreMissingError if ``create`` is off and none exists."""
         self.url = url
         self.engine = make_engine(url, create)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.read = JobQueries(self.engine)  # the read side over the same engine (``ctp_node.node.jobs_read``)
         if not create and not inspect(self.engine).has_table(series_table.name):
             self.engine.dispose()
             raise StoreMissingError(f"no job store at {make_url(url).render_as_string(hide_password=True)}{STORE_HINT}")
@@ -404,72 +275,59 @@ class JobStore:
             new = [f for f in instances if f.sop_uid not in known]
             if new:
                 job = conn.execute(select(series_table.c.last_received_at).where(series_table.c.id == row.id)).one()
-                count = self._upsert_instances(conn, row.id, new, _aware(job.last_received_at))  # type: ignore[arg-type]
+                count = self._upsert_instances(conn, row.id, new, aware(job.last_received_at))  # type: ignore[arg-type]
                 conn.execute(update(series_table).where(series_table.c.id == row.id).values(instances=count))
             return len(new)
 
     def instance_rows(self, job_id: int) -> int:
         """How many instances the store knows by SOPInstanceUID (0 for a series from an older version)."""
-        with self._tx() as conn:
-            return conn.execute(
-                select(func.count()).select_from(instances_table).where(instances_table.c.series_id == job_id)
-            ).scalar_one()
+        return self.read.instance_count(job_id)
 
     def completeness(self, job_id: int, min_time_points: int = 3) -> Verdict:
         """The completeness verdict on a series from its instances' facts (``ctp_node.node.completeness``)."""
         with self._tx() as conn:
-            return self._judge(conn, job_id, min_time_points)
+            return judge(self._instance_facts(conn, job_id), min_time_points)
 
-    def _judge(self, conn: Connection, job_id: int, min_time_points: int) -> Verdict:
+    def _instance_facts(self, conn: Connection, job_id: int) -> list[tuple[str | None, str | None, int | None]]:
+        """The (position, time_key, frames) of each of the series' instances, as ``judge`` takes them."""
         c = instances_table.c
-        rows = conn.execute(select(c.position, c.time_key, c.frames).where(c.series_id == job_id))
-        return judge([tuple(r) for r in rows], min_time_points)
+        return [tuple(r) for r in conn.execute(select(c.position, c.time_key, c.frames).where(c.series_id == job_id))]  # type: ignore[misc]
 
-    def queue_quiet_series(
-        self,
-        quiet_period_s: float,
-        now: datetime | None = None,
-        *,
-        complete_quiet_period_s: float | None = None,
-        incomplete_wait_s: float | None = None,
-        min_time_points: int = 3,
-    ) -> list[int]:
-        """Series with no new instance for long enough become queued.
+    def queue_quiet_series(self, policy: CompletionPolicy | float, now: datetime | None = None) -> list[int]:
+        """Series with no new instance for long enough become queued, as ``policy`` decides.
 
-        Without the keyword arguments: quiet for ``quiet_period_s``. With them, the series' instances
-        are judged (``ctp_node.node.completeness``): one that looks complete, and was never re-opened by a
-        late instance, is queued after ``complete_quiet_period_s``; one that looks incomplete waits
-        for the rest up to ``incomplete_wait_s`` without a new instance and is then queued anyway,
-        with a warning on the job; one the headers say nothing about after ``quiet_period_s``.
+        The policy (``ctp_node.node.completeness.CompletionPolicy``) says which wait applies to a
+        series, from the verdict on its instances and whether a late instance re-opened it, and the
+        warning a series queued incomplete carries; the store only finds the quiet series, hands
+        each one's instances to the policy and queues the series whose wait is over. A number:
+        quiet for that many seconds, whatever the headers say.
         """
+        if not isinstance(policy, CompletionPolicy):
+            policy = CompletionPolicy(float(policy))
         now = now or utcnow()
-        shortest = min(quiet_period_s, complete_quiet_period_s or quiet_period_s)
-        cutoff = now - timedelta(seconds=shortest)
+        cutoff = now - timedelta(seconds=policy.shortest_s)
         c = series_table.c
         queued: list[int] = []
         with self._tx() as conn:
             candidates = conn.execute(
-                select(c.id, c.series_uid, c.generation, c.last_received_at).where(
+                select(c.id, c.generation, c.last_received_at).where(
                     c.state == State.RECEIVING.value, c.last_received_at <= cutoff
                 )
             ).all()
             for row in candidates:
-                quiet_s = (now - _aware(row.last_received_at)).total_seconds()  # type: ignore[operator]
-                wait_s, warning = quiet_period_s, None
-                if complete_quiet_period_s is not None or incomplete_wait_s is not None:
-                    verdict = self._judge(conn, row.id, min_time_points)
-                    if verdict.kind == "complete" and row.generation == 1 and complete_quiet_period_s is not None:
-                        wait_s = min(complete_quiet_period_s, quiet_period_s)
-                    elif verdict.kind == "incomplete" and incomplete_wait_s is not None:
-                        wait_s = max(incomplete_wait_s, quiet_period_s)
-                        warning = f"queued incomplete after {wait_s:g} s without a new instance: {verdict.reason}"
-                if quiet_s < wait_s:
+                quiet_s = (now - aware(row.last_received_at)).total_seconds()  # type: ignore[operator]
+                wait = policy.wait(row.generation, lambda job_id=row.id: self._instance_facts(conn, job_id))
+                if quiet_s < wait.seconds:
                     continue
                 done = conn.execute(
                     update(series_table)
                     .where(c.id == row.id, c.state == State.RECEIVING.value)
                     .values(
-                        state=State.QUEUED.value, queued_at=now, updated_at=now, next_attempt_at=None, warning=warning
+                        state=State.QUEUED.value,
+                        queued_at=now,
+                        updated_at=now,
+                        next_attempt_at=None,
+                        warning=wait.warning,
                     )
                 ).rowcount
                 if done:
@@ -508,9 +366,33 @@ class JobStore:
                     lease_expires_at=now + timedelta(seconds=lease_s),
                     attempts=c.attempts + 1,
                     updated_at=now,
+                    **NO_PROGRESS,  # an attempt starts from nothing: the last one's progress would mislead
                 )
             )
             return self._get(conn, row.id)
+
+    def record_progress(
+        self, job_id: int, worker: str, generation: int, done: int, total: int, eta_s: float | None
+    ) -> bool:
+        """How far the processing attempt under way is (``done`` of ``total`` steps, ``eta_s`` to go).
+
+        Only the worker holding the job's lease records it, and only for the generation it processes;
+        False otherwise (nothing changed). The caller bounds the rate (``ctp_node.node.processing``)."""
+        now = utcnow()
+        eta_at = now + timedelta(seconds=eta_s) if eta_s is not None and math.isfinite(eta_s) else None
+        c = series_table.c
+        with self._tx() as conn:
+            done_rows = conn.execute(
+                update(series_table)
+                .where(
+                    c.id == job_id,
+                    c.lease_owner == worker,
+                    c.generation == generation,
+                    c.state == State.PROCESSING.value,
+                )
+                .values(progress_done=done, progress_total=total, progress_at=now, progress_eta_at=eta_at)
+            ).rowcount
+        return bool(done_rows)
 
     def heartbeat(self, job_id: int, worker: str, lease_s: float) -> None:
         """Extend our lease; LeaseLost if another worker has taken the job."""
@@ -579,28 +461,14 @@ class JobStore:
             return True
 
     def pending_deliveries(self, job_id: int) -> list[Delivery]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                select(deliveries_table)
-                .where(deliveries_table.c.series_id == job_id, deliveries_table.c.state == "pending")
-                .order_by(deliveries_table.c.id)
-            )
-            return [Delivery.from_row(r) for r in rows]
+        return self.read.deliveries(job_id, "pending")
 
     def deliveries(self, job_id: int) -> list[Delivery]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                select(deliveries_table).where(deliveries_table.c.series_id == job_id).order_by(deliveries_table.c.id)
-            )
-            return [Delivery.from_row(r) for r in rows]
+        return self.read.deliveries(job_id)
 
     def confirmed_files(self, delivery_id: int) -> set[str]:
         """The files of this delivery's result that its destination has confirmed (``confirm_files``)."""
-        with self._tx() as conn:
-            rows = conn.execute(
-                select(sent_instances_table.c.file).where(sent_instances_table.c.delivery_id == delivery_id)
-            )
-            return {r.file for r in rows}
+        return self.read.confirmed_files(delivery_id)
 
     def confirm_files(self, delivery_id: int, files: Sequence[str]) -> None:
         """Record files the destination confirmed (stored, or stored with a warning); repeats are ignored.
@@ -625,23 +493,37 @@ class JobStore:
                 .values(
                     state="sent",
                     sent_at=now,
-                    error=None,
+                    error=None,  # the earlier failures stay in error_history
+                    next_attempt_at=None,  # a sent delivery has no next attempt (issue 25: a stale time showed)
                     instances_sent=instances,
                     attempts=deliveries_table.c.attempts + 1,
                 )
             )
 
     def delivery_failed(self, delivery_id: int, error: str, retry_at: datetime | None) -> None:
-        """A failed send: retry at ``retry_at``, or give up (``None``)."""
+        """A failed send: retry at ``retry_at``, or give up (``None``). The error joins the delivery's
+        history (the last ERROR_HISTORY), which outlives a later success."""
+        d = deliveries_table.c
         with self._tx() as conn:
+            row = conn.execute(select(d.attempts, d.generation, d.error_history).where(d.id == delivery_id)).first()
+            if row is None:
+                return
+            entry = {
+                "at": utcnow().isoformat(timespec="seconds"),
+                "attempt": row.attempts + 1,
+                "generation": row.generation,
+                "error": error,
+            }
+            history = [*parse_history(row.error_history), entry][-ERROR_HISTORY:]
             conn.execute(
                 update(deliveries_table)
-                .where(deliveries_table.c.id == delivery_id)
+                .where(d.id == delivery_id)
                 .values(
                     state="pending" if retry_at else "failed",
                     error=error,
                     next_attempt_at=retry_at,
-                    attempts=deliveries_table.c.attempts + 1,
+                    attempts=d.attempts + 1,
+                    error_history=json.dumps(history),
                 )
             )
 
@@ -656,8 +538,10 @@ class JobStore:
             values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
             if all(d.state == "sent" for d in rows):
                 state = State.DONE
+                values["next_attempt_at"] = None  # finished: no next attempt (a stale one showed, issue 25)
             elif any(d.state == "failed" for d in rows):
                 state = State.FAILED
+                values["next_attempt_at"] = None
                 values["error"] = "; ".join(f"{d.destination}: {d.error}" for d in rows if d.state == "failed")
             else:
                 state = State.SENDING
@@ -697,25 +581,10 @@ class JobStore:
         return SeriesJob.from_row(row) if row else None
 
     def get(self, job_id: int) -> SeriesJob | None:
-        with self._tx() as conn:
-            return self._get(conn, job_id)
+        return self.read.get(job_id)
 
     def find(self, series_uid: str) -> SeriesJob | None:
-        with self._tx() as conn:
-            row = conn.execute(select(series_table).where(series_table.c.series_uid == series_uid)).first()
-            return SeriesJob.from_row(row) if row else None
-
-    def list(self, states: Sequence[State] | None = None, limit: int = 100) -> list[SeriesJob]:
-        query = select(series_table).order_by(series_table.c.id.desc()).limit(limit)
-        if states:
-            query = query.where(series_table.c.state.in_([s.value for s in states]))
-        with self._tx() as conn:
-            return [SeriesJob.from_row(r) for r in conn.execute(query)]
-
-    def counts(self) -> dict[str, int]:
-        with self._tx() as conn:
-            rows = conn.execute(select(series_table.c.state, func.count()).group_by(series_table.c.state))
-            return {state.value: 0 for state in State} | {r[0]: r[1] for r in rows}
+        return self.read.find(series_uid)
 
     def retry(self, job_id: int) -> None:
         """Process a failed or ignored series again from the spool."""

@@ -1,4 +1,5 @@
-"""Webhooks: the node tells other systems when a series has arrived, a result was delivered, a job failed.
+"""Webhooks: the node tells other systems when a series has arrived, a result was delivered (to one
+destination, then to all), a job failed or was ignored (not a perfusion series).
 
 Each configured webhook (``[[notify.webhooks]]``: name, url, secret, events) gets a JSON POST per
 event it subscribed to. The body holds the event, the job (id, study and series UIDs, state,
@@ -50,14 +51,18 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from ctp_node.config import NotifySettings, Webhook
-from ctp_node.node.jobs import SeriesJob
+from ctp_node.node.jobs import SeriesJob, State
 
 log = logging.getLogger(__name__)
 
 SERIES_RECEIVED = "series.received"
-RESULT_DELIVERED = "result.delivered"
+RESULT_DELIVERED = "result.delivered"  # at one destination
+JOB_DELIVERED = "job.delivered"  # at every destination: the job is done
 JOB_FAILED = "job.failed"
-EVENTS = (SERIES_RECEIVED, RESULT_DELIVERED, JOB_FAILED)
+# Not a perfusion series (an ordinary head CT routed to the node): no failure, and not sent unless
+# subscribed, since a PACS that routes every CT series would otherwise notify for each of them.
+JOB_IGNORED = "job.ignored"
+EVENTS = (SERIES_RECEIVED, RESULT_DELIVERED, JOB_DELIVERED, JOB_FAILED, JOB_IGNORED)
 
 EVENT_HEADER = "X-CTP-Node-Event"
 DELIVERY_HEADER = "X-CTP-Node-Delivery"
@@ -281,8 +286,16 @@ class Notifier:
         """The result of ``job`` was stored at ``destination`` (``instances`` of them)."""
         self.notify(RESULT_DELIVERED, job, destination=destination, instances_sent=instances)
 
+    def job_delivered(self, job: SeriesJob, destinations: list[str]) -> None:
+        """Every destination has the result of ``job`` (now done)."""
+        self.notify(JOB_DELIVERED, job, destinations=destinations)
+
     def failed(self, job: SeriesJob, reason: str, destination: str | None = None) -> None:
-        """``job`` ended failed (or ignored), or its delivery to ``destination`` was given up."""
+        """``job`` ended failed, or its delivery to ``destination`` was given up; a job the store
+        marked ignored (not a perfusion series) is ``job.ignored`` instead, never a failure."""
+        if job.state is State.IGNORED and destination is None:
+            self.notify(JOB_IGNORED, job, reason=reason)
+            return
         self.notify(JOB_FAILED, job, reason=reason, destination=destination)
 
     def notify(self, event: str, job: SeriesJob, **facts: Any) -> None:

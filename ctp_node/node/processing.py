@@ -1,6 +1,9 @@
 """The worker's processor: a job's spooled files through ``ctp_node.series.pipeline.run_series``.
 
-The series pipeline knows nothing about jobs; this module is the one place that joins them.
+The series pipeline knows nothing about jobs; this module is the one place that joins them. While a
+job is processed, the engine's progress goes to the log and, when the worker says where
+(``reporting_progress``), into the job's row of the job store, at a bounded rate, so the status page
+shows how far the job is and when it should end (``ctp_node.node.progress``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ctp_node.errors import NotCTPError
 from ctp_node.node.jobs import SeriesJob
+from ctp_node.node.progress import current_reporter
 from ctp_node.series.pipeline import SeriesPipeline, run_series
 from model.engine import ProgressLog
 
@@ -21,6 +25,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+
+
+def _both(first: ProgressFn, second: ProgressFn | None) -> ProgressFn:
+    if second is None:
+        return first
+
+    def progress(done: int, total: int) -> None:
+        first(done, total)
+        second(done, total)
+
+    return progress
 
 
 def make_processor(
@@ -36,7 +51,7 @@ def make_processor(
         if not files:
             raise NotCTPError(f"series {job.series_uid} has no spooled instances")
         shown = progress or ProgressLog(log.info, f"series {job.series_uid} inpainting", steps=pipeline.steps)
-        result = run_series(pipeline, files, out_dir, progress=shown)
+        result = run_series(pipeline, files, out_dir, progress=_both(shown, current_reporter()))
         assert result.derived is not None  # written: an out_dir was given
         log.info(
             "series %s: %d instances written (%d synthetic seconds) in %.1f s %s",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ctp_node.config import MetricsSettings
-from ctp_node.node.jobs import JobStore
+from ctp_node.node.jobs_read import JobQueries
 
 # Each label value is a time series kept for the life of the process: a peer that calls with ever new
 # AE titles (300 made /metrics grow from 2.2 to 43.9 KB) must not grow it without bound. The first
@@ -24,18 +24,19 @@ OTHER_CALLING_AE = "(other)"
 
 
 class _JobStateCollector(Collector):
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, queries: JobQueries) -> None:
+        self.queries = queries
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("ctp_node_jobs", "Series jobs by state", labels=["state"])
-        for state, count in sorted(self.store.counts().items()):
+        for state, count in sorted(self.queries.counts().items()):
             family.add_metric([state], count)
         yield family
 
 
 class NodeMetrics:
-    def __init__(self, store: JobStore | None = None) -> None:
+    def __init__(self, queries: JobQueries | None = None) -> None:
+        """``queries``: the job store's read side, for the jobs by state (none: no such gauge)."""
         self.registry = CollectorRegistry()
         self.received = Counter(
             "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
@@ -58,8 +59,8 @@ class NodeMetrics:
         self.failures = Counter(
             "ctp_node_job_failures", "Jobs ended failed or ignored", ["kind"], registry=self.registry
         )
-        if store is not None:
-            self.registry.register(_JobStateCollector(store))
+        if queries is not None:
+            self.registry.register(_JobStateCollector(queries))
         self._calling_aes: set[str] = set()
         self._lock = threading.Lock()
 
@@ -70,6 +71,13 @@ class NodeMetrics:
                 self._calling_aes.add(calling_ae)
             label = calling_ae if calling_ae in self._calling_aes else OTHER_CALLING_AE
         self.received.labels(label).inc(count)
+
+    def describe_worker(self, worker_id: str, device: str) -> None:
+        """``ctp_node_worker_info{worker, device}``: marks this endpoint as a worker's. The receiver
+        exports the same processing and sending series (at zero), so only this tells a dashboard which
+        scrape targets are workers (deploy/grafana/ctp-node.json lists its workers by it)."""
+        info = Info("ctp_node_worker", "This process is a GPU worker: its id and device", registry=self.registry)
+        info.info({"worker": worker_id, "device": device})
 
     def serve(self, settings: MetricsSettings) -> None:
         if settings.port is not None:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 from ctp_node.config import Settings
 from ctp_node.node.audit import AuditLog
-from ctp_node.node.completeness import read_facts
+from ctp_node.node.completeness import CompletionPolicy, read_facts
 from ctp_node.node.ingest import ReceivedInstance
 from ctp_node.node.jobs import JobStore
 from ctp_node.node.notify import Notifier
@@ -180,7 +180,7 @@ class Receiver:
         self.store = store
         self.spool = Spool(settings.storage.spool_dir)
         self.audit = AuditLog(settings.storage.audit_log)
-        self.metrics = metrics or NodeMetrics(store)
+        self.metrics = metrics or NodeMetrics(store.read)
         # Built here (not in start) so that a webhook secret that cannot be read stops the node at once.
         self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         self.recorder: InstanceRecorder | None = None
@@ -203,17 +203,11 @@ class Receiver:
 
     def watch(self, stop: threading.Event) -> None:
         """Queue quiet series until ``stop`` is set."""
-        series = self.settings.series
-        shortest = min(series.quiet_period_s, series.complete_quiet_period_s)
-        interval = min(max(shortest / 4, 0.2), 5.0)
+        policy = CompletionPolicy.of(self.settings.series)
+        interval = min(max(policy.shortest_s / 4, 0.2), 5.0)
         while not stop.wait(interval):
             try:
-                queued = self.store.queue_quiet_series(
-                    series.quiet_period_s,
-                    complete_quiet_period_s=series.complete_quiet_period_s,
-                    incomplete_wait_s=series.incomplete_wait_s,
-                    min_time_points=series.min_time_points,
-                )
+                queued = self.store.queue_quiet_series(policy)
                 for job_id in queued:
                     job = self.store.get(job_id)
                     if job is None:  # deleted by hand meanwhile

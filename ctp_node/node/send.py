@@ -1,10 +1,12 @@
 """The send stage: deliver a processed series' result to its destinations, and nothing else.
 
 A job whose result is recorded (state ``sending``) is delivered by this stage alone: the worker
-runs it right after processing, and ``SendStage.run_once`` claims only jobs that wait to be sent,
-so a failed send is tried again later without recomputing anything. A failed send is a value the
-retry policy consumes (``delivery_failed`` with the next attempt time, ``backoff_s``), never an
-exception out of the stage.
+runs it right after processing, and ``SendStage.run_once`` claims only jobs that wait to be sent
+(``ctp-node worker --send-only``: delivery without a model, e.g. after a destination was down), so a
+failed send is tried again later without recomputing anything. Every sender of results (this stage,
+``ctp-node process --send``) sends ``ResultsLayout.files`` with ``send_attempt``: one send path. A
+failed send is a value the retry policy consumes (``delivery_failed`` with the next attempt time,
+``backoff_s``), never an exception out of the stage.
 
 Results layout (spelled here only; ``deploy/bin/ctp-node-rotate-spool`` imports it)::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +91,21 @@ def peer_for(destination: Destination) -> Peer:
     return Peer(destination.host, destination.port, destination.ae_title or "")
 
 
+def find_destination(destinations: Sequence[Destination], target: str) -> Destination:
+    """A configured destination by name (either kind), else a DICOM peer given as ``HOST:PORT:AET``;
+    ValueError naming both forms."""
+    for destination in destinations:
+        if destination.name == target:
+            return destination
+    try:
+        peer = Peer.parse(target)
+    except ValueError as exc:
+        names = ", ".join(d.name for d in destinations) or "none configured"
+        raise ValueError(f"{target!r} is neither a configured destination ({names}) nor HOST:PORT:AET: {exc}") from exc
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", target)[:64]  # a destination name allows no colon
+    return Destination(name=name, host=peer.host, port=peer.port, ae_title=peer.ae_title)
+
+
 def find_peer(destinations: Sequence[Destination], target: str) -> Peer:
     """A configured destination by name, else ``HOST:PORT:AET``; ValueError naming both forms."""
     for destination in destinations:
@@ -145,6 +163,34 @@ def send_to(
         acse_timeout_s=dicom.acse_timeout_s,
         on_result=on_result,
     )
+
+
+def send_attempt(
+    files: Sequence[Path],
+    destination: Destination,
+    calling_ae_title: str,
+    *,
+    dicom: DicomSettings | None = None,
+    sender: Sender | None = None,
+    on_result: Callable[[SendResult], None] | None = None,
+) -> tuple[list[SendResult], str | None]:
+    """One attempt to send ``files`` to one destination, as every sender of results makes it (the send
+    stage, ``ctp-node process --send``): what the destination answered, and None when it confirmed every
+    file, else the reason. A failed send is a value, never an exception.
+
+    ``sender`` replaces ``send_to`` (tests, or a caller with its own transport); ``on_result`` hears
+    each answer as it arrives (``send_to`` only)."""
+    try:
+        if sender is None:
+            results = send_to(files, destination, calling_ae_title, dicom=dicom, on_result=on_result)
+        else:
+            results = sender(files, destination, calling_ae_title)
+    except (OSError, RuntimeError) as exc:  # no association, refused contexts, timeouts, a peer that aborts
+        return [], str(exc) or type(exc).__name__
+    except Exception as exc:  # unforeseen: still a failed attempt (bounded by send.max_attempts), with its trace
+        log.exception("sending to %s failed unexpectedly", destination.name)
+        return [], f"{type(exc).__name__}: {exc}"
+    return results, refusal(files, results)
 
 
 def refusal(files: Sequence[Path], results: Sequence[SendResult]) -> str | None:
@@ -205,58 +251,69 @@ class SendStage:
         root = Path(current.result_dir)
         files = ResultsLayout.files(root)
         now = utcnow()
-        for delivery in self.store.pending_deliveries(job.id):
-            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
-                continue
-            destination = self.destinations.get(delivery.destination)
-            if destination is None:
-                reason = f"destination {delivery.destination!r} is not configured"
-                self.store.delivery_failed(delivery.id, reason, None)
-                self._tell_failed(job, reason, delivery.destination)
-                continue
-            error = self._send(files, destination, delivery.id, root)
-            if error is None:
-                self.store.delivery_sent(delivery.id, len(files))
-                self.metrics.sent.labels(destination.name).inc()
-                self._tell_delivered(job, destination.name, len(files))
-                self.audit.write(
-                    "sent",
-                    study_uid=job.study_uid,
-                    source_series_uid=job.series_uid,
-                    destination=destination.name,
-                    **_where(destination),
-                    instances=len(files),
-                    generation=current.result_generation,
+        # The webhooks go out after the pass, with the job as the pass leaves it: the last
+        # destination's result.delivered then says done (not "sending"), a given-up one says failed.
+        delivered: list[tuple[str, int]] = []
+        given_up: list[tuple[str, str]] = []
+        try:
+            for delivery in self.store.pending_deliveries(job.id):
+                if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                    continue
+                destination = self.destinations.get(delivery.destination)
+                if destination is None:
+                    reason = f"destination {delivery.destination!r} is not configured"
+                    self.store.delivery_failed(delivery.id, reason, None)
+                    given_up.append((delivery.destination, reason))
+                    continue
+                error = self._send(files, destination, delivery.id, root)
+                if error is None:
+                    self.store.delivery_sent(delivery.id, len(files))
+                    self.metrics.sent.labels(destination.name).inc()
+                    delivered.append((destination.name, len(files)))
+                    self.audit.write(
+                        "sent",
+                        study_uid=job.study_uid,
+                        source_series_uid=job.series_uid,
+                        destination=destination.name,
+                        **_where(destination),
+                        instances=len(files),
+                        generation=current.result_generation,
+                    )
+                    continue
+                attempt = delivery.attempts + 1
+                again = retry_at(attempt, self.settings.send.max_attempts, self.settings.send)
+                self.store.delivery_failed(delivery.id, error, again)
+                self.metrics.send_failures.labels(destination.name).inc()
+                if again is None:
+                    given_up.append((destination.name, f"sending to {destination.name} given up: {error}"))
+                log.warning(
+                    "sending %s to %s failed (attempt %d): %s%s",
+                    job.series_uid,
+                    destination.name,
+                    attempt,
+                    error,
+                    f"; next try at {again:%H:%M:%S}" if again else "; giving up",
                 )
-                continue
-            attempt = delivery.attempts + 1
-            again = retry_at(attempt, self.settings.send.max_attempts, self.settings.send)
-            self.store.delivery_failed(delivery.id, error, again)
-            self.metrics.send_failures.labels(destination.name).inc()
-            if again is None:
-                self._tell_failed(job, f"sending to {destination.name} given up: {error}", destination.name)
-            log.warning(
-                "sending %s to %s failed (attempt %d): %s%s",
-                job.series_uid,
-                destination.name,
-                attempt,
-                error,
-                f"; next try at {again:%H:%M:%S}" if again else "; giving up",
-            )
-        state = self.store.finish_sending(job.id, self.worker_id)
+            state = self.store.finish_sending(job.id, self.worker_id)
+        finally:  # a pass cut short still tells what it delivered
+            self._tell(job, delivered, given_up)
         log.info("series %s: %s", job.series_uid, state.value)
         return state
 
-    # Webhooks carry the job as the store has it now; queuing one never fails or delays a delivery.
-    def _tell_delivered(self, job: SeriesJob, destination: str, instances: int) -> None:
+    def _tell(self, job: SeriesJob, delivered: list[tuple[str, int]], given_up: list[tuple[str, str]]) -> None:
+        """The pass's webhooks, with the job as the store has it now; queuing one never fails or delays
+        a delivery. ``job.delivered`` once the pass has left the job done: every destination has it."""
+        if not delivered and not given_up:
+            return
         now = self.store.get(job.id)
-        if now is not None:
+        if now is None:
+            return
+        for destination, instances in delivered:
             self.notifier.result_delivered(now, destination, instances)
-
-    def _tell_failed(self, job: SeriesJob, reason: str, destination: str) -> None:
-        now = self.store.get(job.id)
-        if now is not None:
+        for destination, reason in given_up:
             self.notifier.failed(now, reason, destination=destination)
+        if delivered and now.state is State.DONE:
+            self.notifier.job_delivered(now, sorted(d.destination for d in self.store.deliveries(job.id)))
 
     def _send(self, files: Sequence[Path], destination: Destination, delivery_id: int, root: Path) -> str | None:
         """Send the files the destination has not confirmed yet, recording each one it confirms: None
@@ -275,21 +332,15 @@ class SendStage:
             earlier = len(files) - len(todo)
             log.info("%s confirmed %d of %d files earlier: sending the rest", destination.name, earlier, len(files))
 
-        aet = self.settings.dicom.ae_title
-        try:
-            if self.sender is None:  # each confirmation recorded as it arrives: a killed worker resends only the rest
-                with _Confirmations(self.store, delivery_id, name) as record:
-                    results = send_to(todo, destination, aet, dicom=self.settings.dicom, on_result=record)
-            else:
-                results = self.sender(todo, destination, aet)
-        except (OSError, RuntimeError) as exc:  # no association, refused contexts, timeouts, a peer that aborts
-            return str(exc) or type(exc).__name__
-        except Exception as exc:  # unforeseen: still a failed attempt (bounded by send.max_attempts), with its trace
-            log.exception("sending to %s failed unexpectedly", destination.name)
-            return f"{type(exc).__name__}: {exc}"
+        aet, dicom = self.settings.dicom.ae_title, self.settings.dicom
+        if self.sender is None:  # each confirmation recorded as it arrives: a killed worker resends only the rest
+            with _Confirmations(self.store, delivery_id, name) as record:
+                results, error = send_attempt(todo, destination, aet, dicom=dicom, on_result=record)
+        else:
+            results, error = send_attempt(todo, destination, aet, sender=self.sender)
         # What the destination confirmed counts even when the rest failed (repeats are ignored).
         self.store.confirm_files(delivery_id, [name(r.path) for r in results if r.ok])
-        return refusal(todo, results)
+        return error
 
 
 class _Confirmations:

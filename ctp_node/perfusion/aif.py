@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ctp_node.perfusion.errors import NoAIFError
+from ctp_node.errors import NoAIFError
 
 MIN_AIF_PEAK_HU = 50.0  # arteries enhance by hundreds of HU; tissue by 3-20 HU
 N_CANDIDATES = 400

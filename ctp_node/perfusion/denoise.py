@@ -118,11 +118,13 @@ def tips_filter(
     spatial_sigma_mm: float = SPATIAL_SIGMA_MM,
     guide_sigma_mm: float = GUIDE_SIGMA_MM,
     noise_cov: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Edge-preserving in-plane filter of (K, Z, Y, X) curve coefficients inside ``mask`` (Z, Y, X).
 
     ``noise_cov`` (K, K): covariance of the coefficients' noise in units of the per-frame noise
-    variance (identity if None). Returns the filtered coefficients (outside ``mask`` unchanged).
+    variance (identity if None). Returns the filtered coefficients (outside ``mask`` unchanged);
+    ``overwrite``: written into ``coefficients`` itself (no second full-size copy: 256 MB at 512 x 512).
     """
     box = _bounding_box(mask)
     if box is None or noise.sigma_hu <= 0:
@@ -196,8 +198,8 @@ def tips_filter(
             for c in range(n_coef):
                 np.multiply(coef_p[c, :, ys, xs], d2, out=tmp)
                 acc[c] += tmp
-    out = coefficients.copy()
-    filtered = acc / np.maximum(total, 1e-12)
+    out = coefficients if overwrite else coefficients.copy()
+    filtered = np.divide(acc, np.maximum(total, 1e-12), out=acc)  # in place: acc is not used again
     region = out[(slice(None), *box)]
     region[:, m] = filtered[:, m]
     return out

@@ -12,6 +12,15 @@ from ctp_node.perfusion.maps import PerfusionMaps
 
 MAP_NAMES = ("cbf", "cbv", "mtt", "tmax", "ttp")
 MASK_NAMES = ("brain_mask", "tissue_mask", "core_mask", "hypoperfusion_mask")
+# Per map, where the data support its value (``validity``): ``valid_cbf`` ... ``valid_tmax``, bool.
+VALID_NAMES = tuple(f"valid_{name}" for name in ("cbf", "cbv", "mtt", "tmax"))
+
+
+def valid_arrays(maps: PerfusionMaps) -> dict[str, np.ndarray]:
+    """``valid_<map>`` -> (Z, Y, X) bool; empty when the analysis did not assess validity."""
+    if maps.validity is None:
+        return {}
+    return {f"valid_{name}": mask for name, mask in maps.validity.masks().items()}
 
 
 def write_npz(path: Path, maps: PerfusionMaps) -> Path:
@@ -19,6 +28,7 @@ def write_npz(path: Path, maps: PerfusionMaps) -> Path:
     arrays = {name: getattr(maps, name) for name in names}
     if maps.severe_mask is not None:
         arrays["severe_hypoperfusion_mask"] = maps.severe_mask
+    arrays |= valid_arrays(maps)
     selection = maps.aif_selection
     if selection is not None:
         arrays["aif_curve_uncorrected"] = selection.aif.curve
@@ -41,8 +51,8 @@ def write_nifti(
     import SimpleITK as sitk
 
     written = []
-    for name in MAP_NAMES + MASK_NAMES:
-        array = getattr(maps, name)
+    arrays = {name: getattr(maps, name) for name in MAP_NAMES + MASK_NAMES} | valid_arrays(maps)
+    for name, array in arrays.items():
         image = sitk.GetImageFromArray(array.astype(np.uint8) if array.dtype == bool else array)
         if spacing_mm is not None:
             image.SetSpacing([float(s) for s in reversed(spacing_mm)])  # SimpleITK wants (x, y, z)

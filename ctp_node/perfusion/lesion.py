@@ -113,14 +113,19 @@ def lesion_masks(
     voxel_volume_ml: float | None = None,
     min_cluster_ml: float = MIN_CLUSTER_ML,
     normal_tmax_s: float = NORMAL_TMAX_S,
+    measurable: np.ndarray | None = None,
 ) -> LesionMasks:
+    """The lesion masks (module doc). ``measurable`` (Z, Y, X) bool: tissue whose curve enhances measurably
+    (``validity``); the rest neither counts nor votes in any mask, nor in the reference, so a flat curve
+    is never core (its CBF of about 0 is not a measurement). None: all tissue."""
     min_voxels = 1 if voxel_volume_ml is None else int(np.ceil(min_cluster_ml / voxel_volume_ml))
+    voters = tissue if measurable is None else tissue & measurable
 
     def clean(mask: np.ndarray) -> np.ndarray:
-        return drop_small_clusters(majority(mask, tissue, majority_size), min_voxels)
+        return drop_small_clusters(majority(mask, voters, majority_size), min_voxels)
 
     hypo = clean(tmax > hypoperfusion_tmax_s)
-    reference_voxels = reference_region(tissue, tmax, hypo, normal_tmax_s)
+    reference_voxels = reference_region(voters, tmax, hypo, normal_tmax_s)
     reference = float(np.median(cbf[reference_voxels])) if reference_voxels.any() else float("nan")
     low_flow = cbf < core_rcbf * reference if np.isfinite(reference) else np.zeros_like(tissue)
     core = clean(low_flow & hypo if core_within_hypoperfusion else low_flow)

@@ -35,12 +35,12 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from ctp_node.errors import NoAIFError, PerfusionError
 from ctp_node.perfusion import aif as aif_select
 from ctp_node.perfusion import deconvolution as dec
-from ctp_node.perfusion import denoise, lesion, parametric, reliability, timing
+from ctp_node.perfusion import denoise, lesion, parametric, reliability, timing, validity
 from ctp_node.perfusion.brain_mask import CSF_MAX_HU
 from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
-from ctp_node.perfusion.errors import NoAIFError, PerfusionError
 
 # Large-vessel to capillary haematocrit (0.45 vs 0.25) and brain density 1.05 g/mL.
 DEFAULT_K = (1 - 0.45) / (1 - 0.25) / 1.05
@@ -88,6 +88,9 @@ class PerfusionSettings:
     tmax_max_interval_s: float = reliability.TMAX_MAX_INTERVAL_S
     # ... or the core volume from a bolus acquired at longer intervals than this (s; 0 = off).
     core_max_interval_s: float = reliability.CORE_MAX_INTERVAL_S
+    # Per-map validity masks (``validity``): where the data support each map's value. Voxels without
+    # measurable enhancement count in no lesion volume (a flat curve is never core). False: all valid.
+    validity_masks: bool = True
 
 
 @dataclass
@@ -128,6 +131,15 @@ class PerfusionMaps:
     # A withheld volume is None in the ``*_volume_ml`` fields (and so are mismatch, ratio and HIR).
     volume_checks: dict[str, reliability.VolumeCheck] = field(default_factory=dict)
     acquired_interval_s: float | None = None  # longest acquired interval during the first pass
+    # Per map ("cbf", "cbv", "mtt", "tmax") whether the data support the value, and why not (``validity``).
+    validity: validity.MapValidity | None = None
+
+    @property
+    def valid_masks(self) -> dict[str, np.ndarray]:
+        """Map name -> (Z, Y, X) bool, True where the value is supported (all tissue when not assessed)."""
+        if self.validity is None:
+            return {name: self.tissue_mask.copy() for name in validity.MAP_NAMES}
+        return self.validity.masks()
 
     @property
     def withheld(self) -> dict[str, str]:
@@ -179,6 +191,8 @@ class PerfusionMaps:
         out["volume_checks"] = {name: check.summary() for name, check in self.volume_checks.items()}
         if self.aif_selection is not None:
             out["input_functions"] = self.aif_selection.summary()
+        if self.validity is not None:
+            out["validity"] = self.validity.summary(self.tissue_mask)
         return out
 
 
@@ -245,7 +259,10 @@ def compute_perfusion(
         tissue_hu = _smooth_in_mask(hu, parenchyma, cfg.smoothing_sigma_vox)
     conc = _curves(tissue_hu, baseline, flat_index)  # (V, T)
     same_grid = interp.shape[0] == interp.shape[1] and np.array_equal(interp, np.eye(interp.shape[0]))
-    conc_grid = conc.copy() if same_grid else conc @ interp.T  # (V, N)
+    # On the acquisition grid the curves are the grid curves: no copy (1.2 M brain voxels x 61 frames
+    # at 512 x 512 x 16 are 290 MB). Nothing below writes into ``conc_grid`` while ``conc`` is still read:
+    # the TIPS path replaces it in place and then no longer uses ``conc``.
+    conc_grid = conc if same_grid else conc @ interp.T  # (V, N)
 
     # 3. Arterial input function (and the venous partial-volume correction), from the unsmoothed series.
     selection = aif_select.select_input_functions(
@@ -259,11 +276,13 @@ def compute_perfusion(
         raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
 
     noise_hu, basis, fitted_mtt = None, None, None
+    noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)  # TIPS and the validity masks
     if cfg.denoise == "tips":
         conc_grid, note, noise_hu, basis = _tips(
-            hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times
+            hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times, noise
         )
         notes.append(note)
+        del conc  # overwritten by the filtered curves (the same array on the acquisition grid)
 
     # 4. Deconvolution and the maps.
     if method == "bsvd":
@@ -321,6 +340,23 @@ def compute_perfusion(
         cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
         cfg.normal_tmax_s,
     )  # fmt: skip
+    checked = validity.all_valid(tissue)
+    invalid_ml: dict[str, float] = {}
+    if cfg.validity_masks:
+        checked = _validity(hu, baseline, times, grid, arrival, tissue, maps, masks, noise, aif_grid, method, cfg)
+        if not checked.enhancing[tissue].all():
+            # Voxels without measurable enhancement neither count nor vote: the masks again without them.
+            unchecked = masks
+            masks = lesion.lesion_masks(
+                tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
+                cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
+                cfg.normal_tmax_s, measurable=checked.enhancing,
+            )  # fmt: skip
+            if voxel_volume_ml is not None:
+                before = {"core": unchecked.core, "tmax6": unchecked.hypoperfusion, "tmax10": unchecked.severe}
+                invalid_ml = {k: float((m & ~checked.enhancing).sum()) * voxel_volume_ml for k, m in before.items()}
+        if not all(mask[tissue].all() for mask in checked.masks().values()):
+            notes.append(checked.note(tissue))
     result = PerfusionMaps(
         **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
         hypoperfusion_mask=masks.hypoperfusion, aif_curve=aif_curve.astype(np.float32),
@@ -330,12 +366,14 @@ def compute_perfusion(
         voxel_volume_ml=voxel_volume_ml,
         hypoperfusion_intensity_ratio=lesion.hypoperfusion_intensity_ratio(masks), notes=notes,
         noise_hu=noise_hu, aif_selection=selection, severe_mask=masks.severe, reference_mask=masks.reference,
+        validity=checked if cfg.validity_masks else None,
     )  # fmt: skip
     acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
     result.acquired_interval_s = reliability.bolus_interval_s(acquired, arrival.time_s)
     result.volume_checks = reliability.check_volumes(
         {"core": masks.core, "tmax6": masks.hypoperfusion, "tmax10": masks.severe}, tissue, voxel_volume_ml,
         result.acquired_interval_s, cfg.mirror_limit_ml, cfg.tmax_max_interval_s, cfg.core_max_interval_s,
+        invalid_ml=invalid_ml if cfg.validity_masks and voxel_volume_ml is not None else None,
     )  # fmt: skip
     if voxel_volume_ml is not None:
         _fill_volumes(result)
@@ -362,6 +400,7 @@ def _tips(
     arrival: timing.BolusArrival,
     cfg: PerfusionSettings,
     times: np.ndarray,
+    noise: denoise.NoiseEstimate,
 ) -> tuple[np.ndarray, str, float, np.ndarray]:
     """Parenchyma curves projected on the model subspace and TIPS-filtered (``denoise``)."""
     shape = brain.shape
@@ -370,18 +409,55 @@ def _tips(
     coef = np.zeros((basis.shape[0], int(np.prod(shape))), dtype=np.float32)
     coef[:, flat_index[rows]] = (conc_grid[rows] @ basis.T).T
     coef = coef.reshape(basis.shape[0], *shape)
-    noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)
     pixel = cfg.pixel_mm or DEFAULT_PIXEL_MM
     noise_cov = denoise.coefficient_noise_cov(basis, interp, arrival.baseline_frames, hu.shape[0])
-    filtered = denoise.tips_filter(coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov)
-    out = np.array(conc_grid, dtype=np.float32, copy=True)
-    out[rows] = filtered.reshape(basis.shape[0], -1)[:, flat_index[rows]].T @ basis
+    filtered = denoise.tips_filter(
+        coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov, overwrite=True
+    ).reshape(basis.shape[0], -1)
+    # Written into the caller's curves (which it owns and no longer needs): a second (V, N) array would be
+    # 290 MB at 512 x 512. One product over all rows, not chunks: float32 BLAS sums in another order when
+    # the rows are split, and the fit's choice of atom follows the last bit in a few voxels.
+    out = conc_grid if conc_grid.dtype == np.float32 else conc_grid.astype(np.float32)
+    out[rows] = filtered[:, flat_index[rows]].T @ basis
     note = (
         f"noise {noise.sigma_hu:.1f} HU (baseline); tissue curves projected on {basis.shape[0]} model components "
         f"and TIPS-filtered (spatial sigma {denoise.SPATIAL_SIGMA_MM:g} mm at {pixel:g} mm pixels"
         f"{'' if cfg.pixel_mm else ', pixel size assumed'})"
     )
     return out, note, noise.sigma_hu, basis
+
+
+def _validity(
+    hu: np.ndarray,
+    baseline: np.ndarray,
+    times: np.ndarray,
+    grid: np.ndarray,
+    arrival: timing.BolusArrival,
+    tissue: np.ndarray,
+    maps: dict[str, np.ndarray],
+    masks: lesion.LesionMasks,
+    noise: denoise.NoiseEstimate,
+    aif_grid: np.ndarray,
+    method: str,
+    cfg: PerfusionSettings,
+) -> validity.MapValidity:
+    """The per-map validity masks (``validity``), with this analysis' low-flow candidates and fit range."""
+    reference = masks.reference_cbf
+    if np.isfinite(reference):
+        low_flow = lesion.majority(maps["cbf"] < cfg.core_rcbf * reference, tissue, cfg.mask_majority_size)
+    else:
+        low_flow = np.zeros(tissue.shape, dtype=bool)
+    max_tmax = None
+    if method == "parametric":
+        # The fit's largest delay (its last grid cell): a Tmax there is "at least this", not a value.
+        delays = parametric.GAMMA_DELAY_GRID_S if cfg.residue_family == "gamma" else parametric.DELAY_GRID_S
+        max_tmax = float(delays[-1] - 0.5 * (delays[1] - delays[0]))
+    return validity.assess(
+        hu=hu, baseline=baseline, times_s=times, grid_s=grid, baseline_frames=arrival.baseline_frames,
+        tissue=tissue, low_flow=low_flow, noise_sigma_hu=noise.sigma_hu, noise_image=noise.noise_image,
+        pixel_mm=cfg.pixel_mm or DEFAULT_PIXEL_MM, aif_grid=aif_grid, mtt=maps["mtt"], tmax=maps["tmax"],
+        max_tmax_s=max_tmax,
+    )  # fmt: skip
 
 
 def _fill_volumes(result: PerfusionMaps) -> None:
@@ -406,9 +482,13 @@ def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...], name: str) -> n
 
 
 def _curves(hu: np.ndarray, baseline: np.ndarray, flat_index: np.ndarray) -> np.ndarray:
-    """Enhancement S - S0 of the given voxels, (V, T) float32."""
-    frames = hu.reshape(hu.shape[0], -1)[:, flat_index]
-    return np.ascontiguousarray((frames - baseline.reshape(-1)[flat_index]).T, dtype=np.float32)
+    """Enhancement S - S0 of the given voxels, (V, T) float32, filled frame by frame (the gathered
+    frames, their difference and its transpose were three (V, T) arrays at once)."""
+    base = baseline.reshape(-1)[flat_index].astype(np.float32)
+    out = np.empty((flat_index.size, hu.shape[0]), dtype=np.float32)
+    for t in range(hu.shape[0]):
+        out[:, t] = np.asarray(hu[t], dtype=np.float32).reshape(-1)[flat_index] - base
+    return out
 
 
 def _to_volume(values: np.ndarray, flat_index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

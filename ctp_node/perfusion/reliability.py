@@ -61,24 +61,30 @@ class VolumeCheck:
     """One lesion volume: what the analysis measured and whether it is reported.
 
     ``mirror_ml``: the same class in the less affected hemisphere (None without a voxel size).
-    ``withheld``: the reason it is not reported, None when it is."""
+    ``withheld``: the reason it is not reported, None when it is. ``invalid_ml``: what the class would
+    have held more in voxels without measurable enhancement (``validity``), which no volume counts;
+    None when not assessed."""
 
     name: str
     measured_ml: float | None
     mirror_ml: float | None
     withheld: str | None = None
+    invalid_ml: float | None = None
 
     @property
     def reported_ml(self) -> float | None:
         return None if self.withheld else self.measured_ml
 
     def summary(self) -> dict:
-        return {
+        out = {
             "measured_ml": self.measured_ml,
             "mirror_ml": self.mirror_ml,
             "reported": self.withheld is None,
             "withheld": self.withheld,
         }
+        if self.invalid_ml is not None:
+            out["invalid_ml"] = self.invalid_ml  # a new key: readers of the older record ignore it
+        return out
 
 
 def mirror_volume_ml(mask: np.ndarray, tissue: np.ndarray, voxel_ml: float) -> float:
@@ -110,13 +116,15 @@ def check_volumes(
     mirror_limit_ml: float = MIRROR_LIMIT_ML,
     tmax_max_interval_s: float = TMAX_MAX_INTERVAL_S,
     core_max_interval_s: float = CORE_MAX_INTERVAL_S,
+    invalid_ml: dict[str, float] | None = None,
 ) -> dict[str, VolumeCheck]:
     """The verdict on each of ``VOLUMES`` (``masks`` holds a (Z, Y, X) bool mask for each).
 
     ``interval_s``: the longest acquired interval during the first pass (``bolus_interval_s``).
     A limit <= 0 (``mirror_limit_ml``, ``tmax_max_interval_s``, ``core_max_interval_s``) switches its
     check off. Without a voxel size nothing is measured in mL, so the mirror check cannot withhold
-    (volumes are not reported then anyway)."""
+    (volumes are not reported then anyway). ``invalid_ml``: per volume, the lesion voxels left out as
+    without measurable enhancement (``VolumeCheck.invalid_ml``; a volume missing from it: 0)."""
     checks = {}
     for name in VOLUMES:
         mask = masks[name]
@@ -133,7 +141,8 @@ def check_volumes(
             reasons.append(
                 f"acquired every {interval_s:.1f} s during the bolus; {what} needs samples at most {limit:g} s apart"
             )
-        checks[name] = VolumeCheck(name, measured, mirror, "; ".join(reasons) or None)
+        invalid = None if invalid_ml is None else float(invalid_ml.get(name, 0.0))
+        checks[name] = VolumeCheck(name, measured, mirror, "; ".join(reasons) or None, invalid)
     return checks
 
 

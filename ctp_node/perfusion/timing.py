@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctp_node.perfusion.errors import NoAIFError, PerfusionError
+from ctp_node.errors import NoAIFError, PerfusionError
 
 EARLIEST_WINDOW_S = 2.0
 BASELINE_MARGIN_S = 1.0  # baseline frames end this long before the extrapolated foot of the bolus

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctp_node.phantom.config import HEAD_CENTRE_Z_MM, INTRACRANIAL_SEMI_AXES_MM, MCA_TERRITORY_MIN_ABS_X_MM
 from ctp_node.phantom.tissue import TissueLabel
+
+# Head geometry (mm); PhantomConfig reads it to check lesion placement.
+INTRACRANIAL_SEMI_AXES_MM = (63.0, 83.0, 88.0)
+HEAD_CENTRE_Z_MM = 10.0
+MCA_TERRITORY_MIN_ABS_X_MM = 12.0
 
 SCALP_SEMI_AXES_MM = (75.0, 95.0, 100.0)
 SKULL_SEMI_AXES_MM = (70.0, 90.0, 95.0)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:  # motion.py imports anatomy.py, which imports this module
-    from ctp_node.phantom.motion import SliceMotion
+# The head's geometry lives with the anatomy (it draws the head); it is read here to check lesion
+# placement. anatomy.py and motion.py import nothing from this module, so the imports run one way.
+from ctp_node.phantom.anatomy import HEAD_CENTRE_Z_MM, INTRACRANIAL_SEMI_AXES_MM, MCA_TERRITORY_MIN_ABS_X_MM
+from ctp_node.phantom.motion import SliceMotion
 
 Residue = Literal["exponential", "box"]
 RESIDUES: tuple[str, ...] = ("exponential", "box")
-
-# Head geometry (mm) shared with anatomy.py so that lesion placement can be checked here.
-INTRACRANIAL_SEMI_AXES_MM = (63.0, 83.0, 88.0)
-HEAD_CENTRE_Z_MM = 10.0
-MCA_TERRITORY_MIN_ABS_X_MM = 12.0
 
 
 @dataclass(frozen=True)

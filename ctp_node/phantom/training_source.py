@@ -6,14 +6,15 @@ from the configuration's ``[data.phantom]`` section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ctp_node.phantom.config import PhantomConfig
-from ctp_node.phantom.generator import generate_phantom
+from ctp_node.phantom.generator import PhantomStudy, generate_phantom
 from model.window import WINDOW_HIGH_HU, WINDOW_LOW_HU
 from training.config import PhantomDataConfig
+from training.datasets import DrawnStudy
 
 SLICE_MM = PhantomConfig.slice_thickness_mm  # where a lesion may sit in the slab
 
@@ -29,8 +30,9 @@ class PhantomStudies:
 
     config: PhantomDataConfig
 
-    def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        """One study (slices, matrix, matrix, T) at 1 s, windowed 0..80 HU, 0 outside the brain."""
+    def __call__(self, rng: np.random.Generator) -> np.ndarray | DrawnStudy:
+        """One study (slices, matrix, matrix, T) at 1 s, windowed 0..80 HU, 0 outside the brain;
+        with ``noise_free_target``, together with the same study generated without noise."""
         config = self.config
         duration = int(rng.integers(config.duration_s[0], config.duration_s[1] + 1))
         shift = int(rng.integers(config.onset_shift_s[0], config.onset_shift_s[1] + 1))
@@ -56,7 +58,15 @@ class PhantomStudies:
             baseline_variation_hu=float(rng.uniform(1.0, 5.0)),
             seed=int(rng.integers(2**31 - 1)),
         )
-        study = generate_phantom(phantom)
-        hu = np.where(study.truth.brain_mask[None], study.hu, np.float32(0.0))[shift:]
-        windowed = np.clip(hu, WINDOW_LOW_HU, WINDOW_HIGH_HU).astype(np.float32)
-        return np.ascontiguousarray(np.moveaxis(windowed, 0, -1))
+        frames = _published_layout(generate_phantom(phantom), shift)
+        if not config.noise_free_target:
+            return frames
+        # Same seed: the same anatomy, fields and lesion; only the noise is left out.
+        return DrawnStudy(frames, _published_layout(generate_phantom(replace(phantom, noise_hu=0.0)), shift))
+
+
+def _published_layout(study: PhantomStudy, shift: int) -> np.ndarray:
+    """(slices, matrix, matrix, T) windowed 0..80 HU, 0 outside the brain, leading ``shift`` s dropped."""
+    hu = np.where(study.truth.brain_mask[None], study.hu, np.float32(0.0))[shift:]
+    windowed = np.clip(hu, WINDOW_LOW_HU, WINDOW_HIGH_HU).astype(np.float32)
+    return np.ascontiguousarray(np.moveaxis(windowed, 0, -1))

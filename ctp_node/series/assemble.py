@@ -105,6 +105,7 @@ def assemble_series(
     _check_unique(slices)
     normal = np.cross(grid.orientation[:3], grid.orientation[3:])
     positions, volumes = _volumes(slices, normal)
+    backwards = _times_run_backwards(volumes)
     spacing_z = _slice_spacing(positions, normal)
     hu = _pixels(volumes, grid)
     start = min(s.moment for s in volumes[0])
@@ -125,6 +126,7 @@ def assemble_series(
         start=start,
         header=first,
         slice_times_s=slice_times,
+        warnings=(backwards,) if backwards else (),
     )
 
 
@@ -364,6 +366,7 @@ def _volumes(slices: list[_Slice], normal: np.ndarray) -> tuple[list[np.ndarray]
     for k in keys:
         groups[k].sort(key=lambda s: s.order)
     volumes = [[groups[k][t] for k in keys] for t in range(expected)]
+    _check_index_agrees_with_time(volumes)
     for t in range(expected - 1):
         if max(s.moment for s in volumes[t]) >= min(s.moment for s in volumes[t + 1]):
             raise MixedSeriesError(
@@ -377,6 +380,44 @@ def _volumes(slices: list[_Slice], normal: np.ndarray) -> tuple[list[np.ndarray]
                 f"volume {t + 1} mixes TemporalPositionIndex values {sorted(indices)}: some time point lacks frames"
             )
     return [np.asarray(groups[k][0].position, dtype=np.float64) for k in keys], volumes
+
+
+def _times_run_backwards(volumes: list[list[_Slice]]) -> str | None:
+    """Single-frame volumes are ordered by their acquisition times (the numbers only break ties). Where
+    the numbers (AcquisitionNumber, then InstanceNumber) of a slice position fall from one volume to
+    the next, the times run backwards against them: the series is still usable in the order of its
+    times, which is when the images were acquired, but the job says so (issue 23: it ended "done"
+    without a word). Equal numbers (a scanner that numbers each volume from 1) say nothing."""
+    if not volumes or not volumes[0] or isinstance(volumes[0][0].order[0], int):  # Enhanced CT: by index
+        return None
+    steps = len(volumes) - 1
+    pairs = [zip(volumes[t], volumes[t + 1], strict=True) for t in range(steps)]
+    falling = [t for t, pair in enumerate(pairs) if any(b.order[1:] < a.order[1:] for a, b in pair)]
+    if not falling:
+        return None
+    first = falling[0]
+    return (
+        f"acquisition times run backwards against the instance numbers at {len(falling)} of {steps} steps between "
+        f"volumes (volume {first + 2}, acquired after volume {first + 1}, is numbered before it): the volumes are in "
+        "the order of their acquisition times; check the scanner's clock and the series"
+    )
+
+
+def _check_index_agrees_with_time(volumes: list[list[_Slice]]) -> None:
+    """Enhanced CT frames are ordered by TemporalPositionIndex, the order the scanner states. Times
+    that fall as the index rises contradict it, and which of the two is wrong cannot be told."""
+    if len(volumes) < 2 or not isinstance(volumes[0][0].order[0], int) or volumes[0][0].order[0] < 0:
+        return
+    starts = [min(s.moment for s in volume) for volume in volumes]
+    falling = [t for t in range(len(volumes) - 1) if starts[t + 1] < starts[t]]
+    if falling:
+        t = falling[0]
+        raise MixedSeriesError(
+            f"acquisition times run backwards against TemporalPositionIndex at {len(falling)} of {len(volumes) - 1} "
+            f"steps (index {volumes[t + 1][0].order[0]} was acquired at {starts[t + 1]:%H:%M:%S.%f}, before index "
+            f"{volumes[t][0].order[0]} at {starts[t]:%H:%M:%S.%f}): the frames' order cannot be recovered; check the "
+            "scanner's clock and the series"
+        )
 
 
 def _check_positions_kept(groups: dict[tuple[float, ...], list[_Slice]], keys: list) -> None:

@@ -41,6 +41,8 @@ class CTPSeries:
         slice_times_s: float64 (T, Z) the time of each slice itself, in seconds after ``start``
             (a scanner may acquire the slices of a volume one after the other, each with its own
             AcquisitionTime; ``times_s`` is the earliest of them); None when not from DICOM.
+        warnings: what the assembler accepted but the job should state (e.g. acquisition times that
+            run backwards against the instance numbers: the volumes are in the order of their times).
     """
 
     hu: np.ndarray
@@ -55,6 +57,7 @@ class CTPSeries:
     start: datetime | None = None
     header: Dataset | None = field(default=None, repr=False, compare=False)
     slice_times_s: np.ndarray | None = field(default=None, repr=False, compare=False)
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 4:

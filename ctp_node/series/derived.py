@@ -253,7 +253,7 @@ def write_derived_series(
     """Write ``hu_1s`` float (T1, Z, Y, X) HU as the derived series into ``out_dir`` (rules: module docstring).
 
     ``fill``: the engine's record of what fills each second (``model.planner.FillPlan``, on the clock
-    of ``source.times_s``), with the voxel counts of ``ctp_node.series.grid.back_to_source`` when they
+    of ``source.times_s``), with the voxel counts of ``ctp_node.series.grid.from_model_grid`` when they
     are to be stated in ImageComments. ``source_files``: the source instances (one is read for the
     patient/study header only when ``source.header`` is None). ``volume_notes``: what happened to a
     source volume before inpainting (by its index: realigned by the motion stage, or why it was not
@@ -406,11 +406,10 @@ def _keep_padding(
     ``cache``: the padding masks of source volumes already looked at (seconds go forward in time,
     so masks of volumes before ``src.left`` are dropped)."""
     low, high, value = padding
-    volumes = (src.left,) if src.kind == "acquired" else (src.left, src.right)
     for v in [v for v in cache if v < src.left]:
         del cache[v]
     padded = np.ones(stored.shape, dtype=bool)
-    for v in volumes:
+    for v in src.volumes:
         if v not in cache:
             source_stored, _ = _stored(source.hu[v], slope, intercept)
             cache[v] = (source_stored >= low) & (source_stored <= high)
@@ -541,8 +540,7 @@ def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, f
     if recipe.comment:  # the guardrail's flag or fallback, on every image of the series
         ds.ImageComments = f"{ds.ImageComments} {recipe.comment}"
     ds.DerivationDescription = _fit(f"{context.summary} This image: {what}", ST_MAX)
-    volumes = (src.left,) if src.kind == "acquired" else (src.left, src.right)
-    references = [_reference(context.header, source, v, z) for v in volumes]
+    references = [_reference(context.header, source, v, z) for v in src.volumes]
     ds.SourceImageSequence = Sequence(
         [
             _with_purpose(r, code_item("121322", "DCM", "Source image for image processing operation"))

@@ -1,4 +1,5 @@
-"""Between the scanner's geometry and the model grid, and back (pipeline stages ``to_grid`` / ``from_grid``).
+"""Between the scanner's geometry and the model grid, and back (pipeline stages ``to_model_grid`` /
+``from_model_grid``, the functions here of the same names).
 
 The published network sees 8 x 192 x 192 volumes of skull-stripped HU windowed to 0..80 and scaled
 to [-1, 1] (docs/model.md, "Data the model sees"). Resampling is done with SimpleITK on images
@@ -57,7 +58,6 @@ The way back (``from_model_grid``) and its filling rule are stated in that funct
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +144,7 @@ class ModelGridSeries:
 
 @dataclass
 class SourceSequence:
-    """The output of ``back_to_source``: ``hu`` float32 (T1, Z, Y, X), and the study's ``FillPlan`` with
+    """The output of ``from_model_grid``: ``hu`` float32 (T1, Z, Y, X), and the study's ``FillPlan`` with
     each image's voxel counts (model, vessel fit, linear) filled in."""
 
     hu: np.ndarray
@@ -210,8 +210,9 @@ def from_model_grid(
     source: CTPSeries,
     *,
     fit_vessels: bool = True,
-) -> np.ndarray:
-    """The 1 s sequence on the source grid in full-range HU, float32 (T1, Z, Y, X).
+) -> SourceSequence:
+    """The 1 s sequence on the source grid in full-range HU, float32 (T1, Z, Y, X), and ``fill`` with
+    each image's voxel counts (model, vessel fit, linear) for the writer.
 
     ``inpainted_slabs``: per slab (T1, 8, 192, 192) model space, the engine's sequence for that
     slab; ``fill``: the engine's record of what fills each second (``model.planner.FillPlan``, planned
@@ -261,18 +262,6 @@ def from_model_grid(
 
     Nothing is extrapolated: the plan covers only seconds between usable acquisitions.
     """
-    return back_to_source(grid_series, inpainted_slabs, fill, source, fit_vessels=fit_vessels).hu
-
-
-def back_to_source(
-    grid_series: ModelGridSeries,
-    inpainted_slabs: list[np.ndarray],
-    fill: FillPlan,
-    source: CTPSeries,
-    *,
-    fit_vessels: bool = True,
-) -> SourceSequence:
-    """``from_model_grid`` with what the writer needs: the plan with each image's voxel counts."""
     _check_back_inputs(grid_series, inpainted_slabs, fill, source)
     sources = fill.fills
     n_t1 = len(sources)
@@ -281,7 +270,7 @@ def back_to_source(
     model_mask = grid_series.model_mask
     weight = _resample(grid_series.model.image(model_mask.astype(np.float32)), grid_series.source, sitk.sitkLinear)
     covered = grid_series.brain_mask & (weight > 0)
-    fitted = vessel_fits(hu, source.times_s, sources, covered) if fit_vessels else None
+    fitted = vessel_fits(hu, source.times_s, fill, covered) if fit_vessels else None
     # the model's copies of the acquired volumes, read from the slabs once for every correction
     acquired_model = {
         src.left: _model_volume(grid_series, inpainted_slabs, g)
@@ -295,7 +284,7 @@ def back_to_source(
             fills.append(FillCounts(acquired=int(hu[0].size)))
             continue
         left, right = hu[src.left], hu[src.right]
-        out[g] = left + np.float32(src.weight) * (right - left)
+        out[g] = src.interpolate(hu)
         use_model = np.zeros(hu.shape[1:], dtype=bool)
         if src.kind == "synthetic":
             use_model = covered & _in_window(left) & _in_window(right)
@@ -313,10 +302,10 @@ def back_to_source(
 
 
 def vessel_fits(
-    hu: np.ndarray, times_s: np.ndarray, sources: Sequence[SecondFill], covered: np.ndarray
+    hu: np.ndarray, times_s: np.ndarray, fill: FillPlan, covered: np.ndarray
 ) -> tuple[np.ndarray, vessel_fit.FitResult] | None:
     """Flat indices of the voxels with a credible vessel fit, and the fit (rule: ``from_model_grid``)."""
-    volumes = sorted({s.left for s in sources} | {s.right for s in sources})
+    volumes = list(fill.volumes)
     if len(volumes) < vessel_fit.MIN_SAMPLES:
         return None
     stack = [hu[v] for v in volumes]
@@ -491,10 +480,9 @@ def _model_correction(
     """What the model changes at second ``g`` relative to interpolation on the model grid, HU, 0
     outside the model's brain mask (rule: ``from_model_grid``). ``acquired_model``: the model's
     copies of the acquired volumes (the engine's inputs at their snapped seconds), by source index."""
-    left, right = acquired_model.get(src.left), acquired_model.get(src.right)
-    if left is None or right is None:
+    if src.left not in acquired_model or src.right not in acquired_model:
         raise ValueError(f"second {g}: its bracketing volumes {src.left}, {src.right} are not on the model grid")
-    return _model_volume(grid_series, slabs, g) - (left + np.float32(src.weight) * (right - left))
+    return _model_volume(grid_series, slabs, g) - src.interpolate(acquired_model)
 
 
 def _in_window(hu: np.ndarray) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 Run on the 1 s series in HU on the source grid, after ``from_model_grid`` and before writing. The
 reference is the linear interpolation ``I`` of the two acquired volumes around each synthetic
-second (what the node would send without a model). Only the voxels the model fills are compared:
-brain voxels within its 0..80 HU window in both neighbours (``ctp_node.series.grid.from_model_grid``);
-every other voxel is ``I`` by construction. Three checks:
+second (``SecondFill.interpolate``: what the node would send without a model). Only the voxels the
+model fills are compared: brain voxels within its 0..80 HU window in both neighbours
+(``ctp_node.series.grid.from_model_grid``); every other voxel is ``I`` by construction. Three checks:
 
 1. **Class offset.** Per tissue class, the mean of (synthetic - I) over all synthetic seconds. The
    classes split brain voxels by their baseline HU (CSF-ish below ``class_edges_hu[0]``, white-ish
@@ -168,12 +168,6 @@ def _describe(check: CheckResult) -> str:
     return f"{check.name} {value} (tolerance {tolerance})"
 
 
-def interpolated(source_hu: np.ndarray, src: SecondFill) -> np.ndarray:
-    """``I``: the linear interpolation in time of the two acquired neighbours of one grid second."""
-    left, right = source_hu[src.left], source_hu[src.right]
-    return left + np.float32(src.weight) * (right - left)
-
-
 def _in_window(hu: np.ndarray) -> np.ndarray:
     return (hu >= WINDOW_LOW_HU) & (hu <= WINDOW_HIGH_HU)
 
@@ -201,7 +195,7 @@ def check_series(
     if not model_seconds:
         return GuardrailVerdict(settings.policy, True, "none", [], 0)
 
-    acquired = sorted({s.left for s in sources} | {s.right for s in sources})  # the volumes the series uses
+    acquired = list(fill.volumes)  # the volumes the series uses
     noise = noise_hu(source_hu, acquired, brain_mask)
     # A voxel whose baseline lies within ``EDGE_SIGMAS`` noise sigmas of the window's ends is left out
     # of the offset and step checks: the model fills a voxel only where both neighbours are inside the
@@ -245,7 +239,7 @@ def check_series(
         slopes.append(abs(change) / max(float(times_s[right] - times_s[left]), 1e-6))
         for g in seconds:
             synthetic = hu_1s[g][where]
-            diff = synthetic.astype(np.float64) - interpolated(source_hu, sources[g])[where]
+            diff = synthetic.astype(np.float64) - sources[g].interpolate(source_hu)[where]
             boundary = _next_to_acquired(sources, g)
             for name, mask in masks.items():
                 n = int(mask.sum())
@@ -328,5 +322,5 @@ def fall_back(hu_1s: np.ndarray, fill: FillPlan, source_hu: np.ndarray) -> FillP
     ``interpolated`` (reason: the guardrail) and the voxel counts, which described the model's images, dropped."""
     for g, src in enumerate(fill.fills):
         if src.kind == "synthetic":
-            hu_1s[g] = interpolated(source_hu, src)
+            hu_1s[g] = src.interpolate(source_hu)
     return fill.model_replaced()

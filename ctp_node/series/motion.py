@@ -47,7 +47,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ctp_node.config import MotionSettings
-from ctp_node.errors import CTPInputError, PerfusionError
+from ctp_node.errors import MotionError, PerfusionError
 from ctp_node.series.ctp_series import CTPSeries
 
 MIN_VOLUMES = 5  # fewer volumes give no robust statistics (median/MAD) to call one an outlier
@@ -62,10 +62,6 @@ RESIDUAL = "residual misalignment after registration"
 DISCONTINUITY = "slice discontinuity (intra-volume motion)"
 BASELINE = "baseline outlier"
 MOTION_FILE = "motion.json"  # beside a job's result: every volume's pose, displacement, residual and reasons
-
-
-class MotionError(CTPInputError):
-    """The series cannot be checked for motion (too few volumes, NaN voxels, no skull in the slab)."""
 
 
 @dataclass
@@ -111,14 +107,6 @@ class MotionResult:
     def corrected(self) -> np.ndarray:
         """(T,) bool: volumes resampled onto the reference position."""
         return np.array([v.corrected for v in self.volumes], dtype=bool)
-
-    @property
-    def rotations_deg(self) -> np.ndarray:
-        return np.array([v.rotation_deg for v in self.volumes], dtype=np.float64)
-
-    @property
-    def translations_mm(self) -> np.ndarray:
-        return np.array([v.translation_mm for v in self.volumes], dtype=np.float64)
 
     def comment(self) -> str:
         """One line for the derived series' ImageComments (short; the job record has the details)."""

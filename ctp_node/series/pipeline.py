@@ -1,6 +1,6 @@
 """The path of one series, as plain functions over plain data (docs/architecture.md):
 
-    assemble -> motion -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> back_to_source
+    assemble -> motion -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> from_model_grid
     -> guardrail -> write (synthetic 1 s series) -> perfusion outputs (maps, SR, SEG, QA report)
 
 ``run_series`` is the one function that runs it; the worker (``ctp_node.node.processing``),
@@ -31,16 +31,17 @@ from ctp_node.config import (
     PerfusionOutputSettings,
     Settings,
 )
-from ctp_node.errors import NotCTPError, PerfusionError, PerfusionOutputError
-from ctp_node.files import write_json
+from ctp_node.errors import MotionError, NotCTPError, PerfusionError, PerfusionOutputError
+from ctp_node.files import is_disk_full, write_json
 from ctp_node.series import CTPSeries
 from ctp_node.series.assemble import DEFAULT_MAX_MATRIX, assemble_series
 from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
-from ctp_node.series.grid import back_to_source, to_model_grid
+from ctp_node.series.grid import from_model_grid, to_model_grid
 from ctp_node.series.guardrail import VOLUME_CHECKS, GuardrailVerdict, check_series, check_volumes, fall_back
-from ctp_node.series.motion import MOTION_FILE, MotionError, MotionResult, correct_motion
+from ctp_node.series.motion import MOTION_FILE, MotionResult, correct_motion
 from ctp_node.series.outputs import OutputSeries
+from ctp_node.series.outputs.writer import OUTPUTS_FOLDER
 from model import EngineSettings, FillPlan, Inpainter, load_denoiser
 from model.engine import SamplingChoice, StudyInpainter, choose_sampling
 
@@ -213,16 +214,16 @@ def run_series(
 
     mark = time.perf_counter()
     grid = to_model_grid(series)
-    seconds["to_grid"] = time.perf_counter() - mark
+    seconds["to_model_grid"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     study = pipeline.engine.inpaint_study(grid.slabs, series.times_s, usable=usable, progress=progress)
     seconds["inpaint"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    back = back_to_source(grid, study.sequences, study.fill, series)
+    back = from_model_grid(grid, study.sequences, study.fill, series)
     hu_1s, fill = back.hu, back.fill
-    seconds["from_grid"] = time.perf_counter() - mark
+    seconds["from_model_grid"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     verdict = check_series(hu_1s, fill, series.hu, series.times_s, grid.brain_mask, pipeline.guardrail)
@@ -255,7 +256,7 @@ def run_series(
         seconds["write"] = time.perf_counter() - mark
 
     outputs: list[OutputSeries] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(series.warnings)  # what assembly accepted but the job must state
     cfg = pipeline.perfusion_outputs
     if derived is not None and cfg is not None and cfg.enabled:
         mark = time.perf_counter()
@@ -347,6 +348,8 @@ def _perfusion_outputs(
             _check_volumes(maps, acquired, verdict, volume_jump_ml, out_dir)
         for label, result in (("synthetic", maps), ("acquired", acquired)):
             notes.extend(f"{label}: {line}" for line in _withheld_lines(result))
+            if result is not None and result.validity is not None:
+                notes.append(f"{label}: {result.validity.note(result.tissue_mask)}")
         write_json(out_dir / VOLUMES_FILE, volumes_record(maps, acquired))
         data = output_input(
             maps, hu_1s, derived.paths[: series.hu.shape[1]], series.series_uid, voxel_volume_ml=voxel_ml,
@@ -354,7 +357,7 @@ def _perfusion_outputs(
             generation=recipe.generation if recipe is not None else 1, synthetic_times_s=fill.times_s,
             acquired_times_s=series.times_s,
         )  # fmt: skip
-        return write_perfusion_outputs(data, out_dir / "perfusion", cfg, png_dir=out_dir, seconds=seconds)
+        return write_perfusion_outputs(data, out_dir / OUTPUTS_FOLDER, cfg, png_dir=out_dir, seconds=seconds)
     except (PerfusionError, PerfusionOutputError) as exc:
         notes.append(f"perfusion outputs not made: {exc}")
         if warnings is not None:
@@ -362,9 +365,11 @@ def _perfusion_outputs(
         log.warning("series %s: perfusion outputs not made: %s", series.series_uid, exc)
         return []
     except Exception as exc:
+        if is_disk_full(exc):  # not the series' fault: the attempt fails and is retried whole, outputs and all
+            raise
         # A writer that fails (a bug, a value highdicom refuses) used to fail the whole job, which was
         # then inpainted again on every retry (issue 23); the synthetic series is the result that matters.
-        shutil.rmtree(out_dir / "perfusion", ignore_errors=True)  # no half-written output series is sent
+        shutil.rmtree(out_dir / OUTPUTS_FOLDER, ignore_errors=True)  # no half-written output series is sent
         notes.append(f"perfusion outputs not made: {type(exc).__name__}: {exc}")
         if warnings is not None:
             warnings.append(notes[-1])
@@ -400,6 +405,9 @@ def volumes_record(synthetic, acquired) -> dict:
             "volumes": {name: check.summary() for name, check in maps.volume_checks.items()},
             "mismatch_ratio": maps.mismatch_ratio,
         }
+        if getattr(maps, "validity", None) is not None:
+            # Per map, the share of the analysed tissue without a value the data support, and why.
+            record[label]["validity"] = maps.validity.summary(maps.tissue_mask)
     return record
 
 

@@ -9,18 +9,22 @@ Routes (all but ``/healthz`` behind ``ctp_node.web.auth``):
   POST /jobs/{id}/retry             process a failed, ignored or done series again
   POST /jobs/{id}/resend            send an existing result again (all or one destination)
   GET  /static/style.css            the page's only style sheet, shipped in the package
+  GET  /static/favicon.svg          the page's icon (also answered at /favicon.ico)
 and, with ``[dicomweb] stow_enabled``, the STOW-RS router of ``ctp_node.web.stow``.
 
-Actions are plain HTML forms, checked against cross-site forgery as ``ctp_node.web.auth`` says, and
-answered with a redirect back to the job (post/redirect/get). Every response forbids framing and
-caching and allows no script (Content-Security-Policy).
+Every GET is answered to HEAD as well, without the body. Errors are an HTML page for a browser (one
+whose Accept header prefers text/html) and JSON (``{"detail": ...}``) for scripts and DICOMweb
+clients. Actions are plain HTML forms, checked against cross-site forgery as ``ctp_node.web.auth``
+says, and answered with a redirect back to the job (post/redirect/get). Every response forbids
+framing and caching and allows no script (Content-Security-Policy): pages that change while a job
+runs reload themselves with a meta refresh.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,17 +32,18 @@ from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctp_node.config import Settings
 from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.jobs import ERROR_HISTORY, JobStore
+from ctp_node.node.jobs_read import FINISHED_STATES, JobRow, State, StoreError
 from ctp_node.web import jobview
 from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, Throttled, origin_allowed
 
@@ -46,6 +51,10 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent
 RETRYABLE = (State.FAILED, State.IGNORED, State.DONE)
+RUNNING = (State.RECEIVING, State.QUEUED, State.PROCESSING, State.SENDING)
+REFRESH_RUNNING_S = 5  # a job's page while it runs: progress moves (written at most every 5 s, progress.py)
+REFRESH_LIST_S = 30  # the job list; 10 s while a job is processed (its progress column moves)
+REFRESH_LIST_BUSY_S = 10
 RESENDABLE = (State.DONE, State.FAILED)
 MAX_FORM_BYTES = 16 * 1024
 MAX_JOB_ID = 2**63 - 1  # job ids are 64-bit integers in the store: a larger one overflowed SQLite (HTTP 500)
@@ -60,6 +69,57 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+def wants_html(accept: str | None) -> bool:
+    """True when an Accept header prefers HTML to JSON: a browser's navigation ("text/html,...;q=0.9,
+    */*;q=0.8"), not curl's "*/*", a script's "application/json" or a DICOMweb client's types."""
+    best = {"html": 0.0, "json": 0.0}
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.lower()
+        if media in ("text/html", "application/xhtml+xml"):
+            best["html"] = max(best["html"], quality)
+        elif media in ("application/json", "application/problem+json") or media.endswith("+json"):
+            best["json"] = max(best["json"], quality)
+    return best["html"] > 0 and best["html"] >= best["json"]
+
+
+ERROR_500_HTML = (
+    '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>500 · ctp-node</title></head>'
+    '<body><h1>500</h1><p>internal error; the node\'s log says why</p><p><a href="/">back to the job list</a>'
+    "</p></body></html>"
+)
+
+
+class HeadAsGet:
+    """Answers HEAD like GET, without the body (FastAPI's routes answer only the methods they name:
+    HEAD was 405, issue 25). The headers, Content-Length included, are those of the GET."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # nothing of the body goes out; the last (empty) message ends the response
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class SecurityHeaders:
@@ -94,7 +154,13 @@ class SecurityHeaders:
             log.exception("status page: unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            await PlainTextResponse("internal error; the node's log says why", 500)(scope, receive, send_with_headers)
+            accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+            answer: Response = (
+                HTMLResponse(ERROR_500_HTML, 500)  # a static page: the templates may be what failed
+                if wants_html(accept)
+                else PlainTextResponse("internal error; the node's log says why", 500)
+            )
+            await answer(scope, receive, send_with_headers)
 
 
 def _fmt_time(value: datetime | str | None) -> str:
@@ -117,6 +183,36 @@ def _fmt_seconds(value: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _fmt_dicom_date(value: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as 2000-01-01; anything else (a legacy "2000.01.01", a damaged value) as it is."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
+def _fmt_dicom_time(value: str | None) -> str:
+    """A DICOM TM (HHMMSS.FFFFFF, any tail may be missing) as 14:30:05; anything else as it is."""
+    text = (value or "").strip()
+    whole = text.split(".")[0]
+    if not whole.isdigit() or len(whole) not in (2, 4, 6):
+        return text
+    return ":".join(whole[i : i + 2] for i in range(0, len(whole), 2)) + (":00" if len(whole) == 4 else "")
+
+
+def _fmt_until(value: datetime | None, now: datetime | None = None) -> str:
+    """How long until ``value``, roughly ("about 3 min"); "any moment" once it has passed."""
+    if value is None:
+        return ""
+    now = now or datetime.now(timezone.utc)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    left = (value - now).total_seconds()
+    if left <= 5:
+        return "any moment"
+    return "about " + _fmt_seconds(left if left >= 60 else round(left))
+
+
 def _fmt_bytes(value: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -127,7 +223,14 @@ def _fmt_bytes(value: int) -> str:
 
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
-    templates.env.filters.update(time=_fmt_time, seconds=_fmt_seconds, size=_fmt_bytes)
+    templates.env.filters.update(
+        time=_fmt_time,
+        seconds=_fmt_seconds,
+        size=_fmt_bytes,
+        dicom_date=_fmt_dicom_date,
+        dicom_time=_fmt_dicom_time,
+        until=_fmt_until,
+    )
     return templates
 
 
@@ -181,25 +284,41 @@ def create_app(
     auth = authenticator or Authenticator.from_settings(web)
     csrf = CsrfTokens()
     audit = audit or AuditLog(settings.storage.audit_log)
+    jobs = store.read  # every page reads through the store's read side; ``store`` only for retry and resend
     headers_cache = jobview.HeaderCache(settings.storage.spool_dir, web.mask_patient)
     destinations = [d.name for d in settings.destinations]
     templates = _templates()
 
     app = FastAPI(title="ctp-node status", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so HEAD answers carry the headers too
 
     @app.exception_handler(StarletteHTTPException)
     async def _error_page(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 401:  # no page: the browser asks for credentials
+        html_wanted = wants_html(request.headers.get("accept"))
+        if exc.status_code == 401 and not html_wanted:  # a script: the challenge and a line
             return PlainTextResponse("authentication required", 401, headers=exc.headers)
-        if "text/html" not in request.headers.get("accept", ""):  # a script or a DICOMweb client: JSON
+        if not html_wanted:  # a script or a DICOMweb client: JSON
             return await http_exception_handler(request, exc)
+        # A browser: a page (for 401, what it shows once its login dialog is cancelled), without the
+        # user's name when none is signed in.
         return templates.TemplateResponse(
             request, "error.html", {"status": exc.status_code, "detail": exc.detail}, exc.status_code, exc.headers
         )
 
-    @app.exception_handler(SQLAlchemyError)
-    async def _store_down(request: Request, exc: SQLAlchemyError) -> Response:
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
+        # e.g. /jobs/abc: FastAPI's raw list of pydantic errors, as JSON, was what a browser showed.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()
+        )
+        if not wants_html(request.headers.get("accept")):
+            return await request_validation_exception_handler(request, exc)  # FastAPI's own JSON
+        return await _error_page(request, StarletteHTTPException(422, f"not a valid request: {problems}"))
+
+    @app.exception_handler(StoreError)
+    async def _store_down(request: Request, exc: StoreError) -> Response:
         log.error("status page: the job store does not answer: %s", exc)
         detail = "the job store does not answer; the node's log says why"
         return await _error_page(request, StarletteHTTPException(503, detail))
@@ -227,8 +346,16 @@ def create_app(
         if not csrf.valid(form.get("csrf"), who):
             raise HTTPException(403, "the form is stale or did not come from this page: reload the job and try again")
 
-    def job_or_404(job_id: int) -> jobview.JobRow:
-        row = jobview.get_job(store, job_id) if 1 <= job_id <= MAX_JOB_ID else None
+    def icon(_: Principal = Depends(principal)) -> Response:
+        svg = resources.files("ctp_node.web").joinpath("static/favicon.svg").read_bytes()
+        return Response(svg, media_type="image/svg+xml")
+
+    # Linked from every page; /favicon.ico too, which browsers and tools ask for by name.
+    app.get("/static/favicon.svg", name="favicon")(icon)
+    app.get("/favicon.ico", include_in_schema=False)(icon)
+
+    def job_or_404(job_id: int) -> JobRow:
+        row = jobs.row(job_id) if 1 <= job_id <= MAX_JOB_ID else None
         if row is None:
             raise HTTPException(404, f"there is no job {job_id}; the job list shows the ones there are")
         return row
@@ -236,7 +363,7 @@ def create_app(
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> PlainTextResponse:
         try:
-            store.counts()
+            jobs.counts()
         except Exception as exc:
             log.error("health check: the job store does not answer: %s", exc)
             return PlainTextResponse("job store unavailable", 503)
@@ -253,11 +380,13 @@ def create_app(
             states = [State(state)] if state else []
         except ValueError as exc:
             raise HTTPException(400, f"state must be one of {', '.join(s.value for s in State)}") from exc
-        rows = jobview.list_jobs(store, states, web.jobs_per_page)
+        rows = jobs.rows(states, web.jobs_per_page)
+        busy = any(row.job.state == State.PROCESSING for row in rows)
         context = {
+            "refresh_s": REFRESH_LIST_BUSY_S if busy else REFRESH_LIST_S,
             "rows": rows,
             "headers": {row.job.id: headers_cache.get(row.job) for row in rows},
-            "counts": store.counts(),
+            "counts": jobs.counts(),
             "state": state,
             "states": [s.value for s in State],
             "limit": web.jobs_per_page,
@@ -272,17 +401,24 @@ def create_app(
         job = row.job
         folder = jobview.result_folder(job)
         trail = jobview.audit_trail(settings.storage.audit_log, job.series_uid)
+        motion = jobview.motion_record(folder) if folder else None
         context = {
             "row": row,
             "job": job,
             "header": headers_cache.get(job),
             "stages": jobview.detailed_stages(row, trail),
+            "attempts": jobview.processing_attempts(row, trail),
+            "finished": job.state in FINISHED_STATES,
+            "refresh_s": REFRESH_RUNNING_S if job.state in RUNNING else None,
             "trail": trail,
             "folder": folder,
             "derived": jobview.derived_series(folder, web.mask_patient) if folder else [],
             "figures": jobview.figures(folder) if folder else [],
             "guardrail": jobview.guardrail_verdict(folder) if folder else None,
-            "motion": jobview.motion_record(folder) if folder else None,
+            "motion": motion,
+            # Only the volumes realigned or not used: a table of every volume said nothing when none moved.
+            "motion_rows": [v for v in (motion or {}).get("volumes", []) if v.get("corrected") or v.get("reasons")],
+            "history_size": ERROR_HISTORY,
             "volumes": jobview.volumes_record(folder) if folder else None,
             "can_retry": job.state in RETRYABLE,
             "can_resend": job.state in RESENDABLE and job.result_dir is not None and bool(destinations),

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ctp_node.config import ConfigError, WebSettings
+from ctp_node.config import WebSettings
+from ctp_node.errors import ConfigError
 from ctp_node.web.passwords import PasswordHashError, hash_password, parse_hash, verify_password
 
 REALM = "ctp-node"

@@ -1,9 +1,12 @@
 """What the status page shows of a job, read from the job store, the audit trail and the job's folders.
 
-Read only: nothing here changes a job. The job list reads the store (one query for the jobs, one
-for their deliveries) and one header per job for the patient and series; a job's page adds its
-audit trail, the guardrail's verdict (``guardrail.json``), the derived series and the QA figures
-(``*.png``) found in its results folder.
+Read only: nothing here changes a job, and nothing here knows the job store's tables. The job list
+is the store's read side (``ctp_node.node.jobs_read.JobQueries.rows``: one query for the jobs, one
+for their deliveries) and one header per job for the patient and series (from its spooled files,
+where ``ctp_node.node.spool.series_dir`` says they are); a job's page adds its audit trail, the
+guardrail's verdict (``guardrail.json``), the output series (every series the send stage delivers:
+the results folder's DICOM files, ``ResultsLayout.files``, one header read per series) and the QA
+figures (``*.png``) found in its results folder.
 """
 
 from __future__ import annotations
@@ -13,48 +16,24 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from ctp_node.node.jobs import Delivery, JobStore, SeriesJob, State, deliveries_table, series_table
+from ctp_node.errors import InvalidUIDError
+from ctp_node.node.jobs_read import JobRow, SeriesJob, State
+from ctp_node.node.send import ResultsLayout
+from ctp_node.node.spool import SeriesKey, series_dir
 from ctp_node.series.guardrail import VERDICT_FILE
 from ctp_node.series.motion import MOTION_FILE
 from ctp_node.series.pipeline import VOLUMES_FILE
 
 log = logging.getLogger(__name__)
 
-HEADER_TAGS = ("PatientName", "PatientID", "StudyDate", "Modality", "SeriesDescription", "SeriesNumber")
+HEADER_TAGS = ("PatientName", "PatientID", "StudyDate", "StudyTime", "Modality", "SeriesDescription", "SeriesNumber")
 MAX_FIGURES = 50
 MASK = "\u2022\u2022\u2022"  # •••
-
-
-@dataclass(frozen=True)
-class JobRow:
-    """One series job with the store's times the SeriesJob snapshot leaves out, and its deliveries."""
-
-    job: SeriesJob
-    queued_at: datetime | None
-    updated_at: datetime
-    deliveries: list[Delivery]
-
-    def stages(self) -> list[tuple[str, float | None]]:
-        """Seconds per stage known from the store: receiving, waiting until queued, processing, in all."""
-        job = self.job
-        receiving = (job.last_received_at - job.first_received_at).total_seconds()
-        waiting = (self.queued_at - job.last_received_at).total_seconds() if self.queued_at else None
-        finished = job.state in (State.DONE, State.FAILED, State.IGNORED)
-        total = (self.updated_at - job.first_received_at).total_seconds() if finished else None
-        return [
-            ("receiving", receiving),
-            ("until queued", waiting),
-            ("processing", job.processing_s),
-            ("in all", total),
-        ]
 
 
 @dataclass(frozen=True)
@@ -64,6 +43,7 @@ class SeriesHeader:
     patient_name: str = ""
     patient_id: str = ""
     study_date: str = ""
+    study_time: str = ""
     modality: str = ""
     series_description: str = ""
     series_number: str = ""
@@ -71,9 +51,10 @@ class SeriesHeader:
 
 @dataclass(frozen=True)
 class DerivedGroup:
-    """Files of one kind in the results folder (the 1 s series, other objects), described by the first."""
+    """One output series of a result (the 1 s series, a map, the SR, the SEG, the QA report...): its
+    files, described by the first one's header."""
 
-    prefix: str
+    prefix: str  # the files' folder within the result and name prefix, e.g. "perfusion/cbf_synthetic/CBF…"
     files: int
     bytes: int
     header: SeriesHeader
@@ -88,43 +69,6 @@ class AuditSummary:
     received: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     lines_read: int = 0
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    from datetime import timezone
-
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
-
-
-def _job_rows(store: JobStore, where: Any, limit: int) -> list[JobRow]:
-    s, d = series_table.c, deliveries_table.c
-    query = select(series_table).order_by(s.id.desc()).limit(limit)
-    if where is not None:
-        query = query.where(where)
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).all()
-        ids = [r.id for r in rows]
-        deliveries: dict[int, list[Delivery]] = {i: [] for i in ids}
-        if ids:
-            for r in conn.execute(select(deliveries_table).where(d.series_id.in_(ids)).order_by(d.id)):
-                deliveries[r.series_id].append(Delivery.from_row(r))
-    return [
-        JobRow(SeriesJob.from_row(r), _aware(r.queued_at), _aware(r.updated_at), deliveries[r.id])  # type: ignore[arg-type]
-        for r in rows
-    ]
-
-
-def list_jobs(store: JobStore, states: Sequence[State] = (), limit: int = 100) -> list[JobRow]:
-    """Newest first, at most ``limit``, only ``states`` when given."""
-    where = series_table.c.state.in_([s.value for s in states]) if states else None
-    return _job_rows(store, where, limit)
-
-
-def get_job(store: JobStore, job_id: int) -> JobRow | None:
-    rows = _job_rows(store, series_table.c.id == job_id, 1)
-    return rows[0] if rows else None
 
 
 # --- patient and series headers ------------------------------------------------------------------
@@ -167,6 +111,7 @@ def read_header(path: Path, mask_patient: bool) -> tuple[SeriesHeader, str, str]
         patient_name=name,
         patient_id=patient_id,
         study_date=str(ds.get("StudyDate", "") or ""),
+        study_time=str(ds.get("StudyTime", "") or ""),
         modality=str(ds.get("Modality", "") or ""),
         series_description=str(ds.get("SeriesDescription", "") or ""),
         series_number=str(ds.get("SeriesNumber", "") or ""),
@@ -200,7 +145,10 @@ class HeaderCache:
         return header
 
     def _read(self, job: SeriesJob) -> SeriesHeader | None:
-        folders = [self.spool_dir / job.study_uid / job.series_uid]
+        try:
+            folders = [series_dir(self.spool_dir, SeriesKey(job.study_uid, job.series_uid))]
+        except InvalidUIDError:  # the receiver spools only valid UIDs: such a job has no spooled files
+            folders = []
         if job.result_dir:
             folders.append(Path(job.result_dir))
         for folder in folders:
@@ -223,23 +171,44 @@ def result_folder(job: SeriesJob) -> Path | None:
 
 
 def derived_series(folder: Path, mask_patient: bool) -> list[DerivedGroup]:
-    """The DICOM files of a results folder grouped by name prefix (CTP1S_..., other objects), one header each."""
-    groups: dict[str, list[os.DirEntry[str]]] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.endswith(".dcm") and not entry.name.startswith(".") and entry.is_file():
-                groups.setdefault(entry.name.split("_")[0], []).append(entry)
-    result = []
-    for prefix, files in sorted(groups.items()):
-        first = min(files, key=lambda e: e.name)
+    """Every output series of a result: the files the send stage delivers (``ResultsLayout.files``: the
+    1 s series at the top, each perfusion output in its own folder below) grouped by folder and name
+    prefix, one header read per group, groups of one SeriesInstanceUID joined. The synthetic series
+    comes first, then the others by folder."""
+    groups: dict[str, list[Path]] = {}
+    for path in ResultsLayout.files(folder):
+        relative = path.relative_to(folder)
+        prefix = relative.name.split("_")[0]
+        key = f"{relative.parent.as_posix()}/{prefix}" if relative.parent != Path(".") else prefix
+        groups.setdefault(key, []).append(path)
+    by_uid: dict[str, DerivedGroup] = {}
+    result: list[DerivedGroup] = []
+    for key, files in sorted(groups.items(), key=lambda item: ("/" in item[0], item[0])):
+        first = min(files)
         try:
-            header, sop_class, series_uid = read_header(Path(first.path), mask_patient)
+            header, sop_class, series_uid = read_header(first, mask_patient)
         except Exception as exc:
-            log.warning("cannot read %s: %s", first.path, exc)
+            log.warning("cannot read %s: %s", first, exc)
             header, sop_class, series_uid = SeriesHeader(), "unreadable", ""
-        size = sum(e.stat().st_size for e in files)
-        result.append(DerivedGroup(prefix, len(files), size, header, sop_class, series_uid))
+        size = sum(_size(p) for p in files)
+        earlier = by_uid.get(series_uid) if series_uid else None
+        if earlier is not None:  # one series written under two prefixes: one row
+            joined = DerivedGroup(earlier.prefix, earlier.files + len(files), earlier.bytes + size,
+                                  earlier.header, earlier.sop_class, series_uid)  # fmt: skip
+            result[result.index(earlier)] = by_uid[series_uid] = joined
+            continue
+        group = DerivedGroup(key, len(files), size, header, sop_class, series_uid)
+        result.append(group)
+        if series_uid:
+            by_uid[series_uid] = group
     return result
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed meanwhile (a rotation): counted, not sized
+        return 0
 
 
 def figures(folder: Path) -> list[str]:
@@ -271,6 +240,19 @@ def _record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning("cannot read %s: %s", path, exc)
         return {"summary": f"unreadable: {exc}", "checks": []}
+
+
+def processing_attempts(row: JobRow, audit: AuditSummary) -> int | None:
+    """How many processing attempts the job's current generation took or has taken so far.
+
+    The store's ``attempts`` counts claims: processing attempts while the job is queued or processed,
+    but it starts again from 0 once a result is recorded and then counts sending passes, so for a job
+    past processing the audit trail's ``processing`` lines of the generation say it (None: unknown)."""
+    job = row.job
+    if job.state in (State.QUEUED, State.PROCESSING):
+        return job.attempts
+    counted = [e for e in audit.events if e.get("event") == "processing" and e.get("generation") == job.generation]
+    return len(counted) or None
 
 
 def detailed_stages(row: JobRow, audit: AuditSummary) -> list[tuple[str, float | None]]:

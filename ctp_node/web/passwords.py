@@ -64,8 +64,20 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Ask for a password (twice, without echo) and print its hash."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ctp_node.web.passwords",
+        description="Make the scrypt hash of a password for the status page's HTTP basic authentication "
+        "([web] basic_password_hash in the node's configuration). On a terminal it asks for the password "
+        "twice, without echo; otherwise it reads the first line of standard input. The hash goes to "
+        "standard output: keep it in a file or an environment variable, not in the TOML.",
+        epilog="Example: python -m ctp_node.web.passwords > /etc/ctp-node/web-password.hash, then "
+        'basic_password_hash = {file = "/etc/ctp-node/web-password.hash"} under [web].',
+    )
+    parser.parse_args([] if argv is None else argv)  # called from code: not the caller's sys.argv
     if sys.stdin.isatty():
         first = getpass.getpass("password for the status page: ")
         if first != getpass.getpass("again: "):
@@ -81,4 +93,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

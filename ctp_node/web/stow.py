@@ -26,6 +26,7 @@ bearer ``token`` given here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import io
 import json
@@ -153,9 +154,18 @@ def _uid_or_none(value: object) -> str | None:
         return None
 
 
+WARNING_CHARS = 200  # a header stays short: proxies and clients cap their size
+
+
 def _warning(text: str) -> str:
-    """A Warning header (PS3.18 8.x: code 299) with the text made printable ASCII, quotes escaped."""
-    clean = re.sub(r"[^\x20-\x7e]", "?", text)[:200].replace("\\", "\\\\").replace('"', '\\"')
+    """A Warning header (PS3.18 8.x: code 299) with the text made printable ASCII, quotes escaped,
+    cut after a whole word. pydicom's advice to its own caller ("Use force=True ...") is dropped:
+    the sender cannot act on it."""
+    text = re.sub(r"\s*Use force=True to force reading\.?", "", text)
+    clean = re.sub(r"[^\x20-\x7e]", "?", text)
+    if len(clean) > WARNING_CHARS:
+        clean = clean[: WARNING_CHARS - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+    clean = clean.replace("\\", "\\\\").replace('"', '\\"')
     return f'299 ctp-node "{clean}"'
 
 
@@ -172,9 +182,14 @@ class _PartStore:
         on_stored: OnStored,
         on_refused: OnRefused,
         scratch: Path,
+        max_part_bytes: int | None = None,
     ) -> None:
         self.default_type, self.study_uid, self.origin = default_type, study_uid, origin
         self.spool, self.on_stored, self.on_refused, self.scratch = spool, on_stored, on_refused, scratch
+        # dicom.max_instance_bytes: a longer part is refused without being read into memory (only its
+        # first max_part_bytes are kept, on disk, to name the instance in the answer).
+        self.max_part_bytes = max_part_bytes
+        self._part_bytes = 0
         self.outcome = Outcome()
         self.ended = False
         self._headers: dict[str, str] = {}
@@ -202,6 +217,7 @@ class _PartStore:
         self._headers, self._field, self._value = {}, b"", b""
         # closed in _part_end (or by run() when the body ends inside a part)
         self._data = tempfile.SpooledTemporaryFile(max_size=PART_IN_MEMORY, dir=self.scratch)  # noqa: SIM115
+        self._part_bytes = 0
 
     def _header_end(self) -> None:
         self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
@@ -209,6 +225,10 @@ class _PartStore:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._data is not None
+        kept = self._part_bytes
+        self._part_bytes += end - start
+        if self.max_part_bytes is not None and self._part_bytes > self.max_part_bytes:
+            end = start + max(0, self.max_part_bytes - kept)  # the rest is counted, not kept
         self._data.write(data[start:end])
 
     def _end(self) -> None:
@@ -218,13 +238,33 @@ class _PartStore:
         assert self._data is not None
         try:
             self._data.seek(0)
-            self._store(self._data.read())
+            if self.max_part_bytes is not None and self._part_bytes > self.max_part_bytes:
+                self._refuse_oversized(self._data)
+            else:
+                self._store(self._data.read())
         except Exception as exc:  # a bug must cost this part, not the request's other parts
             log.exception("STOW-RS part from %s could not be handled", self.origin.host)
             self.outcome.other.append((STATUS_PROCESSING_FAILURE, f"part not handled: {type(exc).__name__}"))
         finally:
             self._data.close()
             self._data = None
+
+    def _refuse_oversized(self, data: IO[bytes]) -> None:
+        """Refuse a part over ``max_part_bytes`` (0xC000: the same request would fail again), naming the
+        instance when its first bytes hold a readable header; never read whole."""
+        comment = f"instance of {self._part_bytes} bytes: more than {self.max_part_bytes} (dicom.max_instance_bytes)"
+        log.warning("refused a STOW-RS part from %s: %s", self.origin.host, comment)
+        self.on_refused("too_large")
+        header = None
+        with contextlib.suppress(Exception):  # no name, then: the refusal stands without one
+            header = read_partial(data, stop_when=lambda tag, vr, length: tag > LAST_TAG_READ)
+        sop_uid = _uid_or_none(header.get("SOPInstanceUID")) if header is not None else None
+        if sop_uid is None:
+            self.outcome.other.append((STATUS_CANNOT_UNDERSTAND, comment))
+        else:
+            self.outcome.failed.append(
+                (_uid_or_none(header.get("SOPClassUID")), sop_uid, STATUS_CANNOT_UNDERSTAND, comment)  # type: ignore[union-attr]
+            )
 
     def _store(self, data: bytes) -> None:
         media_type = parse_options_header(self._headers.get("content-type", self.default_type))[0].decode("latin-1")
@@ -377,6 +417,7 @@ def stow_router(receiver: StowReceiver, *, token: str | None = None, prefix: str
                     receiver.on_stored,
                     receiver.on_refused,
                     scratch,
+                    settings.dicom.max_instance_bytes,
                 )
                 outcome = await run_in_threadpool(parts.run, body)
         finally:

@@ -1,10 +1,13 @@
-"""Make docs/images/demo-outputs.png: one perfusion output set of the demo phantom study, as PACS shows it.
+"""Make docs/images/demo-outputs.png: one perfusion output set of the demo phantom study, as PACS shows it;
+and colour-map.png (the synthetic Tmax colour map at that slice, as written) and qa-report.png (the QA report).
 
 The demo's study (``ctp_node.demo``: 128 x 128 x 8 phantom, 6 HU noise, seed 7, acquired every 4 s)
 goes through the node's series pipeline with the configured (default: demo) weights, then its 1 s
 series and its acquired series through ``compute_perfusion`` and ``write_perfusion_outputs``, as the
 job does. The picture is built from the written DICOM files read back: the colour Secondary Captures
 (slice with the largest Tmax > 6 s volume), the SR's volumes (highdicom), and the QA report.
+``colour-map-before.png`` and ``qa-report-before.png`` are the same two pictures from the writers before
+issue 25 (same study, same weights).
 
     .venv/bin/python docs/images/demo_outputs.py [--keep /tmp/demo-outputs]
 """
@@ -32,6 +35,8 @@ from ctp_node.series.outputs.qa_report import display_slice
 from ctp_node.series.pipeline import SeriesPipeline, run_series
 
 PICTURE = Path(__file__).with_name("demo-outputs.png")
+COLOUR_MAP = Path(__file__).with_name("colour-map.png")
+QA_REPORT = Path(__file__).with_name("qa-report.png")
 WIDTH = 1200
 
 
@@ -62,7 +67,8 @@ def composite(data, written, qa_png: Path) -> Image.Image:
         series = next(s for s in written if s.kind == "colour_map" and s.analysis == "synthetic" and s.name == name)
         tiles.append(Image.fromarray(pydicom.dcmread(series.paths[z]).pixel_array))
     scale = WIDTH / sum(t.width for t in tiles)
-    tiles = [t.resize((round(t.width * scale), round(t.height * scale)), Image.NEAREST) for t in tiles]
+    # Lanczos: the tiles are made smaller, and nearest-neighbour would drop strokes of their text.
+    tiles = [t.resize((round(t.width * scale), round(t.height * scale)), Image.LANCZOS) for t in tiles]
     row_h = max(t.height for t in tiles)
     volumes = _volumes_lines(written)
     font = ImageFont.load_default(size=16)
@@ -84,6 +90,15 @@ def composite(data, written, qa_png: Path) -> Image.Image:
     return page.quantize(colors=128, method=Image.Quantize.MEDIANCUT)  # a palette PNG, far smaller than RGB
 
 
+def singles(data, written, qa_png: Path) -> None:
+    """The Tmax colour map as written (1:1 pixels) and the QA report as a palette PNG."""
+    z = display_slice(data.synthetic)
+    series = next(s for s in written if s.kind == "colour_map" and s.analysis == "synthetic" and s.name == "tmax")
+    Image.fromarray(pydicom.dcmread(series.paths[z]).pixel_array).save(COLOUR_MAP, optimize=True)
+    qa = Image.open(qa_png).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    qa.save(QA_REPORT, optimize=True)
+
+
 def _volumes_lines(written) -> list[str]:
     lines = []
     for analysis in ("synthetic", "acquired"):
@@ -91,9 +106,12 @@ def _volumes_lines(written) -> list[str]:
         groups = hd.sr.srread(series.paths[0]).content.get_image_measurement_groups()
         parts = []
         for group in groups:
-            measurement = group.get_measurements()[0]
-            unit = " mL" if measurement.unit.value == "ml" else ""
-            parts.append(f"{group.tracking_identifier} {measurement.value:.1f}{unit}")
+            measurements = group.get_measurements()
+            if not measurements:  # a withheld volume: the SR says "Indeterminate" with the reason
+                parts.append(f"{group.tracking_identifier} withheld")
+                continue
+            unit = " mL" if measurements[0].unit.value == "ml" else ""
+            parts.append(f"{group.tracking_identifier} {measurements[0].value:.1f}{unit}")
         lines.append(f"{analysis}: " + ", ".join(parts))
     return lines
 
@@ -106,7 +124,10 @@ def main() -> None:
     data, written, qa_png = run(folder)
     page = composite(data, written, qa_png)
     page.save(PICTURE, optimize=True)
-    print(f"{PICTURE}: {page.width} x {page.height}, {PICTURE.stat().st_size / 1000:.0f} kB")
+    singles(data, written, qa_png)
+    for picture in (PICTURE, COLOUR_MAP, QA_REPORT):
+        with Image.open(picture) as image:
+            print(f"{picture}: {image.width} x {image.height}, {picture.stat().st_size / 1000:.0f} kB")
     if args.keep is None:
         shutil.rmtree(folder)
 

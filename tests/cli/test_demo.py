@@ -13,7 +13,9 @@ def test_demo_sends_receives_inpaints_and_compares_perfusion(tmp_path):
     checkpoint = cpu_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "demo"
     result = CliRunner().invoke(
-        app, ["demo", "-o", str(out), "-c", str(checkpoint), "--matrix", "64", "--steps", "1"], catch_exceptions=False
+        app,
+        ["demo", "-o", str(out), "--checkpoint", str(checkpoint), "--matrix", "64", "--steps", "1"],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     series = [p for p in (out / "pacs").iterdir() if p.is_dir()]
@@ -31,9 +33,45 @@ def test_demo_sends_receives_inpaints_and_compares_perfusion(tmp_path):
     assert any("needs samples at most 2 s apart" in text for text in texts)
     series = synthetic
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"acquired", "synthetic"}
-    assert all((out / f"perfusion_{key}.png").stat().st_size > 0 for key in summary)
+    assert set(summary) == {"about", "units", "acquired", "synthetic", "comparison"}
+    assert all((out / f"perfusion_{key}.png").stat().st_size > 0 for key in ("acquired", "synthetic"))
     assert f"synthetic series {series[0].name}" in result.output
+    # Tmax errors in seconds only: a relative error of a delay that is ~0 s in normal tissue means nothing.
+    for key in ("acquired", "synthetic"):
+        assert summary[key]["maps"]["tmax"]["grey"]["median_abs_error"] is not None
+        assert all("median_rel_error" not in region for region in summary[key]["maps"]["tmax"].values())
+        assert "median_rel_error" in summary[key]["maps"]["cbf"]["grey"]
+    assert "Tmax has no relative error" in summary["about"] and summary["units"]["tmax"] == "s"
+    assert summary["comparison"] and all(isinstance(sentence, str) for sentence in summary["comparison"])
+    assert any(sentence.startswith("grey matter: the synthetic series' maps are") for sentence in summary["comparison"])
+
+
+def _agreement(cbf: float, cbv: float, mtt: float, tmax_s: float, core_dice: float) -> dict:
+    """An analysis' summary.json entry with the given grey-matter errors (white matter the same)."""
+    region = {name: {"median_rel_error": value, "median_abs_error": value} for name, value in
+              (("cbf", cbf), ("cbv", cbv), ("mtt", mtt))}  # fmt: skip
+    maps = {name: {"grey": entry, "white": entry} for name, entry in region.items()}
+    maps["tmax"] = {"grey": {"median_abs_error": tmax_s}, "white": {"median_abs_error": tmax_s}}
+    return {"maps": maps, "core": {"dice": core_dice}, "hypoperfusion": {"dice": 0.8}}
+
+
+def test_demo_says_in_words_where_the_synthetic_maps_are_worse():
+    """The issue's numbers: the synthetic series' grey-matter CBF, CBV and MTT errors above the acquired
+    series' were printed without a word."""
+    from ctp_node.demo import compare_in_words
+
+    sentences = compare_in_words(
+        {"synthetic": _agreement(0.43, 0.23, 0.57, 0.4, 0.5), "acquired": _agreement(0.36, 0.17, 0.47, 1.2, 0.5)}
+    )
+    grey = next(s for s in sentences if s.startswith("grey matter"))
+    assert "further from the truth than the acquired series' for CBF (43% vs 36%), CBV (23% vs 17%), MTT" in grey
+    assert "closer for Tmax (0.4 s vs 1.2 s)" in grey
+    assert any("core (rCBF < 30 %)" in s and "about the same as" in s for s in sentences)
+    assert "not better than the acquired series'" in sentences[-1]
+    same = compare_in_words(
+        {"synthetic": _agreement(0.2, 0.2, 0.2, 1.0, 0.8), "acquired": _agreement(0.2, 0.2, 0.2, 1.0, 0.8)}
+    )
+    assert not any("further" in s or "not better" in s for s in same)
 
 
 def test_demo_without_weights_says_it_runs_a_random_network(tmp_path, monkeypatch):

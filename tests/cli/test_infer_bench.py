@@ -36,7 +36,7 @@ def test_infer_gap_writes_1s_sequence_and_sidecar(tmp_path, checkpoint):
         tmp_path / "case01.npy",
         "--gap",
         4,
-        "-c",
+        "--checkpoint",
         checkpoint,
         "-o",
         out,
@@ -65,7 +65,7 @@ def test_infer_from_full_and_times_and_samples(tmp_path, checkpoint):
         tmp_path / "full.npy",
         "--from-full",
         4,
-        "-c",
+        "--checkpoint",
         checkpoint,
         "-o",
         out,
@@ -86,7 +86,7 @@ def test_infer_from_full_and_times_and_samples(tmp_path, checkpoint):
         tmp_path / "irregular.npy",
         "--times",
         "0,1.5,4.2,7",
-        "-c",
+        "--checkpoint",
         checkpoint,
         "-o",
         out,
@@ -121,7 +121,7 @@ def test_infer_bad_input_gets_a_clear_error(tmp_path, checkpoint, extra, message
         [
             "infer",
             str(tmp_path / "s.npy"),
-            "-c",
+            "--checkpoint",
             str(checkpoint),
             "-o",
             str(tmp_path / "o"),
@@ -146,7 +146,7 @@ def test_infer_long_gap_linear_policy(tmp_path, checkpoint):
         "0,4,14",
         "--long-gap",
         "linear",
-        "-c",
+        "--checkpoint",
         checkpoint,
         "-o",
         tmp_path / "o",
@@ -164,7 +164,9 @@ def test_infer_long_gap_linear_policy(tmp_path, checkpoint):
 def test_bad_checkpoint_is_reported(tmp_path):
     sequence(tmp_path / "s.npy")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    result = runner.invoke(app, ["infer", str(tmp_path / "s.npy"), "--gap", "4", "-c", str(tmp_path / "bad.pt")])
+    result = runner.invoke(
+        app, ["infer", str(tmp_path / "s.npy"), "--gap", "4", "--checkpoint", str(tmp_path / "bad.pt")]
+    )
     assert result.exit_code == 2
     assert "truncated or corrupt" in flat(result.output)
 

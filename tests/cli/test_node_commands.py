@@ -76,14 +76,14 @@ def test_serve_where_the_data_folder_cannot_be_written_says_what_to_set(tmp_path
 
 
 def test_jobs_list_shows_distinct_instances_and_the_warning(configured):
-    from ctp_node.node.completeness import InstanceFacts
+    from ctp_node.node.completeness import CompletionPolicy, InstanceFacts
 
     settings, config = configured
     store = JobStore(settings.database_url)
     facts = [InstanceFacts(f"1.2.3.4.{i}", f"0.00\\0.00\\{i % 4}.00", None) for i in range(7)]
     store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=700), instances=facts)
     store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=700), instances=facts[:1])
-    store.queue_quiet_series(60, complete_quiet_period_s=10, incomplete_wait_s=600)
+    store.queue_quiet_series(CompletionPolicy(60, complete_quiet_period_s=10, incomplete_wait_s=600))
     result = runner.invoke(app, ["jobs", "list", "-c", str(config)])
     assert result.exit_code == 0 and "queued 1" in result.output
     listed = flat(result.output)  # the table wraps long cells

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ctp_node.config import load_settings
+from ctp_node.config import OPEN_FILES_LIMIT, load_settings, open_files_needed
 from tests.deploy.tools import COMPOSE_DIR, DEPLOY, SCHEMA_CACHE, missing, need_module
 
 NODE_SERVICES = ("ctp-node", "worker-gpu0", "worker-gpu1")
@@ -61,7 +61,7 @@ def test_schema_check_can_fail(compose):
 
 def test_services_and_images(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "orthanc", *NODE_SERVICES}
+    assert set(services) == {"postgres", "orthanc", "prometheus", *NODE_SERVICES}
     assert services["orthanc"]["image"].startswith("orthancteam/orthanc:")
     assert services["postgres"]["image"].startswith("postgres:")
     for name, service in services.items():
@@ -117,6 +117,12 @@ def test_node_services_share_data_config_and_database(compose, settings):
     assert str(settings.storage.data_dir) == DATA
 
 
+def test_node_services_state_the_open_files_limit_of_the_systemd_units(compose, settings):
+    for name in NODE_SERVICES:
+        assert compose["services"][name]["ulimits"]["nofile"] == {"soft": OPEN_FILES_LIMIT, "hard": OPEN_FILES_LIMIT}
+    assert open_files_needed(settings) <= OPEN_FILES_LIMIT, "the compose configuration's caps need more"
+
+
 def test_postgres_is_the_job_store(compose, settings):
     postgres = compose["services"]["postgres"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
@@ -162,6 +168,40 @@ def test_published_ports_are_deliberate(compose, settings):
     assert services["ctp-node"]["ports"] == [f"127.0.0.1:{settings.metrics.port}:{settings.metrics.port}"]
     for port in services["orthanc"]["ports"]:
         assert port.startswith(("127.0.0.1:", "${ORTHANC_DICOM_BIND:-127.0.0.1}:")), port
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+
+
+def test_prometheus_scrapes_the_receiver_and_every_worker(compose, settings):
+    """Without it (or without the workers' metrics ports) the Grafana dashboard's panels stay empty."""
+    yaml = need_module("yaml", ".venv/bin/pip install pyyaml")
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    mounts = _mounts(prometheus)
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./compose/prometheus.yml"
+    assert prometheus["volumes"][0].endswith(":ro") and mounts["/prometheus"] in compose["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    targets = {
+        target: job["job_name"]
+        for job in scrape["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    expected = {f"ctp-node:{settings.metrics.port}"}
+    for name in WORKERS:
+        command = services[name]["command"]
+        assert "--metrics-port" in command, f"{name} serves no metrics"
+        expected.add(f"{name}:{command[command.index('--metrics-port') + 1]}")
+    assert set(targets) == expected
+    # The workers in a job of their own, apart from the receiver's.
+    worker_jobs = {targets[t] for t in expected if t.startswith("worker-")}
+    assert len(worker_jobs) == 1 and targets[f"ctp-node:{settings.metrics.port}"] not in worker_jobs
+    # Reachable: the node services listen on every interface of their container, on a network
+    # they share with Prometheus.
+    assert settings.metrics.bind_address == "0.0.0.0"
+    for name in NODE_SERVICES:
+        assert set(prometheus["networks"]) & set(services[name]["networks"]), name
+    assert "internal" not in compose["networks"][prometheus["networks"][0]]  # its port is published
 
 
 def test_node_destination_is_the_orthanc_service(compose, settings):

@@ -1,5 +1,6 @@
-"""deploy/grafana/ctp-node.json: loads as a Grafana dashboard, and every query names metrics the node
-exports, taken from a receiver's live registry (NodeMetrics and the webhook counters), not a list."""
+"""deploy/grafana/ctp-node.json: loads as a Grafana dashboard, imports asking for its data source, and
+every query names metrics the node exports, taken from a receiver's and a worker's live registries
+(NodeMetrics and the webhook counters), not a list."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ctp_node.config import Settings, StorageSettings
 from ctp_node.node.jobs import JobStore
+from ctp_node.node.prometheus import NodeMetrics
 from ctp_node.node.receiver import Receiver
 from tests.deploy.tools import REPO
 
@@ -21,7 +23,7 @@ promql_parser = pytest.importorskip("promql_parser", reason="pip install promql-
 
 DASHBOARD = REPO / "deploy" / "grafana" / "ctp-node.json"
 # Grafana's variables, replaced by something of the same kind so that the query parses as PromQL.
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$job": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$worker": ".*"}
 SERIES_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
 
 
@@ -37,6 +39,9 @@ def exported(tmp_path_factory) -> set[str]:
         text = generate_latest(receiver.metrics.registry).decode()
     finally:
         receiver.notifier.close()
+    worker = NodeMetrics()  # what `ctp-node worker` serves with --metrics-port
+    worker.describe_worker("host-1234", "cuda:0")
+    text += generate_latest(worker.registry).decode()
     names = set()
     for family in text_string_to_metric_families(text):
         # a labelled counter has no sample until first counted: its series names follow from its type
@@ -110,6 +115,37 @@ def test_the_dashboard_is_grafana_json():
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
 
 
+def test_import_asks_for_the_prometheus_data_source():
+    """Grafana's import asks for each of __inputs and puts the answer where ${NAME} stands: here the
+    datasource variable's default, which every panel and query uses."""
+    board = dashboard()
+    (source,) = board["__inputs"]
+    assert source["type"] == "datasource" and source["pluginId"] == "prometheus"
+    placeholder = "${" + source["name"] + "}"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["current"]["value"] == placeholder
+    used = set(re.findall(r"\$\{(DS_[A-Z_]+)\}", DASHBOARD.read_text()))
+    assert used == {source["name"]}, "every ${DS_...} placeholder must be an input, and the input used"
+    assert {"type": "datasource", "id": "prometheus"}.items() <= next(
+        r for r in board["__requires"] if r["type"] == "datasource"
+    ).items()
+
+
+def test_the_worker_variable_lists_workers_not_the_receiver(exported):
+    """The receiver exports the processing and delivery series too (at zero): listing the targets that
+    have them would offer the receiver as a worker. ctp_node_worker_info only a worker exports."""
+    variable = next(v for v in dashboard()["templating"]["list"] if v["name"] == "worker")
+    query = variable["query"]["query"]
+    metric = re.fullmatch(r"label_values\((\w+),\s*instance\)", query).group(1)
+    assert metric == "ctp_node_worker_info" and metric in exported
+    assert metric not in generate_latest(NodeMetrics().registry).decode()  # NodeMetrics as the receiver has it
+    worker_panels = [
+        t["expr"] for p in panels(dashboard()["panels"]) for t in p.get("targets", []) if "$worker" in t.get("expr", "")
+    ]
+    assert any("ctp_node_processing_seconds" in e for e in worker_panels)
+    assert not any("ctp_node_jobs" in e or "received_instances" in e for e in worker_panels), "receiver series"
+
+
 def test_every_query_names_only_metrics_the_node_exports(exported):
     for expr in expressions():
         unknown = [name for name in metric_names(expr) if name not in exported]
@@ -127,7 +163,7 @@ def test_the_variables_query_an_exported_metric(exported):
 
 
 def test_the_check_itself_catches_a_wrong_name(exported):
-    assert metric_names('sum(rate(ctp_node_received_instances_total{job=~"$job"}[$__rate_interval]))') == [
+    assert metric_names('sum(rate(ctp_node_received_instances_total{instance=~"$worker"}[$__rate_interval]))') == [
         "ctp_node_received_instances_total"
     ]
     assert "ctp_node_received_instances" not in exported  # the counter's series carry _total

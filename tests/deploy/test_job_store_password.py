@@ -73,7 +73,7 @@ def _counts(url: str, password: str | None, monkeypatch) -> dict | Exception:
     store = None
     try:
         store = JobStore(url)
-        return store.counts()
+        return store.read.counts()
     except Exception as exc:  # psycopg/SQLAlchemy OperationalError: authentication failed
         return exc
     finally:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ctp_node.config import ConfigError, load_settings
+from ctp_node.config import load_settings
+from ctp_node.errors import ConfigError
 from tests.deploy.running import start_node
 from tests.deploy.tools import COMPOSE_DIR, DEPLOY
 from tests.peers import stop_process

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ctp_node.config import OPEN_FILES_LIMIT, Settings, open_files_needed, open_files_warning
 from tests.deploy.tools import DEPLOY, need_program
 
 UNITS = DEPLOY / "systemd"
@@ -93,6 +94,20 @@ def test_worker_gets_its_gpu():
     # SIGTERM lets the worker finish its series: the stop timeout must allow for one.
     assert re.fullmatch(r"\d+min", one(sections, "Service", "TimeoutStopSec"))
     assert "MemoryDenyWriteExecute" not in sections["Service"], "CUDA/Triton JIT need W+X memory"
+
+
+def test_open_files_limit_is_stated_and_fits_the_caps(unit):
+    """Issue 23: 1,100 stalled HTTP connections used up an unstated 1,024 and broke DICOM too. The limit
+    is stated (a host's default may differ), is no more than select() in pynetdicom can poll, and the
+    node's caps with the defaults need less (ctp_node.config.open_files_needed)."""
+    path, sections = unit
+    limit = int(one(sections, "Service", "LimitNOFILE"))
+    assert limit == OPEN_FILES_LIMIT <= 1024, path.name
+    everything_on = Settings(web={"enabled": True, "token": {"env": "CTP_NODE_WEB_TOKEN"}})
+    assert open_files_needed(everything_on) <= limit
+    assert open_files_warning(everything_on, limit) is None
+    too_many = Settings(dicom={"max_associations": 400})
+    assert "max_associations = 400" in open_files_warning(too_many, limit)
 
 
 def _runnable_copies(tmp_path: Path) -> list[Path]:

@@ -23,7 +23,8 @@ def test_evaluate_on_phantom_reports_issue_10_targets(tmp_path):
     result = runner.invoke(
         app,
         [
-            "evaluate", "-c", str(checkpoint), "-o", str(out), "--gaps", "4", "--studies", "1", "--matrix", "96",
+            "evaluate", "--checkpoint", str(checkpoint), "-o", str(out), "--gaps", "4", "--studies", "1",
+            "--matrix", "96",
             "--sampler", "ddim", "--steps", "1", "--device", "cpu", "--static-ct", str(static),
         ],
     )  # fmt: skip
@@ -76,7 +77,7 @@ def test_evaluate_npy_and_bad_options(tmp_path):
         app,
         [
             "evaluate",
-            "-c",
+            "--checkpoint",
             str(checkpoint),
             "--data",
             str(data),
@@ -98,11 +99,13 @@ def test_evaluate_npy_and_bad_options(tmp_path):
     assert all(set(r["metrics"]) == {"psnr_db", "ssim", "mae_hu", "offset_hu.brain"} for r in data["rows"])
     table = (out / "evaluation.md").read_text()
     assert "| 4 | linear interpolation |" in table and "Perfusion maps" not in table
-    bad = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--gaps", "12"])
+    bad = runner.invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--gaps", "12"])
     assert bad.exit_code != 0
-    missing = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--data", str(tmp_path / "nowhere")])
+    missing = runner.invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0
-    family = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--family", "c"])
+    family = runner.invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--family", "c"])
     assert family.exit_code != 0 and "unknown phantom family" in family.output
-    static = runner.invoke(app, ["evaluate", "-c", str(checkpoint), "--static-ct", str(tmp_path / "none.dcm")])
+    static = runner.invoke(
+        app, ["evaluate", "--checkpoint", str(checkpoint), "--static-ct", str(tmp_path / "none.dcm")]
+    )
     assert static.exit_code == 2 and "--static-ct" in static.output

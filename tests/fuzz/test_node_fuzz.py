@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,7 @@ from pynetdicom import AE, _config
 from ctp_node.node.scp import ACCEPTED_TRANSFER_SYNTAXES
 from ctp_node.node.spool import UID_PATTERN
 from tests.node.running_node import RunningNode, read_until_closed
-from tests.peers import wait_for
+from tests.peers import wait_for, wait_steady
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 TIMEOUT_S = 1.5  # the node's network and ACSE timeouts: stalled cases end quickly
@@ -62,8 +61,7 @@ def node(tmp_path_factory):
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
     assert node.echo()
-    time.sleep(1.0)
-    node.baseline = (node.threads(), node.fds())
+    node.baseline = wait_steady(lambda: (node.threads(), node.fds()), 30, "the node to go idle")
     yield node
     node.stop()
 
@@ -309,10 +307,12 @@ def test_random_bytes_cost_one_log_line_not_a_page_of_errors(node):
     read on from the rubbish. The first unknown type now ends the connection, with one warning."""
     import random
 
+    threads, fds = node.baseline
     for seed in range(3):
         start = node.log.stat().st_size
         exchange(node, random.Random(seed).randbytes(65536))
-        time.sleep(0.5)
+        # The connection's thread logs before it ends: once the node is back at rest, the log is complete.
+        wait_for(lambda: node.threads() <= threads and node.fds() <= fds, 4 * TIMEOUT_S + 10, "the node to settle")
         with open(node.log, "rb") as log:
             log.seek(start)
             lines = log.read().decode(errors="replace").splitlines()

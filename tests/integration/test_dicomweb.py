@@ -9,8 +9,6 @@ import io
 import json
 import shutil
 import subprocess
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from ctp_node.web.stow import stow_router
 from tests.node.dicom_helpers import ct_instance
 from tests.peers import Orthanc, start_orthanc, wait_for
 from tests.ports import free_port
+from tests.uvicorn_server import served_by_uvicorn
 
 pytestmark = pytest.mark.slow
 TOKEN = "dicomweb-destination-token-0123"
@@ -147,8 +146,6 @@ def test_orthanc_stopped_mid_way_is_a_transient_peer_error(tmp_path):
 @contextlib.contextmanager
 def node_stow(tmp_path: Path, token: str | None = None) -> Iterator[tuple[str, Receiver]]:
     """The node's own STOW-RS endpoint, served by uvicorn on a loopback port."""
-    import uvicorn
-
     settings = Settings(
         storage=StorageSettings(data_dir=tmp_path / "node"),
         dicom=DicomSettings(bind_address="127.0.0.1", port=free_port()),
@@ -158,19 +155,10 @@ def node_stow(tmp_path: Path, token: str | None = None) -> Iterator[tuple[str, R
     receiver.start()
     app = FastAPI()
     app.include_router(stow_router(receiver, token=token))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}/dicomweb", receiver
+        with served_by_uvicorn(app) as url:
+            yield f"{url}/dicomweb", receiver
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         receiver.stop()
 
 

@@ -135,10 +135,10 @@ def test_sigkill_while_receiving_loses_nothing(tmp_path, node):
     assert len(list(spool.rglob("*.dcm"))) == len(files)
     assert not list(spool.rglob("*.part"))
     store = JobStore(settings.database_url)
-    wait_for(lambda: store.list([State.QUEUED]), what="series queued")
+    wait_for(lambda: store.read.jobs([State.QUEUED]), what="series queued")
     procs.append(start_node_process("worker", config, tmp_path / "worker.log", "--once"))
     procs[-1].wait(timeout=300)
-    job = store.list()[0]
+    job = store.read.jobs()[0]
     why = (job.error, store.deliveries(job.id), (tmp_path / "worker.log").read_text()[-2000:])
     assert job.state == State.DONE, why
     assert len(orthanc.get("/series")) == 1 and orthanc_instances(orthanc) == SECONDS * SLICES
@@ -151,12 +151,12 @@ def test_sigkill_while_working_is_taken_over_and_delivered_once(tmp_path, node, 
     serve(settings, config, tmp_path, procs)
     assert run(*storescu_args(settings, files)).returncode == 0
     store = JobStore(settings.database_url)
-    wait_for(lambda: store.list([State.QUEUED]), what="series queued")
+    wait_for(lambda: store.read.jobs([State.QUEUED]), what="series queued")
     first = start_node_process("worker", config, tmp_path / "worker1.log")
     procs.append(first)
-    wait_for(lambda: store.list([moment]), what=f"state {moment.value}", interval=0.01, timeout_s=300)
+    wait_for(lambda: store.read.jobs([moment]), what=f"state {moment.value}", interval=0.01, timeout_s=300)
     kill(first)
-    job = store.list()[0]
+    job = store.read.jobs()[0]
     assert job.state == moment
     # Its lease expires (4 s); a second worker takes the job over.
     procs.append(start_node_process("worker", config, tmp_path / "worker2.log"))
@@ -201,15 +201,15 @@ def test_bad_input_is_refused_with_a_reason_while_the_node_keeps_serving(tmp_pat
     files = phantom_files(tmp_path / "study", duration_s=SECONDS)
     assert run(*storescu_args(settings, files[:-1])).returncode == 0
     store = JobStore(settings.database_url)
-    wait_for(lambda: len(store.list([State.QUEUED])) == 4, what="four series queued")
+    wait_for(lambda: len(store.read.jobs([State.QUEUED])) == 4, what="four series queued")
     procs.append(start_node_process("worker", config, tmp_path / "worker.log", "--once"))
     procs[-1].wait(timeout=300)
-    by_series = {j.series_uid: j for j in store.list()}
+    by_series = {j.series_uid: j for j in store.read.jobs()}
     assert by_series["1.2.826.0.1.3680043.10.1.1"].state == State.IGNORED
     assert "time point" in by_series["1.2.826.0.1.3680043.10.1.1"].error
     for uid in ("1.2.826.0.1.3680043.10.1.2", "1.2.826.0.1.3680043.10.1.3"):
         assert by_series[uid].state in (State.FAILED, State.IGNORED) and by_series[uid].error
-    truncated = [j for j in store.list() if not j.series_uid.startswith("1.2.826.0.1.3680043.10.1.")][0]
+    truncated = [j for j in store.read.jobs() if not j.series_uid.startswith("1.2.826.0.1.3680043.10.1.")][0]
     assert truncated.state == State.FAILED and "Incomplete" in truncated.error
     assert orthanc.get("/series") == []
     # ... and the node still answers

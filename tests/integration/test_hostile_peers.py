@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from ctp_node.node.scu import fix_reactor_race
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.node.running_node import RunningNode, proc_status, read_until_closed
-from tests.peers import self_signed_certificate, wait_for
+from tests.peers import self_signed_certificate, wait_for, wait_steady
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 3.0  # the node's network and ACSE timeouts in these tests
@@ -46,6 +47,7 @@ def node(tmp_path_factory):
 def test_a_4gb_length_claim_is_aborted_without_allocating_it(node, pdu_type):
     peak_before = proc_status(node.proc.pid, "VmHWM")
     rss_before = proc_status(node.proc.pid, "VmRSS")
+    threads_before = node.threads()
     samples, done = [], threading.Event()
 
     def sample() -> None:  # VmHWM already holds the peak; this shows it while it happens
@@ -59,7 +61,8 @@ def test_a_4gb_length_claim_is_aborted_without_allocating_it(node, pdu_type):
         with socket.create_connection(("127.0.0.1", node.port)) as sock:
             sock.sendall(bytes([pdu_type, 0]) + (2**32 - 1).to_bytes(4, "big") + b"\x00" * 64)
             answer = read_until_closed(sock, 10)
-        time.sleep(0.3)
+        # the connection's thread has ended: whatever it allocated, the sampler has seen
+        wait_for(lambda: node.threads() <= threads_before, 10, "the connection's thread to end")
     finally:
         done.set()
         sampler.join()
@@ -162,8 +165,9 @@ def test_a_silent_connection_does_not_stall_tls_associations(tmp_path):
     try:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
         assert node.echo(client)
+        fds = node.fds()
         with socket.create_connection(("127.0.0.1", node.port)):  # connects, never says hello
-            time.sleep(0.2)
+            wait_for(lambda: node.fds() > fds, 10, "the node to accept the silent connection")
             start = time.monotonic()
             assert node.echo(client)
             assert time.monotonic() - start < 2.0
@@ -195,3 +199,195 @@ def test_many_calling_ae_titles_keep_the_metrics_bounded(node, tmp_path):
     wait_for(lambda: sum(_received_by_calling_ae(node).values()) == before + len(titles), 10, "the instances counted")
     labels = _received_by_calling_ae(node)
     assert len(labels) <= MAX_CALLING_AE_LABELS + 1 and labels[OTHER_CALLING_AE] >= 8
+
+
+# Issue 23 items 1, 2, 3 and 10 (the DICOM parts): stalled and silent connections, oversized instances,
+# an over-long Affected SOP Instance UID.
+
+PARTIAL_RQ = b"\x01\x00\x00\x00\x00\xc8" + b"\x00\x01\x00\x00" + b"CTPNODE "  # 18 of 206 bytes, then silence
+
+
+def _connect(node: RunningNode, source: str = "127.0.0.1", payload: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=10, source_address=(source, 0))
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+def _closed_by_node(sock: socket.socket) -> bool:
+    """Whether the node has closed this connection (without waiting)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(64) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_stalled_association_requests_neither_lock_peers_out_nor_outlive_the_acse_timeout(tmp_path):
+    """12 connections that sent part of an A-ASSOCIATE-RQ (more than max_associations) refused every peer
+    ("Local Limit Exceeded") and were held for network_timeout_s, not acse_timeout_s."""
+    node = Node(tmp_path, network_timeout_s=60, acse_timeout_s=TIMEOUT_S)
+    stalled = []
+    try:
+        # Sockets only, counted once the node is at rest: a file it happens to hold (a log, the spool) or
+        # the socket of its readiness check may close after the baseline, and the count never reach +12.
+        sockets = wait_steady(lambda: len(_sockets(node)), 30, "the idle node's sockets", samples=10)
+        for _ in range(12):
+            stalled.append(_connect(node, payload=PARTIAL_RQ))
+        wait_for(lambda: len(_sockets(node)) >= sockets + 12, 30, "the node to accept all 12")
+        for _ in range(3):  # while all 12 are held
+            assert node.echo()
+        start = time.monotonic()
+        for sock in stalled:
+            read_until_closed(sock, TIMEOUT_S + 20)  # far below network_timeout_s (60 s)
+        assert time.monotonic() - start < TIMEOUT_S + 20
+        assert "no association request within" in node.log.read_text()
+        assert node.echo()
+    finally:
+        for sock in stalled:
+            sock.close()
+        node.stop()
+
+
+def _sockets(node: Node) -> list[str]:
+    return [target for target in node.open_files() if target.startswith("socket:")]
+
+
+def test_a_flood_of_silent_connections_neither_locks_peers_out_nor_costs_threads(tmp_path):
+    """300 connections that sent nothing: C-ECHO was refused, each held a thread (7 -> 61) and a
+    max_associations slot. Pending connections now hold neither, and one host holds at most
+    max_connections_per_host of them."""
+    node = Node(tmp_path, network_timeout_s=60, acse_timeout_s=60, max_connections_per_host=8)
+    silent: list[socket.socket] = []
+    try:
+        assert node.echo()
+        threads = wait_steady(node.threads, 30, "the echo's thread to end")
+        for _ in range(300):  # from another loopback address than the echo's
+            silent.append(_connect(node, source="127.0.0.2"))
+        wait_for(lambda: sum(map(_closed_by_node, silent)) >= 300 - 8, 20, "the node to close the excess")
+        for _ in range(3):
+            assert node.echo()
+        assert node.threads() <= threads + 4, (threads, node.threads())
+        # The oldest pending connection from a host makes room for that host's newest: a peer that sends
+        # its request at once gets through even from the flooding address.
+        assert node.echo(source="127.0.0.2")
+        assert "max_connections_per_host" in node.log.read_text()
+    finally:
+        for sock in silent:
+            sock.close()
+        node.stop()
+
+
+def _large_instance(path: Path, side: int, study: str, series: str) -> Path:
+    ds = ct_instance(path, study=study, series=series)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(2 * side * side)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _store_files(node: RunningNode, paths: list[Path]) -> list[int | None]:
+    """C-STORE the files over one association (as they are on disk); None where no answer came."""
+    ae = AE(ae_title="SCANNER")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 20
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CTPNODE")
+    assert assoc.is_established
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    statuses: list[int | None] = []
+    try:
+        for path in paths:
+            status = assoc.send_c_store(path) if assoc.is_established else None
+            statuses.append(int(status.Status) if status is not None and "Status" in status else None)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    return statuses
+
+
+def test_an_instance_over_max_instance_bytes_is_aborted_before_it_is_held_in_memory(tmp_path):
+    """One unauthenticated 300 MB C-STORE cost +604 MB of memory; now reading stops at the ceiling."""
+    node = Node(tmp_path, max_instance_bytes=2 << 20)
+    try:
+        study, series = generate_uid(), generate_uid()
+        small = [_large_instance(tmp_path / f"ok{i}.dcm", 1000, study, series) for i in range(2)]  # 2.0 MB each
+        huge = _large_instance(tmp_path / "huge.dcm", 4096, study, generate_uid())  # 32 MiB
+        assert _store_files(node, small) == [0x0000, 0x0000]  # the count starts again with each instance
+        wait_steady(lambda: (node.threads(), node.fds()), 30, "the associations to end")
+        peak_before = max(proc_status(node.proc.pid, "VmHWM"), proc_status(node.proc.pid, "VmRSS"))
+        assert _store_files(node, [huge]) == [None]  # A-ABORT
+        growth_mb = (proc_status(node.proc.pid, "VmHWM") - peak_before) / 1024
+        assert growth_mb < 20, f"peak RSS grew by {growth_mb:.0f} MB for a 32 MiB instance"
+        assert "max_instance_bytes" in node.log.read_text()
+        wait_for(lambda: node.metric("ctp_node_refused_instances_total", reason="too_large") == 1, 10, "the count")
+        assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 2
+        assert node.echo()
+    finally:
+        node.stop()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_an_over_long_affected_sop_instance_uid_gets_a_failure_status(node, tmp_path, monkeypatch):
+    """A 65-200 character Affected SOP Instance UID got no DIMSE answer (pynetdicom aborted)."""
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))  # so that our SCU sends it
+    refused = node.metric("ctp_node_refused_instances_total", reason="invalid_uid")
+    for length in (65, 200):
+        uid = "1.2." + "3" * (length - 4)
+        ds = ct_instance(tmp_path / "long.dcm", study=generate_uid(), series=generate_uid(), sop=uid)
+        ae = AE(ae_title="SCANNER")
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        # pynetdicom's requestor race (issue 23 item 0) would otherwise lose the C-ECHO's answer now and then.
+        fix = [(evt.EVT_CONN_OPEN, lambda event: fix_reactor_race(event.assoc))]
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="CTPNODE", evt_handlers=fix)
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(ds)
+            assert status.get("Status") == STATUS_CANNOT_UNDERSTAND, status
+            assert "UID" in status.get("ErrorComment", "")
+            assert assoc.send_c_echo().get("Status") == 0x0000  # the association goes on
+        finally:
+            assoc.release()
+    assert node.metric("ctp_node_refused_instances_total", reason="invalid_uid") == refused + 2
+
+
+def test_concurrent_oversized_instances_leave_memory_flat_and_no_partial_file(tmp_path):
+    """Issue 23 item 3: 4 concurrent oversized C-STOREs each cost up to max_instance_bytes of memory until
+    the cap cut them off (4 x 300 MB at the 64 MiB default: 96 -> 359 MB RSS, and it stayed there).
+    Data sets now go to a file in the spool as they arrive, and an aborted one leaves no file behind."""
+    cap = 32 << 20
+    node = Node(tmp_path, max_instance_bytes=cap)
+    try:
+        study = generate_uid()
+        huge = _large_instance(tmp_path / "huge.dcm", 4900, study, generate_uid())  # 48 MB, over the cap
+        ok = _large_instance(tmp_path / "ok.dcm", 2000, study, generate_uid())  # 8 MB, under it
+        assert _store_files(node, [ok]) == [0x0000]
+        wait_steady(lambda: (node.threads(), node.fds()), 30, "the association to end")
+        before = max(proc_status(node.proc.pid, "VmHWM"), proc_status(node.proc.pid, "VmRSS"))
+        results: list[list[int | None]] = []
+        senders = [threading.Thread(target=lambda: results.append(_store_files(node, [huge]))) for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        assert results == [[None]] * 4  # each one A-ABORTed at the cap
+        growth_mb = (proc_status(node.proc.pid, "VmHWM") - before) / 1024
+        assert growth_mb < 48, f"peak RSS grew by {growth_mb:.0f} MB for 4 instances cut off at {cap >> 20} MiB"
+        wait_for(lambda: node.metric("ctp_node_refused_instances_total", reason="too_large") == 4, 10, "the count")
+        spool = node.settings.storage.spool_dir
+
+        def files() -> list[Path]:
+            return [p for p in spool.rglob("*") if p.is_file()]
+
+        # Each association removes its partial file as it ends: only the accepted instance stays.
+        wait_for(lambda: len(files()) == 1, 10, "the partial files removed")
+        assert files()[0].parents[2] == spool and files()[0].suffix == ".dcm", files()
+        assert _store_files(node, [ok]) == [0x0000]  # the node receives on as before
+    finally:
+        node.stop()

@@ -49,7 +49,7 @@ def test_storescu_to_node_to_orthanc(tmp_path, orthanc, syntax):
                 *map(str, files),
             )
             assert sent.returncode == 0, sent.stderr
-            job = wait_for(lambda: (j := store.list([State.QUEUED])) and j[0], what="series queued")
+            job = wait_for(lambda: (j := store.read.jobs([State.QUEUED])) and j[0], what="series queued")
     finally:
         receiver.stop()
     assert job.instances == len(files) == 7 * 8
@@ -126,7 +126,7 @@ def test_serve_with_its_own_worker_process(tmp_path, orthanc):
         sent = run(require("storescu"), "-aec", "CTPNODE", "127.0.0.1", str(settings.dicom.port), *map(str, files))
         assert sent.returncode == 0, sent.stderr
         store = JobStore(settings.database_url)
-        wait_for(lambda: store.counts()["done"] == 1, timeout_s=180, what="the series done")
+        wait_for(lambda: store.read.counts()["done"] == 1, timeout_s=180, what="the series done")
         assert len(orthanc.get("/series")) == 1
         workers = [line for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("worker ")]
         assert workers, "the worker process did not start"

@@ -57,7 +57,7 @@ def test_two_workers_on_postgres_with_one_killed_mid_job(tmp_path):
         victim = next(w for w in workers if first["worker"].endswith(f":{w.pid}"))
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        wait_for(lambda: store.counts()["done"] == SERIES, timeout_s=300, what="all series done")
+        wait_for(lambda: store.read.counts()["done"] == SERIES, timeout_s=300, what="all series done")
 
         events = audit.read()
         for series_uid in {e["series_uid"] for e in events if e["event"] == "processing"}:
@@ -74,7 +74,7 @@ def test_two_workers_on_postgres_with_one_killed_mid_job(tmp_path):
         assert len(orthanc.get("/series")) == SERIES
         for series_id in orthanc.get("/series"):
             assert len(orthanc.get(f"/series/{series_id}")["Instances"]) == SECONDS * SLICES
-        assert all(job.state == State.DONE for job in store.list())
+        assert all(job.state == State.DONE for job in store.read.jobs())
     finally:
         for worker in workers:
             if worker.poll() is None:

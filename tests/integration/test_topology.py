@@ -52,7 +52,7 @@ def test_site_topology_runs_a_study_through(tmp_path):
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
         store = JobStore(settings.database_url)
-        wait_for(lambda: store.counts()["done"] == 1, timeout_s=300, what="the series done")
+        wait_for(lambda: store.read.counts()["done"] == 1, timeout_s=300, what="the series done")
         pacs = wait_for(
             lambda: len(found := orthanc.get("/series?expand")) == 2 and found, timeout_s=60, what="result in PACS"
         )
@@ -64,7 +64,7 @@ def test_site_topology_runs_a_study_through(tmp_path):
         assert [e["event"] for e in events].count("sent") == 1
         # The synthetic series is not routed back to the node (it would be ignored there anyway).
         wait_for(lambda: "not routed" in (tmp_path / "orthanc.log").read_text(), timeout_s=30, what="routing log")
-        assert len(store.list()) == 1 and store.list()[0].state == State.DONE
+        assert len(store.read.jobs()) == 1 and store.read.jobs()[0].state == State.DONE
     finally:
         for proc in processes:
             stop_process(proc)

@@ -76,12 +76,12 @@ class RunningNode:
             )
         wait_for_port(self.port, self.proc, "ctp-node serve")
 
-    def echo(self, tls: ssl.SSLContext | None = None) -> bool:
+    def echo(self, tls: ssl.SSLContext | None = None, source: str = "127.0.0.1") -> bool:
         ae = AE(ae_title="SCANNER")
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = ae.connection_timeout = 5
         ae.add_requested_context(Verification)
         tls_args = (tls, "localhost") if tls else None
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="CTPNODE", tls_args=tls_args)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="CTPNODE", tls_args=tls_args, bind_address=(source, 0))
         if not assoc.is_established:
             return False
         status = assoc.send_c_echo()

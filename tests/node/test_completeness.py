@@ -11,12 +11,13 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import Column, MetaData, Table, create_engine, inspect, text
 
-from ctp_node.node.completeness import InstanceFacts, facts_from_header, judge, read_facts
-from ctp_node.node.jobs import JobStore, State, series_table, utcnow
+from ctp_node.node.completeness import CompletionPolicy, InstanceFacts, facts_from_header, judge, read_facts
+from ctp_node.node.job_tables import series_table
+from ctp_node.node.jobs import JobStore, State, utcnow
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.ports import free_port
 
-WAITS = {"complete_quiet_period_s": 10, "incomplete_wait_s": 600, "min_time_points": 3}
+POLICY = CompletionPolicy(60, complete_quiet_period_s=10, incomplete_wait_s=600, min_time_points=3)
 
 
 def facts(positions: int = 4, time_points: int = 3, skip: set[tuple[int, int]] = frozenset(), prefix: str = "1.9"):
@@ -131,17 +132,17 @@ def _received(store, series: str, instances, ago_s: float):
 
 def test_a_complete_series_is_queued_after_the_short_quiet_period(store):
     job = _received(store, "1.2.3.1", facts(), ago_s=15)
-    assert store.queue_quiet_series(60, **WAITS) == [job.id]
+    assert store.queue_quiet_series(POLICY) == [job.id]
     assert store.get(job.id).state == State.QUEUED and store.get(job.id).warning is None
 
 
 def test_an_incomplete_series_waits_then_is_queued_with_a_warning(store):
     job = _received(store, "1.2.3.2", facts(skip={(2, 0)}), ago_s=15)
     now = utcnow()
-    assert store.queue_quiet_series(60, **WAITS, now=now) == []
-    assert store.queue_quiet_series(60, **WAITS, now=now + timedelta(seconds=300)) == []  # quiet period long past
+    assert store.queue_quiet_series(POLICY, now=now) == []
+    assert store.queue_quiet_series(POLICY, now=now + timedelta(seconds=300)) == []  # quiet period long past
     assert store.get(job.id).state == State.RECEIVING
-    assert store.queue_quiet_series(60, **WAITS, now=now + timedelta(seconds=600)) == [job.id]
+    assert store.queue_quiet_series(POLICY, now=now + timedelta(seconds=600)) == [job.id]
     queued = store.get(job.id)
     assert queued.state == State.QUEUED
     assert queued.warning.startswith("queued incomplete after 600 s without a new instance")
@@ -155,17 +156,17 @@ def test_an_incomplete_series_waits_then_is_queued_with_a_warning(store):
 
 def test_a_series_the_headers_say_nothing_about_waits_the_quiet_period(store):
     job = _received(store, "1.2.3.3", [InstanceFacts(f"1.8.{i}") for i in range(12)], ago_s=15)
-    assert store.queue_quiet_series(60, **WAITS) == []
-    assert store.queue_quiet_series(60, **WAITS, now=utcnow() + timedelta(seconds=50)) == [job.id]
+    assert store.queue_quiet_series(POLICY) == []
+    assert store.queue_quiet_series(POLICY, now=utcnow() + timedelta(seconds=50)) == [job.id]
 
 
 def test_a_reopened_series_is_not_queued_early(store):
     job = _received(store, "1.2.3.4", facts(), ago_s=120)
-    store.queue_quiet_series(60, **WAITS)
+    store.queue_quiet_series(POLICY)
     store.record_instance("1.2.3", "1.2.3.4", "SCANNER", at=utcnow() - timedelta(seconds=15), instances=facts()[:1])
     assert store.get(job.id).generation == 2
-    assert store.queue_quiet_series(60, **WAITS) == []  # a late arrival: more may come
-    assert store.queue_quiet_series(60, **WAITS, now=utcnow() + timedelta(seconds=50)) == [job.id]
+    assert store.queue_quiet_series(POLICY) == []  # a late arrival: more may come
+    assert store.queue_quiet_series(POLICY, now=utcnow() + timedelta(seconds=50)) == [job.id]
 
 
 def test_instances_are_counted_by_sop_instance_uid(store):

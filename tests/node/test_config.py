@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
-from ctp_node.config import ConfigError, load_settings, tomllib
+from ctp_node.config import load_settings, tomllib
+from ctp_node.errors import ConfigError
 
 runner = CliRunner()
 

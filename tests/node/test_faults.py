@@ -8,12 +8,11 @@ from datetime import timedelta
 
 import pytest
 
-from ctp_node.errors import ConfigError, IncompleteSeriesError, InvalidHeaderError
+from ctp_node.errors import ConfigError, IncompleteSeriesError, InvalidHeaderError, PerfusionError
 from ctp_node.node.jobs import State, utcnow
 from ctp_node.node.send import backoff_s
 from ctp_node.node.spool import InvalidUIDError, check_uid
 from ctp_node.node.worker import ProcessOutput, Worker
-from ctp_node.perfusion import PerfusionError
 from ctp_node.series.derived import DerivedSeriesError
 from ctp_node.series.grid import GridError
 from model import PlanError

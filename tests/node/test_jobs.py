@@ -144,10 +144,10 @@ def test_counts_and_listing(store):
     received(store, "1.2.3.4")
     received(store, "1.2.3.5", at=utcnow() - timedelta(seconds=120))
     store.queue_quiet_series(60)
-    counts = store.counts()
+    counts = store.read.counts()
     assert counts["receiving"] == 1 and counts["queued"] == 1 and counts["done"] == 0
-    assert [j.series_uid for j in store.list([State.QUEUED])] == ["1.2.3.5"]
-    assert len(store.list()) == 2
+    assert [j.series_uid for j in store.read.jobs([State.QUEUED])] == ["1.2.3.5"]
+    assert len(store.read.jobs()) == 2
 
 
 def test_concurrent_claimers_never_take_the_same_job(database_url):
@@ -294,7 +294,7 @@ def test_opening_a_store_that_does_not_exist_creates_nothing(database_url, tmp_p
         assert not inspect(engine).has_table("series")
         engine.dispose()
     JobStore(database_url)  # made once ...
-    assert JobStore(database_url, create=False).counts()["receiving"] == 0  # ... it opens
+    assert JobStore(database_url, create=False).read.counts()["receiving"] == 0  # ... it opens
 
 
 def test_a_result_sent_with_a_warning_states_it_once(store):

@@ -15,7 +15,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ctp_node.config import (
-    ConfigError,
     Credential,
     DicomSettings,
     NotifySettings,
@@ -24,6 +23,7 @@ from ctp_node.config import (
     StorageSettings,
     Webhook,
 )
+from ctp_node.errors import ConfigError
 from ctp_node.node.jobs import JobStore
 from ctp_node.node.notify import (
     DELIVERY_HEADER,
@@ -292,13 +292,22 @@ def test_the_receiver_announces_a_queued_series(tmp_path: Path, hook, secret_env
     )
 
 
-def _worker_with_hook(tmp_path: Path, url: str, processor, outcomes):
+def _worker_with_hook(tmp_path: Path, url: str, processor, outcomes, events=None, destinations=1):
+    from ctp_node.config import Destination
     from ctp_node.node.worker import Worker
     from tests.node.worker_helpers import FakeSender, queued_series
 
     settings, store = queued_series(tmp_path / "data")
+    events = events or ("result.delivered", "job.delivered", "job.failed", "job.ignored")
+    more = tuple(
+        Destination(name=f"archive{i}", host="127.0.0.1", port=4243 + i, ae_title=f"ARCHIVE{i}")
+        for i in range(1, destinations)
+    )
     settings = settings.model_copy(
-        update={"notify": notify_settings(url, webhook={"events": ("result.delivered", "job.failed")})}
+        update={
+            "notify": notify_settings(url, webhook={"events": events}),
+            "destinations": settings.destinations + more,
+        }
     )
     return Worker(settings, store, processor, sender=FakeSender(outcomes)), store
 
@@ -321,8 +330,40 @@ def test_the_worker_announces_a_delivered_result(tmp_path: Path, hook, secret_en
     payload = json.loads(body)
     assert headers[EVENT_HEADER.lower()] == "result.delivered"
     assert payload["destination"] == "pacs" and payload["instances_sent"] == 1
-    # One event per destination, sent as that destination has its result: the job is still sending then.
-    assert payload["job"]["id"] == job.id and payload["job"]["state"] == "sending"
+    # The only destination has its result: the job is done, and the event says so (not "sending").
+    assert payload["job"]["id"] == job.id and payload["job"]["state"] == "done"
+    headers, body = hook.next()
+    assert headers[EVENT_HEADER.lower()] == "job.delivered"
+    assert json.loads(body)["destinations"] == ["pacs"] and json.loads(body)["job"]["state"] == "done"
+
+
+def test_job_delivered_comes_once_every_destination_has_the_result(tmp_path: Path, hook, secret_env):
+    from datetime import timedelta
+
+    from ctp_node.node.jobs import utcnow
+
+    # pacs stores the result at once; archive1 is busy (0xA700, retried later), then stores it
+    worker, store = _worker_with_hook(tmp_path, hook.url, _writing, [0x0000, 0xA700, 0x0000], destinations=2)
+    try:
+        job = worker.run_once()
+        headers, body = hook.next()
+        first = json.loads(body)
+        assert headers[EVENT_HEADER.lower()] == "result.delivered" and first["destination"] == "pacs"
+        assert first["job"]["state"] == "sending"  # archive1 still to go: no job.delivered yet
+        archive = next(d for d in store.deliveries(job.id) if d.destination == "archive1")
+        store.delivery_failed(archive.id, "busy", utcnow() - timedelta(seconds=1))  # due now
+        again = store.claim(worker.sending.worker_id, 60, now=utcnow() + timedelta(minutes=5), sending_only=True)
+        assert again is not None and again.id == job.id
+        worker.sending.deliver(again)
+        events = [hook.next() for _ in range(2)]
+    finally:
+        worker.close()
+    assert hook.requests.empty()
+    (delivered_headers, delivered), (done_headers, done) = ((h, json.loads(b)) for h, b in events)
+    assert delivered_headers[EVENT_HEADER.lower()] == "result.delivered" and delivered["destination"] == "archive1"
+    assert delivered["job"]["state"] == "done"  # the last destination: the job is done
+    assert done_headers[EVENT_HEADER.lower()] == "job.delivered"
+    assert done["destinations"] == ["archive1", "pacs"] and done["job"]["state"] == "done"
 
 
 def test_the_worker_announces_an_input_fault_and_a_given_up_delivery(tmp_path: Path, hook, secret_env):
@@ -338,7 +379,9 @@ def test_the_worker_announces_an_input_fault_and_a_given_up_delivery(tmp_path: P
     finally:
         worker.close()
     payload = json.loads(body)
-    assert headers[EVENT_HEADER.lower()] == "job.failed" and "MR, not CT" in payload["reason"]
+    # Not a perfusion series: its own event, never job.failed
+    assert headers[EVENT_HEADER.lower()] == "job.ignored" and "MR, not CT" in payload["reason"]
+    assert payload["job"]["state"] == "ignored"
 
     settings_dir = tmp_path / "second"
     worker, store = _worker_with_hook(settings_dir, hook.url, _writing, [0xA700])
@@ -354,6 +397,36 @@ def test_the_worker_announces_an_input_fault_and_a_given_up_delivery(tmp_path: P
     payload = json.loads(body)
     assert headers[EVENT_HEADER.lower()] == "job.failed"
     assert payload["destination"] == "pacs" and "given up" in payload["reason"]
+    assert payload["job"]["state"] == "failed"  # as the sending pass left it
+
+
+def test_an_ignored_series_is_not_announced_by_default(tmp_path: Path, hook, secret_env):
+    """With the default events a RIS hears nothing about an ordinary head CT that was routed to the node."""
+    from ctp_node.config import Webhook
+    from ctp_node.errors import NotCTPError
+
+    def not_ct(job, files, out_dir):
+        raise NotCTPError("a plain head CT: one volume")
+
+    default_events = Webhook.model_fields["events"].default
+    assert "job.ignored" not in default_events and "job.delivered" in default_events
+    worker, store = _worker_with_hook(tmp_path, hook.url, not_ct, [], events=default_events)
+    try:
+        job = worker.run_once()
+        assert worker.notifier.flush(10)
+    finally:
+        worker.close()
+    assert store.get(job.id).state.value == "ignored"
+    assert hook.requests.empty()
+
+
+def test_the_configured_events_are_the_ones_the_notifier_sends():
+    from typing import get_args
+
+    from ctp_node.config import WebhookEvent
+    from ctp_node.node.notify import EVENTS
+
+    assert set(get_args(WebhookEvent)) == set(EVENTS)
 
 
 class TricklingHook:

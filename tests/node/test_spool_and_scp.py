@@ -107,6 +107,104 @@ def test_invalid_uid_is_refused_with_a_reason(node, tmp_path):
     assert not (tmp_path / "escape").exists()
 
 
+def test_spool_moves_received_files_in_and_sweeps_partial_ones(tmp_path):
+    spool = Spool(tmp_path)
+    key = SeriesKey("1.2.3", "1.2.3.4")
+    incoming = spool.incoming_dir
+    incoming.mkdir()
+    received = incoming / "x.part"
+    received.write_bytes(b"received")
+    inode = received.stat().st_ino
+    path = spool.move_in(key, "1.2.3.4.5", received)
+    assert path == spool.instance_path(key, "1.2.3.4.5") and path.read_bytes() == b"received"
+    assert path.stat().st_ino == inode and not received.exists()  # renamed, not copied
+    (incoming / "y.part").write_bytes(b"half an instance")  # a crash while receiving
+    assert spool.remove_partial_files() == 1 and not any(incoming.iterdir())
+    assert list(spool.iter_series()) == [key]  # .incoming is no study
+
+
+def _c_store(settings: DicomSettings, *datasets) -> list:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title="CTPNODE")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_received_instances_are_renamed_into_the_spool_and_refused_ones_leave_no_file(node, tmp_path):
+    settings, spool, received = node
+    study, series = generate_uid(), generate_uid()
+    good = ct_instance(tmp_path / "good.dcm", study=study, series=series)
+    bad = ct_instance(tmp_path / "bad.dcm", study=study, series=series)
+    del bad.StudyInstanceUID  # refused once the header is read from the received file
+    good_status, bad_status = _c_store(settings, good, bad)
+    assert good_status.Status == 0x0000 and bad_status.Status == STATUS_CANNOT_UNDERSTAND
+    [path] = spool.instances(SeriesKey(study, series))
+    stored = pydicom.dcmread(path)
+    assert stored.SOPInstanceUID == good.SOPInstanceUID and stored.PixelData == good.PixelData
+    assert stored.file_meta.MediaStorageSOPInstanceUID == good.SOPInstanceUID
+    assert [r.path for r in received] == [path]
+    assert not any(spool.incoming_dir.iterdir())
+
+
+def test_a_full_disk_while_receiving_is_answered_out_of_resources_and_leaves_no_file(node, tmp_path, monkeypatch):
+    """ENOSPC part-way through a data set: 0xA700 (the sender retries later), the partial file removed at
+    once, and the association goes on."""
+    import errno
+
+    from ctp_node.node import scp
+    from ctp_node.node.scp import STATUS_OUT_OF_RESOURCES
+
+    settings, spool, received = node
+
+    class FillingDisk:
+        def __init__(self, fd: int) -> None:
+            self.file, self.written = os.fdopen(fd, "wb"), 0
+
+        def write(self, data: bytes) -> int:
+            self.written += len(data)
+            if self.written > 64 << 10:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(scp, "_open_incoming", FillingDisk)
+    study, series = generate_uid(), generate_uid()
+    ds = ct_instance(tmp_path / "big.dcm", study=study, series=series)
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(2 * 512 * 512)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title="CTPNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+        assert status.Status == STATUS_OUT_OF_RESOURCES and "No space left" in status.ErrorComment
+        assert not received and not any(spool.incoming_dir.iterdir())
+        monkeypatch.undo()  # space again
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert len(spool.instances(SeriesKey(study, series))) == 1 and not any(spool.incoming_dir.iterdir())
+
+
+@pytest.mark.parametrize("version", ["3.1.0", "2.1.1", "4.0.0.dev0", "unknown"])
+def test_the_receiver_refuses_to_start_on_a_pynetdicom_it_was_not_vetted_on(tmp_path, monkeypatch, version):
+    import pynetdicom
+
+    from ctp_node.node.scp import check_pynetdicom
+
+    check_pynetdicom()  # the installed one
+    monkeypatch.setattr(pynetdicom, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"pynetdicom {version} is installed.*pynetdicom 3\.0\.x only"):
+        start_scp(DicomSettings(bind_address="127.0.0.1", port=free_port()), Spool(tmp_path), lambda i: None)
+
+
 def test_allow_list_checks_ae_title_and_host(tmp_path):
     echoscu = require("echoscu")
     settings = DicomSettings(

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from ctp_node.errors import CTPInputError
-from ctp_node.perfusion import NoAIFError, PerfusionSettings, compute_perfusion
+from ctp_node.errors import CTPInputError, NoAIFError
+from ctp_node.perfusion import PerfusionSettings, compute_perfusion
 from ctp_node.perfusion.aif import gamma_fit_quality, vessel_radius_mm
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.family_b import FamilyBConfig, generate_family_b

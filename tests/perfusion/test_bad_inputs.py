@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctp_node.perfusion import NoAIFError, PerfusionError, compute_perfusion
+from ctp_node.errors import NoAIFError, PerfusionError
+from ctp_node.perfusion import compute_perfusion
 from tests.perfusion.synthetic import synthetic_head
 
 TIMES = np.arange(0.0, 30.0, 1.0)

@@ -156,8 +156,9 @@ def test_phantom_with_truth_reports_volumes_input_functions_and_agreement(tmp_pa
     np.save(tmp_path / "study.npy", study.hu)
     sidecar = {"times_s": study.times_s.tolist(), "spacing_mm": list(study.spacing_mm)}
     (tmp_path / "study.json").write_text(json.dumps(sidecar))
-    write_truth(study, tmp_path / "truth.npz")  # found next to the input
-    result = runner.invoke(app, ["perfusion", str(tmp_path / "study.npy"), "-o", str(tmp_path / "out")])
+    write_truth(study, tmp_path / "truth.npz")
+    truth = ["--truth", str(tmp_path / "truth.npz")]  # only ever the one given
+    result = runner.invoke(app, ["perfusion", str(tmp_path / "study.npy"), "-o", str(tmp_path / "out"), *truth])
     assert result.exit_code == 0, result.output
     text = flat(result.output)
     for expected in ("Tmax > 10 s", "mismatch", "hypoperfusion intensity ratio", "AIF voxels", "VOF voxels"):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctp_node.errors import NoAIFError
 from ctp_node.evaluation.perfusion_accuracy import accuracy
-from ctp_node.perfusion import NoAIFError, PerfusionSettings, compute_perfusion
+from ctp_node.perfusion import PerfusionSettings, compute_perfusion
 from ctp_node.perfusion import denoise as dn
 from ctp_node.perfusion.compare import median_disagreement
 from ctp_node.perfusion.lesion import convention_masks, drop_small_clusters, lesion_masks, reference_region

@@ -23,7 +23,7 @@ from ctp_node.series.derived import (
     DerivedSeriesError,
     write_derived_series,
 )
-from ctp_node.series.grid import FillCounts, back_to_source, from_model_grid, to_model_grid
+from ctp_node.series.grid import FillCounts, from_model_grid, to_model_grid
 from model.planner import plan_seconds
 from tests.dciodvfy import dciodvfy_errors
 from tests.series.fill_helpers import fill_for
@@ -287,7 +287,7 @@ def test_pipeline_from_dicom_to_derived_dicom(head16, tmp_path):
             sequence[g] = lerp if g % 4 == 0 else np.clip(lerp + np.float32(3 / 40), -1, 1)
         slabs.append(sequence)
     plan = fill_for(series.times_s, synthetic)
-    hu = from_model_grid(grid, slabs, plan, series)
+    hu = from_model_grid(grid, slabs, plan, series).hu
     result = write_derived_series(hu, plan, series, head16.files, tmp_path, recipe=RECIPE)
     assert result.count == 13 * 16
     back = assemble_series(result.paths)
@@ -331,7 +331,7 @@ def _through_the_grid(files: list[Path], out: Path):
     plan = plan_seconds(series.times_s, long_gap="linear")
     grid = to_model_grid(series)
     slabs = [np.full((plan.seconds.size, 8, 192, 192), 0.25, np.float32) for _ in grid.slabs]
-    back = back_to_source(grid, slabs, plan, series)
+    back = from_model_grid(grid, slabs, plan, series)
     result = write_derived_series(back.hu, back.fill, series, files, out, recipe=RECIPE)
     return series, back, result.paths
 

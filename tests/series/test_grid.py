@@ -16,7 +16,6 @@ from ctp_node.phantom.tissue import TissueLabel
 from ctp_node.series.grid import (
     FillCounts,
     GridError,
-    back_to_source,
     from_model_grid,
     to_model_grid,
 )
@@ -161,7 +160,7 @@ def test_oblique_direction_is_carried_to_the_model_grid_and_back():
     np.testing.assert_allclose(model_centre, brain_centre, atol=1.25)
     out = from_model_grid(
         grid, _constant_slabs(grid, 3, 0.25, series.times_s), fill_for(series.times_s, [False, True, False]), series
-    )
+    ).hu
     brain = grid.brain_mask & (series.hu[0] == BRAIN_HU)
     np.testing.assert_allclose(out[1][brain], 50.0, atol=1e-3)
 
@@ -199,7 +198,7 @@ def test_thin_slices_are_resampled_to_five_mm_and_back():
     synthetic = np.array([False, True, True, True, False])
     out = from_model_grid(
         grid, _corrected_slabs(grid, 5, -3.0, series.times_s), fill_for(series.times_s, synthetic), series
-    )
+    ).hu
     inside = grid.brain_mask & _far_from(series.hu[0] != BRAIN_HU, 4)
     np.testing.assert_allclose(out[2][inside], 34.0 - 3.0, atol=1e-3)  # interpolation (34 HU) + the correction
     np.testing.assert_array_equal(out[4], series.hu[1])
@@ -240,11 +239,11 @@ def test_a_brain_wider_than_the_model_field_of_view_is_refused():
 # -- from_model_grid -----------------------------------------------------------------------------------------
 
 
-def test_to_grid_and_straight_back_returns_the_source_exactly(head16):
+def test_to_model_grid_and_straight_back_returns_the_source_exactly(head16):
     series = head16.series
     grid = to_model_grid(series)
     every_second = dataclasses.replace(series, times_s=np.arange(4.0))  # each volume its own second
-    out = from_model_grid(grid, grid.slabs, fill_for(every_second.times_s), every_second)
+    out = from_model_grid(grid, grid.slabs, fill_for(every_second.times_s), every_second).hu
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, series.hu)
 
@@ -256,7 +255,7 @@ def test_synthetic_seconds_take_the_model_in_the_brain_window_and_interpolation_
     synthetic = seconds % 4 != 0
     out = from_model_grid(
         grid, _corrected_slabs(grid, 13, -3.0, series.times_s), fill_for(series.times_s, synthetic), series
-    )
+    ).hu
 
     for g in (0, 4, 8, 12):
         np.testing.assert_array_equal(out[g], series.hu[g // 4])  # acquired: bit for bit
@@ -284,7 +283,7 @@ def test_model_values_reach_the_brain_edge_undarkened():
     grid = to_model_grid(series)
     out = from_model_grid(
         grid, _corrected_slabs(grid, 3, -3.0, series.times_s), fill_for(series.times_s, [False, True, False]), series
-    )
+    ).hu
     brain = series.hu[0] == BRAIN_HU
     interpolated = _interpolated(series, 0, 1, 0.5)
     corrected = np.isclose(out[1], interpolated - 3.0, atol=1e-3)
@@ -299,7 +298,7 @@ def test_a_model_that_returns_interpolation_gives_interpolation_exactly(head16):
     grid = to_model_grid(series)
     seconds = np.arange(13.0)
     plan = fill_for(series.times_s, seconds % 4 != 0)
-    out = from_model_grid(grid, _corrected_slabs(grid, 13, 0.0, series.times_s), plan, series)
+    out = from_model_grid(grid, _corrected_slabs(grid, 13, 0.0, series.times_s), plan, series).hu
     for g in (1, 2, 3, 5, 10):
         left, weight = g // 4, (g % 4) / 4
         np.testing.assert_allclose(out[g], _interpolated(series, left, left + 1, weight), atol=1e-3)
@@ -311,7 +310,7 @@ def test_seconds_neither_acquired_nor_synthetic_are_interpolated_everywhere():
     synthetic = np.array([False, False, True, False, False])  # 1 and 3: the engine's long-gap fallback
     out = from_model_grid(
         grid, _constant_slabs(grid, 5, 0.5, series.times_s), fill_for(series.times_s, synthetic), series
-    )
+    ).hu
     np.testing.assert_allclose(out[1], _interpolated(series, 0, 1, 0.25), atol=1e-4)
     np.testing.assert_allclose(out[3], _interpolated(series, 0, 1, 0.75), atol=1e-4)
     np.testing.assert_allclose(out[2][grid.brain_mask & (series.hu[0] == BRAIN_HU)], 60.0, atol=1e-3)
@@ -324,7 +323,7 @@ def test_unusable_volumes_are_not_copied_nor_interpolated_from():
     synthetic = np.array([False, True, True, True, False])
     usable = np.array([True, False, True])
     slabs = _constant_slabs(grid, 5, 0.0, [0.0, 4.0])
-    out = from_model_grid(grid, slabs, fill_for(series.times_s, synthetic, usable), series)
+    out = from_model_grid(grid, slabs, fill_for(series.times_s, synthetic, usable), series).hu
     outside = ~grid.brain_mask
     np.testing.assert_allclose(out[2][outside], _interpolated(series, 0, 2, 0.5)[outside], atol=1e-4)
     np.testing.assert_array_equal(out[4], series.hu[2])
@@ -405,7 +404,7 @@ def test_irregular_images_interpolate_in_true_time():
     grid = to_model_grid(series)
     plan = _engine_plan(series.times_s)
     assert plan.synthetic.tolist() == [False, True, False, False, True, False, False]
-    result = back_to_source(grid, _constant_slabs(grid, 7, 0.25, series.times_s, plan.times_s), plan, series)
+    result = from_model_grid(grid, _constant_slabs(grid, 7, 0.25, series.times_s, plan.times_s), plan, series)
     np.testing.assert_allclose(result.times_s, [0.0, 0.75, 1.5, 3.0, 3.75, 4.5, 6.0])
     for g, t in enumerate(result.times_s):
         np.testing.assert_allclose(result.hu[g][block], VESSEL_HU + 5.0 * t, atol=1e-3)  # shows its time
@@ -434,8 +433,8 @@ def vessel_case():
 
 def test_arterial_peak_is_fitted_and_acquired_seconds_stay_acquired(vessel_case):
     study, series, grid, grid_times, plan, slabs, arteries = vessel_case
-    fitted = back_to_source(grid, slabs, plan, series)
-    linear = back_to_source(grid, slabs, plan, series, fit_vessels=False)
+    fitted = from_model_grid(grid, slabs, plan, series)
+    linear = from_model_grid(grid, slabs, plan, series, fit_vessels=False)
     for g, src in enumerate(fitted.fill.fills):
         if src.kind == "acquired":
             np.testing.assert_array_equal(fitted.hu[g], series.hu[src.left])  # bit for bit
@@ -462,7 +461,7 @@ def test_voxels_without_contrast_or_a_credible_fit_stay_linear(vessel_case):
     chaos = np.zeros(series.hu.shape[1:], dtype=bool)
     chaos[0, :4, :4] = True  # a corner of air given a zig-zag of +-150 HU: rises, but no bolus
     series.hu[:, chaos] = np.where(np.arange(series.hu.shape[0]) % 2 == 0, -850.0, -1000.0)[:, None]
-    result = back_to_source(grid, slabs, plan, series)
+    result = from_model_grid(grid, slabs, plan, series)
     for g, src in enumerate(result.fill.fills):
         if src.kind == "acquired":
             continue

@@ -13,7 +13,7 @@ import torch
 from ctp_node.config import GuardrailSettings
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.series.derived import DerivedRecipe
-from ctp_node.series.guardrail import VERDICT_FILE, check_series, fall_back, interpolated, noise_hu
+from ctp_node.series.guardrail import VERDICT_FILE, check_series, fall_back, noise_hu
 from ctp_node.series.pipeline import SeriesPipeline, run_series
 from model import EngineSettings, Inpainter
 from tests.series.fill_helpers import fill_for
@@ -43,7 +43,7 @@ def one_second(hu: np.ndarray, edit=None) -> tuple[np.ndarray, list]:
     sources = fill_for(TIMES, ~np.isin(GRID, TIMES))
     out = np.empty((GRID.size, *hu.shape[1:]), dtype=np.float32)
     for g, src in enumerate(sources.fills):
-        out[g] = hu[src.left] if src.kind == "acquired" else interpolated(hu, src)
+        out[g] = hu[src.left] if src.kind == "acquired" else src.interpolate(hu)
         if src.kind == "synthetic" and edit is not None:
             out[g] = edit(out[g], src)
     return out, sources

@@ -13,10 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from ctp_node.config import MotionSettings, Settings
+from ctp_node.errors import MotionError
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.motion import RigidMotion, SliceMotion
 from ctp_node.series import CTPSeries
-from ctp_node.series.motion import MotionError, correct_motion, robust_z
+from ctp_node.series.motion import correct_motion, robust_z
 
 MOVED, STEP, SHIFTED_SLICE = 12, 16, 24  # volumes of the moving study
 POSE = RigidMotion(MOVED, rotation_deg=(0.0, 0.0, 3.0), translation_mm=(2.0, -2.5, 0.5))

@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from ctp_node.config import PerfusionOutputSettings
 from ctp_node.phantom import PhantomConfig, generate_phantom
@@ -22,7 +23,7 @@ from ctp_node.series.outputs import (
     output_input,
     write_perfusion_outputs,
 )
-from ctp_node.series.outputs.colour import BAND_PX, BAR_PX
+from ctp_node.series.outputs.colour import colour_layout
 from ctp_node.series.outputs.quantitative import PADDING
 from ctp_node.series.outputs.styles import MAP_STYLES
 from tests.dciodvfy import dciodvfy_errors
@@ -109,11 +110,21 @@ def test_colour_maps_are_rgb_with_a_scale_bar_and_burned_in_caution(written):
     ds = pydicom.dcmread(by_kind(series, "colour_map", "synthetic", "tmax").paths[1])
     assert ds.PhotometricInterpretation == "RGB" and ds.BurnedInAnnotation == "YES"
     rgb = ds.pixel_array
-    assert rgb.shape == (SHAPE[1] + BAND_PX, SHAPE[2] + BAR_PX, 3)
-    image = rgb[BAND_PX:, : SHAPE[2]]
-    assert not image[~analysis.brain_mask[1]].any()  # black outside the brain
-    assert (image[analysis.brain_mask[1]].sum(axis=-1) > 0).all()
-    assert rgb[:BAND_PX].any() and rgb[BAND_PX:, SHAPE[2] :].any()  # the band's text, the bar
+    layout = colour_layout(*SHAPE[1:])
+    assert rgb.shape == (*layout.shape, 3)
+    height, width = layout.map_shape
+    image = rgb[layout.band_px :, :width]
+    # On the display grid: the brain's outline is smoothed, so look one map pixel inside and outside it;
+    # the orientation markers' boxes lie at the edges, over the background.
+    brain = np.kron(analysis.brain_mask[1], np.ones((layout.zoom, layout.zoom), dtype=bool))
+    markers = np.zeros_like(brain)
+    for left, top, right, bottom in layout.marker_boxes().values():
+        markers[top - layout.band_px : bottom - layout.band_px, left:right] = True
+    outside = ~ndimage.binary_dilation(brain, iterations=layout.zoom) & ~markers
+    inside = ndimage.binary_erosion(brain, iterations=layout.zoom) & ~markers
+    assert not image[outside].any()  # black outside the brain
+    assert (image[inside].sum(axis=-1) > 0).all()
+    assert rgb[: layout.band_px].any() and rgb[layout.band_px :, width:].any()  # the band's text, the bar
     assert CAUTION in ds.ImageComments
 
 
@@ -180,7 +191,9 @@ def test_nan_in_a_map_is_padding_and_said(reference_files, tmp_path):
     assert (ds.pixel_array[~np.isnan(cbf[1])] != PADDING).all()
     assert "16 voxels without a value" in s.notes[0] and "16 voxels without a value" in ds.ImageComments
     colour = pydicom.dcmread(by_kind(written, "colour_map", "synthetic", "cbf").paths[1]).pixel_array
-    assert not colour[BAND_PX + 20 : BAND_PX + 24, 20:24].any()
+    layout = colour_layout(*SHAPE[1:])
+    zoom, top = layout.zoom, layout.band_px
+    assert not colour[top + 20 * zoom : top + 24 * zoom, 20 * zoom : 24 * zoom].any()  # black on the display grid
     assert dciodvfy_errors(s.paths[1]) == []
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model.unet import UNetConfig
-from training.config import ConfigError, load_config
+from training.config import TrainingConfigError, load_config
 from training.datasets import DataError, npy_datasets
 
 from .helpers import tiny_config, tiny_config_dict, write_npy_data, write_toml
@@ -31,9 +31,9 @@ def test_phantom_small_example_is_the_published_layout_at_32_channels_one_block(
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):
     data = tiny_config_dict(tmp_path, tmp_path / "run", optim={"learning_rate": 1e-3})
-    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+    with pytest.raises(TrainingConfigError, match=r"optim\.learning_rate: unknown key"):
         load_config(write_toml(tmp_path / "c.toml", data))
-    with pytest.raises(ConfigError, match=r"optimisation: unknown key"):
+    with pytest.raises(TrainingConfigError, match=r"optimisation: unknown key"):
         load_config(write_toml(tmp_path / "c.toml", {**data, "optimisation": {}}))
 
 
@@ -56,17 +56,17 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
 )
 def test_bad_values_are_clear_errors(tmp_path, section, values, message):
     data = tiny_config_dict(tmp_path, tmp_path / "run", **{section: values})
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TrainingConfigError, match=message):
         load_config(write_toml(tmp_path / "c.toml", data))
 
 
 def test_missing_file_bad_toml_and_missing_root(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(TrainingConfigError, match="does not exist"):
         load_config(tmp_path / "absent.toml")
     (tmp_path / "bad.toml").write_text("[optim\nlr = 1")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(TrainingConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
-    with pytest.raises(ConfigError, match=r"data: .*needs data\.root"):
+    with pytest.raises(TrainingConfigError, match=r"data: .*needs data\.root"):
         load_config(write_toml(tmp_path / "c.toml", {"data": {"kind": "npy"}}))
 
 
@@ -106,16 +106,16 @@ def test_val_fraction_holds_out_training_files_without_val_folder(tmp_path):
 def test_overrides_are_validated(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "run")
     assert cfg.with_overrides({"optim.iterations": 7}).optim.iterations == 7
-    with pytest.raises(ConfigError, match=r"optim\.iterations: Input should be greater than 0"):
+    with pytest.raises(TrainingConfigError, match=r"optim\.iterations: Input should be greater than 0"):
         cfg.with_overrides({"optim.iterations": 0})
 
 
 def test_norm_groups_reach_the_network_and_are_checked():
     import pytest
 
-    from training.config import ConfigError, parse_config
+    from training.config import TrainingConfigError, parse_config
 
     small = parse_config({"network": {"model_channels": 16, "norm_groups": 16}, "data": {"kind": "phantom"}})
     assert small.network.unet().norm_groups == 16
-    with pytest.raises(ConfigError, match="norm groups"):
+    with pytest.raises(TrainingConfigError, match="norm groups"):
         parse_config({"network": {"model_channels": 16}, "data": {"kind": "phantom"}})  # 16 channels, 32 groups

@@ -8,8 +8,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctp_node.phantom.training_source import PhantomStudies
+from model.window import from_model_space
 from training.config import parse_config
-from training.datasets import DataError, StudyStream, drawn_validation
+from training.datasets import DataError, DrawnStudy, StudyStream, draw_sequence, drawn_validation, make_item
 from training.trainer import train
 
 from .helpers import TINY_NETWORK, bolus_sequence
@@ -44,6 +45,49 @@ def test_phantom_frames_are_skull_stripped_windowed_published_layout():
     assert outside[:, 0, 0].all() and 0.2 < outside.mean() < 0.9  # air and skull are 0, the brain is not
     sums = frames.sum(axis=(0, 1, 2))
     assert sums.argmax() > 5 and sums.max() > 1.2 * sums[0]  # the bolus arrives within the kept seconds
+
+
+def test_noise_free_target_is_the_same_study_without_noise_and_only_the_target_is_clean():
+    cfg = phantom_config("x").data
+    noisy = PhantomStudies(cfg.phantom.model_copy(update={"noise_hu": (6.0, 6.0)}))
+    clean = PhantomStudies(cfg.phantom.model_copy(update={"noise_hu": (6.0, 6.0), "noise_free_target": True}))
+    measured = noisy(np.random.default_rng(3))
+    drawn = clean(np.random.default_rng(3))
+    assert isinstance(drawn, DrawnStudy) and drawn.noise_free is not None
+    np.testing.assert_array_equal(drawn.frames, measured)  # the measured study is unchanged by the option
+    brain = measured > 0
+    residual = (measured - drawn.noise_free)[brain]
+    assert 4.0 < residual.std() < 8.0 and abs(residual.mean()) < 0.5  # what differs is the 6 HU noise alone
+
+    sequence = draw_sequence(clean, cfg, np.random.default_rng(3), "s")
+    sample = sequence.samples[len(sequence.samples) // 2]
+    item = make_item(sequence.frames, sample, False, sequence.targets)
+    plain = make_item(sequence.frames, sample, False)
+    assert torch.equal(item.x[0], plain.x[0]) and torch.equal(item.x[2], plain.x[2])  # conditions stay noisy
+    expected = make_item(sequence.targets, sample, False).x[1]
+    assert torch.equal(item.x[1], expected) and not torch.equal(item.x[1], plain.x[1])
+
+
+class _CodedStudies:
+    """A study whose voxels say where they are (so a crop's place shows), a bolus common to all, and a
+    'noise-free' version 1 HU above it."""
+
+    def __call__(self, rng):
+        d, h, w = np.meshgrid(np.arange(8), np.arange(32), np.arange(32), indexing="ij")
+        code = ((7 * h + 3 * w + 11 * d) % 80 * 0.5).astype(np.float32)[..., None]
+        curve = (30.0 * np.exp(-(((np.arange(20) - 10) / 3.0) ** 2))).astype(np.float32)
+        frames = code + curve + 5.0
+        return DrawnStudy(frames, frames + 1.0)
+
+
+def test_stream_crops_the_noise_free_target_at_the_place_of_its_conditions():
+    cfg = phantom_config("x").data
+    config = cfg.model_copy(update={"phantom": cfg.phantom.model_copy(update={"crop": 16})})
+    for item in itertools.islice(StudyStream(config, _CodedStudies(), seed=0), 6):
+        hu = from_model_space(item.x.numpy())
+        assert hu.shape == (3, 8, 16, 16)
+        step = hu[1] - hu[0]  # bolus difference + 1 HU: the same everywhere only if the crops coincide
+        assert np.ptp(step) < 1e-3
 
 
 def test_phantom_stream_yields_model_space_items_and_differs_per_rank():
@@ -102,9 +146,9 @@ def test_phantom_stream_crops_training_items_but_validation_sees_whole_volumes()
 
 
 def test_crop_larger_than_the_matrix_is_a_config_error():
-    from training.config import ConfigError
+    from training.config import TrainingConfigError
 
-    with pytest.raises(ConfigError, match="crop 64 is larger than the matrix 32"):
+    with pytest.raises(TrainingConfigError, match="crop 64 is larger than the matrix 32"):
         parse_config({"data": {"kind": "phantom", "phantom": {**PHANTOM, "crop": 64}}})
 
 

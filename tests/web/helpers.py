@@ -54,11 +54,12 @@ def settings_for(data_dir: Path, **web: object) -> Settings:
     )
 
 
-def _qa_figure(path: Path) -> None:
+def _qa_figure(path: Path, size: tuple[int, int] = (200, 120)) -> None:
     """A PNG like a QA figure: a gradient with a bright square (not blank, so a screenshot shows it)."""
-    y, x = np.mgrid[0:120, 0:200]
-    image = np.stack([x * 255 // 200, y * 255 // 120, np.full_like(x, 80)], axis=-1).astype(np.uint8)
-    image[30:90, 70:130] = 255
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 80)], axis=-1).astype(np.uint8)
+    image[height // 4 : height * 3 // 4, width * 7 // 20 : width * 13 // 20] = 255
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
 
@@ -122,10 +123,94 @@ def make_node(data_dir: Path, **web: object) -> tuple[Settings, JobStore]:
 
     Worker(settings, store, broken, worker_id="test-worker").run_once()
     _spool_series(spool, store, audit, RECEIVING_SERIES, minutes_ago=0)
-    states = {j.series_uid: j.state for j in store.list()}
+    states = {j.series_uid: j.state for j in store.read.jobs()}
     assert states == {DONE_SERIES: State.DONE, FAILED_SERIES: State.FAILED, RECEIVING_SERIES: State.RECEIVING}
     return settings, store
 
 
 def job_id(store: JobStore, series_uid: str) -> int:
     return store.find(series_uid).id
+
+
+# --- issue 25: a node as an operator meets it (retries, every output series, a job under way) ---------
+RETRIED_SERIES, PROCESSING_SERIES, QUEUED_SERIES = (f"{STUDY}.{i}" for i in (4, 5, 6))
+OUTPUT_SERIES = {  # folder under perfusion/ -> (SeriesDescription, instances), like the node's outputs
+    "cbf_synthetic": ("CBF (synthetic 1 s) - RESEARCH USE ONLY", 4),
+    "tmax_synthetic": ("Tmax (synthetic 1 s) - RESEARCH USE ONLY", 4),
+    "sr_synthetic": ("Perfusion volumes SR - RESEARCH USE ONLY", 1),
+    "seg_synthetic": ("Core and hypoperfusion SEG - RESEARCH USE ONLY", 1),
+    "qa_report": ("CTP QA report", 1),
+}
+NOT_MEASURED = "not measured: fewer than 500 voxel-seconds"
+
+
+def _all_outputs(job, files, out_dir: Path) -> ProcessOutput:
+    """``_results`` and the perfusion outputs (each its own series in its own folder), a guardrail check
+    that could not be measured, a motion record where nothing moved, and a large QA report."""
+    _results(job, files, out_dir)
+    for n, (folder, (description, count)) in enumerate(OUTPUT_SERIES.items(), 1):
+        for i in range(count):
+            path = out_dir / "perfusion" / folder / f"{folder.upper()}_{i:03d}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds = ct_instance(path, study=job.study_uid, series=f"{job.series_uid}.{2000 + n}")
+            ds.SeriesDescription, ds.SeriesNumber = description, 2000 + n
+            ds.save_as(path, enforce_file_format=True)
+    verdict = json.loads((out_dir / "guardrail.json").read_text())
+    verdict["checks"].append(
+        {"name": "csf offset", "value": None, "tolerance": 1.0, "passed": True, "voxels": 12, "detail": NOT_MEASURED}
+    )
+    (out_dir / "guardrail.json").write_text(json.dumps(verdict))
+    still = [{"volume": v, "time_s": 4.0 * v, "displacement_mm": 0.1, "corrected": False, "residual_mm": 0.1,
+              "reasons": []} for v in range(4)]  # fmt: skip
+    (out_dir / "motion.json").write_text(json.dumps({"corrected": 0, "unusable": [], "volumes": still}))
+    _qa_figure(out_dir / "qa_report.png", size=(1800, 1100))
+    files_out = sum(1 for _ in out_dir.rglob("*.dcm"))
+    return ProcessOutput(out_dir, files_out, GUARDRAIL)
+
+
+def _due_now(store: JobStore) -> None:
+    """Every waiting retry due now (a test does not wait out the backoff)."""
+    from sqlalchemy import update
+
+    from ctp_node.node.job_tables import deliveries_table, series_table
+
+    past = utcnow() - timedelta(seconds=1)
+    with store.engine.begin() as conn:
+        for table in (series_table, deliveries_table):
+            conn.execute(update(table).where(table.c.next_attempt_at.is_not(None)).values(next_attempt_at=past))
+
+
+def make_retried_node(data_dir: Path, **web: object) -> tuple[Settings, JobStore]:
+    """``make_node``'s jobs 1 to 3, then job 4: done after two failed processing attempts (a full disk)
+    and two refused deliveries, with every output series; job 5 processing (42 % done), job 6 queued."""
+    settings, store = make_node(data_dir, **web)
+    spool, audit = Spool(settings.storage.spool_dir), AuditLog(settings.storage.audit_log)
+    for minutes, series in ((8, RETRIED_SERIES), (7, PROCESSING_SERIES), (6, QUEUED_SERIES)):
+        _spool_series(spool, store, audit, series, minutes_ago=minutes)
+    store.queue_quiet_series(60)
+    calls = {"process": 0, "send": 0}
+
+    def process(job, files, out_dir):
+        calls["process"] += 1
+        if calls["process"] < 3:
+            raise OSError(28, "No space left on device")
+        return _all_outputs(job, files, out_dir)
+
+    def send(files, destination, aet):
+        calls["send"] += 1
+        if calls["send"] < 3:
+            raise ConnectionRefusedError(111, f"Connection refused ({calls['send']})")
+        return [SendResult(f, 0x0000) for f in files]
+
+    worker = Worker(settings, store, process, sender=send, worker_id="test-worker")
+    retried = store.find(RETRIED_SERIES).id
+    for _ in range(8):
+        worker.run_once()
+        _due_now(store)
+        if store.get(retried).state == State.DONE:
+            break
+    assert store.get(retried).state == State.DONE and calls == {"process": 3, "send": 3}
+    claimed = store.claim("gpu-worker:1", 300)
+    assert claimed is not None and claimed.series_uid == PROCESSING_SERIES
+    store.record_progress(claimed.id, "gpu-worker:1", claimed.generation, 42, 100, 150.0)
+    return settings, store

@@ -1,7 +1,6 @@
-"""The status page in a real browser: Debian's chromium driven by selenium, headless.
-
-Skipped with the install line when chromium, its driver or selenium is missing; under
-CTP_NODE_DEPLOY_CHECKS=required (CI) that fails instead (tests/deploy/tools.py).
+"""The status page in a real browser: Debian's chromium driven by selenium, headless (the ``browser``
+fixture of conftest.py: skipped with the install line when chromium, its driver or selenium is missing;
+under CTP_NODE_DEPLOY_CHECKS=required (CI) that fails instead, tests/deploy/tools.py).
 """
 
 from __future__ import annotations
@@ -10,40 +9,11 @@ import io
 from urllib.parse import quote
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ctp_node.node.jobs import State
 from ctp_node.web import start_web
-from tests.deploy.tools import need_module, need_program
 from tests.web.helpers import DONE_SERIES, PASSWORD, USER, job_id, make_node
-
-INSTALL = "apt-get install chromium chromium-driver; pip install -e .[test]"
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    need_module("selenium", INSTALL)
-    chromium = need_program("chromium", INSTALL, ("/usr/bin/chromium",))
-    driver_path = need_program("chromedriver", INSTALL, ("/usr/bin/chromedriver",))
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1400,1100",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def test_a_processed_study_in_the_browser(tmp_path, browser):

@@ -46,7 +46,7 @@ def test_health_reports_a_job_store_that_does_not_answer(node, monkeypatch):
     def down():
         raise ConnectionError("database is down")
 
-    monkeypatch.setattr(store, "counts", down)
+    monkeypatch.setattr(store.read, "counts", down)
     with TestClient(app) as c:
         response = c.get("/healthz")
     assert response.status_code == 503 and "job store" in response.text
@@ -102,7 +102,7 @@ def test_the_job_list_shows_states_timings_errors_and_deliveries(client, node):
     assert "pacs: sent" in page
     assert "only 2 time points" in page
     assert ">pass<" in page  # the guardrail's status
-    assert "CTP 4D" in page and "20260101" in page
+    assert "CTP 4D" in page and "2026-01-01" in page  # the StudyDate as a date (issue 25)
     failed_only = client.get("/?state=failed", headers=basic()).text
     assert failed_only.count('class="job-link"') == 1 and "only 2 time points" in failed_only
     assert client.get("/?state=bogus", headers=basic()).status_code == 400
@@ -311,7 +311,7 @@ def test_stow_rs_is_served_behind_the_pages_authentication_when_enabled(tmp_path
 def test_text_from_the_job_store_and_headers_is_escaped(client, node):
     from sqlalchemy import update
 
-    from ctp_node.node.jobs import series_table
+    from ctp_node.node.job_tables import series_table
 
     _, store = node
     failed = job_id(store, FAILED_SERIES)
@@ -332,7 +332,7 @@ def test_pages_say_when_the_job_store_does_not_answer(node, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("SELECT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr("ctp_node.web.jobview._job_rows", down)
+    monkeypatch.setattr("ctp_node.node.jobs_read.JobQueries.rows", down)
     with TestClient(create_app(settings, store)) as c:
         page = c.get("/", headers={**BEARER, "Accept": "text/html"})
     assert page.status_code == 503 and "job store does not answer" in page.text
@@ -397,7 +397,7 @@ def test_an_unexpected_error_is_a_500_page_with_the_security_headers(node, monke
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail of a bug")
 
-    monkeypatch.setattr("ctp_node.web.jobview._job_rows", broken)
+    monkeypatch.setattr("ctp_node.node.jobs_read.JobQueries.rows", broken)
     with TestClient(create_app(settings, store), raise_server_exceptions=False) as c:
         response = c.get("/", headers=basic())
     assert response.status_code == 500 and "secret detail" not in response.text

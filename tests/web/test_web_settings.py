@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctp_node.config import ConfigError, Settings, load_settings
+from ctp_node.config import Settings, load_settings
+from ctp_node.errors import ConfigError
 from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, WebConfigError, origin_allowed
 from ctp_node.web.passwords import PasswordHashError, hash_password, verify_password
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from pydicom.sr.coding import Code
 from ctp_node import __version__
 from ctp_node.files import atomic_write
 from ctp_node.permissions import make_dirs
-from ctp_node.series.derived import CAUTION, NODE_MANUFACTURER, PATIENT_STUDY_KEYWORDS, TYPE2_KEYWORDS
+from ctp_node.series.derived import CAUTION, NODE_MANUFACTURER
 from ctp_node.series.dicom_attributes import derived_uid
 from ctp_node.series.outputs.inputs import PerfusionOutputError
 
@@ -115,17 +114,6 @@ def read_references(files: Sequence[Path], shape_zyx: tuple[int, int, int], pixe
             f"slice normal: {np.round(along, 2).tolist()}): give the first second's images, DerivedSeries.paths[:Z]"
         )
     return headers
-
-
-def patient_study(reference: Dataset) -> Dataset:
-    """Patient, study and trial attributes copied from ``reference``; Type 2 ones present (empty if unknown)."""
-    ds = Dataset()
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in reference:
-            ds[keyword] = copy.deepcopy(reference[keyword])
-    for keyword in TYPE2_KEYWORDS:
-        ds.setdefault(keyword, None)
-    return ds
 
 
 def equipment(ds: Dataset) -> None:

@@ -59,12 +59,25 @@ class PerfusionAnalysis:
     # Volume name ("core", "tmax6", "tmax10") -> why the analysis withholds it (its ``*_volume_ml`` is
     # then None, and so is everything built on it); the SR, SEG and QA report say so instead of a number.
     withheld: Mapping[str, str] = field(default_factory=dict)
+    # Map name -> (Z, Y, X) bool, True where the data support the value (``ctp_node.perfusion.validity``);
+    # empty when the analysis did not say. The maps and the QA report state the invalid fraction.
+    valid: Mapping[str, np.ndarray] = field(default_factory=dict)
+    tissue_mask: np.ndarray | None = None  # the analysed tissue the invalid fractions refer to
 
     def map(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
     def mask(self, name: str) -> np.ndarray:
         return getattr(self, f"{name}_mask")
+
+    def invalid_fraction(self, name: str) -> float | None:
+        """Share of the analysed tissue (else the brain) where map ``name`` has no valid value; None: not assessed."""
+        valid = self.valid.get(name)
+        region = self.tissue_mask if self.tissue_mask is not None else self.brain_mask
+        if valid is None or region is None or not np.any(region):
+            return None
+        region = np.asarray(region, dtype=bool)
+        return float(np.count_nonzero(region & ~np.asarray(valid, dtype=bool))) / float(np.count_nonzero(region))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -210,6 +223,8 @@ def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float |
         method=maps.method,
         notes=tuple(maps.notes),
         withheld=withheld,
+        valid=maps.validity.masks() if getattr(maps, "validity", None) is not None else {},
+        tissue_mask=getattr(maps, "tissue_mask", None),
     )  # fmt: skip
 
 

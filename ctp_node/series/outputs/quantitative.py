@@ -87,6 +87,11 @@ def write_map_series(
         notes.append(f"{missing} voxels without a value (NaN) stored as padding {PADDING}")
     if clipped:
         notes.append(f"{clipped} voxels beyond the signed 16-bit range clipped")
+    invalid = analysis.invalid_fraction(style.name)
+    if invalid:
+        # The pixels are unchanged (viewers and readers see what they saw before); the share without a
+        # value the data support is said in words, the masks are in the job's summary and volumes.json.
+        notes.append(f"{100 * invalid:.1f} % of the analysed tissue without a value the data support (validity masks)")
     comment = caution(f"{what}." + (f" {'; '.join(notes)}." if notes else ""))
     paths = []
     for z, reference in enumerate(references):

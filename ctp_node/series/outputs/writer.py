@@ -130,7 +130,8 @@ def write_perfusion_outputs(
         log.info("perfusion QA report: %s", png)
     for series in written:
         for note in series.notes:
-            log.warning("perfusion output %s %s %s: %s", series.analysis, series.kind, series.name, note)
+            # Notes describe the series (padding, clipping, invalid share); a job warning is for faults.
+            log.info("perfusion output %s %s %s: %s", series.analysis, series.kind, series.name, note)
     return written
 
 

@@ -10,8 +10,6 @@ import io
 import json
 import re
 import socket
-import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -27,7 +25,9 @@ from ctp_node.node.jobs import JobStore
 from ctp_node.node.receiver import Receiver
 from ctp_node.web.stow import STOW_CALLING_AE, stow_router
 from tests.node.dicom_helpers import ct_instance
+from tests.peers import wait_for
 from tests.ports import free_port
+from tests.uvicorn_server import served_by_uvicorn
 
 TOKEN = "stow-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -237,21 +237,10 @@ def test_the_body_size_limit(tmp_path):
 @pytest.fixture()
 def served(receiver):
     """The router served by uvicorn on a loopback port."""
-    import uvicorn
-
     app = FastAPI()
     app.include_router(stow_router(receiver, token=TOKEN))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_by_uvicorn(app) as url:
+        yield url
 
 
 def test_dicomweb_client_stores_over_http(receiver, served, tmp_path):
@@ -302,17 +291,61 @@ def test_a_stalled_body_is_dropped_and_a_second_request_meanwhile_is_busy(served
                 f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: 100000\r\n\r\n--{BOUNDARY}\r\n"
             ).encode()
         )
-        time.sleep(0.5)  # let the server take the request's slot (max_associations = 1)
-        data, _ = instance_bytes(tmp_path, generate_uid(), generate_uid())
-        busy = requests.post(
-            f"{served}/dicomweb/studies", data=multipart(data), headers={"Content-Type": CONTENT_TYPE, **AUTH}
-        )
-        assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+
+        def refused_busy() -> tuple[requests.Response] | None:
+            # Until the server has taken the stalled request's slot (max_associations = 1) this one is
+            # stored (200) and asked again, with a new instance; once the slot is held it is refused.
+            # (A tuple: a Response is falsy when its status is an error.)
+            data, _ = instance_bytes(tmp_path, generate_uid(), generate_uid())
+            reply = requests.post(
+                f"{served}/dicomweb/studies", data=multipart(data), headers={"Content-Type": CONTENT_TYPE, **AUTH}
+            )
+            assert reply.status_code in (200, 503), reply.text
+            return (reply,) if reply.status_code == 503 else None
+
+        (busy,) = wait_for(refused_busy, 10, "the stalled request to hold the slot")
+        assert busy.headers["retry-after"].isdigit()
         stalled.settimeout(30)
         reply = _read_response(stalled)
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert "stalled" in json.loads(reply.split("\r\n\r\n", 1)[1])["detail"]
+    data, _ = instance_bytes(tmp_path, generate_uid(), generate_uid())
     after = requests.post(
         f"{served}/dicomweb/studies", data=multipart(data), headers={"Content-Type": CONTENT_TYPE, **AUTH}
     )
     assert after.status_code == 200  # the slot was given back
+
+
+def test_a_part_over_max_instance_bytes_is_refused_without_being_read_whole(tmp_path, monkeypatch):
+    """Issue 23 item 3: a 300 MB part cost +303 MB; a part over dicom.max_instance_bytes is now refused
+    (0xC000, named when its header is readable, counted as too_large) and never read into memory."""
+    from ctp_node.web import stow
+
+    settings = make_settings(tmp_path)
+    settings = settings.model_copy(update={"dicom": settings.dicom.model_copy(update={"max_instance_bytes": 1 << 20})})
+    receiver = Receiver(settings, JobStore(settings.database_url))
+    receiver.start()
+    read_whole: list[int] = []
+    store = stow._PartStore._store
+    monkeypatch.setattr(stow._PartStore, "_store", lambda self, data: (read_whole.append(len(data)), store(self, data)))
+    try:
+        app = FastAPI()
+        app.include_router(stow_router(receiver, token=TOKEN))
+        study, series = generate_uid(), generate_uid()
+        small, small_ds = instance_bytes(tmp_path, study, series)
+        big_ds = ct_instance(tmp_path / "big.dcm", study=study, series=series)
+        big_ds.Rows = big_ds.Columns = 1024
+        big_ds.PixelData = bytes(2 << 20)  # 2 MiB of pixels
+        response = post(TestClient(app), multipart(small, part10(big_ds)))
+        assert response.status_code == 202, response.text
+        result = answer(response)
+        assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == [small_ds.SOPInstanceUID]
+        assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in result.FailedSOPSequence] == [
+            (big_ds.SOPInstanceUID, 0xC000)
+        ]
+        assert any("max_instance_bytes" in w for w in response.headers.get_list("warning"))
+        assert metric(receiver, "ctp_node_refused_instances_total", reason="too_large") == 1
+        assert max(read_whole) < 1 << 20  # only the small part was read
+        assert not (receiver.spool.root / study / series / f"{big_ds.SOPInstanceUID}.dcm").exists()
+    finally:
+        receiver.stop()
