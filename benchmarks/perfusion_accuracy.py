@@ -1,13 +1,15 @@
 """Accuracy of `ctp-node perfusion` under realistic noise, on held-out phantom studies, and its speed.
 
-For every study: the maps of the analysis against the true maps, with the numbers of the accuracy
-targets (issue 13, item 0):
+For every study: the maps of the analysis against the true maps, with the numbers of issue 21's
+accuracy targets:
 
 - core (rCBF < 30 %) and Tmax > 6 s volumes against the volumes the same conventions give on the
-  true maps (``perfusion.lesion.convention_masks``), in mL (target: within 10 mL);
-- the median CBF and CBV in normal white matter and in the core, relative to the true medians
-  (target: within 20 %);
-- the median |Tmax - true delay| in normally perfused grey and white matter (target: within 1 s).
+  true maps (``perfusion.lesion.convention_masks``), in mL (target: within 10 mL in every study and
+  5 mL on each set's mean);
+- the median CBF and CBV in normal white matter, normal grey matter and the core, relative to the
+  true medians (target: within 10 %);
+- Tmax less the true Tmax (median over the region) in normal white matter (target: 0.5 s) and in the
+  penumbra (1 s); ``Tmax n s`` is the median |Tmax - true delay| in normal grey and white matter.
 
 Two columns explain the core CBF error (not targets): ``vox core``, the median over core voxels of
 CBF / true CBF less 1 (the estimate's own bias), and ``skew``, the true core CBF's mean / median less
@@ -22,7 +24,9 @@ Study sets (6 HU noise per voxel and frame, 1 s sampling, the full series):
 - ``b``: family B with everything drawn (penumbra delay 2.5-9 s, core size), seeds 0-5;
 - ``a``: the default phantom family (192 x 192 x 8 at 1.25 mm, exponential residue, penumbra delays
   4 and 8 s, core 9-12 s), lesion at four positions, seeds 10-14 (the model's training studies use
-  other seeds).
+  other seeds);
+- ``abox``: the same with box residues (the other residue of the Kudo 2013 digital phantom), seeds
+  10-12.
 
 Each row is one study; then per set and target: mean, standard deviation, min..max, and whether
 every study meets the target.
@@ -55,16 +59,21 @@ from ctp_node.phantom.family_b import FamilyBConfig, generate_family_b
 COLUMNS = (
     ("core_ml", "core"), ("core_true_ml", "true"), ("tmax6_ml", "Tmax>6"), ("tmax6_true_ml", "true"),
     ("core_err_ml", "d core"), ("tmax6_err_ml", "d Tmax6"), ("cbf_wm_rel", "CBF wm"), ("cbv_wm_rel", "CBV wm"),
+    ("cbf_gm_rel", "CBF gm"), ("cbv_gm_rel", "CBV gm"),
     ("cbf_core_rel", "CBF core"), ("cbv_core_rel", "CBV core"), ("tmax_normal_s", "Tmax n s"),
+    ("tmax_wm_s", "Tmax wm"), ("tmax_penumbra_s", "Tmax pen"),
     ("cbf_core_voxel_rel", "vox core"), ("cbf_core_truth_skew", "skew"),
     ("reference_cbf", "ref CBF"), ("reference_cbf_true", "true"), ("pvc_scale", "PVC"), ("seconds", "time s"),
     ("core_withheld", "core w/h"), ("tmax6_withheld", "Tmax6 w/h"),
 )  # fmt: skip
-# (column, limit, how the value is compared): every study within the limit meets the target.
+# Issue 21's targets (column, limit per study, limit on the set's mean or None): volumes within 10 mL
+# in every study and 5 mL on the mean; CBF and CBV region medians within 10 %; Tmax within 0.5 s in
+# white matter and 1 s in the penumbra.
 TARGETS = (
-    ("core_err_ml", 10.0, "abs"), ("tmax6_err_ml", 10.0, "abs"), ("cbf_wm_rel", 0.2, "abs"),
-    ("cbv_wm_rel", 0.2, "abs"), ("cbf_core_rel", 0.2, "abs"), ("cbv_core_rel", 0.2, "abs"),
-    ("tmax_normal_s", 1.0, "abs"),
+    ("core_err_ml", 10.0, 5.0), ("tmax6_err_ml", 10.0, 5.0),
+    ("cbf_wm_rel", 0.1, None), ("cbv_wm_rel", 0.1, None), ("cbf_gm_rel", 0.1, None), ("cbv_gm_rel", 0.1, None),
+    ("cbf_core_rel", 0.1, None), ("cbv_core_rel", 0.1, None),
+    ("tmax_wm_s", 0.5, None), ("tmax_penumbra_s", 1.0, None),
 )  # fmt: skip
 ANALYSES = {
     "parametric+tips": ("parametric", PerfusionSettings()),  # the default
@@ -72,9 +81,14 @@ ANALYSES = {
     "osvd": ("osvd", PerfusionSettings(denoise="none")),  # oSVD as the usual tools compute it
     "osvd+tips": ("osvd", PerfusionSettings()),
     "parametric+tips-nopvc": ("parametric", PerfusionSettings(vof_scaling=False)),
+    # the default before the study-wide residue shape: each voxel chooses its shape
+    "parametric+tips-voxelshape": ("parametric", PerfusionSettings(residue_shape="voxel")),
+    "parametric+tips-mtt5": ("parametric", PerfusionSettings(mtt_median_mm=5.0)),
+    # CBV completed by the share of the response after the last frame (exact without noise)
+    "parametric+tips-complete": ("parametric", PerfusionSettings(complete_truncated_area=True)),
 }
 DEFAULT_FAMILY_LESIONS = ((40.0, -5.0, 5.0), (-38.0, 5.0, 0.0), (42.0, 12.0, 8.0), (-40.0, -10.0, 5.0))
-DEFAULT_SEEDS = {"issue": "20,21,22,23,24", "b": "0,1,2,3,4,5", "a": "10,11,12,13,14"}
+DEFAULT_SEEDS = {"issue": "20,21,22,23,24", "b": "0,1,2,3,4,5", "a": "10,11,12,13,14", "abox": "10,11,12"}
 
 
 def issue_config(seed: int, noise_hu: float) -> FamilyBConfig:
@@ -91,12 +105,15 @@ def studies(name: str, seeds: list[int], noise_hu: float):
             yield seed, generate_family_b(issue_config(seed, noise_hu))
         elif name == "b":
             yield seed, generate_family_b(FamilyBConfig(seed=seed, noise_hu=noise_hu))
-        elif name == "a":
+        elif name in ("a", "abox"):
             centre = DEFAULT_FAMILY_LESIONS[i % len(DEFAULT_FAMILY_LESIONS)]
-            cfg = PhantomConfig(matrix=192, slices=8, noise_hu=noise_hu, seed=seed, lesion_centre_mm=centre)
+            residue = "box" if name == "abox" else "exponential"
+            cfg = PhantomConfig(
+                matrix=192, slices=8, noise_hu=noise_hu, seed=seed, lesion_centre_mm=centre, residue=residue
+            )
             yield seed, generate_phantom(cfg)
         else:
-            raise SystemExit(f"unknown study set {name!r}: use issue, b or a")
+            raise SystemExit(f"unknown study set {name!r}: use issue, b, a or abox")
 
 
 def evaluate(study, method: str, settings: PerfusionSettings, every: int = 1) -> dict[str, float]:
@@ -139,23 +156,27 @@ def _line(label: str, values: list[str]) -> str:
 def summarise(label: str, items: list[dict[str, float]]) -> list[str]:
     """Mean, sd, min..max and met/not met per target."""
     lines = [f"{label} (n = {len(items)})"]
-    for column, limit, _ in TARGETS:
+    for column, limit, mean_limit in TARGETS:
         values = np.array([r[column] for r in items])
-        worst = float(np.max(np.abs(values)))
-        met = "met" if worst <= limit else "NOT met"
-        within = int(np.sum(np.abs(values) <= limit))
+        values = values[np.isfinite(values)]  # e.g. no penumbra in the study
+        if values.size == 0:
+            lines.append(f"  {column:<15} no study has this region")
+            continue
         scale, unit = (100.0, " %") if column.endswith("_rel") else (1.0, "")
+        within = int(np.sum(np.abs(values) <= limit))
+        met = within == values.size and (mean_limit is None or abs(values.mean()) <= mean_limit)
+        target = f"{limit * scale:g}{unit}" + ("" if mean_limit is None else f", mean {mean_limit:g}")
         lines.append(
-            f"  {column:<14} mean {values.mean() * scale:+7.1f}{unit}  sd {values.std() * scale:5.1f}  "
+            f"  {column:<15} mean {values.mean() * scale:+7.1f}{unit}  sd {values.std() * scale:5.1f}  "
             f"min..max {values.min() * scale:+6.1f}..{values.max() * scale:+6.1f}{unit}  "
-            f"target {limit * scale:g}{unit}: {met} ({within}/{len(items)})"
+            f"target {target}: {'met' if met else 'NOT met'} ({within}/{values.size})"
         )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", default="issue,a", help="study sets: issue, b, a")
+    parser.add_argument("--sets", default="issue,a", help="study sets: issue, b, a, abox")
     for name, seeds in DEFAULT_SEEDS.items():
         parser.add_argument(f"--{name}-seeds", default=seeds)
     parser.add_argument("--noise", type=float, default=6.0, help="HU per voxel and frame")

@@ -12,7 +12,7 @@ One run on this machine, for a 60 s study sampled every 4 s (8 slices of 512 x 5
    queued), processing (result written; includes the worker's claim) and delivery (last result file
    in storescp's folder). Processing uses a tiny random network and one sampler step, so that the
    network path is what is timed (`ctp-node bench` times the model).
-4. Delivery of the result files alone, as the worker sends them (ctp_node.node.scu.send_files), to a
+4. Delivery of the result files alone, as the worker sends them (ctp_node.node.work.scu.send_files), to a
    default storescp and to a tuned one (TCP_NODELAY=1), with and without the node's quick ACKs,
    and DCMTK storescu -> storescp of the same files as the floor.
 
@@ -42,7 +42,9 @@ from tests.ports import free_port, wait_for_port  # noqa: E402
 
 TUNED = {"TCP_NODELAY": "1"}  # DCMTK's own switch for Nagle's algorithm
 # The node with its quick ACKs off: the same code, the Linux option hidden.
-NO_QUICKACK = "import ctp_node.node.scp as s; s._QUICKACK = None; from ctp_node.cli.main import app; app()"
+NO_QUICKACK = (
+    "import ctp_node.node.shared.dicom_transport as s; s._QUICKACK = None; from ctp_node.cli.main import app; app()"
+)
 
 
 def write_study(folder: Path, matrix: int, slices: int) -> list[Path]:
@@ -186,24 +188,25 @@ def bench_turnaround(files: list[Path], work: Path, expected: int) -> tuple[dict
 
 
 def bench_delivery(results: list[Path], work: Path, repeats: int) -> dict:
-    import ctp_node.node.scp as scp_module
-    from ctp_node.node.scu import Peer, send_files
+    import ctp_node.node.shared.dicom_transport as transport_module
+    from ctp_node.node.shared.peer import Peer
+    from ctp_node.node.work.scu import send_files
 
     out: dict = {}
-    quickack = scp_module._QUICKACK
+    quickack = transport_module._QUICKACK
     for label, tuned, ack in (("default_receiver", False, quickack), ("tuned_receiver", True, quickack),
                               ("default_receiver_no_quickack", False, None)):  # fmt: skip
         runs = []
         for i in range(repeats):
             scp = Storescp(work / f"delivery-{label}-{i}", tuned=tuned)
-            scp_module._QUICKACK = ack
+            transport_module._QUICKACK = ack
             try:
                 start_s = time.perf_counter()
                 sent = send_files(results, Peer("127.0.0.1", scp.port, "ANY"), "CTPNODE")
                 runs.append(time.perf_counter() - start_s)
                 assert all(r.ok for r in sent) and len(scp.files()) == len(results)
             finally:
-                scp_module._QUICKACK = quickack
+                transport_module._QUICKACK = quickack
                 scp.stop()
         out[label] = median_runs(runs)
     out["dcmtk_floor"] = bench_floor(results, work / "delivery-floor", repeats)

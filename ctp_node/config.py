@@ -65,7 +65,7 @@ class DicomSettings(Section):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(30, gt=0)
     network_timeout_s: float = Field(60, gt=0)
-    # Hostile or broken peers (ctp_node/node/scp.py). A connection is "pending" from the moment it is
+    # Hostile or broken peers (ctp_node/node/receive/scp.py). A connection is "pending" from the moment it is
     # accepted until its A-ASSOCIATE-RQ has arrived in full (after the TLS handshake, with TLS), which
     # must happen within acse_timeout_s. Pending connections hold no thread and do not count against
     # max_associations; at most this many at once, the oldest closed to make room for a new one, so
@@ -94,7 +94,7 @@ class DicomSettings(Section):
 
 
 class SeriesSettings(Section):
-    """When a received series is queued (``ctp_node.node.completeness`` judges whether it looks whole)."""
+    """When a received series is queued (``ctp_node.node.shared.completeness`` judges whether it looks whole)."""
 
     quiet_period_s: float = Field(60, gt=0, description="A series is complete after this long without a new instance")
     # A series whose slice positions all hold the same number of instances (and no volume lacks a
@@ -351,12 +351,12 @@ class PerfusionOutputSettings(Section):
     series_number_offset: int = Field(2000, ge=0, description="Output SeriesNumbers = source + offset + index")
 
 
-# ctp_node/node/notify.py sends them (README: "How to be told").
+# ctp_node/node/shared/notify.py sends them (README: "How to be told").
 WebhookEvent = Literal["series.received", "result.delivered", "job.delivered", "job.failed", "job.ignored"]
 
 
 class Webhook(Section):
-    """One webhook receiver (ctp_node/node/notify.py): JSON POSTs signed with HMAC-SHA256."""
+    """One webhook receiver (ctp_node/node/shared/notify.py): JSON POSTs signed with HMAC-SHA256."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # in logs and metric labels (never the URL)
     url: str = Field(pattern=r"^https?://[^\s]+$")

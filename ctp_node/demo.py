@@ -20,13 +20,14 @@ import numpy as np
 import pydicom
 
 from ctp_node.config import Settings
-from ctp_node.node.dicom_status import STATUS_SUCCESS
-from ctp_node.node.jobs import JobStore, State
-from ctp_node.node.processing import make_processor
-from ctp_node.node.receiver import Receiver
-from ctp_node.node.scu import Peer, send_files
-from ctp_node.node.spool import SeriesKey, check_uid
-from ctp_node.node.worker import Worker
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.dicom_status import STATUS_SUCCESS
+from ctp_node.node.shared.jobs import JobStore, State
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.shared.spool import SeriesKey, check_uid
+from ctp_node.node.work.scu import send_files
+from ctp_node.node.work.series_processor import make_processor
+from ctp_node.node.work.worker import Worker
 from ctp_node.series.outputs.qa_report import PNG_NAME as QA_REPORT_PNG
 from ctp_node.series.pipeline import SeriesPipeline
 

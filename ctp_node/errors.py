@@ -7,10 +7,11 @@
   network, job store). Worth another try: the worker retries with backoff.
 - ``ConfigError``: the node's configuration cannot be used; fix it and restart.
 
-Raised where the fault is found and turned into DICOM statuses, job states or exit codes only at
-the edge (the C-STORE handler, the worker's classification table ``ctp_node.node.worker.FAULTS``,
-the CLI). ``model/`` cannot import the node: its input errors (``model.PlanError``) are mapped in
-that table. Every message says what is wrong and what to do about it; nothing is silently repaired.
+Raised where the fault is found and turned into DICOM statuses, job states or exit codes only at the
+edge (the C-STORE handler, the process stage's classification table
+``ctp_node.node.work.process_stage.FAULTS``, the CLI). ``model/`` cannot import the node: its input
+errors (``model.PlanError``) are mapped in that table. Every message says what is wrong and what to do
+about it; nothing is silently repaired.
 """
 
 from __future__ import annotations

@@ -79,6 +79,12 @@ def import_edges(root: Path, packages: Iterable[str]) -> list[Edge]:
     return edges
 
 
+def imported(edge: Edge) -> tuple[str, ...]:
+    """What an edge may import: its target, and for ``from package import name`` each ``package.name``
+    too (the name may be a submodule: ``from ctp_node.node import work`` imports ``ctp_node.node.work``)."""
+    return (edge.target, *(f"{edge.target}.{name}" for name in edge.names if name != "*"))
+
+
 def forbidden_edges(edges: Iterable[Edge], rules: Sequence[Forbidden]) -> list[tuple[Edge, Forbidden]]:
     """Edges that break a rule (an edge inside the forbidden package itself never does)."""
     found = []
@@ -86,7 +92,9 @@ def forbidden_edges(edges: Iterable[Edge], rules: Sequence[Forbidden]) -> list[t
         for rule in rules:
             if not is_under(edge.source, rule.source):
                 continue
-            if any(is_under(edge.target, t) and not is_under(edge.source, t) for t in rule.targets):
+            if any(
+                is_under(target, t) and not is_under(edge.source, t) for target in imported(edge) for t in rule.targets
+            ):
                 found.append((edge, rule))
     return found
 

@@ -6,9 +6,14 @@
 - inside the node, ``series`` (one series' path) knows nothing of the running node, the phantom, the
   evaluation or the CLI; ``node`` nothing of phantom, evaluation or CLI; ``perfusion`` and ``phantom``
   nothing of the node, evaluation or CLI (and ``perfusion`` nothing of the phantom);
-- the job store's tables (``ctp_node.node.job_tables``) and SQL are the store's own: the web layer and
-  the command line read through ``ctp_node.node.jobs_read`` (plain dataclasses) and import neither
-  the tables nor SQLAlchemy, so a schema change cannot break the status page silently;
+- inside ``node``, every module lives in one of three folders: ``receive`` (what takes series in) and
+  ``work`` (what processes and sends) import ``shared`` (the job store, the spool and results layouts,
+  the retry policy, the transport) and never each other; ``shared`` imports neither. The two sides meet
+  only in the job store and the spool;
+- the job store's tables (``ctp_node.node.shared.job_tables``) and SQL are the store's own: the web
+  layer and the command line read through ``ctp_node.node.shared.jobs_read`` (plain dataclasses) and
+  import neither the tables nor SQLAlchemy, so a schema change cannot break the status page silently;
+  the web layer (the STOW-RS server and the status page) imports nothing of the work side either;
 - no library code imports the tests or the benchmarks;
 - no module imports another module's private (``_name``) names.
 """
@@ -20,11 +25,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.import_graph import Edge, Forbidden, forbidden_edges, import_edges, is_private, is_under, private_imports
+from tests.import_graph import (
+    Edge,
+    Forbidden,
+    forbidden_edges,
+    import_edges,
+    imported,
+    is_private,
+    is_under,
+    module_name,
+    private_imports,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKED = ("ctp_node", "model", "training", "benchmarks")
 FIRST_PARTY = (*CHECKED, "tests")
+NODE = "ctp_node.node"
+NODE_RECEIVE, NODE_WORK, NODE_SHARED = f"{NODE}.receive", f"{NODE}.work", f"{NODE}.shared"
+NODE_SIDES = (NODE_RECEIVE, NODE_WORK, NODE_SHARED)
 
 RULES = (
     Forbidden("model", ("ctp_node", "training", "benchmarks", "tests"), "the model is a library of its own"),
@@ -50,14 +68,32 @@ RULES = (
         "the phantom generates studies; it does not run or judge the node",
     ),
     Forbidden(
+        NODE_RECEIVE,
+        (NODE_WORK,),
+        "the receiving side hands series on through the job store and the spool (ctp_node.node.shared), "
+        "never to the work side directly",
+    ),
+    Forbidden(
+        NODE_WORK,
+        (NODE_RECEIVE,),
+        "the work side finds what was received in the job store and the spool (ctp_node.node.shared), "
+        "never in the receivers",
+    ),
+    Forbidden(NODE_SHARED, (NODE_RECEIVE, NODE_WORK), "what both sides share depends on neither"),
+    Forbidden(
         "ctp_node.web",
-        ("ctp_node.node.job_tables", "sqlalchemy"),
-        "the status page reads the job store through its read side (ctp_node.node.jobs_read), never its tables",
+        ("ctp_node.node.shared.job_tables", "sqlalchemy"),
+        "the status page reads the job store through its read side (ctp_node.node.shared.jobs_read), never its tables",
+    ),
+    Forbidden(
+        "ctp_node.web",
+        (NODE_WORK,),
+        "the web layer receives (STOW-RS) and shows; it neither processes nor sends (it queues work in the store)",
     ),
     Forbidden(
         "ctp_node.cli",
-        ("ctp_node.node.job_tables", "sqlalchemy"),
-        "the commands read the job store through its read side (ctp_node.node.jobs_read), never its tables",
+        ("ctp_node.node.shared.job_tables", "sqlalchemy"),
+        "the commands read the job store through its read side (ctp_node.node.shared.jobs_read), never its tables",
     ),
     Forbidden("ctp_node", ("benchmarks", "tests"), "library code does not depend on its tests or benchmarks"),
 )
@@ -85,8 +121,13 @@ def test_no_back_arrows_between_packages():
     if found:
         pytest.fail(
             "imports against the one-way contract:\n"
-            + report([f"{e.where(REPO)}: {e.source} imports {e.target} ({rule.why})" for e, rule in found])
+            + report([f"{e.where(REPO)}: {e.source} imports {crossing(e, rule)} ({rule.why})" for e, rule in found])
         )
+
+
+def crossing(edge: Edge, rule: Forbidden) -> str:
+    """What ``edge`` imports that ``rule`` forbids (``from ctp_node.node import work``: ctp_node.node.work)."""
+    return next((m for m in imported(edge) if any(is_under(m, t) for t in rule.targets)), edge.target)
 
 
 def test_no_module_imports_a_private_name_of_another():
@@ -113,6 +154,49 @@ def test_no_module_imports_a_test_module_or_a_conftest():
             "test modules or conftest imported (move what they share into a helper module):\n"
             + report([f"{e.where(REPO)}: {e.source} imports {e.target}" for e in found])
         )
+
+
+def test_every_module_of_the_node_lives_in_one_of_its_three_folders():
+    """A module directly under ``ctp_node/node/`` (or in a fourth folder) would escape the direction rules."""
+    node = REPO / "ctp_node" / "node"
+    outside = [
+        path.relative_to(REPO).as_posix()
+        for path in sorted(node.rglob("*.py"))
+        if path != node / "__init__.py" and not any(is_under(module_name(REPO, path), side) for side in NODE_SIDES)
+    ]
+    assert outside == [], f"put these under ctp_node/node/receive, work or shared: {outside}"
+
+
+def test_the_node_rules_catch_each_crossing(tmp_path):
+    """The real RULES on a copy of the node's three folders, each importing across in a way the contract
+    forbids (module level, function level, relative, ``from package import module``): every crossing is
+    reported, the imports of ``shared`` from either side are not."""
+    files = {
+        "ctp_node/__init__.py": "",
+        "ctp_node/node/__init__.py": "",
+        "ctp_node/node/shared/__init__.py": "",
+        "ctp_node/node/shared/jobs.py": "",
+        "ctp_node/node/shared/store.py": "from ctp_node.node.receive import scp\n",  # shared -> receive
+        "ctp_node/node/shared/layout.py": "def f():\n    from ..work.worker import Worker\n",  # shared -> work
+        "ctp_node/node/receive/__init__.py": "",
+        "ctp_node/node/receive/scp.py": "from ctp_node.node.shared.jobs import JobStore\n"
+        "from ctp_node.node.work.scu import send_files\n",  # receive -> work
+        "ctp_node/node/work/__init__.py": "",
+        "ctp_node/node/work/worker.py": "from ctp_node.node.shared import jobs\nfrom ctp_node.node import receive\n",
+        "ctp_node/node/work/scu.py": "import ctp_node.node.receive.scp\n",  # work -> receive
+        "ctp_node/web/__init__.py": "",
+        "ctp_node/web/app.py": "from ctp_node.node.work import send_stage\n",  # web -> work
+    }
+    root = write(tmp_path, files)
+    found = forbidden_edges(import_edges(root, ("ctp_node",)), RULES)
+    assert sorted((e.where(root), rule.source) for e, rule in found) == [
+        ("ctp_node/node/receive/scp.py:2", NODE_RECEIVE),
+        ("ctp_node/node/shared/layout.py:2", NODE_SHARED),
+        ("ctp_node/node/shared/store.py:1", NODE_SHARED),
+        ("ctp_node/node/work/scu.py:1", NODE_WORK),
+        ("ctp_node/node/work/worker.py:2", NODE_WORK),
+        ("ctp_node/web/app.py:1", "ctp_node.web"),
+    ]
 
 
 # --- the checker itself, on a small synthetic package ------------------------------------------------

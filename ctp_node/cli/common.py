@@ -14,8 +14,8 @@ from ctp_node.cli.progress import stderr
 
 if TYPE_CHECKING:
     from ctp_node.config import Settings
-    from ctp_node.node.jobs import JobStore, SeriesJob
-    from ctp_node.node.scu import Peer
+    from ctp_node.node.shared.jobs import JobStore, SeriesJob
+    from ctp_node.node.shared.peer import Peer
 
 CONFIG_OPTION = typer.Option(
     None, "--config", "-c", envvar="CTP_NODE_CONFIG", help="TOML configuration (default: embedded defaults)."
@@ -40,7 +40,7 @@ def load_settings_or_exit(config: Path | None) -> Settings:
 def open_job_store(config: Path | None) -> tuple[Settings, JobStore]:
     """The settings and the configured job store, which must exist: a wrong path is an error, never a new store."""
     from ctp_node.errors import StoreMissingError
-    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.shared.jobs import JobStore
 
     settings = load_settings_or_exit(config)
     try:
@@ -66,7 +66,7 @@ def find_job(store: JobStore, ref: str) -> SeriesJob:
 
 def peer_or_exit(settings: Settings, target: str) -> Peer:
     """A configured destination by name, else HOST:PORT:AET; a usage error naming both forms otherwise."""
-    from ctp_node.node.send import find_peer
+    from ctp_node.node.work.send_stage import find_peer
 
     try:
         return find_peer(settings.destinations, target)

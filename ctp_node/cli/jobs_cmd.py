@@ -21,7 +21,7 @@ def list_jobs(
     """One line per series: id, state, distinct instances, received, series UID, error or warning."""
     from rich.table import Table
 
-    from ctp_node.node.jobs_read import State
+    from ctp_node.node.shared.jobs_read import State
 
     try:
         states = [State(s) for s in state]
@@ -93,8 +93,8 @@ def echo(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """C-ECHO a destination (or every configured DICOM one); exit 1 if any does not answer."""
-    from ctp_node.node.scu import echo as c_echo
-    from ctp_node.node.send import peer_for
+    from ctp_node.node.work.scu import echo as c_echo
+    from ctp_node.node.work.send_stage import peer_for
 
     settings = load_settings_or_exit(config)
     if target is None:

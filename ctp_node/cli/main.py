@@ -6,9 +6,12 @@ function, so `ctp-node --help` stays fast.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import click
 import typer
+from typer import rich_utils
 from typer.core import TyperOption
 
 from ctp_node import __version__
@@ -38,6 +41,20 @@ def _label_without_flags(self: TyperOption, ctx: Any) -> str | None:
 
 
 TyperOption.display_type_rich = _label_without_flags  # type: ignore[method-assign]
+
+_boxed_error = rich_utils.rich_format_error
+
+
+def _error_for_the_reader(error: click.ClickException) -> None:
+    """A usage error in Typer's box on a terminal; elsewhere (a service, a pipe, a script's log) Click's
+    plain lines: the box is drawn at 80 columns there and splits a long path or value over lines."""
+    if sys.stderr.isatty():
+        _boxed_error(error)
+    else:
+        error.show()
+
+
+rich_utils.rich_format_error = _error_for_the_reader
 
 app = typer.Typer(
     name="ctp-node",

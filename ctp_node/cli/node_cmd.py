@@ -41,8 +41,8 @@ def serve(
 ) -> None:
     """Receive CTP series (C-STORE), spool them, queue each series once it has been quiet."""
     from ctp_node.logs import setup_logging
-    from ctp_node.node.jobs import JobStore
-    from ctp_node.node.receiver import Receiver
+    from ctp_node.node.receive.receiver import Receiver
+    from ctp_node.node.shared.jobs import JobStore
 
     setup_logging(log_level, log_format)
     settings = load_settings_or_exit(config)
@@ -119,9 +119,9 @@ def worker(
 ) -> None:
     """Claim series jobs, inpaint them on this device and deliver the results (one process per GPU)."""
     from ctp_node.logs import setup_logging
-    from ctp_node.node.jobs import JobStore
-    from ctp_node.node.processing import make_processor
-    from ctp_node.node.worker import Worker
+    from ctp_node.node.shared.jobs import JobStore
+    from ctp_node.node.work.series_processor import make_processor
+    from ctp_node.node.work.worker import Worker
     from ctp_node.series.pipeline import SeriesPipeline
 
     setup_logging(log_level, log_format)
@@ -155,9 +155,9 @@ def worker(
 def _send_only(settings: Settings, once: bool, metrics_port: int | None) -> None:
     """The send stage on its own: deliver every result that waits to be sent (state ``sending``), with
     the worker's retry policy and the same per-destination sending; nothing is processed."""
-    from ctp_node.node.jobs import JobStore
-    from ctp_node.node.send import SendStage
-    from ctp_node.node.worker import run_stage
+    from ctp_node.node.shared.jobs import JobStore
+    from ctp_node.node.work.send_stage import SendStage
+    from ctp_node.node.work.worker import run_stage
 
     store = JobStore(settings.database_url)
     stage = SendStage(settings, store)

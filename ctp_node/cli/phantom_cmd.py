@@ -75,7 +75,7 @@ def phantom(
 ) -> None:
     """Simulate a CTP study of a digital head with known perfusion and write it like a scanner."""
     from ctp_node.cli.progress import stderr, step_progress
-    from ctp_node.node.scu import Peer
+    from ctp_node.node.shared.peer import Peer
     from ctp_node.phantom import PhantomConfig, generate_family_b, generate_phantom
     from ctp_node.phantom.export import write_outputs
     from ctp_node.phantom.jpeg_lossless import EncoderMissingError
@@ -134,7 +134,7 @@ def _integers(text: str) -> list[int]:
 def _send(paths: list[Path], peer, calling_aet: str, progress: bool) -> None:
     """C-STORE ``paths``; exit code 2 with the reason when the peer is unreachable or refuses files."""
     from ctp_node.cli.progress import stderr, step_progress
-    from ctp_node.node.scu import send_files
+    from ctp_node.node.work.scu import send_files
 
     try:
         with step_progress(f"sending to {peer.ae_title}", enabled=progress) as update:

@@ -78,7 +78,7 @@ def _report_guardrail(result) -> None:
 def _destinations(settings: Settings, targets: list[str]) -> list[Destination]:
     """The ``--send`` targets as destinations (checked before any series is processed): a configured
     destination of either kind (DICOM or DICOMweb) by name, else HOST:PORT:AET."""
-    from ctp_node.node.send import find_destination
+    from ctp_node.node.work.send_stage import find_destination
 
     try:
         return [find_destination(settings.destinations, target) for target in targets]
@@ -90,7 +90,8 @@ def _send(settings: Settings, result_dir: Path, destinations: list[Destination])
     """Send a result as the worker's send stage does: every file it delivers (``ResultsLayout.files``: the
     synthetic series and each perfusion output), one attempt per destination (``send_attempt``); how
     many destinations did not take all of it. There is no job here, so no retry: run it again."""
-    from ctp_node.node.send import ResultsLayout, send_attempt
+    from ctp_node.node.shared.results import ResultsLayout
+    from ctp_node.node.work.send_stage import send_attempt
 
     files = ResultsLayout.files(result_dir)
     failures = 0
@@ -156,8 +157,8 @@ def process(
 
 
 def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
-    from ctp_node.node.retrieve import retrieve_series
-    from ctp_node.node.spool import InvalidUIDError, Spool
+    from ctp_node.node.receive.retrieve import retrieve_series
+    from ctp_node.node.shared.spool import InvalidUIDError, Spool
 
     if not study:
         raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
@@ -190,8 +191,8 @@ def reprocess(
 ) -> None:
     """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
     from ctp_node.errors import CTPInputError
-    from ctp_node.node.jobs import JobStore
-    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.node.shared.jobs import JobStore
+    from ctp_node.node.shared.spool import SeriesKey, Spool
     from ctp_node.series.pipeline import run_series
 
     if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):

@@ -31,6 +31,7 @@ class ResidueStats:
     flow: np.ndarray  # (V,) max K, 1/s
     tmax_s: np.ndarray  # (V,) time of max K (sub-sample), s; negative: tissue before AIF
     offset_hu: np.ndarray | None = None  # (V,) baseline offset re-estimated by the fit (parametric)
+    residue_shape: float | None = None  # the study's gamma shape, when the fit chose one (parametric)
 
 
 def fft_length(n: int) -> int:

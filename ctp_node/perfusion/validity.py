@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from ctp_node.perfusion import timing
 
@@ -162,9 +162,17 @@ def enhancing_regions(
 
 
 def missing_area_fraction(
-    aif_grid: np.ndarray, grid_s: np.ndarray, mtt: np.ndarray, tmax: np.ndarray, where: np.ndarray
+    aif_grid: np.ndarray,
+    grid_s: np.ndarray,
+    mtt: np.ndarray,
+    tmax: np.ndarray,
+    where: np.ndarray,
+    shape: float = 1.0,
 ) -> np.ndarray:
-    """(Z, Y, X) float32: share of the area ratio's response cut off by the end of the grid (see module doc)."""
+    """(Z, Y, X) float32: share of the area ratio's response cut off by the end of the grid (see module doc).
+
+    ``shape``: the gamma residue's (1, the default, is the exponential: the heaviest tail the fit
+    uses, an upper bound; inf is the box)."""
     out = np.zeros(mtt.shape, dtype=np.float32)
     aif = np.maximum(np.asarray(aif_grid, dtype=np.float64), 0.0)
     total = aif.sum()
@@ -177,10 +185,24 @@ def missing_area_fraction(
     for start in range(0, index.size, CHUNK):
         m = np.maximum(m_all[start : start + CHUNK].astype(np.float64), 1e-3)[:, None]
         d = np.maximum(d_all[start : start + CHUNK].astype(np.float64), 0.0)[:, None]
-        tail = np.exp(-np.clip(remaining[None, :] - d, 0.0, None) / m)  # un-seen share of each input's response
+        tail = unseen_share(np.clip(remaining[None, :] - d, 0.0, None), m, shape)  # of each input's response
         values[start : start + CHUNK] = (tail @ aif) / total
     out.reshape(-1)[index] = values
     return out
+
+
+def unseen_share(seen_s: np.ndarray, mtt_s: np.ndarray, shape: float) -> np.ndarray:
+    """1 - (integral of R over [0, seen_s]) / MTT for a gamma transit-time residue of ``shape``: the
+    share of a unit input's response (area MTT) that falls after ``seen_s`` seconds."""
+    x = np.asarray(seen_s, dtype=np.float64)
+    m = np.asarray(mtt_s, dtype=np.float64)
+    if np.isinf(shape):
+        return 1.0 - np.minimum(x, m) / m
+    if shape == 1.0:
+        return np.exp(-x / m)
+    z = x * shape / m
+    # integral_0^x Q(a, a t / m) dt = x Q(a, a x / m) + m P(a + 1, a x / m)
+    return np.clip(1.0 - (x / m) * special.gammaincc(shape, z) - special.gammainc(shape + 1.0, z), 0.0, 1.0)
 
 
 def tmax_unresolved(

@@ -72,25 +72,29 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
-from ctp_node import __version__
 from ctp_node.errors import DerivedSeriesError
 from ctp_node.files import atomic_write, fsync_dir
 from ctp_node.permissions import make_dirs
 from ctp_node.series import CTPSeries
-from ctp_node.series.dicom_attributes import StudyUIDs, code_item, dicom_date, dicom_time, pixel_format
+from ctp_node.series.dicom_attributes import StudyUIDs, dicom_date, dicom_time, pixel_format
+from ctp_node.series.node_dicom import (
+    CAUTION,
+    LO_MAX,
+    NODE_MANUFACTURER,
+    ST_MAX,
+    equipment,
+    processing_equipment_purpose,
+    source_image_purpose,
+)
 from model.planner import FillCounts, FillPlan, SecondFill
 
 log = logging.getLogger(__name__)
 
-NODE_MANUFACTURER = "ctp-node"
 DEFAULT_SERIES_DESCRIPTION = "CTP 1s SYNTHETIC - RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE"
-CAUTION = "CAUTION: Not for Diagnostic Use, for research use only."
 IMAGE_TYPE_SYNTHETIC = ["DERIVED", "SECONDARY", "AXIAL"]
 IMAGE_TYPE_ACQUIRED = ["DERIVED", "PRIMARY", "AXIAL"]
 STORED_RANGE = (-32768, 32767)  # signed 16-bit pixels
 GRID_STEP_TOLERANCE_S = 1e-6
-LO_MAX = 64
-ST_MAX = 1024
 
 # Copied from the source header as they are: the same patient, study and trial.
 PATIENT_STUDY_KEYWORDS = (
@@ -453,9 +457,7 @@ def _base_dataset(
     ds.setdefault("PositionReferenceIndicator", "")
     ds.setdefault("KVP", None)
     ds.setdefault("PatientPosition", "")
-    ds.Manufacturer = NODE_MANUFACTURER
-    ds.ManufacturerModelName = NODE_MANUFACTURER
-    ds.SoftwareVersions = __version__
+    equipment(ds)
     ds.ContributingEquipmentSequence = Sequence([_contributing_equipment(recipe)])
     ds.BurnedInAnnotation = "NO"
     ds.setdefault("LossyImageCompression", "00")
@@ -482,7 +484,7 @@ def _contributing_equipment(recipe: DerivedRecipe) -> Dataset:
         f"Temporal inpainting by conditional diffusion model {recipe.model_name} {recipe.model_version}, "
         f"checkpoint {recipe.checkpoint_id}, sampler {recipe.sampler}, {recipe.steps} steps"
     )
-    item.PurposeOfReferenceCodeSequence = Sequence([code_item("109102", "DCM", "Processing Equipment")])
+    item.PurposeOfReferenceCodeSequence = Sequence([processing_equipment_purpose()])
     return item
 
 
@@ -541,12 +543,7 @@ def _instance(ds: Dataset, context: _Context, src: SecondFill, g: int, z: int, f
         ds.ImageComments = f"{ds.ImageComments} {recipe.comment}"
     ds.DerivationDescription = _fit(f"{context.summary} This image: {what}", ST_MAX)
     references = [_reference(context.header, source, v, z) for v in src.volumes]
-    ds.SourceImageSequence = Sequence(
-        [
-            _with_purpose(r, code_item("121322", "DCM", "Source image for image processing operation"))
-            for r in references
-        ]
-    )
+    ds.SourceImageSequence = Sequence([_with_purpose(r, source_image_purpose()) for r in references])
     referenced_series = Dataset()
     referenced_series.SeriesInstanceUID = source.series_uid
     referenced_series.ReferencedInstanceSequence = Sequence([copy.deepcopy(r) for r in references])

@@ -2,6 +2,8 @@
 
 The writer of the synthetic series (ctp_node/series/derived.py) and the phantom's writers both use
 these; they live with the series so that clinical output never depends on the test-data generator.
+What only the node's own output says (its equipment, the research caution, code items) is
+ctp_node/series/node_dicom.py.
 UIDs are derived deterministically from a seed, so writing the same series twice gives the same UIDs
 (reproducible tests, idempotent sends).
 """
@@ -75,10 +77,3 @@ def pixel_format(ds: Dataset, rows: int, columns: int, signed: bool, bits_stored
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
-
-
-def code_item(value: str, scheme: str, meaning: str) -> Dataset:
-    """One Code Sequence item (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item

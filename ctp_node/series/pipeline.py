@@ -3,7 +3,7 @@
     assemble -> motion -> to_model_grid -> inpaint (all 8-slice slabs of the study) -> from_model_grid
     -> guardrail -> write (synthetic 1 s series) -> perfusion outputs (maps, SR, SEG, QA report)
 
-``run_series`` is the one function that runs it; the worker (``ctp_node.node.processing``),
+``run_series`` is the one function that runs it; the worker (``ctp_node.node.work.series_processor``),
 ``ctp-node process``/``reprocess``, ``ctp-node demo``, ``ctp-node evaluate`` and the benchmarks
 call it. What fills each second is planned once per study by the engine (``model.planner.FillPlan``)
 and read by every later stage.
@@ -35,12 +35,12 @@ from ctp_node.errors import MotionError, NotCTPError, PerfusionError, PerfusionO
 from ctp_node.files import is_disk_full, write_json
 from ctp_node.series import CTPSeries
 from ctp_node.series.assemble import DEFAULT_MAX_MATRIX, assemble_series
-from ctp_node.series.derived import NODE_MANUFACTURER as DERIVED_MANUFACTURER
 from ctp_node.series.derived import DerivedRecipe, DerivedSeries, write_derived_series
 from ctp_node.series.grid import from_model_grid, to_model_grid
 from ctp_node.series.guardrail import VOLUME_CHECKS, GuardrailVerdict, check_series, check_volumes, fall_back
 from ctp_node.series.motion import MOTION_FILE, MotionResult, correct_motion
-from ctp_node.series.outputs import OutputSeries
+from ctp_node.series.node_dicom import NODE_MANUFACTURER
+from ctp_node.series.outputs import AnalysisKind, OutputSeries
 from ctp_node.series.outputs.writer import OUTPUTS_FOLDER
 from model import EngineSettings, FillPlan, Inpainter, load_denoiser
 from model.engine import SamplingChoice, StudyInpainter, choose_sampling
@@ -346,10 +346,10 @@ def _perfusion_outputs(
         )
         if acquired is not None:
             _check_volumes(maps, acquired, verdict, volume_jump_ml, out_dir)
-        for label, result in (("synthetic", maps), ("acquired", acquired)):
-            notes.extend(f"{label}: {line}" for line in _withheld_lines(result))
+        for kind, result in ((AnalysisKind.SYNTHETIC, maps), (AnalysisKind.ACQUIRED, acquired)):
+            notes.extend(f"{kind.value}: {line}" for line in _withheld_lines(result))
             if result is not None and result.validity is not None:
-                notes.append(f"{label}: {result.validity.note(result.tissue_mask)}")
+                notes.append(f"{kind.value}: {result.validity.note(result.tissue_mask)}")
         write_json(out_dir / VOLUMES_FILE, volumes_record(maps, acquired))
         data = output_input(
             maps, hu_1s, derived.paths[: series.hu.shape[1]], series.series_uid, voxel_volume_ml=voxel_ml,
@@ -397,9 +397,10 @@ def volumes_record(synthetic, acquired) -> dict:
     """``volumes.json`` of a job: per analysis and lesion volume, the number reported or why it is withheld
     (what the SR says), and the measured value (for whoever audits a withheld one)."""
     record = {}
-    for label, maps in (("synthetic 1 s", synthetic), ("acquired", acquired)):
+    for kind, maps in ((AnalysisKind.SYNTHETIC, synthetic), (AnalysisKind.ACQUIRED, acquired)):
         if maps is None:
             continue
+        label = kind.label  # the record's keys: "synthetic 1 s", "acquired"
         record[label] = {
             "acquired_interval_s": maps.acquired_interval_s,
             "volumes": {name: check.summary() for name, check in maps.volume_checks.items()},
@@ -420,7 +421,7 @@ def _withheld_lines(maps) -> list[str]:
 def refuse_own_output(header) -> None:
     """A series this node wrote (routed back to it by a PACS rule) is not inpainted again.
     ``header``: a pydicom dataset of one of the series' instances."""
-    if str(header.get("Manufacturer", "")) == DERIVED_MANUFACTURER and "DERIVED" in list(header.get("ImageType", [])):
+    if str(header.get("Manufacturer", "")) == NODE_MANUFACTURER and "DERIVED" in list(header.get("ImageType", [])):
         raise NotCTPError("the series is ctp-node's own synthetic output (Manufacturer ctp-node, DERIVED)")
 
 

@@ -41,9 +41,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctp_node.config import Settings
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import ERROR_HISTORY, JobStore
-from ctp_node.node.jobs_read import FINISHED_STATES, JobRow, State, StoreError
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import ERROR_HISTORY, JobStore
+from ctp_node.node.shared.jobs_read import FINISHED_STATES, JobRow, State, StoreError
 from ctp_node.web import jobview
 from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, Throttled, origin_allowed
 
@@ -277,7 +277,7 @@ def create_app(
 ) -> FastAPI:
     """The status page of the node configured by ``settings``, over ``store``.
 
-    ``receiver`` (the running ``ctp_node.node.receiver.Receiver``) is needed only for STOW-RS;
+    ``receiver`` (the running ``ctp_node.node.receive.receiver.Receiver``) is needed only for STOW-RS;
     ``authenticator`` defaults to the [web] section's secrets (``Authenticator.from_settings``).
     """
     web = settings.web

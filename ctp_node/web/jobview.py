@@ -1,9 +1,9 @@
 """What the status page shows of a job, read from the job store, the audit trail and the job's folders.
 
 Read only: nothing here changes a job, and nothing here knows the job store's tables. The job list
-is the store's read side (``ctp_node.node.jobs_read.JobQueries.rows``: one query for the jobs, one
+is the store's read side (``ctp_node.node.shared.jobs_read.JobQueries.rows``: one query for the jobs, one
 for their deliveries) and one header per job for the patient and series (from its spooled files,
-where ``ctp_node.node.spool.series_dir`` says they are); a job's page adds its audit trail, the
+where ``ctp_node.node.shared.spool.series_dir`` says they are); a job's page adds its audit trail, the
 guardrail's verdict (``guardrail.json``), the output series (every series the send stage delivers:
 the results folder's DICOM files, ``ResultsLayout.files``, one header read per series) and the QA
 figures (``*.png``) found in its results folder.
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ctp_node.errors import InvalidUIDError
-from ctp_node.node.jobs_read import JobRow, SeriesJob, State
-from ctp_node.node.send import ResultsLayout
-from ctp_node.node.spool import SeriesKey, series_dir
+from ctp_node.node.shared.jobs_read import JobRow, SeriesJob, State
+from ctp_node.node.shared.results import ResultsLayout
+from ctp_node.node.shared.spool import SeriesKey, series_dir
 from ctp_node.series.guardrail import VERDICT_FILE
 from ctp_node.series.motion import MOTION_FILE
 from ctp_node.series.pipeline import VOLUMES_FILE

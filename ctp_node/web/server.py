@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ctp_node.config import HTTP_LISTEN_BACKLOG, Settings, WebSettings
-from ctp_node.node.jobs import JobStore
+from ctp_node.node.shared.jobs import JobStore
 from ctp_node.web.app import create_app
 
 log = logging.getLogger(__name__)

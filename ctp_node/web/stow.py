@@ -2,7 +2,7 @@
 
 ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{study}`` take ``multipart/related;
 type="application/dicom"``, each part one Part 10 file. Each part goes through the C-STORE path's
-own checks and durable write (``ctp_node.node.ingest.accept_instance``): the file meta's Media
+own checks and durable write (``ctp_node.node.receive.ingest.accept_instance``): the file meta's Media
 Storage UIDs stand where the C-STORE command's Affected UIDs do, the transfer syntax must be one the
 SCP accepts, and on ``/studies/{study}`` the instance must belong to that study. A refusal is
 counted in ``ctp_node_refused_instances{reason}`` as for C-STORE.
@@ -47,13 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ctp_node.config import DicomwebSettings, Settings
-from ctp_node.node.completeness import LAST_TAG_READ
-from ctp_node.node.dicom_status import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_PROCESSING_FAILURE,
-    STATUS_SOP_CLASS_NOT_SUPPORTED,
-)
-from ctp_node.node.ingest import (
+from ctp_node.node.receive.ingest import (
     ACCEPTED_TRANSFER_SYNTAXES,
     Claim,
     OnRefused,
@@ -62,7 +56,13 @@ from ctp_node.node.ingest import (
     Refusal,
     accept_instance,
 )
-from ctp_node.node.spool import InvalidUIDError, Spool, check_uid
+from ctp_node.node.shared.completeness import LAST_TAG_READ
+from ctp_node.node.shared.dicom_status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+)
+from ctp_node.node.shared.spool import InvalidUIDError, Spool, check_uid
 from ctp_node.permissions import make_dirs
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ FAILURE_REASON_BY_REFUSAL = {
 
 
 class StowReceiver(Protocol):
-    """What the router needs of ``ctp_node.node.receiver.Receiver``."""
+    """What the router needs of ``ctp_node.node.receive.receiver.Receiver``."""
 
     settings: Settings
     spool: Spool

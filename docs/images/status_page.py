@@ -30,10 +30,11 @@ from sqlalchemy import update
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ctp_node.errors import CTPInputError, NotCTPError
-from ctp_node.node.job_tables import deliveries_table, series_table
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.shared.job_tables import deliveries_table, series_table
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.scu import SendResult
+from ctp_node.node.work.worker import Worker
 from ctp_node.web import start_web
 from tests.node.dicom_helpers import ct_instance
 from tests.web.helpers import PASSWORD, STUDY, USER, _results, _spool_series, settings_for
@@ -84,8 +85,8 @@ def populate(data_dir: Path, results: Path | None, qa_figure: Path) -> tuple:
     settings = settings_for(data_dir)
     settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"max_attempts": 3})})
     store = JobStore(settings.database_url)
-    from ctp_node.node.audit import AuditLog
-    from ctp_node.node.spool import Spool
+    from ctp_node.node.shared.audit import AuditLog
+    from ctp_node.node.shared.spool import Spool
 
     spool, audit = Spool(settings.storage.spool_dir), AuditLog(settings.storage.audit_log)
     for i, series in enumerate(SERIES.values()):

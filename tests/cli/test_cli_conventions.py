@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ctp_node.cli.main import app
 from ctp_node.config import load_settings
 from ctp_node.errors import ConfigError
-from ctp_node.node.jobs import JobStore, utcnow
+from ctp_node.node.shared.jobs import JobStore, utcnow
 from tests.cli_output import flat
 from tests.integration.node_helpers import node_settings, write_config
 
@@ -208,7 +208,7 @@ def test_library_info_lines_are_kept_out_of_the_log():
         for name in ("highdicom", "highdicom.base", "highdicom.seg.sop", "pynetdicom.assoc"):
             logger = logging.getLogger(name)
             assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING), name
-        assert logging.getLogger("ctp_node.node.worker").isEnabledFor(logging.INFO)
+        assert logging.getLogger("ctp_node.node.work.worker").isEnabledFor(logging.INFO)
     finally:
         root.handlers[:], root.level = handlers, level
         for name in ("highdicom", "pynetdicom"):
@@ -259,3 +259,17 @@ def test_a_truth_that_is_not_a_phantoms_is_one_line_naming_what_is_wrong(tmp_pat
     assert len(lines) == 1, result.output
     assert f"--truth {truth} is not a phantom's truth" in lines[0] and reason in lines[0]
     assert not (tmp_path / "out").exists()  # refused before the analysis
+
+
+def test_a_usage_error_outside_a_terminal_is_plain_lines_with_the_value_whole(tmp_path):
+    # Typer draws its error box at 80 columns when stderr is not a terminal; a long path was split.
+    missing = tmp_path / ("a-folder-name-long-enough-to-cross-eighty-columns-" * 2) / "series"
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ctp_node", "perfusion", str(missing)],
+        capture_output=True, text=True, timeout=60, env=env, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "╭" not in result.stderr and "│" not in result.stderr
+    assert f"Error: Invalid value: {missing} does not exist" in result.stderr
+    assert "ctp_node perfusion --help' for help." in result.stderr

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scp import start_scp
-from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.receive.scp import start_scp
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.spool import SeriesKey, Spool
 from tests.cli_output import flat
 from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files, write_config
 
@@ -76,7 +76,7 @@ def test_serve_where_the_data_folder_cannot_be_written_says_what_to_set(tmp_path
 
 
 def test_jobs_list_shows_distinct_instances_and_the_warning(configured):
-    from ctp_node.node.completeness import CompletionPolicy, InstanceFacts
+    from ctp_node.node.shared.completeness import CompletionPolicy, InstanceFacts
 
     settings, config = configured
     store = JobStore(settings.database_url)

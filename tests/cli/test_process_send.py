@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
 from ctp_node.config import Destination
-from ctp_node.node.dicom_status import STATUS_SUCCESS
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.send import ResultsLayout
+from ctp_node.node.shared.dicom_status import STATUS_SUCCESS
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.results import ResultsLayout
+from ctp_node.node.work.scu import SendResult
 from tests.cli_output import flat
 from tests.integration.node_helpers import cpu_checkpoint, node_settings, write_config
 from tests.node.dicom_helpers import ct_instance
@@ -80,7 +80,7 @@ def fake_run_series(pipeline, files, out_dir, progress=None):
 
 def test_process_sends_the_perfusion_outputs_to_dicom_and_dicomweb_destinations(tmp_path, monkeypatch):
     stow = FakeStow()
-    monkeypatch.setattr("ctp_node.node.dicomweb.send_files_dicomweb", stow)
+    monkeypatch.setattr("ctp_node.node.work.stow_client.send_files_dicomweb", stow)
     monkeypatch.setattr("ctp_node.series.pipeline.run_series", fake_run_series)
     (tmp_path / "study").mkdir()
     ct_instance(tmp_path / "study" / "0.dcm", study="1.2.3", series="1.2.3.4")

@@ -14,9 +14,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctp_node.config import Settings, StorageSettings
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.prometheus import NodeMetrics
-from ctp_node.node.receiver import Receiver
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.shared.prometheus import NodeMetrics
 from tests.deploy.tools import REPO
 
 promql_parser = pytest.importorskip("promql_parser", reason="pip install promql-parser (the test extra)")

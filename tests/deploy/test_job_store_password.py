@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ctp_node.config import load_settings
-from ctp_node.node.jobs import JobStore
+from ctp_node.node.shared.jobs import JobStore
 from tests.deploy.tools import COMPOSE_DIR, missing
 from tests.peers import stop_process, wait_for
 from tests.ports import free_port, wait_for_port

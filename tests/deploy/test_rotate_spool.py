@@ -10,8 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from ctp_node.config import StorageSettings
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.send import ResultsLayout
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.results import ResultsLayout
 from tests.deploy.tools import DEPLOY
 
 TOOL = DEPLOY / "bin" / "ctp-node-rotate-spool"

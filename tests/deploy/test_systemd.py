@@ -86,7 +86,10 @@ def test_receiver_command_and_devices():
 
 def test_worker_gets_its_gpu():
     sections = parse(WORKER)
-    assert one(sections, "Service", "ExecStart") == f"{BINARY} worker --device cuda:%i --log-format json"
+    # Each instance serves its metrics on its own port (GPU 0: 9110, GPU 1: 9111, ...).
+    assert one(sections, "Service", "ExecStart") == (
+        f"{BINARY} worker --device cuda:%i --metrics-port 911%i --log-format json"
+    )
     assert one(sections, "Service", "PrivateDevices") == "no"
     assert one(sections, "Service", "DevicePolicy") == "closed"
     assert sections["Service"]["DeviceAllow"] == ["char-nvidia* rw"]

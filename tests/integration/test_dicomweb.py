@@ -1,4 +1,4 @@
-"""DICOMweb destinations (ctp_node/node/dicomweb.py) against a real Orthanc with its DICOMweb plugin
+"""DICOMweb destinations (ctp_node/node/work/stow_client.py) against a real Orthanc with its DICOMweb plugin
 (Debian orthanc-dicomweb) on loopback, and against the node's own STOW-RS endpoint for the answers
 Orthanc does not give (per-instance refusals, authentication)."""
 
@@ -29,9 +29,9 @@ from ctp_node.config import (
     StorageSettings,
 )
 from ctp_node.errors import PeerError
-from ctp_node.node.dicomweb import send_files_dicomweb
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.receiver import Receiver
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.work.stow_client import send_files_dicomweb
 from ctp_node.web.stow import stow_router
 from tests.node.dicom_helpers import ct_instance
 from tests.peers import Orthanc, start_orthanc, wait_for

@@ -18,10 +18,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.node.jobs import JobStore, State
-from ctp_node.node.processing import make_processor
-from ctp_node.node.spool import SeriesKey, Spool
-from ctp_node.node.worker import Worker
+from ctp_node.node.shared.jobs import JobStore, State
+from ctp_node.node.shared.spool import SeriesKey, Spool
+from ctp_node.node.work.series_processor import make_processor
+from ctp_node.node.work.worker import Worker
 from ctp_node.series.pipeline import SeriesPipeline
 from tests.dcmtk import require
 from tests.integration.node_helpers import (

@@ -21,8 +21,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
-from ctp_node.node.scu import fix_reactor_race
+from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from ctp_node.node.work.scu import fix_reactor_race
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.node.running_node import RunningNode, proc_status, read_until_closed
 from tests.peers import self_signed_certificate, wait_for, wait_steady
@@ -189,7 +189,7 @@ def _received_by_calling_ae(node: RunningNode) -> dict[str, float]:
 def test_many_calling_ae_titles_keep_the_metrics_bounded(node, tmp_path):
     """Issue 23 item 10: each distinct calling AE title added a label for good (300 titles: /metrics 2.2 ->
     43.9 KB). The first titles keep their own label; the others are counted together."""
-    from ctp_node.node.prometheus import MAX_CALLING_AE_LABELS, OTHER_CALLING_AE
+    from ctp_node.node.shared.prometheus import MAX_CALLING_AE_LABELS, OTHER_CALLING_AE
 
     study, series = generate_uid(), generate_uid()
     before = sum(_received_by_calling_ae(node).values())

@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from ctp_node.node.jobs import JobStore, State
-from ctp_node.node.processing import make_processor
-from ctp_node.node.receiver import Receiver
-from ctp_node.node.worker import Worker
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.jobs import JobStore, State
+from ctp_node.node.work.series_processor import make_processor
+from ctp_node.node.work.worker import Worker
 from ctp_node.series.pipeline import SeriesPipeline
 from tests.dcmtk import require
 from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files

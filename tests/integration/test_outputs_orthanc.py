@@ -5,7 +5,8 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from ctp_node.node.scu import Peer, send_files
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.work.scu import send_files
 from ctp_node.series.outputs import write_perfusion_outputs
 from tests.peers import start_orthanc
 from tests.series.outputs_cases import make_input, write_reference_files

@@ -11,9 +11,9 @@ from datetime import datetime
 import pydicom
 import pytest
 
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore, State
-from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import JobStore, State
+from ctp_node.node.shared.spool import SeriesKey, Spool
 from tests.integration.node_helpers import (
     cpu_checkpoint,
     node_settings,

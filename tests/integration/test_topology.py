@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore, State
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import JobStore, State
 from tests.dcmtk import require
 from tests.deploy.running import start_deployed_orthanc
 from tests.integration.node_helpers import (

@@ -24,7 +24,7 @@ def database_url(request, tmp_path):
     url = request.getfixturevalue("postgres").url
     from sqlalchemy import create_engine
 
-    from ctp_node.node.job_tables import metadata
+    from ctp_node.node.shared.job_tables import metadata
 
     engine = create_engine(url)
     metadata.drop_all(engine)  # a clean store per test

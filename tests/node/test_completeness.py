@@ -11,9 +11,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import Column, MetaData, Table, create_engine, inspect, text
 
-from ctp_node.node.completeness import CompletionPolicy, InstanceFacts, facts_from_header, judge, read_facts
-from ctp_node.node.job_tables import series_table
-from ctp_node.node.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.completeness import CompletionPolicy, InstanceFacts, facts_from_header, judge, read_facts
+from ctp_node.node.shared.job_tables import series_table
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.ports import free_port
 
@@ -207,8 +207,8 @@ def test_a_store_from_an_older_version_opens_and_gains_the_new_parts(database_ur
 
 
 def test_recovery_backfills_the_facts_of_a_series_received_by_an_older_version(tmp_path):
-    from ctp_node.node.receiver import recover_spool
-    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.node.receive.receiver import recover_spool
+    from ctp_node.node.shared.spool import SeriesKey, Spool
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     spool = Spool(tmp_path / "spool")
@@ -228,11 +228,11 @@ def test_recovery_backfills_the_facts_of_a_series_received_by_an_older_version(t
 
 
 def test_a_late_instance_of_a_series_counted_by_an_older_version_keeps_the_count_right(tmp_path):
-    from ctp_node.node.audit import AuditLog
-    from ctp_node.node.prometheus import NodeMetrics
-    from ctp_node.node.receiver import InstanceRecorder
-    from ctp_node.node.scp import ReceivedInstance
-    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.node.receive.ingest import ReceivedInstance
+    from ctp_node.node.receive.receiver import InstanceRecorder
+    from ctp_node.node.shared.audit import AuditLog
+    from ctp_node.node.shared.prometheus import NodeMetrics
+    from ctp_node.node.shared.spool import SeriesKey, Spool
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     spool, key = Spool(tmp_path / "spool"), SeriesKey("1.2.3", "1.2.3.4")
@@ -267,7 +267,7 @@ def _series_files(folder, study, series, positions, time_points, skip=()):
 
 def test_the_receiver_queues_complete_series_early_and_holds_incomplete_ones(tmp_path):
     from ctp_node.config import Settings
-    from ctp_node.node.receiver import Receiver
+    from ctp_node.node.receive.receiver import Receiver
 
     storescu = require("storescu")
     settings = Settings(

@@ -16,9 +16,10 @@ from sqlalchemy.exc import OperationalError
 
 from ctp_node.config import JobSettings
 from ctp_node.files import atomic_write, is_disk_full
-from ctp_node.node.jobs import State
-from ctp_node.node.send import ResultsLayout
-from ctp_node.node.worker import LoopTrouble, ProcessOutput, Worker
+from ctp_node.node.shared.jobs import State
+from ctp_node.node.shared.results import ResultsLayout
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.worker import LoopTrouble, Worker
 from tests.node.worker_helpers import KEY, FakeSender, queued_series
 
 MAX_BACKOFF_S = 8.0

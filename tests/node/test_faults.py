@@ -1,4 +1,4 @@
-"""What the worker does with each kind of processing failure (ctp_node.node.worker.FAULTS)."""
+"""What the worker does with each kind of processing failure (ctp_node.node.work.process_stage.FAULTS)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from datetime import timedelta
 import pytest
 
 from ctp_node.errors import ConfigError, IncompleteSeriesError, InvalidHeaderError, PerfusionError
-from ctp_node.node.jobs import State, utcnow
-from ctp_node.node.send import backoff_s
-from ctp_node.node.spool import InvalidUIDError, check_uid
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.shared.jobs import State, utcnow
+from ctp_node.node.shared.retry import backoff_s
+from ctp_node.node.shared.spool import InvalidUIDError, check_uid
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.worker import Worker
 from ctp_node.series.derived import DerivedSeriesError
 from ctp_node.series.grid import GridError
 from model import PlanError
@@ -146,7 +147,7 @@ def test_an_unexpected_error_is_retried_with_its_traceback_then_fails(env, caplo
 
 def test_a_job_whose_uid_cannot_be_a_path_fails_before_the_processor_runs(tmp_path):
     from ctp_node.config import Settings, StorageSettings
-    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.shared.jobs import JobStore
 
     settings = Settings(storage=StorageSettings(data_dir=tmp_path))
     store = JobStore(settings.database_url)
@@ -194,9 +195,9 @@ def spooled_worker(tmp_path, files, edit=None, sender=None):
     import pydicom
 
     from ctp_node.config import Destination, PerfusionOutputSettings, Settings, StorageSettings
-    from ctp_node.node.jobs import JobStore
-    from ctp_node.node.processing import make_processor
-    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.node.shared.jobs import JobStore
+    from ctp_node.node.shared.spool import SeriesKey, Spool
+    from ctp_node.node.work.series_processor import make_processor
     from ctp_node.series.derived import DerivedRecipe
     from ctp_node.series.pipeline import SeriesPipeline
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from ctp_node.node.jobs import ERROR_HISTORY, JobStore, State, utcnow
-from ctp_node.node.progress import StoreProgress
+from ctp_node.node.shared.jobs import ERROR_HISTORY, JobStore, State, utcnow
+from ctp_node.node.work.progress import StoreProgress
 
 
 @pytest.fixture()
@@ -143,8 +143,8 @@ def test_the_workers_processor_records_the_engines_progress_in_the_job_store(tmp
 
     import numpy as np
 
-    import ctp_node.node.processing as processing
-    from ctp_node.node.worker import Worker
+    import ctp_node.node.work.series_processor as processing
+    from ctp_node.node.work.worker import Worker
     from tests.node.worker_helpers import FakeSender, queued_series
 
     seen: list[tuple[int | None, int | None]] = []

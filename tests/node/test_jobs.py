@@ -2,7 +2,7 @@ from datetime import timedelta
 
 import pytest
 
-from ctp_node.node.jobs import JobStore, LeaseLost, State, utcnow
+from ctp_node.node.shared.jobs import JobStore, LeaseLost, State, utcnow
 
 
 @pytest.fixture()
@@ -178,8 +178,8 @@ def test_recover_spool_registers_and_reopens(tmp_path):
     import os
     import time as _time
 
-    from ctp_node.node.receiver import recover_spool
-    from ctp_node.node.spool import SeriesKey, Spool
+    from ctp_node.node.receive.receiver import recover_spool
+    from ctp_node.node.shared.spool import SeriesKey, Spool
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     spool = Spool(tmp_path / "spool")
@@ -204,11 +204,11 @@ def test_recover_spool_registers_and_reopens(tmp_path):
 
 
 def test_instance_recorder_batches_and_survives_a_database_hiccup(tmp_path):
-    from ctp_node.node.audit import AuditLog
-    from ctp_node.node.prometheus import NodeMetrics
-    from ctp_node.node.receiver import InstanceRecorder
-    from ctp_node.node.scp import ReceivedInstance
-    from ctp_node.node.spool import SeriesKey
+    from ctp_node.node.receive.ingest import ReceivedInstance
+    from ctp_node.node.receive.receiver import InstanceRecorder
+    from ctp_node.node.shared.audit import AuditLog
+    from ctp_node.node.shared.prometheus import NodeMetrics
+    from ctp_node.node.shared.spool import SeriesKey
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     real = store.record_instance
@@ -247,11 +247,11 @@ def test_instance_recorder_lingers_so_a_stream_of_instances_costs_one_transactio
     import time
     from datetime import timedelta
 
-    from ctp_node.node.audit import AuditLog
-    from ctp_node.node.prometheus import NodeMetrics
-    from ctp_node.node.receiver import InstanceRecorder
-    from ctp_node.node.scp import ReceivedInstance
-    from ctp_node.node.spool import SeriesKey
+    from ctp_node.node.receive.ingest import ReceivedInstance
+    from ctp_node.node.receive.receiver import InstanceRecorder
+    from ctp_node.node.shared.audit import AuditLog
+    from ctp_node.node.shared.prometheus import NodeMetrics
+    from ctp_node.node.shared.spool import SeriesKey
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     real, calls = store.record_instance, []
@@ -281,7 +281,7 @@ def test_instance_recorder_lingers_so_a_stream_of_instances_costs_one_transactio
 def test_opening_a_store_that_does_not_exist_creates_nothing(database_url, tmp_path):
     from sqlalchemy import create_engine, inspect
 
-    from ctp_node.node.jobs import StoreMissingError
+    from ctp_node.node.shared.jobs import StoreMissingError
 
     missing = (
         database_url if database_url.startswith("postgresql") else f"sqlite:///{tmp_path / 'typo' / 'jobs.sqlite'}"

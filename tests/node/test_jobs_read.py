@@ -1,4 +1,4 @@
-"""The job store's read side (ctp_node/node/jobs_read.py): plain data for the page, `ctp-node jobs` and
+"""The job store's read side (ctp_node/node/shared/jobs_read.py): plain data for the page, `ctp-node jobs` and
 the metrics, on SQLite and PostgreSQL; and the completion policy the store is told (completeness.py)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 
-from ctp_node.node.completeness import CompletionPolicy, InstanceFacts, Wait
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.jobs_read import Delivery, JobQueries, JobRow, SeriesJob, State, utcnow
-from ctp_node.node.prometheus import NodeMetrics
+from ctp_node.node.shared.completeness import CompletionPolicy, InstanceFacts, Wait
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.shared.jobs_read import Delivery, JobQueries, JobRow, SeriesJob, State, utcnow
+from ctp_node.node.shared.prometheus import NodeMetrics
 
 
 @pytest.fixture()

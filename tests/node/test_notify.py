@@ -1,4 +1,4 @@
-"""Webhooks (ctp_node/node/notify.py) against a local HTTP receiver the tests start on loopback."""
+"""Webhooks (ctp_node/node/shared/notify.py) against a local HTTP receiver the tests start on loopback."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from ctp_node.config import (
     Webhook,
 )
 from ctp_node.errors import ConfigError
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.notify import (
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.shared.notify import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
@@ -33,7 +34,6 @@ from ctp_node.node.notify import (
     Notifier,
     verify_signature,
 )
-from ctp_node.node.receiver import Receiver
 from tests.ports import free_port
 
 SECRET = "webhook-secret-for-tests"
@@ -173,7 +173,7 @@ def test_a_refusal_is_not_retried(hook, secret_env, job, caplog):
     registry = CollectorRegistry()
     hook.statuses = [403]
     notifier = Notifier(notify_settings(hook.url), registry=registry)
-    with caplog.at_level(logging.WARNING, logger="ctp_node.node.notify"):
+    with caplog.at_level(logging.WARNING, logger="ctp_node.node.shared.notify"):
         try:
             notifier.failed(job, "boom")
             hook.next()
@@ -189,7 +189,7 @@ def test_an_unreachable_receiver_is_retried_then_given_up_without_logging_secret
     registry = CollectorRegistry()
     url = f"http://127.0.0.1:{free_port()}/hook?token=in-the-url"  # nothing listens there
     notifier = Notifier(notify_settings(url, max_attempts=3), registry=registry)
-    with caplog.at_level(logging.DEBUG, logger="ctp_node.node.notify"):
+    with caplog.at_level(logging.DEBUG, logger="ctp_node.node.shared.notify"):
         try:
             notifier.failed(job, "boom")
             assert notifier.flush()
@@ -294,7 +294,7 @@ def test_the_receiver_announces_a_queued_series(tmp_path: Path, hook, secret_env
 
 def _worker_with_hook(tmp_path: Path, url: str, processor, outcomes, events=None, destinations=1):
     from ctp_node.config import Destination
-    from ctp_node.node.worker import Worker
+    from ctp_node.node.work.worker import Worker
     from tests.node.worker_helpers import FakeSender, queued_series
 
     settings, store = queued_series(tmp_path / "data")
@@ -313,7 +313,7 @@ def _worker_with_hook(tmp_path: Path, url: str, processor, outcomes, events=None
 
 
 def _writing(job, files, out_dir):
-    from ctp_node.node.worker import ProcessOutput
+    from ctp_node.node.work.process_stage import ProcessOutput
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "1.dcm").write_bytes(b"x")
@@ -340,7 +340,7 @@ def test_the_worker_announces_a_delivered_result(tmp_path: Path, hook, secret_en
 def test_job_delivered_comes_once_every_destination_has_the_result(tmp_path: Path, hook, secret_env):
     from datetime import timedelta
 
-    from ctp_node.node.jobs import utcnow
+    from ctp_node.node.shared.jobs import utcnow
 
     # pacs stores the result at once; archive1 is busy (0xA700, retried later), then stores it
     worker, store = _worker_with_hook(tmp_path, hook.url, _writing, [0x0000, 0xA700, 0x0000], destinations=2)
@@ -424,7 +424,7 @@ def test_the_configured_events_are_the_ones_the_notifier_sends():
     from typing import get_args
 
     from ctp_node.config import WebhookEvent
-    from ctp_node.node.notify import EVENTS
+    from ctp_node.node.shared.notify import EVENTS
 
     assert set(get_args(WebhookEvent)) == set(EVENTS)
 
@@ -485,7 +485,7 @@ def test_a_trickling_receiver_cannot_hold_a_try_past_the_timeout(trickling_hook,
     settings = notify_settings(trickling_hook.url, timeout_s=1, max_attempts=1)
     notifier = Notifier(settings, registry=registry)
     try:
-        with caplog.at_level(logging.WARNING, logger="ctp_node.node.notify"):
+        with caplog.at_level(logging.WARNING, logger="ctp_node.node.shared.notify"):
             started = time.monotonic()
             notifier.failed(job, "boom")
             while time.monotonic() - started < 10:

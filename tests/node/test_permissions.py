@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.shared.spool import SeriesKey, Spool
 from ctp_node.permissions import DIR_MODE, FILE_MODE, make_dirs
 
 

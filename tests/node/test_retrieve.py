@@ -8,9 +8,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-from ctp_node.node.retrieve import retrieve_series
-from ctp_node.node.scu import Peer
-from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool
+from ctp_node.node.receive.retrieve import retrieve_series
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, Spool
 from tests.node.dicom_helpers import ct_instance
 from tests.peers import start_orthanc
 from tests.ports import free_port

@@ -1,4 +1,4 @@
-"""The C-STORE sender (ctp_node.node.scu): pynetdicom's reactor race (issue 23), timeouts, and an
+"""The C-STORE sender (ctp_node.node.work.scu): pynetdicom's reactor race (issue 23), timeouts, and an
 association that ends half way."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from ctp_node.node import scu
-from ctp_node.node.dicom_status import STATUS_SUCCESS
-from ctp_node.node.scu import Peer, SendResult, send_files
+from ctp_node.node.shared.dicom_status import STATUS_SUCCESS
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.work import scu
+from ctp_node.node.work.scu import SendResult, send_files
 from tests.dcmtk import dcmtk
 from tests.deploy.tools import missing
 from tests.node.dicom_helpers import ct_instance
@@ -94,7 +95,7 @@ def test_repeated_deliveries_to_storescp_under_cpu_load_lose_no_answer(tmp_path,
 
 
 def test_the_reactor_fix_is_installed_on_this_pynetdicom():
-    """A pynetdicom other than the vetted ones fails here: read its reactor again (ctp_node.node.scu)."""
+    """A pynetdicom other than the vetted ones fails here: read its reactor again (ctp_node.node.work.scu)."""
     seen = []
     ae = AE(ae_title="PEER")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)

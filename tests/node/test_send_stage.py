@@ -15,12 +15,14 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from ctp_node.config import Destination, JobSettings, Settings, StorageSettings
-from ctp_node.node.dicom_status import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.send import ResultsLayout, SendStage, find_peer, peer_for
-from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.shared.dicom_status import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.results import ResultsLayout
+from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, Spool
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.scu import SendResult
+from ctp_node.node.work.send_stage import SendStage, find_peer, peer_for
+from ctp_node.node.work.worker import Worker
 from tests.node.dicom_helpers import ct_instance
 from tests.node.worker_helpers import KEY, FakeSender
 from tests.peers import wait_for
@@ -138,7 +140,7 @@ def test_peers_by_name_or_address_and_what_is_wrong_otherwise():
 
 
 def test_claiming_for_sending_only_takes_results_waiting_for_delivery(database_url):
-    from ctp_node.node.jobs import JobStore
+    from ctp_node.node.shared.jobs import JobStore
 
     store = JobStore(database_url)
     earlier = utcnow() - timedelta(seconds=120)
@@ -257,8 +259,8 @@ def test_a_partial_send_is_resumed_and_a_resend_by_hand_starts_afresh(env):
 KILLED_WORKER = """
 import sys
 from ctp_node.config import Destination, JobSettings, Settings, StorageSettings
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.send import SendStage
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.work.send_stage import SendStage
 
 data_dir, port = sys.argv[1], int(sys.argv[2])
 settings = Settings(

@@ -8,9 +8,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from ctp_node.config import AllowedCaller, DicomSettings
-from ctp_node.node.completeness import read_facts
-from ctp_node.node.scp import STATUS_CANNOT_UNDERSTAND, start_scp
-from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.receive.scp import start_scp
+from ctp_node.node.shared.completeness import read_facts
+from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND
+from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, Spool, check_uid
 from tests.node.dicom_helpers import ct_instance, require, run
 from tests.ports import free_port
 
@@ -155,8 +156,8 @@ def test_a_full_disk_while_receiving_is_answered_out_of_resources_and_leaves_no_
     once, and the association goes on."""
     import errno
 
-    from ctp_node.node import scp
-    from ctp_node.node.scp import STATUS_OUT_OF_RESOURCES
+    from ctp_node.node.receive import scp
+    from ctp_node.node.shared.dicom_status import STATUS_OUT_OF_RESOURCES
 
     settings, spool, received = node
 
@@ -197,7 +198,7 @@ def test_a_full_disk_while_receiving_is_answered_out_of_resources_and_leaves_no_
 def test_the_receiver_refuses_to_start_on_a_pynetdicom_it_was_not_vetted_on(tmp_path, monkeypatch, version):
     import pynetdicom
 
-    from ctp_node.node.scp import check_pynetdicom
+    from ctp_node.node.receive.scp import check_pynetdicom
 
     check_pynetdicom()  # the installed one
     monkeypatch.setattr(pynetdicom, "__version__", version)
@@ -237,7 +238,7 @@ def test_bulk_read_socket_returns_what_pynetdicom_would():
 
     from pynetdicom.transport import AssociationSocket
 
-    from ctp_node.node.scp import BulkReadSocket
+    from ctp_node.node.shared.dicom_transport import BulkReadSocket
 
     payload = bytes(range(256)) * 2048  # 512 KB, sent in uneven pieces
     for cls in (AssociationSocket, BulkReadSocket):
@@ -267,7 +268,8 @@ def test_connections_get_nodelay_bulk_reads_timeouts_and_the_configured_poll_int
     from pynetdicom.transport import AssociationSocket
 
     from ctp_node.config import DicomSettings
-    from ctp_node.node.scp import BulkReadSocket, tune_connection
+    from ctp_node.node.receive.scp import tune_connection
+    from ctp_node.node.shared.dicom_transport import BulkReadSocket
 
     def event(dul):
         acceptor = SimpleNamespace(maximum_length=131072)
@@ -307,7 +309,7 @@ def test_claimed_pdu_lengths_are_capped_before_allocation(pdu_type, length, allo
     import socket
     import threading
 
-    from ctp_node.node.scp import BulkReadSocket
+    from ctp_node.node.shared.dicom_transport import BulkReadSocket
 
     ours, theirs = socket.socketpair()
     wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
@@ -333,7 +335,7 @@ def test_a_pdu_must_arrive_within_the_read_timeout():
     import socket
     import time
 
-    from ctp_node.node.scp import BulkReadSocket
+    from ctp_node.node.shared.dicom_transport import BulkReadSocket
 
     ours, theirs = socket.socketpair()
     wrapped = BulkReadSocket(_fake_assoc(), client_socket=ours)
@@ -356,7 +358,8 @@ def test_the_scu_caps_claims_and_times_out_on_a_hostile_scp():
     import socket
     import threading
 
-    from ctp_node.node.scu import Peer, echo
+    from ctp_node.node.shared.peer import Peer
+    from ctp_node.node.work.scu import echo
 
     for answer in (b"\x02\x00\xff\xff\xff\xff", b"\x02\x00\x00\x00\x01\x00" + b"\x00" * 10):
         server = socket.create_server(("127.0.0.1", 0))

@@ -14,10 +14,10 @@ import pytest
 
 from ctp_node.config import GuardrailSettings, Settings, StorageSettings
 from ctp_node.errors import MixedSeriesError
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.processing import make_processor
-from ctp_node.node.spool import SeriesKey, Spool
-from ctp_node.node.worker import Worker
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.spool import SeriesKey, Spool
+from ctp_node.node.work.series_processor import make_processor
+from ctp_node.node.work.worker import Worker
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.series.assemble import assemble_series
 from ctp_node.series.derived import DerivedRecipe

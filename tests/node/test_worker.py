@@ -2,9 +2,10 @@ import pytest
 
 from ctp_node.config import SendSettings
 from ctp_node.errors import IncompleteSeriesError, NotCTPError
-from ctp_node.node.jobs import State
-from ctp_node.node.send import backoff_s
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.shared.jobs import State
+from ctp_node.node.shared.retry import backoff_s
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.worker import Worker
 from tests.node.worker_helpers import FakeSender
 
 

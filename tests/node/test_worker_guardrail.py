@@ -8,7 +8,8 @@ import logging
 from typer.testing import CliRunner
 
 from ctp_node.cli.main import app
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.worker import Worker
 from tests.integration.node_helpers import write_config
 from tests.node.worker_helpers import FakeSender
 
@@ -27,7 +28,7 @@ def processor(verdict):
 def test_a_flagged_result_is_recorded_logged_audited_and_shown(env, tmp_path, caplog):  # noqa: F811
     settings, store = env
     worker = Worker(settings, store, processor(FLAG), sender=FakeSender([0x0000]), worker_id="w1")
-    with caplog.at_level(logging.WARNING, logger="ctp_node.node.worker"):
+    with caplog.at_level(logging.WARNING, logger="ctp_node.node.work.process_stage"):
         job = worker.run_once()
     done = store.get(job.id)
     assert done.guardrail == FLAG and done.state.value == "done"  # the flag policy still sends it
@@ -42,6 +43,6 @@ def test_a_flagged_result_is_recorded_logged_audited_and_shown(env, tmp_path, ca
 def test_a_passing_result_is_recorded_without_a_warning(env, caplog):  # noqa: F811
     settings, store = env
     worker = Worker(settings, store, processor("pass: grey offset +0.10 HU"), sender=FakeSender([0]), worker_id="w")
-    with caplog.at_level(logging.WARNING, logger="ctp_node.node.worker"):
+    with caplog.at_level(logging.WARNING, logger="ctp_node.node.work.process_stage"):
         job = worker.run_once()
     assert store.get(job.id).guardrail.startswith("pass") and "guardrail" not in caplog.text

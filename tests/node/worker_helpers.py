@@ -6,9 +6,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from ctp_node.config import Destination, SendSettings, Settings, StorageSettings
-from ctp_node.node.jobs import JobStore, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.spool import SeriesKey, Spool
+from ctp_node.node.shared.jobs import JobStore, utcnow
+from ctp_node.node.shared.spool import SeriesKey, Spool
+from ctp_node.node.work.scu import SendResult
 
 KEY = SeriesKey("1.2.3", "1.2.3.4")
 

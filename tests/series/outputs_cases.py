@@ -11,7 +11,7 @@ from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
 from ctp_node.series.guardrail import CheckResult, GuardrailVerdict
-from ctp_node.series.outputs import PerfusionAnalysis, PerfusionOutputInput, TissueCurves
+from ctp_node.series.outputs import AnalysisKind, PerfusionAnalysis, PerfusionOutputInput, TissueCurves
 
 SOURCE_UID = "1.2.826.0.1.3680043.8.498.77"
 SHAPE = (3, 48, 48)
@@ -25,7 +25,7 @@ def disc(radius: float, z: int, centre=(24, 30)) -> np.ndarray:
     return mask
 
 
-def make_analysis(label: str = "synthetic 1 s", **changes) -> PerfusionAnalysis:
+def make_analysis(kind: AnalysisKind = AnalysisKind.SYNTHETIC, **changes) -> PerfusionAnalysis:
     """Maps with known values: a gradient over the brain, a lesion of three nested discs in slice 1."""
     rng = np.random.default_rng(1)
     brain = np.zeros(SHAPE, dtype=bool)
@@ -40,7 +40,7 @@ def make_analysis(label: str = "synthetic 1 s", **changes) -> PerfusionAnalysis:
     aif = 400 * np.exp(-0.5 * ((times - 8) / 2) ** 2)
     volumes = {name: float(mask.sum()) * VOXEL_ML for name, mask in (("c", core), ("h", tmax6), ("s", tmax10))}
     fields = dict(
-        label=label, cbf=cbf, cbv=cbv, mtt=mtt, tmax=tmax, core_mask=core, tmax6_mask=tmax6, tmax10_mask=tmax10,
+        kind=kind, cbf=cbf, cbv=cbv, mtt=mtt, tmax=tmax, core_mask=core, tmax6_mask=tmax6, tmax10_mask=tmax10,
         times_s=times, aif_curve=aif, aif_voxels=np.array([[0, 10, 12], [0, 11, 12], [1, 10, 36]]),
         vof_curve=0.6 * np.roll(aif, 5), vof_voxels=np.array([[2, 40, 24]]), brain_mask=brain,
         core_volume_ml=volumes["c"], tmax6_volume_ml=volumes["h"], tmax10_volume_ml=volumes["s"],
@@ -59,8 +59,8 @@ def make_input(reference_files, **changes) -> PerfusionOutputInput:
     )
     fields = dict(
         synthetic=make_analysis(), reference_files=reference_files, source_series_uid=SOURCE_UID,
-        acquired=make_analysis("acquired", times_s=times[::4], aif_curve=times[::4] * 0 + 1.0, vof_curve=None,
-                               vof_voxels=None),
+        acquired=make_analysis(AnalysisKind.ACQUIRED, times_s=times[::4], aif_curve=times[::4] * 0 + 1.0,
+                               vof_curve=None, vof_voxels=None),
         synthetic_curves=curves, acquired_curves=TissueCurves(times[::4], {"normal": curves.curves["normal"][::4]}),
         guardrail=verdict,
     )  # fmt: skip

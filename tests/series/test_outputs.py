@@ -14,12 +14,13 @@ import pytest
 from scipy import ndimage
 
 from ctp_node.config import PerfusionOutputSettings
+from ctp_node.errors import PerfusionOutputError
 from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
-from ctp_node.series.derived import CAUTION
+from ctp_node.series.node_dicom import CAUTION
 from ctp_node.series.outputs import (
-    PerfusionOutputError,
+    AnalysisKind,
     output_input,
     write_perfusion_outputs,
 )
@@ -260,7 +261,10 @@ def test_a_rerun_replaces_the_same_series(reference_files, tmp_path):
         (lambda d: dataclasses.replace(d, synthetic=make_analysis(cbv=np.zeros((3, 4, 4)))), "cbv has shape"),
         (lambda d: dataclasses.replace(d, source_series_uid=""), "source_series_uid is empty"),
         (lambda d: dataclasses.replace(d, reference_files=d.reference_files[::-1]), "increasing slice order"),
-        (lambda d: dataclasses.replace(d, acquired=make_analysis("acquired", aif_curve=np.zeros(3))), "aif_curve"),
+        (
+            lambda d: dataclasses.replace(d, acquired=make_analysis(AnalysisKind.ACQUIRED, aif_curve=np.zeros(3))),
+            "aif_curve",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(reference_files, tmp_path, change, message):
@@ -356,17 +360,17 @@ def test_adapter_reads_vof_and_tmax10_of_the_analysis():
         hypoperfusion_volume_ml=None, severe_hypoperfusion_volume_ml=None, mismatch_volume_ml=None,
         reference_cbf=40.0, method="parametric", notes=["a note"],
     )  # fmt: skip
-    analysis = analysis_from_maps(maps, "synthetic 1 s")
+    analysis = analysis_from_maps(maps, AnalysisKind.SYNTHETIC)
     np.testing.assert_array_equal(analysis.tmax10_mask, known.tmax10_mask)
     np.testing.assert_array_equal(analysis.vof_voxels, known.vof_voxels)
     assert analysis.tmax10_volume_ml == pytest.approx(known.tmax10_volume_ml)
     assert analysis.mismatch_volume_ml == pytest.approx(known.tmax6_volume_ml - known.core_volume_ml)
     assert analysis.hypoperfusion_intensity_ratio == pytest.approx(known.hypoperfusion_intensity_ratio)
     no_vof = SimpleNamespace(**{**vars(maps), "aif_selection": SimpleNamespace(vof=None)})
-    assert analysis_from_maps(no_vof, "acquired").vof_curve is None
+    assert analysis_from_maps(no_vof, AnalysisKind.ACQUIRED).vof_curve is None
     other_times = SimpleNamespace(**{**vars(maps), "aif_selection": SimpleNamespace(vof=SimpleNamespace(
         curve=known.vof_curve[:5], voxels=known.vof_voxels))})  # fmt: skip
-    assert analysis_from_maps(other_times, "acquired").vof_voxels is None
+    assert analysis_from_maps(other_times, AnalysisKind.ACQUIRED).vof_voxels is None
 
 
 def test_withheld_volumes_are_left_out_of_sr_and_seg_with_the_reason(reference_files, tmp_path):

@@ -11,11 +11,12 @@ import numpy as np
 from PIL import Image
 
 from ctp_node.config import Settings
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore, State, utcnow
-from ctp_node.node.scu import SendResult
-from ctp_node.node.spool import SeriesKey, Spool
-from ctp_node.node.worker import ProcessOutput, Worker
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import JobStore, State, utcnow
+from ctp_node.node.shared.spool import SeriesKey, Spool
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.scu import SendResult
+from ctp_node.node.work.worker import Worker
 from ctp_node.web.passwords import hash_password
 from tests.node.dicom_helpers import ct_instance
 
@@ -172,7 +173,7 @@ def _due_now(store: JobStore) -> None:
     """Every waiting retry due now (a test does not wait out the backoff)."""
     from sqlalchemy import update
 
-    from ctp_node.node.job_tables import deliveries_table, series_table
+    from ctp_node.node.shared.job_tables import deliveries_table, series_table
 
     past = utcnow() - timedelta(seconds=1)
     with store.engine.begin() as conn:

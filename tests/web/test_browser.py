@@ -11,7 +11,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from ctp_node.node.jobs import State
+from ctp_node.node.shared.jobs import State
 from ctp_node.web import start_web
 from tests.web.helpers import DONE_SERIES, PASSWORD, USER, job_id, make_node
 

@@ -162,7 +162,7 @@ def test_an_unexpected_error_is_a_page_for_a_browser(retried, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail of a bug")
 
-    monkeypatch.setattr("ctp_node.node.jobs_read.JobQueries.rows", broken)
+    monkeypatch.setattr("ctp_node.node.shared.jobs_read.JobQueries.rows", broken)
     page = c.get("/", headers=BROWSER)
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
     assert "<h1>500</h1>" in page.text and "secret detail" not in page.text

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from ctp_node.node.jobs import State
+from ctp_node.node.shared.jobs import State
 from ctp_node.web import start_web
 from tests.deploy.tools import DEPLOY, need_program
 from tests.peers import self_signed_certificate, stop_process

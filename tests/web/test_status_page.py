@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ctp_node.config import Credential
-from ctp_node.node.jobs import State
+from ctp_node.node.shared.jobs import State
 from ctp_node.web import create_app
 from ctp_node.web.auth import Authenticator
 from tests.web.helpers import (
@@ -173,7 +173,7 @@ def test_retry_from_the_page_queues_the_job_again_and_is_audited(client, node):
     assert response.status_code == 303 and response.headers["location"] == f"/jobs/{failed}?done=retry"
     job = store.get(failed)
     assert job.state == State.QUEUED and job.error is None
-    from ctp_node.node.audit import AuditLog
+    from ctp_node.node.shared.audit import AuditLog
 
     retry = [e for e in AuditLog(settings.storage.audit_log).read() if e["event"] == "retry"]
     assert retry and retry[-1]["by"] == USER and retry[-1]["series_uid"] == FAILED_SERIES
@@ -296,7 +296,7 @@ def test_the_authenticator_reads_its_credentials_from_a_file_or_the_environment(
 
 
 def test_stow_rs_is_served_behind_the_pages_authentication_when_enabled(tmp_path):
-    from ctp_node.node.receiver import Receiver
+    from ctp_node.node.receive.receiver import Receiver
 
     settings, store = make_node(tmp_path)
     settings = settings.model_copy(update={"dicomweb": settings.dicomweb.model_copy(update={"stow_enabled": True})})
@@ -311,7 +311,7 @@ def test_stow_rs_is_served_behind_the_pages_authentication_when_enabled(tmp_path
 def test_text_from_the_job_store_and_headers_is_escaped(client, node):
     from sqlalchemy import update
 
-    from ctp_node.node.job_tables import series_table
+    from ctp_node.node.shared.job_tables import series_table
 
     _, store = node
     failed = job_id(store, FAILED_SERIES)
@@ -332,7 +332,7 @@ def test_pages_say_when_the_job_store_does_not_answer(node, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("SELECT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr("ctp_node.node.jobs_read.JobQueries.rows", down)
+    monkeypatch.setattr("ctp_node.node.shared.jobs_read.JobQueries.rows", down)
     with TestClient(create_app(settings, store)) as c:
         page = c.get("/", headers={**BEARER, "Accept": "text/html"})
     assert page.status_code == 503 and "job store does not answer" in page.text
@@ -397,7 +397,7 @@ def test_an_unexpected_error_is_a_500_page_with_the_security_headers(node, monke
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail of a bug")
 
-    monkeypatch.setattr("ctp_node.node.jobs_read.JobQueries.rows", broken)
+    monkeypatch.setattr("ctp_node.node.shared.jobs_read.JobQueries.rows", broken)
     with TestClient(create_app(settings, store), raise_server_exceptions=False) as c:
         response = c.get("/", headers=basic())
     assert response.status_code == 500 and "secret detail" not in response.text

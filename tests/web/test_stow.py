@@ -21,8 +21,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MRImageStorage, generate_uid
 
 from ctp_node.config import DicomSettings, DicomwebSettings, Settings, StorageSettings
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.receiver import Receiver
+from ctp_node.node.receive.receiver import Receiver
+from ctp_node.node.shared.jobs import JobStore
 from ctp_node.web.stow import STOW_CALLING_AE, stow_router
 from tests.node.dicom_helpers import ct_instance
 from tests.peers import wait_for

@@ -6,8 +6,8 @@ Entry point: ``write_perfusion_outputs(data, out_dir, settings)``; input: ``Perf
 
 from ctp_node.series.outputs.common import OutputSeries
 from ctp_node.series.outputs.inputs import (
+    AnalysisKind,
     PerfusionAnalysis,
-    PerfusionOutputError,
     PerfusionOutputInput,
     TissueCurves,
     analysis_from_maps,
@@ -17,9 +17,9 @@ from ctp_node.series.outputs.inputs import (
 from ctp_node.series.outputs.writer import write_perfusion_outputs
 
 __all__ = [
+    "AnalysisKind",
     "OutputSeries",
     "PerfusionAnalysis",
-    "PerfusionOutputError",
     "PerfusionOutputInput",
     "TissueCurves",
     "analysis_from_maps",

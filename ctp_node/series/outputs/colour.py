@@ -30,12 +30,12 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from ctp_node.files import fsync_dir
+from ctp_node.series.node_dicom import NODE_MANUFACTURER, equipment
 from ctp_node.series.outputs.common import (
     RESEARCH_NOTE,
     OutputSeries,
     SeriesIdentity,
     caution,
-    equipment,
     save_atomic,
     series_folder,
     source_image,
@@ -318,7 +318,7 @@ def secondary_capture(
         series_number=ident.series_number,
         sop_instance_uid=ident.instance_uid(number),
         instance_number=number,
-        manufacturer="ctp-node",
+        manufacturer=NODE_MANUFACTURER,
         patient_orientation=patient_orientation(reference),
         pixel_spacing=pixel_spacing,
         transfer_syntax_uid="1.2.840.10008.1.2.1",
@@ -347,7 +347,7 @@ def write_colour_series(
     """One colour Secondary Capture per slice of one map into ``out_dir/<folder>``."""
     values = np.asarray(analysis.map(style.name))
     missing = int(np.count_nonzero(~np.isfinite(values)))
-    folder = series_folder(out_dir, f"{analysis.label.split()[0].lower()}_{style.name}_colour")
+    folder = series_folder(out_dir, f"{analysis.kind.value}_{style.name}_colour")
     notes = (f"{missing} voxels without a value (NaN) shown black",) if missing else ()
     n_z, n_y, n_x = values.shape
     layout = colour_layout(n_y, n_x)
@@ -376,7 +376,7 @@ def write_colour_series(
         paths.append(save_atomic(sc, folder / f"{style.name.upper()}_RGB_{z:03d}.dcm"))
     fsync_dir(folder)
     return OutputSeries(
-        "colour_map", analysis.label.split()[0].lower(), style.name, ident.series_uid, ident.series_number,
+        "colour_map", analysis.kind.value, style.name, ident.series_uid, ident.series_number,
         ident.description, folder, tuple(paths), notes,
     )  # fmt: skip
 

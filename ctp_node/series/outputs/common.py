@@ -22,19 +22,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
-from ctp_node import __version__
+from ctp_node.errors import PerfusionOutputError
 from ctp_node.files import atomic_write
 from ctp_node.permissions import make_dirs
-from ctp_node.series.derived import CAUTION, NODE_MANUFACTURER
 from ctp_node.series.dicom_attributes import derived_uid
-from ctp_node.series.outputs.inputs import PerfusionOutputError
+from ctp_node.series.node_dicom import CAUTION, LO_MAX, source_image_purpose
 
 RESEARCH_PREFIX = "RUO"
 RESEARCH_NOTE = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 # What the lesion masks and their volumes are (SR measurements and SEG segments name the same findings).
 INFARCT = Code("55641003", "SCT", "Infarct")
 ISCHEMIA = Code("52674009", "SCT", "Ischemia")
-LO_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class OutputSeries:
     """One written output series: what it is, where its files are, and what a reader should know."""
 
     kind: str  # "map", "colour_map", "sr", "seg", "qa_report"
-    analysis: str  # "synthetic" / "acquired" / "both"
+    analysis: str  # an AnalysisKind's value ("synthetic", "acquired"), or "both" (the QA report)
     name: str  # e.g. "cbf"
     series_uid: str
     series_number: int
@@ -116,12 +114,6 @@ def read_references(files: Sequence[Path], shape_zyx: tuple[int, int, int], pixe
     return headers
 
 
-def equipment(ds: Dataset) -> None:
-    ds.Manufacturer = NODE_MANUFACTURER
-    ds.ManufacturerModelName = NODE_MANUFACTURER
-    ds.SoftwareVersions = __version__
-
-
 def referenced_series(references: Sequence[Dataset]) -> DicomSequence:
     """ReferencedSeriesSequence naming the reference images."""
     item = Dataset()
@@ -141,10 +133,7 @@ def source_image(reference: Dataset) -> DicomSequence:
     item = Dataset()
     item.ReferencedSOPClassUID = reference.SOPClassUID
     item.ReferencedSOPInstanceUID = reference.SOPInstanceUID
-    purpose = Dataset()
-    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
-    purpose.CodeMeaning = "Source image for image processing operation"
-    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    item.PurposeOfReferenceCodeSequence = DicomSequence([source_image_purpose()])
     return DicomSequence([item])
 
 

@@ -1,26 +1,48 @@
 """What the perfusion output writers draw on: plain arrays and small dataclasses, no analysis code.
 
 ``PerfusionAnalysis`` is one analysis of one series (the synthetic 1 s series, or the acquired one
-alone): maps, lesion masks, volumes, the AIF and VOF. ``PerfusionOutputInput`` gathers the analyses
-of one job with the images the outputs refer to and the guardrail's verdict. ``analysis_from_maps``
-and ``output_input`` adapt the result of ``ctp_node.perfusion.compute_perfusion``; any other analysis
-can fill the dataclasses directly.
+alone, told apart by its ``AnalysisKind``): maps, lesion masks, volumes, the AIF and VOF.
+``PerfusionOutputInput`` gathers the analyses of one job with the images the outputs refer to and the
+guardrail's verdict. ``analysis_from_maps`` and ``output_input`` adapt the result of
+``ctp_node.perfusion.compute_perfusion``; any other analysis can fill the dataclasses directly.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ctp_node.errors import PerfusionOutputError  # noqa: F401 (re-exported: ctp_node.series.outputs)
+from ctp_node.errors import PerfusionOutputError
 from ctp_node.perfusion import PerfusionMaps
 from ctp_node.series.guardrail import GuardrailVerdict
 
 MAP_NAMES = ("cbf", "cbv", "mtt", "tmax")
 MASK_NAMES = ("core", "tmax6", "tmax10")
+
+
+class AnalysisKind(enum.Enum):
+    """Which series an analysis was made from. Its value names the outputs made from it (folders,
+    ``OutputSeries.analysis``, the series' UIDs); ``label`` is how their text names the series and
+    ``short`` how their SeriesDescription does."""
+
+    SYNTHETIC = "synthetic"
+    ACQUIRED = "acquired"
+
+    @property
+    def label(self) -> str:
+        return LABELS[self]
+
+    @property
+    def short(self) -> str:
+        return SHORT[self]
+
+
+LABELS = {AnalysisKind.SYNTHETIC: "synthetic 1 s", AnalysisKind.ACQUIRED: "acquired"}
+SHORT = {AnalysisKind.SYNTHETIC: "SYN1s", AnalysisKind.ACQUIRED: "ACQ"}
 
 
 @dataclass(frozen=True)
@@ -30,10 +52,10 @@ class PerfusionAnalysis:
     Units: CBF mL/100 g/min, CBV mL/100 g, MTT s, Tmax s. Volumes in mL (None: not known, e.g. without
     a voxel size). ``aif_voxels`` / ``vof_voxels``: (n, 3) int (z, y, x) of the voxels whose mean curves
     are ``aif_curve`` / ``vof_curve`` (HU above baseline at ``times_s``); VOF None when none was chosen.
-    ``label``: how the outputs name the analysed series ("synthetic 1 s", "acquired").
+    ``kind``: which series was analysed; ``label`` (from the kind): how the outputs' text names it.
     """
 
-    label: str
+    kind: AnalysisKind
     cbf: np.ndarray
     cbv: np.ndarray
     mtt: np.ndarray
@@ -64,6 +86,10 @@ class PerfusionAnalysis:
     valid: Mapping[str, np.ndarray] = field(default_factory=dict)
     tissue_mask: np.ndarray | None = None  # the analysed tissue the invalid fractions refer to
 
+    @property
+    def label(self) -> str:
+        return self.kind.label
+
     def map(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
@@ -85,6 +111,8 @@ class PerfusionAnalysis:
 
     def check(self) -> None:
         """Shapes and types agree; PerfusionOutputError says what does not."""
+        if not isinstance(self.kind, AnalysisKind):
+            raise PerfusionOutputError(f"kind must be an AnalysisKind, got {self.kind!r}")
         shape = self.shape
         if len(shape) != 3:
             raise PerfusionOutputError(f"{self.label}: maps must be (Z, Y, X), got cbf of shape {shape}")
@@ -176,7 +204,9 @@ def tissue_regions(analysis: PerfusionAnalysis, tissue: np.ndarray | None = None
     }
 
 
-def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float | None = None) -> PerfusionAnalysis:
+def analysis_from_maps(
+    maps: PerfusionMaps, kind: AnalysisKind, voxel_volume_ml: float | None = None
+) -> PerfusionAnalysis:
     """A ``PerfusionAnalysis`` from ``compute_perfusion``'s result.
 
     An analysis without a Tmax > 10 s mask (``severe_mask`` None: made by an older version) gets it
@@ -207,7 +237,7 @@ def analysis_from_maps(maps: PerfusionMaps, label: str, voxel_volume_ml: float |
     hir = _ratio(volumes["tmax10"], volumes["tmax6"])
     vof_curve, vof_voxels = _vof(maps)
     return PerfusionAnalysis(
-        label=label,
+        kind=kind,
         cbf=maps.cbf, cbv=maps.cbv, mtt=maps.mtt, tmax=maps.tmax,
         core_mask=core, tmax6_mask=tmax6, tmax10_mask=tmax10,
         times_s=np.asarray(maps.times_s, dtype=np.float64),
@@ -248,8 +278,10 @@ def output_input(
     curves, anatomy), acquired at ``synthetic_times_s`` / ``acquired_times_s`` (default: the maps' times,
     which differ when the analysis dropped interpolated frames); the tissue classes of both come from
     the synthetic analysis, so the curves compare the same voxels."""
-    synthetic = analysis_from_maps(synthetic_maps, "synthetic 1 s", voxel_volume_ml)
-    acquired = None if acquired_maps is None else analysis_from_maps(acquired_maps, "acquired", voxel_volume_ml)
+    synthetic = analysis_from_maps(synthetic_maps, AnalysisKind.SYNTHETIC, voxel_volume_ml)
+    acquired = None
+    if acquired_maps is not None:
+        acquired = analysis_from_maps(acquired_maps, AnalysisKind.ACQUIRED, voxel_volume_ml)
     regions = tissue_regions(synthetic, synthetic_maps.tissue_mask)
     # The analysis may have dropped frames (linear interpolations of their neighbours: the guardrail's
     # fallback, a long gap): its times are then a subset of the series', and curves and the baseline

@@ -46,7 +46,7 @@ from ctp_node.series.outputs.common import (
     save_atomic,
     series_folder,
 )
-from ctp_node.series.outputs.inputs import MAP_NAMES, PerfusionAnalysis, PerfusionOutputInput
+from ctp_node.series.outputs.inputs import MAP_NAMES, AnalysisKind, PerfusionAnalysis, PerfusionOutputInput
 from ctp_node.series.outputs.styles import MAP_STYLES
 
 FIGSIZE_IN = (16.0, 14.0)
@@ -242,7 +242,7 @@ def _volume_boxes(fig, cell, syn: PerfusionAnalysis, acq: PerfusionAnalysis | No
         shares = [analysis.invalid_fraction(name) for name in MAP_NAMES]
         cells = "".join(f"{'-' if s is None else f'{100 * s:.0f}':>5}" for s in shares)
         assessed = any(s is not None for s in shares)
-        lines.append(f"{analysis.label.split()[0]:10}" + (cells if assessed else "  not assessed"))
+        lines.append(f"{analysis.kind.value:10}" + (cells if assessed else "  not assessed"))
     ax.text(
         0.04, 0.5, "\n".join(lines), family="monospace", fontsize=LABEL_PT, ha="left", va="top",
         transform=ax.transAxes, linespacing=1.4,
@@ -404,8 +404,8 @@ def _tissue_curves_panel(ax, data: PerfusionOutputInput) -> None:
     else:
         handles, _ = ax.get_legend_handles_labels()
         handles += [
-            Line2D([], [], color="gray", lw=2, label="synthetic 1 s"),
-            Line2D([], [], color="gray", marker="o", ls="", label="acquired"),
+            Line2D([], [], color="gray", lw=2, label=AnalysisKind.SYNTHETIC.label),
+            Line2D([], [], color="gray", marker="o", ls="", label=AnalysisKind.ACQUIRED.label),
         ]
         # Beside the axes: inside, the legend covered the normal tissue's peak.
         ax.legend(handles=handles, fontsize=TEXT_PT, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)

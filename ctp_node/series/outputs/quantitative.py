@@ -26,12 +26,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ctp_node.files import fsync_dir
-from ctp_node.series.dicom_attributes import code_item
+from ctp_node.series.node_dicom import NODE_MANUFACTURER, ST_MAX, code_item, equipment
 from ctp_node.series.outputs.common import (
     OutputSeries,
     SeriesIdentity,
     caution,
-    equipment,
     referenced_series,
     save_atomic,
     series_folder,
@@ -77,7 +76,7 @@ def write_map_series(
     ``reference_is_source``: the reference images are what the map was computed from (the synthetic
     series), so each image names its slice's reference image in SourceImageSequence."""
     stored, missing, clipped = stored_values(analysis.map(style.name), style.slope)
-    folder = series_folder(out_dir, f"{_slug(analysis.label)}_{style.name}")
+    folder = series_folder(out_dir, f"{analysis.kind.value}_{style.name}")
     what = (
         f"{style.title} map ({style.unit}; value = pixel x {style.slope:g}) from perfusion analysis of the "
         f"{analysis.label} series"
@@ -100,7 +99,7 @@ def write_map_series(
         paths.append(save_atomic(ds, folder / f"{style.name.upper()}_{z:03d}.dcm"))
     fsync_dir(folder)
     return OutputSeries(
-        "map", _slug(analysis.label), style.name, ident.series_uid, ident.series_number, ident.description,
+        "map", analysis.kind.value, style.name, ident.series_uid, ident.series_number, ident.description,
         folder, tuple(paths), tuple(notes),
     )  # fmt: skip
 
@@ -142,9 +141,9 @@ def _image(
     ds.RealWorldValueMappingSequence = DicomSequence([_real_world_value_mapping(style)])
     ds.ImageComments = comment
     ds.DerivationDescription = (
-        f"{style.title} from CT perfusion analysis ({analysis.method or 'ctp-node'}) of the {analysis.label} "
+        f"{style.title} from CT perfusion analysis ({analysis.method or NODE_MANUFACTURER}) of the {analysis.label} "
         f"series; source series {source_series_uid}."
-    )[:1024]
+    )[:ST_MAX]
     if reference_is_source:  # an acquired map was not made from the reference images: named by UID only
         ds.SourceImageSequence = source_image(reference)
         ds.ReferencedSeriesSequence = referenced_series([reference])
@@ -171,8 +170,3 @@ def _real_world_value_mapping(style: MapStyle) -> Dataset:
     quantity.ConceptCodeSequence = DicomSequence([concept])
     item.QuantityDefinitionSequence = DicomSequence([quantity])
     return item
-
-
-def _slug(label: str) -> str:
-    """ "synthetic 1 s" -> "synthetic"; "acquired" -> "acquired" (folder names and the OutputSeries' analysis)."""
-    return label.split()[0].lower()

@@ -29,6 +29,7 @@ from pydicom.sr.coding import Code
 
 from ctp_node import __version__
 from ctp_node.files import fsync_dir
+from ctp_node.series.node_dicom import NODE_MANUFACTURER
 from ctp_node.series.outputs.common import (
     INFARCT,
     ISCHEMIA,
@@ -134,7 +135,10 @@ def write_structured_report(
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=ident.instance_uid("device"), name="ctp-node", manufacturer_name="ctp-node", model_name="ctp-node"
+            uid=ident.instance_uid("device"),
+            name=NODE_MANUFACTURER,
+            manufacturer_name=NODE_MANUFACTURER,
+            model_name=NODE_MANUFACTURER,
         ),
     )
     report = hd.sr.MeasurementReport(
@@ -150,17 +154,17 @@ def write_structured_report(
         series_number=ident.series_number,
         sop_instance_uid=ident.instance_uid("sr"),
         instance_number=1,
-        manufacturer="ctp-node",
+        manufacturer=NODE_MANUFACTURER,
         is_complete=True,
     )
     sr.SeriesDescription = ident.description
-    sr.ManufacturerModelName = "ctp-node"
+    sr.ManufacturerModelName = NODE_MANUFACTURER
     sr.SoftwareVersions = __version__
-    folder = series_folder(out_dir, f"{analysis.label.split()[0].lower()}_sr")
+    folder = series_folder(out_dir, f"{analysis.kind.value}_sr")
     path = save_atomic(sr, folder / "SR.dcm")
     fsync_dir(folder)
     notes = (f"not reported (unknown, undefined or withheld): {', '.join(unknown)}",) if unknown else ()
     return OutputSeries(
-        "sr", analysis.label.split()[0].lower(), "volumes", ident.series_uid, ident.series_number, ident.description,
+        "sr", analysis.kind.value, "volumes", ident.series_uid, ident.series_number, ident.description,
         folder, (path,), notes,
     )  # fmt: skip

@@ -18,6 +18,7 @@ from pydicom.sr.coding import Code
 
 from ctp_node import __version__
 from ctp_node.files import fsync_dir
+from ctp_node.series.node_dicom import LO_MAX, NODE_MANUFACTURER
 from ctp_node.series.outputs.common import (
     INFARCT,
     ISCHEMIA,
@@ -94,16 +95,16 @@ def write_segmentation(
         series_number=ident.series_number,
         sop_instance_uid=ident.instance_uid("seg"),
         instance_number=1,
-        manufacturer="ctp-node",
-        manufacturer_model_name="ctp-node",
+        manufacturer=NODE_MANUFACTURER,
+        manufacturer_model_name=NODE_MANUFACTURER,
         software_versions=__version__,
         device_serial_number="0",
         content_label="PERFUSION",
-        content_description=f"Lesion masks of the {analysis.label} series - RESEARCH USE ONLY"[:64],
+        content_description=f"Lesion masks of the {analysis.label} series - RESEARCH USE ONLY"[:LO_MAX],
         omit_empty_frames=bool(masks.any()),
     )
     seg.SeriesDescription = ident.description
-    folder = series_folder(out_dir, f"{analysis.label.split()[0].lower()}_seg")
+    folder = series_folder(out_dir, f"{analysis.kind.value}_seg")
     path = save_atomic(seg, folder / "SEG.dcm")
     fsync_dir(folder)
     notes = (f"empty segments: {', '.join(empty)}",) if empty else ()
@@ -111,6 +112,6 @@ def write_segmentation(
     if left_out:
         notes += (f"left out (volume withheld): {', '.join(left_out)}",)
     return OutputSeries(
-        "seg", analysis.label.split()[0].lower(), "lesions", ident.series_uid, ident.series_number, ident.description,
+        "seg", analysis.kind.value, "lesions", ident.series_uid, ident.series_number, ident.description,
         folder, (path,), notes,
     )  # fmt: skip

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from ctp_node.config import PerfusionOutputSettings
+from ctp_node.errors import PerfusionOutputError
 from ctp_node.permissions import make_dirs
 from ctp_node.series.outputs.colour import write_colour_series
 from ctp_node.series.outputs.common import OutputSeries, identity, read_references, tracking_uid
-from ctp_node.series.outputs.inputs import MAP_NAMES, PerfusionAnalysis, PerfusionOutputError, PerfusionOutputInput
+from ctp_node.series.outputs.inputs import MAP_NAMES, PerfusionAnalysis, PerfusionOutputInput
 from ctp_node.series.outputs.qa_report import write_qa_report
 from ctp_node.series.outputs.quantitative import write_map_series
 from ctp_node.series.outputs.report_sr import write_structured_report
@@ -76,11 +77,12 @@ def write_perfusion_outputs(
     written: list[OutputSeries] = []
 
     def ident(kind: str, analysis: PerfusionAnalysis | None, name: str, text: str, index: int):
-        which = "both" if analysis is None else analysis.label.split()[0].lower()
+        which = "both" if analysis is None else analysis.kind.value
         block = 0 if analysis is None or analysis is data.synthetic else BLOCK
         return identity(data.source_series_uid, data.generation, kind, which, name, base + block + index, text)
 
     def tracker(analysis: PerfusionAnalysis):
+        # Seeded by the label (the kind's display text), as the tracking UIDs always were: same UIDs.
         return functools.partial(tracking_uid, data.source_series_uid, data.generation, analysis.label)
 
     def timed(key: str, write, *args, **kwargs):
@@ -90,7 +92,7 @@ def write_perfusion_outputs(
         return result
 
     for analysis in analyses:
-        short = _short(analysis)
+        short = analysis.kind.short
         for name in MAP_NAMES:
             style = MAP_STYLES[name]
             if cfg.quantitative_maps:
@@ -133,10 +135,6 @@ def write_perfusion_outputs(
             # Notes describe the series (padding, clipping, invalid share); a job warning is for faults.
             log.info("perfusion output %s %s %s: %s", series.analysis, series.kind, series.name, note)
     return written
-
-
-def _short(analysis: PerfusionAnalysis) -> str:
-    return "SYN1s" if analysis.label.startswith("synthetic") else "ACQ"
 
 
 def _segmentation(analysis: PerfusionAnalysis, full, ident, out_dir: Path, tracking) -> OutputSeries | None:

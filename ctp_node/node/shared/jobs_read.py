@@ -1,9 +1,9 @@
 """The job store's read side: what the status page, `ctp-node jobs` and the metrics show, as plain data.
 
-Every query that only looks lives here, over the tables of ``ctp_node.node.job_tables``, and returns
+Every query that only looks lives here, over the tables of ``ctp_node.node.shared.job_tables``, and returns
 frozen dataclasses (``SeriesJob``, ``Delivery``, ``JobRow``) or plain values, so that the web page,
 the command line and the metrics know no table and no SQL: a schema change is made in
-``job_tables``, here and in ``ctp_node.node.jobs`` (the write side: every state transition, each one
+``job_tables``, here and in ``ctp_node.node.shared.jobs`` (the write side: every state transition, each one
 short transaction), nowhere else. ``JobStore.read`` is this side over the store's own engine.
 
 All times are UTC and timezone-aware (``aware``: SQLite returns naive datetimes).
@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ctp_node.node.job_tables import deliveries_table, instances_table, sent_instances_table, series_table
+from ctp_node.node.shared.job_tables import deliveries_table, instances_table, sent_instances_table, series_table
 
 StoreError = SQLAlchemyError
 """What the store raises when its database does not answer (locked, unreachable, its disk full): the

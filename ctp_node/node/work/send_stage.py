@@ -4,20 +4,17 @@ A job whose result is recorded (state ``sending``) is delivered by this stage al
 runs it right after processing, and ``SendStage.run_once`` claims only jobs that wait to be sent
 (``ctp-node worker --send-only``: delivery without a model, e.g. after a destination was down), so a
 failed send is tried again later without recomputing anything. Every sender of results (this stage,
-``ctp-node process --send``) sends ``ResultsLayout.files`` with ``send_attempt``: one send path. A
-failed send is a value the retry policy consumes (``delivery_failed`` with the next attempt time,
-``backoff_s``), never an exception out of the stage.
+``ctp-node process --send``) sends ``ResultsLayout.files`` (``ctp_node.node.shared.results``, where
+the results folder's layout is spelled) with ``send_attempt``: one send path. A failed send is a value
+the retry policy consumes (``delivery_failed`` with the next attempt time,
+``ctp_node.node.shared.retry``), never an exception out of the stage.
 
-Results layout (spelled here only; ``deploy/bin/ctp-node-rotate-spool`` imports it)::
-
-    <data>/results/<StudyInstanceUID>/<SeriesInstanceUID>/g<generation>/*.dcm
-
-one folder per generation (a late instance re-opens a series as generation + 1), holding the
-derived series the send stage delivers. Delivery records: one row per (series, destination) in the
-job store's ``deliveries`` table (state, attempts, next attempt, last error), and the files each
-destination confirmed (``sent_instances``, recorded as each answer arrives): a delivery cut off half
-way (an association that drops, a worker that is killed) is retried with only the files not yet
-confirmed. What went out, when and where: the audit trail's ``sent`` lines.
+Delivery records: one row per (series, destination) in the job store's ``deliveries`` table (state,
+attempts, next attempt, last error), and the files each destination confirmed (``sent_instances``,
+recorded as each answer arrives): a delivery cut off half way (an association that drops, a worker
+that is killed) is retried with only the files not yet confirmed. What went out, when and where: the
+audit trail's ``sent`` lines. The transports: C-STORE (``ctp_node.node.work.scu``) and STOW-RS
+(``ctp_node.node.work.stow_client``).
 """
 
 from __future__ import annotations
@@ -28,54 +25,24 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 
-from ctp_node.config import Destination, DicomSettings, SendSettings, Settings, StorageSettings
+from ctp_node.config import Destination, DicomSettings, Settings
 from ctp_node.errors import LeaseLost
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
-from ctp_node.node.lease import Heartbeat
-from ctp_node.node.notify import Notifier
-from ctp_node.node.prometheus import NodeMetrics
-from ctp_node.node.scu import Peer, SendResult, send_files
-from ctp_node.node.spool import check_uid
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
+from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.shared.prometheus import NodeMetrics
+from ctp_node.node.shared.results import ResultsLayout
+from ctp_node.node.shared.retry import retry_at
+from ctp_node.node.work.lease import Heartbeat
+from ctp_node.node.work.scu import SendResult, send_files
 
 log = logging.getLogger(__name__)
 
 Sender = Callable[[Sequence[Path], Destination, str], list[SendResult]]
 """Sends files to a destination (calling AE title for DICOM peers); one result per file (``send_to``)."""
-
-
-# --- where results live -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResultsLayout:
-    """The results folder: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/g<generation>/``, holding the
-    synthetic series (``*.dcm``), the perfusion outputs (``perfusion/<output>/*.dcm``, each its own
-    series), the QA report PNG and ``guardrail.json``."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, storage: StorageSettings) -> ResultsLayout:
-        return cls(storage.results_dir)
-
-    def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        """Every generation of one series' results (the UIDs are validated: no path outside the root)."""
-        return self.root / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
-
-    def generation_dir(self, study_uid: str, series_uid: str, generation: int) -> Path:
-        """Where the processing stage writes the result of one generation."""
-        return self.series_dir(study_uid, series_uid) / f"g{int(generation)}"
-
-    @staticmethod
-    def files(result_dir: Path | str) -> list[Path]:
-        """The instances of a recorded result, as the send stage delivers them (temporary files of an
-        interrupted atomic write start with a dot and are never sent)."""
-        return sorted(p for p in Path(result_dir).rglob("*.dcm") if not p.name.startswith("."))
 
 
 # --- peers ------------------------------------------------------------------------------------------
@@ -118,21 +85,6 @@ def find_peer(destinations: Sequence[Destination], target: str) -> Peer:
         raise ValueError(f"{target!r} is neither a configured destination ({names}) nor HOST:PORT:AET: {exc}") from exc
 
 
-# --- the retry policy -------------------------------------------------------------------------------
-
-
-def backoff_s(attempt: int, policy: SendSettings) -> float:
-    """Delay before attempt ``attempt + 1`` (attempt counts from 1): initial * multiplier^(attempt-1), capped."""
-    return min(policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0), policy.max_backoff_s)
-
-
-def retry_at(attempt: int, max_attempts: int, policy: SendSettings) -> datetime | None:
-    """When to try again after failed attempt ``attempt``; None when that was the last one allowed."""
-    if attempt >= max_attempts:
-        return None
-    return utcnow() + timedelta(seconds=backoff_s(attempt, policy))
-
-
 # --- the stage --------------------------------------------------------------------------------------
 
 
@@ -147,7 +99,8 @@ def send_to(
     """Send ``files`` to a destination of either kind: C-STORE to a DICOM peer (with the ACSE, DIMSE and
     network timeouts of ``dicom``, the node's ``[dicom]`` settings), STOW-RS to a DICOMweb service."""
     if destination.kind == "dicomweb":
-        from ctp_node.node.dicomweb import send_files_dicomweb  # requests and dicomweb-client: only for this kind
+        # requests and dicomweb-client: imported only for this kind
+        from ctp_node.node.work.stow_client import send_files_dicomweb
 
         results = send_files_dicomweb(files, destination)
         for result in results if on_result else ():

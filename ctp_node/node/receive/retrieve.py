@@ -16,10 +16,10 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from ctp_node.errors import PeerError
-from ctp_node.node.dicom_status import RETRIEVED, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS
-from ctp_node.node.scp import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ctp_node.node.scu import Peer
-from ctp_node.node.spool import SeriesKey, Spool, check_uid
+from ctp_node.node.receive.ingest import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from ctp_node.node.shared.dicom_status import RETRIEVED, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS
+from ctp_node.node.shared.peer import Peer
+from ctp_node.node.shared.spool import SeriesKey, Spool, check_uid
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,16 @@
 """The sending side: C-STORE files to a DICOM peer, and C-ECHO it (pynetdicom SCU).
 
-Used by the node to deliver results and by ``ctp-node phantom --send``. One association for all
-files, proposing exactly the (SOP class, transfer syntax) pairs the files use, since the files are
-sent as stored (no transcoding). The connection gets the SCP's socket (``scp.tune_socket``) as
-soon as it is open: TCP_NODELAY, since C-STORE exchanges many small PDUs and Nagle's algorithm would
-add latency to each; a quick ACK after each read, since a peer with Nagle on (DCMTK's storescp
-default) holds each response's tail until we acknowledge its start, 40 ms later with a delayed ACK
-(about 22 s of waiting for a 456-instance result); each PDU's claimed length checked and a timeout
-on every read and send, so a broken peer cannot hold a worker. A failed status is returned as a
-value per file, not raised, so the caller decides; so is an association that ends half way (the
-files it confirmed keep their status, the others get none), so that a retry sends only the rest.
+Used by the node to deliver results and by ``ctp-node phantom --send``. One association for all files,
+proposing exactly the (SOP class, transfer syntax) pairs the files use, since the files are sent as
+stored (no transcoding). The connection gets the SCP's socket
+(``ctp_node.node.shared.dicom_transport.tune_socket``) as soon as it is open: TCP_NODELAY, since C-STORE
+exchanges many small PDUs and Nagle's algorithm would add latency to each; a quick ACK after each read,
+since a peer with Nagle on (DCMTK's storescp default) holds each response's tail until we acknowledge
+its start, 40 ms later with a delayed ACK (about 22 s of waiting for a 456-instance result); each PDU's
+claimed length checked and a timeout on every read and send, so a broken peer cannot hold a worker. A
+failed status is returned as a value per file, not raised, so the caller decides; so is an association
+that ends half way (the files it confirmed keep their status, the others get none), so that a retry
+sends only the rest.
 
 Timeouts: ``acse_timeout_s`` for association set-up and release, ``dimse_timeout_s`` for each
 C-STORE/C-ECHO response, ``network_timeout_s`` for every PDU (the node passes its ``[dicom]`` ones).
@@ -38,33 +39,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctp_node.errors import PeerError
-from ctp_node.node.dicom_status import STATUS_SUCCESS, STORED
+from ctp_node.node.shared.dicom_status import STATUS_SUCCESS, STORED
+from ctp_node.node.shared.peer import Peer
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A C-STORE destination parsed from ``HOST:PORT:AET``."""
-
-    host: str
-    port: int
-    ae_title: str
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        parts = text.rsplit(":", 2)
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"{text!r} must look like HOST:PORT:AET, e.g. 127.0.0.1:11112:STORESCP")
-        host, port, aet = parts
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{text!r}: port {port!r} is not a TCP port number")
-        if len(aet) > 16:
-            raise ValueError(f"{text!r}: AE titles have at most 16 characters")
-        return cls(host, int(port), aet)
 
 
 @dataclass(frozen=True)
@@ -133,14 +114,14 @@ def fix_reactor_race(assoc: Association) -> bool:
         or not hasattr(assoc, "_is_paused")
         or assoc.network_timeout_response != "A-ABORT"
     ):
-        log.warning("pynetdicom's reactor race is not worked around on this version (see ctp_node.node.scu)")
+        log.warning("pynetdicom's reactor race is not worked around on this version (see ctp_node.node.work.scu)")
         return False
     assoc._reactor_checkpoint = _RecheckingCheckpoint(assoc, checkpoint.is_set())
     return True
 
 
 def _on_open(event: Any, timeout_s: float) -> None:
-    from ctp_node.node.scp import tune_socket
+    from ctp_node.node.shared.dicom_transport import tune_socket
 
     if event.assoc.is_requestor:
         fix_reactor_race(event.assoc)

@@ -8,12 +8,12 @@ acknowledged) and reconciles the spool with the job store: series it does not kn
 and series whose files are newer than their last recorded instance are re-opened (a crash between
 the fsync and the database write). The watcher queues a series once it has been quiet for long
 enough, judging from a few header tags of each instance whether it looks complete
-(``ctp_node.node.completeness``): a short wait for a complete-looking series, a long one for an
+(``ctp_node.node.shared.completeness``): a short wait for a complete-looking series, a long one for an
 incomplete-looking one (then queued with a warning), the quiet period otherwise. A queued series is
-announced to the webhooks (``series.received``, ``ctp_node.node.notify``) without waiting on them.
+announced to the webhooks (``series.received``, ``ctp_node.node.shared.notify``) without waiting on them.
 
 Instances arrive by C-STORE (``scp``) and, when the web app includes ``ctp_node.web.stow``, by
-STOW-RS; both go through ``ctp_node.node.ingest.accept_instance`` into ``on_stored``.
+STOW-RS; both go through ``ctp_node.node.receive.ingest.accept_instance`` into ``on_stored``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import time
 from datetime import datetime, timezone
 
 from ctp_node.config import Settings
-from ctp_node.node.audit import AuditLog
-from ctp_node.node.completeness import CompletionPolicy, read_facts
-from ctp_node.node.ingest import ReceivedInstance
-from ctp_node.node.jobs import JobStore
-from ctp_node.node.notify import Notifier
-from ctp_node.node.prometheus import NodeMetrics
-from ctp_node.node.scp import start_scp
-from ctp_node.node.spool import Spool
+from ctp_node.node.receive.ingest import ReceivedInstance
+from ctp_node.node.receive.scp import start_scp
+from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.completeness import CompletionPolicy, read_facts
+from ctp_node.node.shared.jobs import JobStore
+from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.prometheus import NodeMetrics
+from ctp_node.node.shared.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""DICOMweb destinations: results sent by STOW-RS (dicomweb-client) instead of C-STORE.
+"""The STOW-RS client: results sent to DICOMweb destinations (dicomweb-client) instead of C-STORE.
+
+The node's STOW-RS server, which receives, is ``ctp_node.web.stow``; this module only sends.
 
 A destination with ``kind = "dicomweb"`` names the service's base ``url`` (the part before
 ``/studies``, e.g. ``https://pacs.example/dicom-web``), optionally ``auth`` (a bearer token, or HTTP
@@ -25,8 +27,8 @@ from pydicom.dataset import Dataset
 
 from ctp_node.config import Destination
 from ctp_node.errors import PeerError
-from ctp_node.node.dicom_status import STATUS_SUCCESS
-from ctp_node.node.scu import SendResult
+from ctp_node.node.shared.dicom_status import STATUS_SUCCESS
+from ctp_node.node.work.scu import SendResult
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ no traversal, no separators). A write goes to a temporary name in the same folde
 renamed into place, and the folder is fsync'd so the rename itself survives a crash. Files are
 created 0640 and folders 0750 whatever the umask (``ctp_node.permissions``).
 
-A C-STORE data set is written as it arrives to ``<spool>/.incoming/`` (``ctp_node.node.scp``): on the
+A C-STORE data set is written as it arrives to ``<spool>/.incoming/`` (``ctp_node.node.receive.scp``): on the
 spool's own filesystem, so that an accepted instance is renamed into place (:meth:`Spool.move_in`)
 rather than copied, and never held in memory. Files there are never acknowledged: the SCP removes
 each one it does not move in, and :meth:`Spool.remove_partial_files` sweeps what a crash left.

@@ -1,8 +1,8 @@
 """The job store: one row per received series, one per (series, destination) delivery, with leases.
 
 This module is the write side (``JobStore``: every state transition); what is only read (the status
-page, ``ctp-node jobs``, the metrics) is ``ctp_node.node.jobs_read`` (``JobStore.read``), and the
-tables are ``ctp_node.node.job_tables``.
+page, ``ctp-node jobs``, the metrics) is ``ctp_node.node.shared.jobs_read`` (``JobStore.read``), and the
+tables are ``ctp_node.node.shared.job_tables``.
 
 SQLite (WAL) by default, embedded in the data folder; PostgreSQL when several machines share the
 work (``jobs.database_url = "postgresql+psycopg://..."``), where a worker claims with ``SELECT ...
@@ -20,7 +20,7 @@ association that drops, a worker that is killed) resends only the rest; a new ge
 starts afresh, and a finished delivery drops them.
 
 Instances are counted by SOPInstanceUID (table ``instances``: a resent instance is one instance),
-with the few header facts the completeness check needs (``ctp_node.node.completeness``). A store made
+with the few header facts the completeness check needs (``ctp_node.node.shared.completeness``). A store made
 by an older version opens as it is: missing tables are created and missing (nullable) columns
 added at start.
 """
@@ -42,8 +42,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from ctp_node.errors import LeaseLost, StoreMissingError
-from ctp_node.node.completeness import CompletionPolicy, InstanceFacts, Verdict, judge
-from ctp_node.node.job_tables import (
+from ctp_node.node.shared.completeness import CompletionPolicy, InstanceFacts, Verdict, judge
+from ctp_node.node.shared.job_tables import (
     deliveries_table,
     instances_table,
     metadata,
@@ -52,7 +52,7 @@ from ctp_node.node.job_tables import (
 )
 
 # The read side's plain data, named here too: the stages that make transitions hold these snapshots.
-from ctp_node.node.jobs_read import (
+from ctp_node.node.shared.jobs_read import (
     ACTIVE_STATES,
     Delivery,
     JobQueries,
@@ -135,7 +135,7 @@ class JobStore:
         self.url = url
         self.engine = make_engine(url, create)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self.read = JobQueries(self.engine)  # the read side over the same engine (``ctp_node.node.jobs_read``)
+        self.read = JobQueries(self.engine)  # the read side over the same engine (``ctp_node.node.shared.jobs_read``)
         if not create and not inspect(self.engine).has_table(series_table.name):
             self.engine.dispose()
             raise StoreMissingError(f"no job store at {make_url(url).render_as_string(hide_password=True)}{STORE_HINT}")
@@ -284,7 +284,7 @@ class JobStore:
         return self.read.instance_count(job_id)
 
     def completeness(self, job_id: int, min_time_points: int = 3) -> Verdict:
-        """The completeness verdict on a series from its instances' facts (``ctp_node.node.completeness``)."""
+        """The completeness verdict on a series from its instances' facts (``ctp_node.node.shared.completeness``)."""
         with self._tx() as conn:
             return judge(self._instance_facts(conn, job_id), min_time_points)
 
@@ -296,7 +296,7 @@ class JobStore:
     def queue_quiet_series(self, policy: CompletionPolicy | float, now: datetime | None = None) -> list[int]:
         """Series with no new instance for long enough become queued, as ``policy`` decides.
 
-        The policy (``ctp_node.node.completeness.CompletionPolicy``) says which wait applies to a
+        The policy (``ctp_node.node.shared.completeness.CompletionPolicy``) says which wait applies to a
         series, from the verdict on its instances and whether a late instance re-opened it, and the
         warning a series queued incomplete carries; the store only finds the quiet series, hands
         each one's instances to the policy and queues the series whose wait is over. A number:
@@ -377,7 +377,7 @@ class JobStore:
         """How far the processing attempt under way is (``done`` of ``total`` steps, ``eta_s`` to go).
 
         Only the worker holding the job's lease records it, and only for the generation it processes;
-        False otherwise (nothing changed). The caller bounds the rate (``ctp_node.node.processing``)."""
+        False otherwise (nothing changed). The caller bounds the rate (``ctp_node.node.work.progress``)."""
         now = utcnow()
         eta_at = now + timedelta(seconds=eta_s) if eta_s is not None and math.isfinite(eta_s) else None
         c = series_table.c

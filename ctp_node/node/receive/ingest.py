@@ -37,9 +37,9 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
-from ctp_node.node.completeness import InstanceFacts, facts_from_header
-from ctp_node.node.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
-from ctp_node.node.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.shared.completeness import InstanceFacts, facts_from_header
+from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, Spool, check_uid
 
 log = logging.getLogger(__name__)
 

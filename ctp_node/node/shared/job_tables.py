@@ -1,7 +1,7 @@
 """The job store's tables: the schema, defined here only.
 
-Both sides of the store use it: ``ctp_node.node.jobs.JobStore`` (the write side: every state
-transition) and ``ctp_node.node.jobs_read.JobQueries`` (the read side: what the status page,
+Both sides of the store use it: ``ctp_node.node.shared.jobs.JobStore`` (the write side: every state
+transition) and ``ctp_node.node.shared.jobs_read.JobQueries`` (the read side: what the status page,
 ``ctp-node jobs`` and the metrics show). Nothing else imports it (tests/test_import_contract.py: the
 web layer and the command line import no table), so a schema change is made in these three modules.
 Columns added later must be nullable: ``JobStore`` adds the missing ones to an older store at start.

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ctp_node.config import MetricsSettings
-from ctp_node.node.jobs_read import JobQueries
+from ctp_node.node.shared.jobs_read import JobQueries
 
 # Each label value is a time series kept for the life of the process: a peer that calls with ever new
 # AE titles (300 made /metrics grow from 2.2 to 43.9 KB) must not grow it without bound. The first
@@ -42,7 +42,7 @@ class NodeMetrics:
             "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
         )
         # reason: disk, job_store (0xA700); missing_uid, invalid_uid, uid_mismatch, sop_class,
-        # unreadable (0xC000), as ctp_node.node.scp.handle_store answers them.
+        # unreadable (0xC000), as ctp_node.node.receive.scp.handle_store answers them.
         self.refused = Counter(
             "ctp_node_refused_instances", "C-STORE requests answered with a failure", ["reason"], registry=self.registry
         )

@@ -51,7 +51,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from ctp_node.config import NotifySettings, Webhook
-from ctp_node.node.jobs import SeriesJob, State
+from ctp_node.node.shared.jobs import SeriesJob, State
 
 log = logging.getLogger(__name__)
 

@@ -2,20 +2,22 @@
 
 The C-STORE handler only writes the instance durably to the spool (without decoding its pixel data)
 and reports it to ``on_stored``; it never waits on processing. The checks and the write are
-``ctp_node.node.ingest.accept_instance``, shared with STOW-RS (``ctp_node.web.stow``). Refusals are
-explicit DICOM statuses with an ErrorComment, each counted in ``ctp_node_refused_instances{reason}``:
+``ctp_node.node.receive.ingest.accept_instance``, shared with STOW-RS (``ctp_node.web.stow``). Refusals
+are explicit DICOM statuses with an ErrorComment, each counted in ``ctp_node_refused_instances{reason}``:
 0xA700 (out of resources: the disk, the job store), 0xC000 (cannot understand: missing, invalid or
 inconsistent UIDs, an unreadable header). Associations are refused for a wrong called AE title and, with an
 allow-list, for a calling AE title / host pair not on it.
 
-Hostile or broken peers (the socket layer, before any authentication): a PDU may claim at most what
-its type can hold (P-DATA-TF: our maximum PDU size plus its header; association PDUs 1 MiB), checked
-on the 6-byte header before anything is allocated; every PDU must arrive whole within
-``network_timeout_s`` and every send complete within it. Until its A-ASSOCIATE-RQ is whole (TLS
-handshake included, within ``acse_timeout_s``) a connection waits in :class:`HandshakeGate`, one
-thread for all, holding no association slot; pending connections are capped in all and per host,
-the oldest closed to make room. A C-STORE data set over ``max_instance_bytes`` ends the association
-(A-ABORT) as it arrives; a C-STORE whose command UIDs are invalid is answered 0xC000 (:class:`NodeDIMSE`).
+Hostile or broken peers (the socket layer, before any authentication; the socket is
+``ctp_node.node.shared.dicom_transport.BulkReadSocket``, the SCU's too): a PDU may claim at most what
+its type can hold (P-DATA-TF: our maximum PDU size plus its header; association PDUs 1 MiB), checked on
+the 6-byte header before anything is allocated; every PDU must arrive whole within ``network_timeout_s``
+and every send complete within it. Until its A-ASSOCIATE-RQ is whole (TLS handshake included, within
+``acse_timeout_s``) a connection waits in the handshake gate
+(``ctp_node.node.receive.handshake.HandshakeGate``), one thread for all, holding no association slot;
+pending connections are capped in all and per host, the oldest closed to make room. A C-STORE data set
+over ``max_instance_bytes`` ends the association (A-ABORT) as it arrives; a C-STORE whose command UIDs
+are invalid is answered 0xC000 (:class:`NodeDIMSE`).
 
 Memory per association is bounded by a PDU, not by an instance: a C-STORE data set goes to a file in the
 spool's ``.incoming`` folder fragment by fragment as it arrives (:class:`IncomingDataset`), the handler
@@ -26,7 +28,7 @@ the receiver sweeps ``.incoming`` before it listens (a crash). pynetdicom's own
 ``STORE_RECV_CHUNKED_DATASET`` does the same into the system temp folder (a copy, not a rename, to
 reach the spool) and leaves the file behind when an association drops mid-instance, hence our own.
 
-:class:`NodeDIMSE`, :class:`NodeRequestHandler`, :class:`BulkReadSocket` and :class:`IncomingDataset` use
+:class:`NodeDIMSE`, :class:`NodeRequestHandler`, ``BulkReadSocket`` and :class:`IncomingDataset` use
 pynetdicom internals read in 3.0.0 to 3.0.4 (``_VETTED_PYNETDICOM``); :func:`check_pynetdicom` stops the
 node with a clear error on any other version rather than receive without these limits.
 """
@@ -36,16 +38,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import selectors
 import socket
 import ssl
 import tempfile
 import threading
-import time
 import zlib
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -65,31 +63,28 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from pynetdicom.utils import validate_uid
 
 from ctp_node.config import DicomSettings
-from ctp_node.node.completeness import LAST_TAG_READ
-from ctp_node.node.dicom_status import (  # noqa: F401  (the refusal statuses are re-exported)
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-)
-from ctp_node.node.ingest import (  # noqa: F401  (ReceivedInstance, Refusal, ... re-exported for callers of scp)
+from ctp_node.node.receive.handshake import HandshakeGate
+from ctp_node.node.receive.ingest import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     Claim,
     OnRefused,
     OnStored,
     Origin,
-    ReceivedInstance,
     Refusal,
     accept_instance,
 )
-from ctp_node.node.spool import TMP_SUFFIX, Spool
+from ctp_node.node.shared.completeness import LAST_TAG_READ
+from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from ctp_node.node.shared.dicom_transport import tune_socket
+from ctp_node.node.shared.spool import TMP_SUFFIX, Spool
 from ctp_node.permissions import FILE_MODE, make_dirs
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.pdu_primitives import P_DATA
 
-    from ctp_node.node.prometheus import NodeMetrics
+    from ctp_node.node.shared.prometheus import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -251,241 +246,6 @@ def handle_requested(event: evt.Event, dicom: DicomSettings) -> None:
             return
     log.warning("rejected association from %s@%s: not on the allow-list", calling, host)
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-
-
-# The most a PDU of each type may claim, whatever our maximum PDU size (PS3.8 9.3). Association
-# PDUs hold presentation contexts and user identity: a few KB in practice, 1 MiB is generous.
-# A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT are 4 bytes long by definition.
-MAX_ASSOCIATE_PDU = 1 << 20
-MAX_SHORT_PDU = 64
-PDATA_HEADER = 6  # some peers fill the PDV to the negotiated maximum, so its item header comes on top
-# When a peer is told "no limit" (maximum length 0), what a P-DATA-TF may still claim.
-MAX_UNLIMITED_PDATA = 64 << 20
-# Source 2 (service provider), reason 6 (invalid PDU parameter value) or 1 (unrecognized PDU).
-_A_ABORT_INVALID_LENGTH = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
-_A_ABORT_UNRECOGNIZED = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1])
-# Source 2, reason 2: unexpected PDU (anything but an A-ASSOCIATE-RQ first). Source 0: the service user.
-_A_ABORT_UNEXPECTED = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 2])
-_A_ABORT_BY_USER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-# A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded (as pynetdicom sends).
-_ASSOCIATE_RJ_BUSY = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def pdu_limit(pdu_type: int, max_receive: int) -> int | None:
-    """The longest length a PDU of this type may claim; None for types pynetdicom refuses anyway."""
-    if pdu_type == 0x04:
-        return (max_receive or MAX_UNLIMITED_PDATA) + PDATA_HEADER
-    if pdu_type in (0x01, 0x02):
-        return MAX_ASSOCIATE_PDU
-    if pdu_type in (0x03, 0x05, 0x06, 0x07):
-        return MAX_SHORT_PDU
-    return None
-
-
-class BulkReadSocket(AssociationSocket):
-    """pynetdicom's socket, hardened and faster; pynetdicom's reader calls ``recv(6)`` for each PDU
-    header, then ``recv(length)`` for its body.
-
-    - Each header's claimed length is checked against :func:`pdu_limit` before anything is
-      allocated: an over-long claim is answered with an A-ABORT, logged, and the connection closed
-      (pynetdicom would allocate whatever 4 bytes claim, up to 4 GB, before any authentication).
-      So is a PDU type that does not exist: pynetdicom logged an error and read on, taking the next
-      6 bytes as another header (64 KiB of random bytes: 77 ERROR lines).
-    - A whole PDU (header and body) must arrive within ``read_timeout_s`` and each send must
-      complete within it, else the connection is closed: accepted sockets have no timeout of their
-      own, so a peer that sent half a header held its thread and association slot for ever.
-    - Each PDU is read into one buffer sized to it, with as few ``recv`` calls as the kernel allows:
-      pynetdicom asks for 4 KB per call, 128 Python-level calls and copies for every 512 x 512
-      instance; this returns the same bytes (a short buffer when the peer closes) for a quarter
-      less CPU per instance (benchmarks/ingest.py).
-    - On Linux, a quick ACK is re-armed after each read: a peer with Nagle's algorithm on (DCMTK's
-      default) holds the tail of each PDU until the previous segment is acknowledged, and a
-      delayed ACK makes that 40 ms per PDU (benchmarks/turnaround.py).
-    """
-
-    read_timeout_s: float | None = None
-    max_receive: int = 0
-    max_dataset_bytes: int | None = None  # the SCP's max_instance_bytes; None: not counted (the SCU)
-    on_oversize: Callable[[], None] | None = None
-    _body_expected: bool = False
-    _body_type: int = 0
-    _deadline: float | None = None
-    _quickack: bool = False
-    _prefetched: bytearray | None = None
-    _dataset_bytes: int = 0
-    _closing: bool = False
-
-    @classmethod
-    def adopt(
-        cls,
-        wrapped: AssociationSocket,
-        read_timeout_s: float | None,
-        max_receive: int,
-        prefetched: bytes = b"",
-        max_dataset_bytes: int | None = None,
-        on_oversize: Callable[[], None] | None = None,
-    ) -> BulkReadSocket:
-        """Turn pynetdicom's socket (already connected or accepted) into this class, in place.
-        ``prefetched``: what :class:`HandshakeGate` already read off the connection (the A-ASSOCIATE-RQ),
-        returned by the first reads before anything more is read from the socket."""
-        wrapped.__class__ = cls
-        assert isinstance(wrapped, BulkReadSocket)
-        wrapped.read_timeout_s, wrapped.max_receive = read_timeout_s, max_receive
-        wrapped._body_expected, wrapped._deadline = False, None
-        wrapped._prefetched = bytearray(prefetched) if prefetched else None
-        wrapped.max_dataset_bytes, wrapped.on_oversize = max_dataset_bytes, on_oversize
-        wrapped._dataset_bytes, wrapped._closing = 0, False
-        if wrapped.socket is not None:
-            wrapped.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            wrapped.socket.settimeout(read_timeout_s)
-            wrapped._quickack = _QUICKACK is not None and wrapped.socket.family in (socket.AF_INET, socket.AF_INET6)
-        return wrapped
-
-    def _peer(self) -> str:
-        try:
-            return str(self.assoc.requestor.address if self.assoc.is_acceptor else self.assoc.acceptor.address)
-        except Exception:  # only for the log line
-            return "peer"
-
-    def _drop(self, reason: str, abort: bool, message: bytes = _A_ABORT_INVALID_LENGTH) -> None:
-        """Log, optionally A-ABORT (``message``), and shut the connection; the short read that follows is
-        pynetdicom's "connection closed" (Evt17), which ends the association."""
-        log.warning("closing connection from %s: %s", self._peer(), reason)
-        sock = self.socket
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):  # the peer may be gone already
-            if abort:
-                sock.settimeout(1.0)
-                sock.sendall(message)
-            sock.shutdown(socket.SHUT_RDWR)
-
-    @property
-    def ready(self) -> bool:
-        if self._prefetched:  # bytes already read off the socket: select() would not report them
-            return True
-        return super().ready
-
-    def _read(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        sock = self.socket
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        nr_read = 0
-        if self._prefetched:
-            nr_read = min(nr_bytes, len(self._prefetched))
-            view[:nr_read] = self._prefetched[:nr_read]
-            del self._prefetched[:nr_read]
-            if nr_read == nr_bytes:
-                return buffer
-        try:
-            while nr_read < nr_bytes:
-                if self._deadline is not None:
-                    remaining = self._deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    sock.settimeout(remaining)
-                count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not count:  # connection closed: what arrived, as pynetdicom returns it
-                    return buffer[:nr_read]
-                nr_read += count
-                if self._quickack:
-                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        except TimeoutError:
-            self._drop(f"PDU not received in full within {self.read_timeout_s} s", abort=False)
-            return buffer[:nr_read]
-        return buffer
-
-    def _count_dataset(self, body: bytearray) -> bool:
-        """Add a P-DATA-TF body's data set fragments to the message's count; False once the count
-        passes ``max_dataset_bytes``, with the body's "last fragment" bits cleared, so that pynetdicom
-        never completes (and hands on) the oversized message before the connection is gone."""
-        assert self.max_dataset_bytes is not None
-        offset, end, over = 0, len(body), False
-        while offset + 6 <= end:  # PDV items: 4-byte length, context ID, message control header, data
-            length = int.from_bytes(body[offset : offset + 4], "big")
-            if length < 2:
-                break  # malformed: pynetdicom's decoder refuses it
-            control = body[offset + 5]
-            if not control & 0x01:  # a data set fragment (commands are a few hundred bytes)
-                self._dataset_bytes += length - 2
-                if self._dataset_bytes > self.max_dataset_bytes:
-                    over = True
-                if control & 0x02:
-                    if over:
-                        body[offset + 5] = control & ~0x02
-                    else:
-                        self._dataset_bytes = 0  # the message is whole: the next one starts at 0
-            offset += 4 + length
-        return not over
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self._body_expected:
-            self._body_expected = False
-            limit = max(MAX_ASSOCIATE_PDU, pdu_limit(0x04, self.max_receive) or 0)
-            if nr_bytes > limit:  # cannot happen after the header check; never allocate it anyway
-                self._drop(f"PDU body of {nr_bytes} bytes", abort=True)
-                return bytearray()
-            body = self._read(nr_bytes)
-            if self._body_type == 0x04 and self.max_dataset_bytes is not None and not self._count_dataset(body):
-                # The instance is larger than any the node accepts: A-ABORT now rather than hold it
-                # in memory to the end. The next header read returns nothing (Evt17, quietly).
-                self._drop(
-                    f"an instance larger than {self.max_dataset_bytes} bytes (dicom.max_instance_bytes)",
-                    abort=True,
-                    message=_A_ABORT_BY_USER,
-                )
-                self._closing = True
-                if self.on_oversize is not None:
-                    self.on_oversize()
-            return body
-        if self._closing:
-            return bytearray()
-        # A PDU header: the clock for the whole PDU starts now.
-        self._deadline = None if self.read_timeout_s is None else time.monotonic() + self.read_timeout_s
-        header = self._read(nr_bytes)
-        if nr_bytes != 6 or len(header) != 6:
-            return header
-        pdu_type, claimed = header[0], int.from_bytes(header[2:6], "big")
-        limit = pdu_limit(pdu_type, self.max_receive)
-        if limit is None:  # no such PDU type: one warning and the connection closed
-            self._drop(f"unknown PDU type 0x{pdu_type:02X}", abort=True, message=_A_ABORT_UNRECOGNIZED)
-            return bytearray()
-        if claimed > limit:
-            self._drop(f"PDU type 0x{pdu_type:02X} claims {claimed} bytes, more than {limit}", abort=True)
-            return bytearray()
-        self._body_expected, self._body_type = True, pdu_type
-        return header
-
-    def send(self, bytestream: bytes) -> None:
-        if self.socket is not None:
-            with contextlib.suppress(OSError):  # already closed: pynetdicom's send reports it
-                self.socket.settimeout(self.read_timeout_s)  # a peer that stops reading must not hold us
-        super().send(bytestream)
-
-
-def tune_socket(
-    assoc: Association,
-    read_timeout_s: float | None,
-    poll_interval_s: float | None = None,
-    *,
-    prefetched: bytes = b"",
-    max_dataset_bytes: int | None = None,
-    on_oversize: Callable[[], None] | None = None,
-) -> None:
-    """Per-connection transport settings for either side, applied as the connection opens."""
-    dul = assoc.dul
-    if dul.socket is None or dul.socket.socket is None:
-        return
-    own = assoc.acceptor if assoc.is_acceptor else assoc.requestor
-    BulkReadSocket.adopt(
-        dul.socket, read_timeout_s, own.maximum_length or 0, prefetched, max_dataset_bytes, on_oversize
-    )
-    if poll_interval_s is not None:
-        # pynetdicom's reactor sleeps this long whenever it finds nothing to do (1 ms by default),
-        # which is on the path of every PDU and every response.
-        dul._run_loop_delay = poll_interval_s
 
 
 def tune_connection(event: evt.Event, dicom: DicomSettings) -> None:
@@ -742,277 +502,6 @@ def _requestor(assoc: Association) -> str:
         return "peer"
 
 
-class _Throttled:
-    """At most one log line per key every ``every_s`` seconds, saying how many were left out: a flood of
-    connections must not become a flood of log lines."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, skipped = self._last.get(key, (-1e9, 0))
-            if now - last < self.every_s:
-                self._last[key] = (last, skipped + 1)
-                return
-            self._last[key] = (now, 0)
-        if skipped:
-            message += f" ({skipped} more like it in the last {self.every_s:.0f} s)"
-        log.warning(message, *args)
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A connection whose A-ASSOCIATE-RQ has not arrived in full yet."""
-
-    sock: socket.socket
-    address: tuple[str, int]
-    deadline: float
-    tls_pending: bool
-    buffer: bytearray = field(default_factory=bytearray)
-    needed: int = 6  # the header first, then the whole PDU
-
-    @property
-    def host(self) -> str:
-        return self.address[0]
-
-
-class HandshakeGate:
-    """Holds accepted connections until their A-ASSOCIATE-RQ (after the TLS handshake, with TLS) has
-    arrived in full, all in one thread with a selector; only then does a connection get its
-    association's threads and count against ``max_associations``.
-
-    pynetdicom starts an association (two threads) for every accepted connection and counts it
-    against ``maximum_associations`` before any request arrives; a partial request then held its slot
-    for ``network_timeout_s`` (the socket read's limit, not ``acse_timeout_s``): 11 stalled or 300
-    silent connections locked every peer out ("Local Limit Exceeded") and cost a thread each
-    (issue 23). Here a pending connection costs a socket and its buffer; it must complete its request
-    within ``timeout_s`` (``acse_timeout_s``); at most ``max_pending`` are held and at most
-    ``max_per_host`` connections per address (pending or associated), the oldest pending one closed to
-    make room for a new one. A scanner's request takes milliseconds, so it gets through whatever
-    stalled connections are held; an attacker only ever evicts its own (or the oldest) connections.
-    The first PDU must be an A-ASSOCIATE-RQ of at most ``MAX_ASSOCIATE_PDU`` bytes; anything else is
-    answered with A-ABORT and one (throttled) warning.
-    """
-
-    def __init__(self, server: NodeServer, timeout_s: float, max_pending: int, max_per_host: int) -> None:
-        self.server, self.timeout_s, self.max_pending, self.max_per_host = server, timeout_s, max_pending, max_per_host
-        self._selector = selectors.DefaultSelector()
-        self._pending: dict[_Pending, None] = {}  # insertion order: oldest first (all share one timeout)
-        self._by_host: dict[str, dict[_Pending, None]] = {}
-        self._incoming: deque[tuple[socket.socket, tuple[str, int]]] = deque()
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stopped = False
-        self.log = _Throttled()
-        self._thread = threading.Thread(target=self._run, name="HandshakeGate", daemon=True)
-        self._thread.start()
-
-    def admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """Take an accepted connection (called by the accept loop)."""
-        with self._lock:
-            self._incoming.append((sock, address))
-        with contextlib.suppress(OSError):  # full: the gate is awake anyway
-            self._wake_w.send(b"\0")
-
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def stop(self) -> None:
-        self._stopped = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        try:
-            while not self._stopped:
-                timeout = 1.0
-                if self._pending:
-                    oldest = next(iter(self._pending))
-                    timeout = min(timeout, max(0.0, oldest.deadline - time.monotonic()))
-                for key, _ in self._selector.select(timeout):
-                    if key.data is None:
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(4096)
-                        self._take_incoming()
-                    elif key.data in self._pending:  # not closed by an earlier event of this round
-                        self._advance(key.data)
-                self._expire()
-        except Exception:  # never expected: say so, and keep refusing rather than leave sockets open
-            log.exception("association handshake gate failed")
-        finally:
-            for item in list(self._pending):
-                self._close(item)
-            with self._lock:
-                while self._incoming:
-                    self.server.shutdown_request(self._incoming.popleft()[0])
-            self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _take_incoming(self) -> None:
-        while True:
-            with self._lock:
-                if not self._incoming:
-                    return
-                sock, address = self._incoming.popleft()
-            host = address[0]
-            from_host = self._by_host.get(host, {})
-            if len(from_host) + self.server.associations(host) >= self.max_per_host:
-                if not from_host:  # all of them are associations: no room for another
-                    self.log.warning(
-                        "too_many_from_host",
-                        "refused a connection from %s: max_connections_per_host (%d) reached",
-                        host,
-                        self.max_per_host,
-                    )
-                    self.server.shutdown_request(sock)
-                    continue
-                self._evict(next(iter(from_host)), "max_connections_per_host")
-            if len(self._pending) >= self.max_pending:
-                self._evict(next(iter(self._pending)), "max_pending_connections")
-            try:
-                sock.setblocking(False)
-                context = self.server.ssl_context
-                if context is not None:
-                    sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                item = _Pending(sock, address, time.monotonic() + self.timeout_s, context is not None)
-                self._selector.register(sock, selectors.EVENT_READ, item)
-            except (OSError, ValueError) as exc:
-                log.debug("connection from %s lost before its request: %s", host, exc)
-                self.server.shutdown_request(sock)
-                continue
-            self._pending[item] = None
-            self._by_host.setdefault(host, {})[item] = None
-
-    def _evict(self, item: _Pending, cap: str) -> None:
-        self.log.warning(
-            "evicted",
-            "closed a connection from %s after %.1f s without a complete association request: %s reached",
-            item.host,
-            self.timeout_s - (item.deadline - time.monotonic()),
-            cap,
-        )
-        self._close(item)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._pending:
-            item = next(iter(self._pending))
-            if item.deadline > now:
-                return
-            if item.tls_pending:
-                self.log.warning(
-                    "tls", "TLS handshake with %s failed: not complete within %s s", item.host, self.timeout_s
-                )
-            else:
-                self.log.warning(
-                    "timeout",
-                    "closed a connection from %s: no association request within %s s",
-                    item.host,
-                    self.timeout_s,
-                )
-            self._close(item)
-
-    def _forget(self, item: _Pending) -> None:
-        self._pending.pop(item, None)
-        from_host = self._by_host.get(item.host)
-        if from_host is not None:
-            from_host.pop(item, None)
-            if not from_host:
-                del self._by_host[item.host]
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(item.sock)
-
-    def _close(self, item: _Pending, abort: bytes | None = None) -> None:
-        self._forget(item)
-        if abort is not None:
-            with contextlib.suppress(OSError):
-                item.sock.send(abort)
-        self.server.shutdown_request(item.sock)
-
-    def _wait_for(self, item: _Pending, events: int) -> None:
-        self._selector.modify(item.sock, events, item)
-
-    def _advance(self, item: _Pending) -> None:
-        sock = item.sock
-        try:
-            if item.tls_pending:
-                assert isinstance(sock, ssl.SSLSocket)
-                try:
-                    sock.do_handshake()
-                except ssl.SSLWantReadError:
-                    return self._wait_for(item, selectors.EVENT_READ)
-                except ssl.SSLWantWriteError:
-                    return self._wait_for(item, selectors.EVENT_WRITE)
-                item.tls_pending = False
-                self._wait_for(item, selectors.EVENT_READ)
-            while len(item.buffer) < item.needed:
-                try:
-                    chunk = sock.recv(item.needed - len(item.buffer))
-                except (BlockingIOError, ssl.SSLWantReadError):
-                    return None
-                except ssl.SSLWantWriteError:
-                    return self._wait_for(item, selectors.EVENT_WRITE)
-                if not chunk:  # the peer went away
-                    return self._close(item)
-                item.buffer += chunk
-                if len(item.buffer) == 6 and item.needed == 6 and not self._check_header(item):
-                    return None
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            if item.tls_pending:
-                self.log.warning("tls", "TLS handshake with %s failed: %s", item.host, exc)
-            else:
-                log.debug("connection from %s lost before its request: %s", item.host, exc)
-            return self._close(item)
-        self._forget(item)
-        try:
-            sock.setblocking(True)
-        except OSError:
-            self.server.shutdown_request(sock)
-            return None
-        self.server.associate(sock, item.address, bytes(item.buffer))
-        return None
-
-    def _check_header(self, item: _Pending) -> bool:
-        """Whether the first PDU is an A-ASSOCIATE-RQ of an acceptable length (then read it whole)."""
-        pdu_type, claimed = item.buffer[0], int.from_bytes(item.buffer[2:6], "big")
-        limit = pdu_limit(pdu_type, self.server.ae.maximum_pdu_size)
-        if limit is None:
-            self.log.warning("unknown_pdu", "closing connection from %s: unknown PDU type 0x%02X", item.host, pdu_type)
-            self._close(item, _A_ABORT_UNRECOGNIZED)
-        elif claimed > limit:
-            self.log.warning(
-                "claim",
-                "closing connection from %s: PDU type 0x%02X claims %d bytes, more than %d",
-                item.host,
-                pdu_type,
-                claimed,
-                limit,
-            )
-            self._close(item, _A_ABORT_INVALID_LENGTH)
-        elif pdu_type != 0x01:
-            if pdu_type != 0x07:  # an A-ABORT needs no answer
-                self.log.warning(
-                    "unexpected",
-                    "closing connection from %s: PDU type 0x%02X before any association",
-                    item.host,
-                    pdu_type,
-                )
-            self._close(item, None if pdu_type == 0x07 else _A_ABORT_UNEXPECTED)
-        else:
-            item.needed = 6 + claimed
-            return True
-        return False
-
-
 class NodeRequestHandler(RequestHandler):
     """pynetdicom's handler for a connection whose A-ASSOCIATE-RQ the gate has read: the node's socket
     (given those bytes to return first) and DIMSE provider, set before the association starts, and the
@@ -1048,6 +537,10 @@ class NodeRequestHandler(RequestHandler):
         assoc.run = run_then_discard  # type: ignore[method-assign]  (Thread.start calls self.run)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+
+
+# A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded (as pynetdicom sends).
+_ASSOCIATE_RJ_BUSY = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -1155,7 +648,8 @@ def build_ae(dicom: DicomSettings) -> AE:
     return ae
 
 
-# pynetdicom versions whose internals this module was read against: DIMSEServiceProvider.receive_primitive
+# pynetdicom versions whose internals the receiving side was read against (this module, and the socket in
+# ctp_node/node/shared/dicom_transport.py): DIMSEServiceProvider.receive_primitive
 # and its ``message``; DIMSEMessage.decode_msg (writes each data set fragment to ``data_set`` and returns
 # True once whole), message_to_primitive (copies ``_data_set_path`` / ``_data_set_file``) and
 # StorageServiceClass.SCP (closes and unlinks ``_dataset_file.name`` after the handler);
@@ -1191,9 +685,10 @@ def check_pynetdicom() -> None:
     if not vetted or not shaped:
         supported = ", ".join(f"{major}.{minor}.x" for major, minor in _VETTED_PYNETDICOM)
         raise RuntimeError(
-            f"pynetdicom {version} is installed, but the DICOM receiver (ctp_node.node.scp) depends on internals "
-            f"of pynetdicom {supported} only: install a supported version (pip install 'pynetdicom>=3.0,<3.1', "
-            "as pyproject.toml pins it) or vet this one (ctp_node/node/scp.py, _VETTED_PYNETDICOM)"
+            f"pynetdicom {version} is installed, but the DICOM receiver (ctp_node.node.receive.scp) depends on "
+            f"internals of pynetdicom {supported} only: install a supported version (pip install "
+            "'pynetdicom>=3.0,<3.1', as pyproject.toml pins it) or vet this one (ctp_node/node/receive/scp.py, "
+            "_VETTED_PYNETDICOM)"
         )
 
 

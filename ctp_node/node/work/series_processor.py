@@ -1,9 +1,13 @@
-"""The worker's processor: a job's spooled files through ``ctp_node.series.pipeline.run_series``.
+"""The process stage's processor: a job's spooled files through ``ctp_node.series.pipeline.run_series``.
 
-The series pipeline knows nothing about jobs; this module is the one place that joins them. While a
-job is processed, the engine's progress goes to the log and, when the worker says where
-(``reporting_progress``), into the job's row of the job store, at a bounded rate, so the status page
-shows how far the job is and when it should end (``ctp_node.node.progress``).
+The series pipeline knows nothing about jobs; the worker's process stage
+(``ctp_node.node.work.process_stage``) is given this processor (``ctp-node worker`` makes it with the
+configured model) and calls it with a claimed job, its spooled files and a staging folder. It is kept
+apart from the stage so that the stages and the worker loop do not import the series pipeline (a send
+stage on its own, ``worker --send-only``, loads no series code). While a job is processed, the
+engine's progress goes to the log and, when the stage says where (``reporting_progress``), into the
+job's row of the job store, at a bounded rate, so the status page shows how far the job is and when it
+should end (``ctp_node.node.work.progress``).
 """
 
 from __future__ import annotations
@@ -11,16 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ctp_node.errors import NotCTPError
-from ctp_node.node.jobs import SeriesJob
-from ctp_node.node.progress import current_reporter
+from ctp_node.node.shared.jobs import SeriesJob
+from ctp_node.node.work.process_stage import ProcessOutput
+from ctp_node.node.work.progress import current_reporter
 from ctp_node.series.pipeline import SeriesPipeline, run_series
 from model.engine import ProgressLog
-
-if TYPE_CHECKING:
-    from ctp_node.node.worker import ProcessOutput
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,6 @@ def make_processor(
     a line in the log every 10 s or 10 %, since a worker has no terminal)."""
 
     def process(job: SeriesJob, files: Sequence[Path], out_dir: Path) -> ProcessOutput:
-        # Imported here: the worker imports this module's processor, not the other way round.
-        from ctp_node.node.worker import ProcessOutput
-
         if not files:
             raise NotCTPError(f"series {job.series_uid} has no spooled instances")
         shown = progress or ProgressLog(log.info, f"series {job.series_uid} inpainting", steps=pipeline.steps)

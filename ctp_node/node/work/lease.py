@@ -6,7 +6,7 @@ import logging
 import threading
 
 from ctp_node.errors import LeaseLost
-from ctp_node.node.jobs import JobStore
+from ctp_node.node.shared.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

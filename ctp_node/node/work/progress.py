@@ -1,9 +1,9 @@
 """A job's processing progress, recorded in the job store for the status page.
 
-The engine reports ``progress(done, total)`` after every network evaluation; the worker's processor
-(``ctp_node.node.processing``) passes it on to the reporter the worker set for the job it runs
-(``reporting_progress``), which writes it into the job's row at a bounded rate with an ETA. A light
-module (no torch): the worker imports it whether or not it processes.
+The engine reports ``progress(done, total)`` after every network evaluation; the processor
+(``ctp_node.node.work.series_processor``) passes it on to the reporter the process stage set for the
+job it runs (``reporting_progress``), which writes it into the job's row at a bounded rate with an ETA.
+A light module (no torch): the process stage imports it whether or not it processes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from ctp_node.node.jobs import JobStore, SeriesJob
+from ctp_node.node.shared.jobs import JobStore, SeriesJob
 
 log = logging.getLogger(__name__)
 
