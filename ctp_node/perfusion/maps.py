@@ -51,6 +51,7 @@ DEFAULT_PIXEL_MM = 1.0
 METHODS = ("bsvd", "osvd", "parametric")
 OSVD_MAX_INTERVAL_S = 2.0
 MAX_COMPLETED_SHARE = 0.5  # a CBV is at most doubled by the completion of its cut-off area
+STUDY_SHAPE_MAX_INTERVAL_S = 1.25  # longest acquired interval during the first pass for a study shape
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class PerfusionSettings:
     min_cluster_ml: float = lesion.MIN_CLUSTER_ML  # smaller 3D mask components are dropped
     normal_tmax_s: float = lesion.NORMAL_TMAX_S  # reference tissue for rCBF: Tmax below this
     residue_family: parametric.ResidueFamily = "gamma"  # the model of method="parametric"
-    # "study": one gamma shape for the whole study (``parametric.select_shape``); "voxel": each
+    # "study": one gamma shape for the whole study (``parametric.select_shape``) when the bolus was
+    # acquired about every second (``STUDY_SHAPE_MAX_INTERVAL_S``), else per voxel; "voxel": each
     # voxel picks among ``parametric.GAMMA_SHAPES`` (biased under noise, see select_shape).
     residue_shape: Literal["study", "voxel"] = "study"
     # method="parametric" with "tips": in-plane median of the fitted MTT over this window (mm; 0 = off)
@@ -286,6 +288,17 @@ def compute_perfusion(
         raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
 
     noise_hu, basis, fitted_mtt, residue_shape = None, None, None, None
+    acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
+    # One residue shape for the study only where the scanner sampled the bolus about every second:
+    # that is where it was measured to help (docs/benchmarks.md). Every 2 s it helped family A
+    # (white-matter CBF +4..+9 % against -20..-23 % with a shape per voxel) and hurt the issue-shaped
+    # family B (+15..+41 % against 0..+16 %); every 4 s it hurt (+9..+85 % against -16..+34 %): with
+    # few frames in the first pass the shape cannot be told even pooled. Sparser: each voxel chooses.
+    study_shape = (
+        cfg.residue_family == "gamma"
+        and cfg.residue_shape == "study"
+        and reliability.bolus_interval_s(acquired, arrival.time_s) <= STUDY_SHAPE_MAX_INTERVAL_S
+    )
     noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)  # TIPS and the validity masks
     if cfg.denoise == "tips":
         conc_grid, note, noise_hu, basis = _tips(
@@ -311,7 +324,7 @@ def compute_perfusion(
             basis=basis,
             arrival_s=arrival.time_s,
             acquired_s=times,
-            shape="study" if cfg.residue_family == "gamma" and cfg.residue_shape == "study" else None,
+            shape="study" if study_shape else None,
             shape_groups=_blocks(
                 flat_index[fit], shape, parametric.SHAPE_BLOCK_MM / (cfg.pixel_mm or DEFAULT_PIXEL_MM)
             ),  # noqa: E501
@@ -333,10 +346,9 @@ def compute_perfusion(
             fitted_mtt = np.where(fitted_mtt > 0, median.reshape(-1)[flat_index], 0.0)
     else:
         # Fitted at the acquisition times themselves: no resampling of the tissue curves.
-        study = cfg.residue_family == "gamma" and cfg.residue_shape == "study"
         stats, _ = parametric.deconvolve_parametric(
-            conc, times, aif_curve, cfg.residue_family, shape="study" if study else None,
-            arrival_s=arrival.time_s if study else None,
+            conc, times, aif_curve, cfg.residue_family, shape="study" if study_shape else None,
+            arrival_s=arrival.time_s if study_shape else None,
         )  # fmt: skip
         residue_shape = stats.residue_shape
     cbf_v = cfg.k * stats.flow * 6000.0
@@ -407,7 +419,9 @@ def compute_perfusion(
     )  # fmt: skip
     if residue_shape is not None:
         notes.append(f"residue: gamma shape {residue_shape:g} for the whole study (1 = exponential, inf = box)")
-    acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
+    elif method == "parametric" and cfg.residue_family == "gamma" and cfg.residue_shape == "study":
+        why = "too little normal tissue to choose one" if study_shape else "the bolus was sampled too sparsely"
+        notes.append(f"residue: shape chosen per voxel ({why} for one shape for the study)")
     result.acquired_interval_s = reliability.bolus_interval_s(acquired, arrival.time_s)
     result.volume_checks = reliability.check_volumes(
         {"core": masks.core, "tmax6": masks.hypoperfusion, "tmax10": masks.severe}, tissue, voxel_volume_ml,
