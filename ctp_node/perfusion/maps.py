@@ -294,11 +294,14 @@ def compute_perfusion(
     # (white-matter CBF +4..+9 % against -20..-23 % with a shape per voxel) and hurt the issue-shaped
     # family B (+15..+41 % against 0..+16 %); every 4 s it hurt (+9..+85 % against -16..+34 %): with
     # few frames in the first pass the shape cannot be told even pooled. Sparser: each voxel chooses.
+    acquired_interval_s = reliability.bolus_interval_s(acquired, arrival.time_s)
     study_shape = (
-        cfg.residue_family == "gamma"
+        method == "parametric"
+        and cfg.residue_family == "gamma"
         and cfg.residue_shape == "study"
-        and reliability.bolus_interval_s(acquired, arrival.time_s) <= STUDY_SHAPE_MAX_INTERVAL_S
+        and acquired_interval_s <= STUDY_SHAPE_MAX_INTERVAL_S
     )
+    block_px = parametric.SHAPE_BLOCK_MM / (cfg.pixel_mm or DEFAULT_PIXEL_MM)
     noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)  # TIPS and the validity masks
     if cfg.denoise == "tips":
         conc_grid, note, noise_hu, basis = _tips(
@@ -325,9 +328,7 @@ def compute_perfusion(
             arrival_s=arrival.time_s,
             acquired_s=times,
             shape="study" if study_shape else None,
-            shape_groups=_blocks(
-                flat_index[fit], shape, parametric.SHAPE_BLOCK_MM / (cfg.pixel_mm or DEFAULT_PIXEL_MM)
-            ),  # noqa: E501
+            shape_groups=_blocks(flat_index[fit], shape, block_px) if study_shape else None,
         )
         residue_shape = part.residue_shape
         stats = dec.ResidueStats(flow=np.zeros(fit.size), tmax_s=np.zeros(fit.size))
@@ -345,10 +346,14 @@ def compute_perfusion(
             median = denoise.median_in_mask(mtt_volume, mtt_volume > 0, size)
             fitted_mtt = np.where(fitted_mtt > 0, median.reshape(-1)[flat_index], 0.0)
     else:
-        # Fitted at the acquisition times themselves: no resampling of the tissue curves.
+        # Fitted at the acquisition times themselves: no resampling of the tissue curves. The curves
+        # are the whole brain's; only parenchyma chooses the shape (CSF is flat, vessels arterial).
+        groups = None
+        if study_shape:
+            groups = np.where(parenchyma.reshape(-1)[flat_index], _blocks(flat_index, shape, block_px), -1)
         stats, _ = parametric.deconvolve_parametric(
             conc, times, aif_curve, cfg.residue_family, shape="study" if study_shape else None,
-            arrival_s=arrival.time_s if study_shape else None,
+            arrival_s=arrival.time_s if study_shape else None, shape_groups=groups,
         )  # fmt: skip
         residue_shape = stats.residue_shape
     cbf_v = cfg.k * stats.flow * 6000.0
@@ -422,7 +427,7 @@ def compute_perfusion(
     elif method == "parametric" and cfg.residue_family == "gamma" and cfg.residue_shape == "study":
         why = "too little normal tissue to choose one" if study_shape else "the bolus was sampled too sparsely"
         notes.append(f"residue: shape chosen per voxel ({why} for one shape for the study)")
-    result.acquired_interval_s = reliability.bolus_interval_s(acquired, arrival.time_s)
+    result.acquired_interval_s = acquired_interval_s
     result.volume_checks = reliability.check_volumes(
         {"core": masks.core, "tmax6": masks.hypoperfusion, "tmax10": masks.severe}, tissue, voxel_volume_ml,
         result.acquired_interval_s, cfg.mirror_limit_ml, cfg.tmax_max_interval_s, cfg.core_max_interval_s,

@@ -37,7 +37,6 @@ GAMMA_SHAPES = (1.0, 2.0, 4.0, np.inf)
 # ``select_shape``); pooled over a study's tissue it is well determined, so the grid can be finer.
 STUDY_SHAPES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, np.inf)
 SHAPE_SAMPLE_VOXELS = 20_000
-SHAPE_SIGNAL_FRACTION = 0.1  # of the curves, the strongest, choose the shape
 SHAPE_BLOCK_MM = 12.0  # in-plane blocks whose mean curves choose the shape
 SHAPE_MAX_DELAY_S = 3.0  # of normally perfused tissue (first-pass delay)
 SHAPE_MIN_CURVES = 8  # fewer (blocks of) curves: no study shape, each voxel chooses
@@ -151,8 +150,8 @@ def deconvolve_parametric(
     (``select_shape``).
     """
     study_shape = isinstance(shape, str)
-    if study_shape and (shape != "study" or family != "gamma"):
-        raise ValueError(f"shape {shape!r}: a number, None, or 'study' with the gamma family")
+    if study_shape and (shape != "study" or family != "gamma" or shape_groups is None):
+        raise ValueError(f"shape {shape!r}: a number, None, or 'study' with the gamma family and shape_groups")
     shapes = None if shape is None or study_shape else (float(shape),)
     first, fitted_mtt = _fit(conc, times_s, aif, family, chunk, basis, acquired_s, shapes)
     if arrival_s is None:
@@ -176,9 +175,8 @@ def deconvolve_parametric(
     corrected = data - offset[:, None]
     if study_shape:
         # Normally perfused tissue only: a block that mixes delays averages to a dispersed curve.
-        normal = first.tmax_s < SHAPE_MAX_DELAY_S
-        groups = None if shape_groups is None else np.where(normal, shape_groups, -1)
-        chosen = select_shape(corrected, times_s, aif, basis, acquired_s, groups=groups)
+        groups = np.where(first.tmax_s < SHAPE_MAX_DELAY_S, shape_groups, -1)
+        chosen = select_shape(corrected, groups, times_s, aif, basis, acquired_s)
         shapes = None if chosen is None else (chosen,)
     second, fitted_mtt = _fit(corrected, times_s, aif, family, chunk, basis, acquired_s, shapes)
     stats = ResidueStats(
@@ -248,13 +246,13 @@ def _fit(
 
 def select_shape(
     conc: np.ndarray,
+    groups: np.ndarray,
     times_s: np.ndarray,
     aif: np.ndarray,
     basis: np.ndarray | None = None,
     acquired_s: np.ndarray | None = None,
     shapes: tuple[float, ...] = STUDY_SHAPES,
     sample: int = SHAPE_SAMPLE_VOXELS,
-    groups: np.ndarray | None = None,
 ) -> float | None:
     """The gamma residue shape that fits a study's (V, T) tissue curves best, pooled over them.
 
@@ -267,43 +265,27 @@ def select_shape(
     the truth, the MTT and delay of the same noisy curves come out unbiased (medians exact). The
     shape of the whole tissue is better determined: the one whose best atoms explain the most of the
     mean curves of ``groups`` (label 2 b and 2 b + 1: the two interleaved halves of spatial block b of
-    normally perfused tissue, -1: not used), each half's atom judged on the other half; without
-    groups, the one that explains most of the strongest curves (``SHAPE_SIGNAL_FRACTION``). At most
-    ``sample`` blocks or curves, evenly spaced; finer MTT and delay grids than the fit's. None: fewer
-    than ``SHAPE_MIN_CURVES`` to choose from.
+    normally perfused tissue, -1: not used), each half's atom judged on the other half (the
+    strongest 10 % of single curves, judged on themselves, chose the exponential for family B, whose
+    truth is 2). At most ``sample`` blocks, evenly spaced; finer MTT and delay grids than the fit's.
+    None: fewer than ``SHAPE_MIN_CURVES`` blocks to choose from.
     """
     data = np.asarray(conc, dtype=np.float32)
     if basis is not None:
         data = data @ np.asarray(basis, dtype=np.float32).T
-    units = [_unit_atoms(times_s, aif, shape, basis, acquired_s) for shape in shapes]
-    if groups is not None:
-        halves = _paired_half_means(data, np.asarray(groups))
-        if halves is None:
-            return None
-        first, second = halves
-        if first.shape[0] > sample:
-            keep = np.linspace(0, first.shape[0] - 1, sample).astype(np.int64)
-            first, second = first[keep], second[keep]
-        # Cross-validated: each half's best atom is judged on the other half, whose noise it has not
-        # seen. Judged on the same curves, the noise left after filtering fits a little better to some
-        # shapes than to others, and over a study that outweighed the shapes' real difference (block
-        # means themselves still chose 4 for a box residue at 6 HU, each voxel alone the exponential
-        # for family B, whose truth is 2).
-        scores = [_cross_explained(first, second, unit) for unit in units]
-        return float(shapes[int(np.argmax(scores))])
-    energy = np.einsum("ij,ij->i", data, data)
-    data = data[energy >= np.quantile(energy, 1.0 - SHAPE_SIGNAL_FRACTION)] if data.shape[0] else data
-    if data.shape[0] < SHAPE_MIN_CURVES:
+    halves = _paired_half_means(data, np.asarray(groups))
+    if halves is None:
         return None
-    if data.shape[0] > sample:
-        data = data[np.linspace(0, data.shape[0] - 1, sample).astype(np.int64)]
-    scores = []
-    for unit in units:
-        explained = 0.0  # the total energy is the same for every shape: the most explained wins
-        for start in range(0, data.shape[0], CHUNK_VOXELS * 16):
-            best = (data[start : start + CHUNK_VOXELS * 16] @ unit.T).max(axis=1)
-            explained += float(np.sum(np.maximum(best, 0.0, dtype=np.float64) ** 2))
-        scores.append(explained)
+    first, second = halves
+    if first.shape[0] > sample:
+        keep = np.linspace(0, first.shape[0] - 1, sample).astype(np.int64)
+        first, second = first[keep], second[keep]
+    # Cross-validated: each half's best atom is judged on the other half, whose noise it has not
+    # seen. Judged on the same curves, the noise left after filtering fits a little better to some
+    # shapes than to others, and over a study that outweighed the shapes' real difference (block
+    # means themselves still chose 4 for a box residue at 6 HU).
+    units = [_unit_atoms(times_s, aif, shape, basis, acquired_s) for shape in shapes]
+    scores = [_cross_explained(first, second, unit) for unit in units]
     return float(shapes[int(np.argmax(scores))])
 
 

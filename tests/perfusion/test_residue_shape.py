@@ -39,13 +39,6 @@ def noisy_tissue(shape: float, n: int, noise_hu: float, seed: int) -> tuple[np.n
     return clean + noise_hu * rng.standard_normal(clean.shape), mtt
 
 
-@pytest.mark.parametrize("shape", [1.0, 3.0, np.inf])
-def test_the_study_shape_is_found_from_noisy_curves(shape):
-    # 1,500 curves at 0.5 HU: a study's sample is 20,000 TIPS-filtered curves.
-    conc, _ = noisy_tissue(shape, 1500, noise_hu=0.5, seed=1)
-    assert parametric.select_shape(conc, TIMES, gamma_aif(TIMES)) == shape
-
-
 def test_a_free_shape_per_voxel_biases_the_transit_time_and_the_study_shape_does_not():
     # Exponential residues (the most dispersed shape): a free per-voxel shape can only err towards
     # narrower ones, whose MTT is longer for the same curve.
@@ -72,12 +65,17 @@ def test_the_fit_chooses_the_study_shape_from_block_means_at_voxel_noise(shape):
     assert stats.residue_shape == shape
 
 
-def test_a_study_shape_needs_the_gamma_family_and_the_arrival():
+def test_a_study_shape_needs_the_gamma_family_its_blocks_and_the_arrival():
     conc, _ = noisy_tissue(1.0, 10, noise_hu=0.0, seed=5)
+    aif, blocks = gamma_aif(TIMES), np.arange(10) // 5
     with pytest.raises(ValueError, match="gamma"):
-        parametric.deconvolve_parametric(conc, TIMES, gamma_aif(TIMES), "exponential", shape="study", arrival_s=8.0)
+        parametric.deconvolve_parametric(
+            conc, TIMES, aif, "exponential", shape="study", shape_groups=blocks, arrival_s=8.0
+        )
+    with pytest.raises(ValueError, match="shape_groups"):
+        parametric.deconvolve_parametric(conc, TIMES, aif, "gamma", shape="study", arrival_s=8.0)
     with pytest.raises(ValueError, match="arrival_s"):
-        parametric.deconvolve_parametric(conc, TIMES, gamma_aif(TIMES), "gamma", shape="study")
+        parametric.deconvolve_parametric(conc, TIMES, aif, "gamma", shape="study", shape_groups=blocks)
 
 
 def test_too_few_blocks_leave_the_shape_to_each_voxel():
@@ -153,3 +151,10 @@ def test_on_a_noisy_study_with_exponential_residues_the_white_matter_cbf_is_no_l
         errors[mode] = float(np.median(maps.cbf[wm]) / np.median(study.truth.cbf[wm])) - 1.0
     assert abs(errors["study"]) < 0.1, errors
     assert errors["voxel"] < -0.15, errors
+
+
+def test_without_the_tips_filter_the_study_shape_is_chosen_on_parenchyma_blocks_too(clean_family_a):
+    study = clean_family_a
+    settings = PerfusionSettings(pixel_mm=float(study.spacing_mm[2]), denoise="none")
+    maps = compute_perfusion(study.hu, study.times_s, 0.002, settings=settings)
+    assert maps.residue_shape == 1.0  # family A's residues are exponential
