@@ -86,6 +86,8 @@ ANALYSES = {
     "parametric+tips-mtt5": ("parametric", PerfusionSettings(mtt_median_mm=5.0)),
     # CBV completed by the share of the response after the last frame (exact without noise)
     "parametric+tips-complete": ("parametric", PerfusionSettings(complete_truncated_area=True)),
+    # every voxel's values counted, whether or not its region enhances measurably (diagnostic only)
+    "parametric+tips-novalidity": ("parametric", PerfusionSettings(validity_masks=False)),
 }
 DEFAULT_FAMILY_LESIONS = ((40.0, -5.0, 5.0), (-38.0, 5.0, 0.0), (42.0, 12.0, 8.0), (-40.0, -10.0, 5.0))
 DEFAULT_SEEDS = {"issue": "20,21,22,23,24", "b": "0,1,2,3,4,5", "a": "10,11,12,13,14", "abox": "10,11,12"}

@@ -20,6 +20,7 @@ import platform
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,37 @@ from ctp_node.phantom import PhantomConfig, generate_phantom
 from ctp_node.phantom.dicom_study import write_study
 from ctp_node.phantom.sampling import parse_schedule, sample_study
 from ctp_node.series.outputs import output_input, write_perfusion_outputs
+
+
+class PeakRSS:
+    """The process's largest resident set while running, sampled every 10 ms from /proc (Linux).
+
+    ``ru_maxrss`` covers the whole process life, phantom generation included; this covers only the
+    part the node itself does (analyses and outputs)."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now_bytes(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_bytes = max(self.peak_bytes, self.now_bytes())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_bytes = self.now_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.now_bytes())
 
 
 def main() -> None:
@@ -50,32 +82,35 @@ def main() -> None:
         f"phantom {args.matrix} x {args.matrix} x {args.slices} x {args.duration} s: {time.perf_counter() - mark:.1f} s"
     )
     voxel_ml = float(np.prod(study.spacing_mm)) / 1000.0
+    del study  # the node holds the two series, never the phantom they were sampled from
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="ctp-outputs-bench-"))
     first_second = dataclasses.replace(synthetic, hu=synthetic.hu[:1], times_s=synthetic.times_s[:1])
     references = write_study(first_second, folder / "reference", uid_seed="perfusion-outputs-bench")
 
     seconds: dict[str, float] = {}
-    wall = time.perf_counter()
-    cpu = time.process_time()
-    mark = time.perf_counter()
-    analysis = PerfusionSettings(pixel_mm=float(synthetic.spacing_mm[2]))  # as the node's pipeline runs it
-    maps_synthetic = compute_perfusion(synthetic.hu, synthetic.times_s, voxel_ml, settings=analysis)
-    seconds["analysis synthetic 1 s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    maps_acquired = compute_perfusion(acquired.hu, acquired.times_s, voxel_ml, settings=analysis)
-    seconds["analysis acquired"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    data = output_input(
-        maps_synthetic, synthetic.hu, references, "1.2.826.0.1.3680043.8.498.1", voxel_volume_ml=voxel_ml,
-        acquired_maps=maps_acquired, acquired_hu=acquired.hu,
-    )  # fmt: skip
-    seconds["writer input (curves, anatomy)"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    per_kind: dict[str, float] = {}
-    written = write_perfusion_outputs(data, folder / "outputs", seconds=per_kind)
-    seconds["outputs (all)"] = time.perf_counter() - mark
-    total_wall, total_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    held_gb = PeakRSS().now_bytes() / 1e9  # the two series (and the interpreter) before the job's work
+    with PeakRSS() as sampler:
+        wall = time.perf_counter()
+        cpu = time.process_time()
+        mark = time.perf_counter()
+        analysis = PerfusionSettings(pixel_mm=float(synthetic.spacing_mm[2]))  # as the node's pipeline runs it
+        maps_synthetic = compute_perfusion(synthetic.hu, synthetic.times_s, voxel_ml, settings=analysis)
+        seconds["analysis synthetic 1 s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        maps_acquired = compute_perfusion(acquired.hu, acquired.times_s, voxel_ml, settings=analysis)
+        seconds["analysis acquired"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        data = output_input(
+            maps_synthetic, synthetic.hu, references, "1.2.826.0.1.3680043.8.498.1", voxel_volume_ml=voxel_ml,
+            acquired_maps=maps_acquired, acquired_hu=acquired.hu,
+        )  # fmt: skip
+        seconds["writer input (curves, anatomy)"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        per_kind: dict[str, float] = {}
+        written = write_perfusion_outputs(data, folder / "outputs", seconds=per_kind)
+        seconds["outputs (all)"] = time.perf_counter() - mark
+        total_wall, total_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     files = sum(s.count for s in written)
     size = sum(p.stat().st_size for s in written for p in s.paths)
@@ -90,7 +125,11 @@ def main() -> None:
     withheld = " (withheld)" if "core" in maps_synthetic.withheld else ""
     print(f"{len(written)} series, {files} files, {size / 1e6:.1f} MB; core {core:.1f} mL{withheld}")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"peak memory {peak_gb:.1f} GB; load {os.getloadavg()[0]:.1f} at end")
+    print(
+        f"peak memory of the analyses and outputs {sampler.peak_bytes / 1e9:.2f} GB (resident before them, "
+        f"the two series: {held_gb:.2f} GB); whole process, phantom generation included: {peak_gb:.1f} GB; "
+        f"load {os.getloadavg()[0]:.1f} at end"
+    )
     if args.keep is None:
         shutil.rmtree(folder)
 

@@ -17,7 +17,10 @@ of a phantom study takes a family-B study unchanged. What differs, on purpose:
   exponential nor the box residue of the default family.
 - Lesion: a territory-shaped sector of one hemisphere (side, angle, extent drawn per study) whose
   penumbra (CBF 55-75 % of normal, CBV kept, delay 2.5-9 s) surrounds an irregular core blob (CBF
-  12-20 % of normal, CBV 40-60 %); parameters blend smoothly over ~2 mm at the borders.
+  12-20 % of normal, CBV 40-60 %) delayed 0-2 s more than the penumbra and at least
+  ``CORE_MIN_DELAY_S`` where its membership is one half, so that the core lies inside the Tmax > 6 s
+  region as in patients (a core with a short Tmax is a contradiction a reader would see; the
+  ``*_override`` fields can still build one); parameters blend smoothly over ~2 mm at the borders.
 - Noise: 6 HU per voxel with a CT-like texture (noise power spectrum ``f exp(-(f / f0)^2)``,
   peaking at 0.25 cycles/mm, as filtered back-projection gives), slightly stronger in the centre.
 
@@ -32,7 +35,7 @@ the true maps: the volumes a perfect analysis would report. Call it as::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import special
@@ -54,6 +57,9 @@ BASELINE_HU = {
     TissueLabel.VEIN: 42.0,
 }
 NPS_F0_PER_MM = 0.35  # texture of the noise: NPS f exp(-(f/f0)^2) peaks at f0 / sqrt(2)
+# The drawn core's delay where its membership is 0.5; the true core (rCBF < 30 %) needs a membership
+# of about 0.6-0.8, so every true core voxel is delayed beyond the 6 s threshold with a margin.
+CORE_MIN_DELAY_S = 6.5
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class FamilyBConfig:
     lesion: bool = True
     penumbra_delay_override_s: float | None = None
     core_radius_override_mm: float | None = None
-    core_extra_delay_override_s: float | None = None  # the core's delay beyond the penumbra's (drawn: 0-2 s)
+    core_extra_delay_override_s: float | None = None  # the core's delay beyond the penumbra's (drawn, see _draw)
     side_override: int | None = None  # +1: patient left (+x), -1: right
 
     def __post_init__(self) -> None:
@@ -128,7 +134,7 @@ class _Draw:
 def _draw(cfg: FamilyBConfig) -> _Draw:
     rng = np.random.default_rng([cfg.seed, 0xB])
     u = rng.uniform
-    return _Draw(
+    drawn = _Draw(
         aif_onset_s=u(5.0, 9.0), aif_alpha=u(2.5, 4.0), aif_beta=u(1.1, 1.6), aif_peak_hu=u(350.0, 550.0),
         recirculation_delay_s=u(9.0, 13.0), residue_shape=u(1.5, 3.0),
         gm=(u(48.0, 62.0), u(3.4, 4.2)), wm=(u(20.0, 26.0), u(4.3, 5.2)), deep=(u(42.0, 52.0), u(3.6, 4.4)),
@@ -143,6 +149,16 @@ def _draw(cfg: FamilyBConfig) -> _Draw:
         core_extra_delay_s=_pinned(cfg.core_extra_delay_override_s, u(0.0, 2.0)),
         gyri=int(rng.integers(18, 28)), fold_phase=u(0.0, 2 * np.pi),
     )  # fmt: skip
+    return _core_beyond_threshold(drawn, cfg)
+
+
+def _core_beyond_threshold(d: _Draw, cfg: FamilyBConfig) -> _Draw:
+    """The drawn core's extra delay raised so that the core's half-membership rim is delayed at least
+    ``CORE_MIN_DELAY_S`` (lesion delay there: penumbra + extra / 2); an override is kept as given."""
+    if cfg.core_extra_delay_override_s is not None:
+        return d
+    needed = 2.0 * (CORE_MIN_DELAY_S - d.penumbra_delay_s)
+    return replace(d, core_extra_delay_s=max(d.core_extra_delay_s, needed))
 
 
 def _pinned(override: float | None, drawn: float) -> float:

@@ -174,6 +174,49 @@ def test_concurrent_claimers_never_take_the_same_job(database_url):
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
 
 
+def test_two_receivers_starting_the_same_series_at_once_make_one_job(postgres):
+    """Receivers on two hosts share one database: both see no row for a new series, both insert it.
+    Held deterministic: host A's insert stays uncommitted while host B records the same series (B's
+    insert waits on the unique key); after A commits, B must join A's series, not fail its C-STORE."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from ctp_node.node.shared.completeness import InstanceFacts
+    from ctp_node.node.shared.job_tables import metadata, series_table
+
+    engine = create_engine(postgres.url)
+    metadata.drop_all(engine)
+    host_b = JobStore(postgres.url)  # creates the tables
+    now = utcnow()
+    errors: list[BaseException] = []
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(series_table.insert().values(
+            study_uid="1.2.3", series_uid="1.2.3.9", state=State.RECEIVING.value, generation=1, instances=0,
+            calling_ae="HOST_A", first_received_at=now, last_received_at=now, attempts=0, updated_at=now,
+        ))  # fmt: skip
+
+        def record_on_b():
+            try:
+                facts = [InstanceFacts("1.2.3.9.1")]
+                host_b.record_instance("1.2.3", "1.2.3.9", "HOST_B", instances=facts)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=record_on_b)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive()  # B waits on A's uncommitted key
+        transaction.commit()
+    thread.join(timeout=30.0)
+    assert not thread.is_alive() and errors == []
+    with engine.connect() as conn:
+        series = conn.execute(series_table.select().where(series_table.c.series_uid == "1.2.3.9")).all()
+    assert len(series) == 1 and series[0].instances == 1 and host_b.find("1.2.3.9").state == State.RECEIVING
+    engine.dispose()
+
+
 def test_recover_spool_registers_and_reopens(tmp_path):
     import os
     import time as _time

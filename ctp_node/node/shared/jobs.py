@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select, update
+from sqlalchemy import Engine, Table, create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
@@ -180,15 +180,20 @@ class JobStore:
         instance) and keeps their facts for the completeness check; without, ``count`` is added.
         """
         at = at or utcnow()
+        find = select(series_table.c.id, series_table.c.state).where(
+            series_table.c.study_uid == study_uid, series_table.c.series_uid == series_uid
+        )
         with self._tx() as conn:
-            row = conn.execute(
-                select(series_table.c.id, series_table.c.state).where(
-                    series_table.c.study_uid == study_uid, series_table.c.series_uid == series_uid
-                )
-            ).first()
+            row = conn.execute(find).first()
             if row is None:
-                inserted = conn.execute(
-                    series_table.insert().values(
+                # ON CONFLICT DO NOTHING: another receiver (another host, same database) may insert the
+                # same series between our SELECT and INSERT; a plain INSERT would then fail this
+                # instance's C-STORE on the unique (study, series) key instead of joining the series.
+                job_id = conn.execute(
+                    self._dialect_insert(series_table)
+                    .on_conflict_do_nothing(index_elements=["study_uid", "series_uid"])
+                    .returning(series_table.c.id)
+                    .values(
                         study_uid=study_uid,
                         series_uid=series_uid,
                         state=State.RECEIVING.value,
@@ -200,15 +205,16 @@ class JobStore:
                         attempts=0,
                         updated_at=at,
                     )
-                )
-                if instances is not None:
-                    job_id = inserted.inserted_primary_key[0]
-                    conn.execute(
-                        update(series_table)
-                        .where(series_table.c.id == job_id)
-                        .values(instances=self._upsert_instances(conn, job_id, instances, at))
-                    )
-                return
+                ).scalar_one_or_none()  # None: the other receiver's row won
+                if job_id is not None:
+                    if instances is not None:
+                        conn.execute(
+                            update(series_table)
+                            .where(series_table.c.id == job_id)
+                            .values(instances=self._upsert_instances(conn, job_id, instances, at))
+                        )
+                    return
+                row = conn.execute(find).one()  # the other receiver's row: this instance joins it
             values: dict[str, Any] = {
                 "instances": series_table.c.instances + count
                 if instances is None
@@ -229,15 +235,19 @@ class JobStore:
                 )
             conn.execute(update(series_table).where(series_table.c.id == row.id).values(**values))
 
-    def _upsert_instances(self, conn: Connection, job_id: int, instances: Sequence[InstanceFacts], at: datetime) -> int:
-        """Insert or refresh the instances' rows (one per SOPInstanceUID); the series' distinct count."""
+    def _dialect_insert(self, table: Table) -> Any:
+        """INSERT with ON CONFLICT clauses (PostgreSQL and SQLite both have them)."""
         if self.is_postgres:
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    def _upsert_instances(self, conn: Connection, job_id: int, instances: Sequence[InstanceFacts], at: datetime) -> int:
+        """Insert or refresh the instances' rows (one per SOPInstanceUID); the series' distinct count."""
         latest = {f.sop_uid: f for f in instances}  # a statement may not touch one row twice
         if latest:
-            statement = insert(instances_table)
+            statement = self._dialect_insert(instances_table)
             refreshed = ("position", "time_key", "instance_number", "frames", "received_at")
             statement = statement.on_conflict_do_update(
                 index_elements=["series_id", "sop_uid"], set_={k: statement.excluded[k] for k in refreshed}
