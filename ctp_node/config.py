@@ -110,13 +110,108 @@ class SeriesSettings(Section):
     max_matrix: int = Field(1024, ge=16, le=65535)
 
 
+class Credential(Section):
+    """A secret read at start from an environment variable or a file, never from the TOML itself
+    (configuration files get copied and shared), and never logged."""
+
+    env: str | None = None  # the name of the environment variable that holds it
+    file: Path | None = None  # a file holding it (surrounding whitespace is dropped)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credential:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (a variable's name) or file (a path) for a secret")
+        return self
+
+    def read(self) -> str:
+        """The secret; ConfigError saying what to set when it is missing or empty."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "")
+            where = f"environment variable {self.env}"
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the secret file {self.file}: {exc.strerror or exc}") from exc
+            where = f"file {self.file}"
+        if not value:
+            raise ConfigError(f"the secret is empty: set the {where}")
+        return value
+
+
 DEFAULT_DATA_DIR = Path("/var/lib/ctp-node")
+# S3 bucket names (AWS's rules, which S3-compatible stores follow): 3-63 lowercase letters, digits,
+# dots and hyphens, starting and ending with a letter or digit.
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class ObjectStoreSettings(Section):
+    """An S3-compatible object store holding the spool and the results (``ctp_node/node/shared/object_store.py``).
+
+    TLS is the endpoint's scheme (``https://``), verified against the system's CAs or ``ca_certificates``.
+    Credentials are never TOML values: ``access_key_id`` and ``secret_access_key`` are read from an
+    environment variable or a file (``{env = ...}`` / ``{file = ...}``), or ``credentials_file`` names an
+    AWS-style credentials file (``profile`` in it); with none of them, boto3's own chain applies
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a pod's web identity, an instance role).
+    """
+
+    endpoint: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")  # e.g. https://s3.example.org:9000
+    bucket: str
+    region: str = "us-east-1"
+    # Keys are <prefix>spool/<study>/<series>/<sop>.dcm and <prefix>results/...: several nodes may share a bucket.
+    prefix: str = Field("", pattern=r"^([A-Za-z0-9._-]+/)*$")
+    ca_certificates: Path | None = None  # a private CA's bundle (https only)
+    access_key_id: Credential | None = None
+    secret_access_key: Credential | None = None
+    credentials_file: Path | None = None
+    profile: str | None = None
+    # One request (connect, or a read) may take this long; an instance's PUT is tried at most twice, so
+    # a sender waits at most about twice this for a refusal when the store hangs.
+    timeout_s: float = Field(10, gt=0, le=300)
+
+    @field_validator("access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _never_plain(cls, value: object) -> object:
+        if isinstance(value, str):  # configuration files get copied and shared: no credential in them
+            raise ValueError('never a plain value here: give {env = "VARIABLE"} or {file = "/path/to/file"}')
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not BUCKET_NAME.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots and hyphens)")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ObjectStoreSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("give both access_key_id and secret_access_key, or neither")
+        if self.access_key_id is not None and self.credentials_file is not None:
+            raise ValueError("give access_key_id/secret_access_key or credentials_file, not both")
+        if self.profile is not None and self.credentials_file is None:
+            raise ValueError("profile names a section of credentials_file, which is not given")
+        if self.ca_certificates is not None and not self.endpoint.startswith("https://"):
+            raise ValueError("ca_certificates is for an https:// endpoint")
+        return self
 
 
 class StorageSettings(Section):
     # Absolute, so that where patient data lands never depends on the folder the node was started
     # from; the systemd units and the container use this folder too.
     data_dir: Path = DEFAULT_DATA_DIR
+    # None: the spool and the results are folders under data_dir (one host, or a shared filesystem).
+    # Set: they live in this S3-compatible store, and a host keeps only instances being received
+    # (spool/.incoming) and a scratch folder (a series being processed, a result being sent).
+    object_store: ObjectStoreSettings | None = None
+    # The receiver answers C-STORE and STOW-RS with 0xA700 (out of resources) while the disk holding
+    # the spool (or, with an object store, its .incoming folder) has less than this free; a worker
+    # claims no job while its scratch folder's disk has less. 0: no floor (only a full disk refuses).
+    min_free_mb: int = Field(256, ge=0)
+    # How often the receiver checks the job store and the object store (each refusal also marks its
+    # resource down at once); a resource that is down is refused until a check finds it back.
+    check_interval_s: float = Field(5, gt=0, le=3600)
 
     @field_validator("data_dir")
     @classmethod
@@ -139,6 +234,11 @@ class StorageSettings(Section):
     @property
     def audit_log(self) -> Path:
         return self.data_dir / "audit.jsonl"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where a worker with an object store downloads a series and stages a result (emptied per job)."""
+        return self.data_dir / "scratch"
 
 
 class JobSettings(Section):
@@ -236,36 +336,6 @@ class MotionSettings(Section):
         if not low < high:
             raise ValueError(f"bone_hu must be increasing, got {self.bone_hu}")
         return self
-
-
-class Credential(Section):
-    """A secret read at start from an environment variable or a file, never from the TOML itself
-    (configuration files get copied and shared), and never logged."""
-
-    env: str | None = None  # the name of the environment variable that holds it
-    file: Path | None = None  # a file holding it (surrounding whitespace is dropped)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Credential:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env (a variable's name) or file (a path) for a secret")
-        return self
-
-    def read(self) -> str:
-        """The secret; ConfigError saying what to set when it is missing or empty."""
-        if self.env is not None:
-            value = os.environ.get(self.env, "")
-            where = f"environment variable {self.env}"
-        else:
-            assert self.file is not None
-            try:
-                value = self.file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the secret file {self.file}: {exc.strerror or exc}") from exc
-            where = f"file {self.file}"
-        if not value:
-            raise ConfigError(f"the secret is empty: set the {where}")
-        return value
 
 
 class DicomwebAuth(Section):
@@ -529,7 +599,7 @@ def describe_errors(error: ValidationError) -> str:
             message = item["msg"].removeprefix("Value error, ")
             shown = item.get("input")
             # The value helps find the typo, except where it may be a credential: never print those.
-            secret = re.search(r"token|secret|password|hash|url", where, re.IGNORECASE)
+            secret = re.search(r"token|secret|password|hash|url|access_key", where, re.IGNORECASE)
             given = "" if isinstance(shown, (dict, list, tuple)) or secret else f" (got {shown!r})"
             lines.append(f"  {where}: {message}{given}")
     return "\n".join(lines)

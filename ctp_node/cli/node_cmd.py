@@ -10,10 +10,12 @@ import threading
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ctp_node.cli.common import CONFIG_OPTION, load_settings_or_exit
 from ctp_node.cli.progress import stderr
 from ctp_node.config import Settings, open_files_warning
+from ctp_node.errors import ConfigError
 
 LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 LOG_FORMAT = typer.Option("text", "--log-format", help="text, or json (one JSON object per line).")
@@ -54,6 +56,9 @@ def serve(
     try:
         store = JobStore(settings.database_url)
         receiver = Receiver(settings, store)
+    except ConfigError as exc:  # e.g. storage.object_store: a bucket that does not exist, refused credentials
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     except OSError as exc:  # not permitted, a file where a folder should be, a read-only disk
         stderr.print(
             f"[red]error:[/red] cannot write the node's data under {settings.storage.data_dir}: {exc}. Run as the "
@@ -137,7 +142,11 @@ def worker(
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     store = JobStore(settings.database_url)
-    node_worker = Worker(settings, store, make_processor(pipeline))
+    try:
+        node_worker = Worker(settings, store, make_processor(pipeline))
+    except ConfigError as exc:  # e.g. storage.object_store: a bucket that does not exist, refused credentials
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     node_worker.metrics.describe_worker(node_worker.worker_id, str(pipeline.engine.device))
     if metrics_port is not None:
         node_worker.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
@@ -160,7 +169,11 @@ def _send_only(settings: Settings, once: bool, metrics_port: int | None) -> None
     from ctp_node.node.work.worker import run_stage
 
     store = JobStore(settings.database_url)
-    stage = SendStage(settings, store)
+    try:
+        stage = SendStage(settings, store)
+    except ConfigError as exc:
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     if metrics_port is not None:
         stage.metrics.serve(settings.metrics.model_copy(update={"port": metrics_port}))
     destinations = ", ".join(stage.destinations) or "none configured"

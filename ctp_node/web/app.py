@@ -171,6 +171,11 @@ def _fmt_time(value: datetime | str | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _fmt_epoch_time(value: float) -> str:
+    """A ``time.time()`` value as the page's other times (UTC)."""
+    return datetime.fromtimestamp(value, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _fmt_seconds(value: float | None) -> str:
     if value is None:
         return "\u2013"
@@ -230,6 +235,7 @@ def _templates() -> Jinja2Templates:
         dicom_date=_fmt_dicom_date,
         dicom_time=_fmt_dicom_time,
         until=_fmt_until,
+        epoch_time=_fmt_epoch_time,
     )
     return templates
 
@@ -360,6 +366,9 @@ def create_app(
             raise HTTPException(404, f"there is no job {job_id}; the job list shows the ones there are")
         return row
 
+    # The receiver's back-pressure (ctp_node.node.shared.health): what it cannot keep instances without.
+    health = getattr(receiver, "health", None)
+
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> PlainTextResponse:
         try:
@@ -367,6 +376,10 @@ def create_app(
         except Exception as exc:
             log.error("health check: the job store does not answer: %s", exc)
             return PlainTextResponse("job store unavailable", 503)
+        down = [r.name for r in health.snapshot() if not r.available] if health is not None else []
+        if down:  # a load balancer sends the scanners to another receiver meanwhile. Names only: this
+            # answer needs no login, and the reasons name hosts and buckets (the job list shows them).
+            return PlainTextResponse("refusing instances: " + ", ".join(down) + " unavailable", 503)
         return PlainTextResponse("ok")
 
     @app.get("/static/style.css", name="style")
@@ -392,6 +405,7 @@ def create_app(
             "limit": web.jobs_per_page,
             "user": who.name,
             "masked": web.mask_patient,
+            "health": health.snapshot() if health is not None else [],
         }
         return templates.TemplateResponse(request, "jobs.html", context)
 

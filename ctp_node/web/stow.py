@@ -62,7 +62,9 @@ from ctp_node.node.shared.dicom_status import (
     STATUS_PROCESSING_FAILURE,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
 )
-from ctp_node.node.shared.spool import InvalidUIDError, Spool, check_uid
+from ctp_node.node.shared.health import ResourceHealth
+from ctp_node.node.shared.spool import InvalidUIDError, check_uid
+from ctp_node.node.shared.storage import AnySpool
 from ctp_node.permissions import make_dirs
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class StowReceiver(Protocol):
     """What the router needs of ``ctp_node.node.receive.receiver.Receiver``."""
 
     settings: Settings
-    spool: Spool
+    spool: AnySpool
+    health: ResourceHealth | None  # back-pressure: refused with 0xA700 while it reports trouble
 
     def on_stored(self, instance: Any) -> None: ...
     def on_refused(self, reason: str) -> None: ...
@@ -178,12 +181,14 @@ class _PartStore:
         default_type: str,
         study_uid: str | None,
         origin: Origin,
-        spool: Spool,
+        spool: AnySpool,
         on_stored: OnStored,
         on_refused: OnRefused,
         scratch: Path,
         max_part_bytes: int | None = None,
+        health: ResourceHealth | None = None,
     ) -> None:
+        self.health = health
         self.default_type, self.study_uid, self.origin = default_type, study_uid, origin
         self.spool, self.on_stored, self.on_refused, self.scratch = spool, on_stored, on_refused, scratch
         # dicom.max_instance_bytes: a longer part is refused without being read into memory (only its
@@ -308,6 +313,7 @@ class _PartStore:
                 self.on_stored,
                 self.on_refused,
                 study_uid=self.study_uid,
+                health=self.health,
             )
         except Refusal as refusal:
             reason = FAILURE_REASON_BY_REFUSAL.get(refusal.reason, refusal.status)
@@ -418,6 +424,7 @@ def stow_router(receiver: StowReceiver, *, token: str | None = None, prefix: str
                     receiver.on_refused,
                     scratch,
                     settings.dicom.max_instance_bytes,
+                    getattr(receiver, "health", None),
                 )
                 outcome = await run_in_threadpool(parts.run, body)
         finally:

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import Column, MetaData, Table, create_engine, inspect, text
+from sqlalchemy import Column, MetaData, Table, UniqueConstraint, create_engine, inspect, text
 
 from ctp_node.node.shared.completeness import CompletionPolicy, InstanceFacts, facts_from_header, judge, read_facts
 from ctp_node.node.shared.job_tables import series_table
@@ -184,6 +184,7 @@ def test_a_store_from_an_older_version_opens_and_gains_the_new_parts(database_ur
         "series",
         old,
         *[Column(c.name, c.type, primary_key=c.primary_key) for c in series_table.c if c.name != "warning"],
+        UniqueConstraint("study_uid", "series_uid", name="uq_series_uid"),  # every version had it (4cad241 on)
     )
     engine = create_engine(url)
     old.create_all(engine)

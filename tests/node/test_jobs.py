@@ -217,6 +217,49 @@ def test_two_receivers_starting_the_same_series_at_once_make_one_job(postgres):
     engine.dispose()
 
 
+def test_two_receivers_recording_one_series_at_once_keep_its_count(postgres):
+    """Two receivers record instances of the same series at the same moment (a barrier before each):
+    the series' count must be the number of its instance rows. Without the row lock each counted the
+    rows it could see and the later UPDATE kept a stale count (found by tests/multihost; here 137 of
+    200 series were wrong before the fix)."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from ctp_node.node.shared.completeness import InstanceFacts
+    from ctp_node.node.shared.job_tables import metadata
+
+    engine = create_engine(postgres.url)
+    metadata.drop_all(engine)
+    engine.dispose()
+    stores = [JobStore(postgres.url), JobStore(postgres.url)]
+    n_series = 40
+    for i in range(n_series):
+        stores[0].record_instance("1.2.3", f"1.2.3.{i}", "S", instances=[InstanceFacts(f"1.2.3.{i}.0")])
+    barrier = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def receiver(index: int) -> None:
+        try:
+            for i in range(n_series):
+                barrier.wait()
+                stores[index].record_instance(
+                    "1.2.3", f"1.2.3.{i}", "S", instances=[InstanceFacts(f"1.2.3.{i}.{index + 1}")]
+                )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=receiver, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    wrong = [i for i in range(n_series) if stores[0].find(f"1.2.3.{i}").instances != 3]
+    assert wrong == [], f"{len(wrong)} of {n_series} series lost count of an instance"
+
+
 def test_recover_spool_registers_and_reopens(tmp_path):
     import os
     import time as _time

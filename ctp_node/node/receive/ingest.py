@@ -6,9 +6,12 @@ Checks, in order: the header is readable; the SOP Instance and Class UIDs are pr
 they equal what the sender stated outside the dataset (the C-STORE command's Affected UIDs, or a
 STOW-RS part's Part 10 file meta), since the spool names the file after one and the worker reads the
 other; the SOP class is CT or Enhanced CT; for STOW-RS on ``/studies/{uid}``, the study is that one.
-Then the instance is written durably to the spool (fsync'd before anyone hears Success) and handed to
-``on_stored`` (the job store's queue). Each failure is a :class:`Refusal` carrying the DIMSE status,
-a short reason label for the metric and a comment saying what is wrong.
+Then the instance is written durably to the spool (fsync'd, or with an object store confirmed by its
+PUT, before anyone hears Success) and handed to ``on_stored`` (the job store's queue). Before any of
+it, the node's resources are asked (``ctp_node.node.shared.health``): with the disk below its floor or
+the job store or object store down, the instance is refused 0xA700 at once (back-pressure). Each
+failure is a :class:`Refusal` carrying the DIMSE status, a short reason label for the metric and a
+comment saying what is wrong.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
 from ctp_node.node.shared.completeness import InstanceFacts, facts_from_header
 from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
-from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, Spool, check_uid
+from ctp_node.node.shared.health import OBJECT_STORE, ResourceHealth
+from ctp_node.node.shared.object_store import StoreUnavailable
+from ctp_node.node.shared.spool import InvalidUIDError, SeriesKey, check_uid
+from ctp_node.node.shared.storage import AnySpool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +76,7 @@ class ReceivedInstance:
     key: SeriesKey
     sop_uid: str
     sop_class_uid: str
-    path: Path
+    path: Path | str  # the spooled file, or its s3:// address (``ObjectSpool``)
     calling_ae: str
     calling_host: str
     modality: str
@@ -173,11 +179,12 @@ def accept_instance(
     claim: Claim,
     encoded: Callable[[], bytes | Sequence[bytes | memoryview] | Path],
     origin: Origin,
-    spool: Spool,
+    spool: AnySpool,
     on_stored: OnStored,
     on_refused: OnRefused | None = None,
     *,
     study_uid: str | None = None,
+    health: ResourceHealth | None = None,
 ) -> ReceivedInstance:
     """Check, store durably and hand on one instance; Refusal (already logged and counted) if not.
 
@@ -187,6 +194,11 @@ def accept_instance(
     received to disk) to move into place, asked for only once the identity is sound.
     """
     try:
+        # Back-pressure first: an instance the node cannot keep now (disk below its floor, the job store
+        # or the object store down) is refused before any work, and the sender retries later.
+        trouble = health.refusal() if health is not None else None
+        if trouble is not None:
+            raise Refusal(STATUS_OUT_OF_RESOURCES, trouble[0], trouble[1])
         try:
             header = read_header()
         except Refusal:
@@ -197,6 +209,11 @@ def accept_instance(
         try:
             data = encoded()
             path = spool.move_in(key, sop_uid, data) if isinstance(data, Path) else spool.write(key, sop_uid, data)
+        except StoreUnavailable as exc:  # not confirmed by the object store: not acknowledged
+            log.error("could not store %s from %s@%s: %s", sop_uid, origin.calling_ae, origin.host, exc)
+            if health is not None:
+                health.down(OBJECT_STORE, str(exc))
+            raise Refusal(STATUS_OUT_OF_RESOURCES, OBJECT_STORE, "object store unavailable") from exc
         except OSError as exc:
             log.error("could not store %s from %s@%s: %s", sop_uid, origin.calling_ae, origin.host, exc)
             raise Refusal(STATUS_OUT_OF_RESOURCES, "disk", f"node cannot store: {exc.strerror or exc}") from exc

@@ -22,45 +22,48 @@ import logging
 import queue
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from pathlib import Path
 
 from ctp_node.config import Settings
 from ctp_node.node.receive.ingest import ReceivedInstance
 from ctp_node.node.receive.scp import start_scp
 from ctp_node.node.shared.audit import AuditLog
 from ctp_node.node.shared.completeness import CompletionPolicy, read_facts
+from ctp_node.node.shared.health import JOB_STORE, OBJECT_STORE, ResourceHealth, one_line
 from ctp_node.node.shared.jobs import JobStore
 from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.object_store import StoreUnavailable
 from ctp_node.node.shared.prometheus import NodeMetrics
-from ctp_node.node.shared.spool import Spool
+from ctp_node.node.shared.storage import AnySpool, open_object_store, open_spool
 
 log = logging.getLogger(__name__)
 
 
-def recover_spool(spool: Spool, store: JobStore) -> int:
-    """Reconcile the spool with the job store; returns how many series were registered or re-opened."""
+def recover_spool(spool: AnySpool, store: JobStore) -> int:
+    """Reconcile the spool (a folder or an object store) with the job store; returns how many series
+    were registered or re-opened."""
     removed = spool.remove_partial_files()
     if removed:
         log.info("removed %d partial files left by an interrupted write", removed)
     changed = 0
     for key in spool.iter_series():
-        files = spool.instances(key)
-        if not files:
+        stored = spool.objects(key)  # (SOP Instance UID, when it was written)
+        if not stored:
             continue
-        mtimes = [datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc) for p in files]
-        newest = max(mtimes)
+        newest = max(at for _, at in stored)
         job = store.find(key.series_uid)
         if job is None:
-            facts = [read_facts(p, p.stem) for p in files]
-            store.record_instance(key.study_uid, key.series_uid, "", at=newest, count=len(files), instances=facts)
+            facts = spool.facts(key, [uid for uid, _ in stored])
+            store.record_instance(key.study_uid, key.series_uid, "", at=newest, count=len(stored), instances=facts)
             log.warning(
-                "registered spooled series %s (%d instances) missing from the job store", key.series_uid, len(files)
+                "registered spooled series %s (%d instances) missing from the job store", key.series_uid, len(stored)
             )
         elif newest > job.last_received_at:
             if not store.instance_rows(job.id):  # counted by an older version: its instances first
-                store.add_missing_instances(key.series_uid, [read_facts(p, p.stem) for p in files])
-            late = [p for p, m in zip(files, mtimes) if m > job.last_received_at]
-            facts = [read_facts(p, p.stem) for p in late]
+                store.add_missing_instances(key.series_uid, spool.facts(key, [uid for uid, _ in stored]))
+            late = [uid for uid, at in stored if at > job.last_received_at]
+            facts = spool.facts(key, late)
             store.record_instance(
                 key.study_uid, key.series_uid, job.calling_ae, at=newest, count=len(late), instances=facts
             )
@@ -71,7 +74,7 @@ def recover_spool(spool: Spool, store: JobStore) -> int:
             if job.state.value == "receiving" and not store.instance_rows(job.id):
                 # Received by an older version, which kept no per-instance facts: the completeness
                 # check needs them (once; the state is not touched).
-                store.add_missing_instances(key.series_uid, [read_facts(p, p.stem) for p in files])
+                store.add_missing_instances(key.series_uid, spool.facts(key, [uid for uid, _ in stored]))
             continue
         changed += 1
     return changed
@@ -81,12 +84,19 @@ class InstanceRecorder:
     """Writes received instances to the job store and the audit trail, in batches, off the C-STORE thread."""
 
     def __init__(
-        self, store: JobStore, audit: AuditLog, metrics: NodeMetrics, batch: int = 256, linger_s: float = 0.05
+        self,
+        store: JobStore,
+        audit: AuditLog,
+        metrics: NodeMetrics,
+        batch: int = 256,
+        linger_s: float = 0.05,
+        health: ResourceHealth | None = None,
     ) -> None:
         # The files are already durable in the spool (and the spool is reconciled at start), so the
         # rows may lag by ``linger_s``: one transaction per batch instead of one commit (and one
         # fsync of the database) per instance, which halved the time a study takes to arrive.
         self.store, self.audit, self.metrics, self.batch, self.linger_s = store, audit, metrics, batch, linger_s
+        self.health = health  # told when the job store fails and answers again (back-pressure)
         self._facts_checked: set[str] = set()  # series whose earlier instances the store knows by UID
         self._queue: queue.Queue[ReceivedInstance | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="instance-recorder")
@@ -126,8 +136,8 @@ class InstanceRecorder:
         if series_uid in self._facts_checked:
             return
         job = self.store.find(series_uid)
-        if job is not None and job.instances and not self.store.instance_rows(job.id):
-            folder = item.path.parent
+        if job is not None and job.instances and not self.store.instance_rows(job.id) and isinstance(item.path, Path):
+            folder = item.path.parent  # only a local spool predates per-instance rows
             files = sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))
             self.store.add_missing_instances(series_uid, [read_facts(p, p.stem) for p in files])
         self._facts_checked.add(series_uid)
@@ -138,15 +148,19 @@ class InstanceRecorder:
             by_series.setdefault((item.key.study_uid, item.key.series_uid, item.calling_ae), []).append(item)
         for (study, series, calling_ae), items in by_series.items():
             # The SCP read the header facts with the identity; a file is read only without them.
-            facts = [i.facts or read_facts(i.path, i.sop_uid) for i in items]
+            facts = [i.facts or read_facts(Path(i.path), i.sop_uid) for i in items]
             delay = 1.0
             while True:
                 try:
                     self._backfill_once(series, items[0])
                     at = max(i.received_at for i in items)
                     self.store.record_instance(study, series, calling_ae, at=at, count=len(items), instances=facts)
+                    if self.health is not None:
+                        self.health.up(JOB_STORE)
                     break
                 except Exception as exc:  # the files are safe in the spool: keep trying, never drop
+                    if self.health is not None:  # and refuse new instances until the store answers
+                        self.health.down(JOB_STORE, one_line(exc))
                     log.error("job store unavailable (%s); retrying in %.0f s", exc, delay)
                     time.sleep(delay)
                     delay = min(delay * 2, 60.0)
@@ -178,13 +192,30 @@ class Receiver:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.spool = Spool(settings.storage.spool_dir)
+        # A wrong bucket or refused credentials stop the node here (ConfigError naming the key); a store
+        # that does not answer yet does not: the receiver starts and refuses until it is back.
+        self.object_store = open_object_store(settings.storage)
+        self.spool = open_spool(settings.storage, self.object_store)
         self.audit = AuditLog(settings.storage.audit_log)
         self.metrics = metrics or NodeMetrics(store.read)
+        self.health = self._health(settings, store)
         # Built here (not in start) so that a webhook secret that cannot be read stops the node at once.
         self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         self.recorder: InstanceRecorder | None = None
         self._server = None
+
+    def _health(self, settings: Settings, store: JobStore) -> ResourceHealth:
+        """The resources whose trouble makes the receiver refuse: its disk, the job store, the object store."""
+        probes: dict[str, Callable[[], None]] = {JOB_STORE: store.read.counts}
+        if self.object_store is not None:
+            probes[OBJECT_STORE] = self.object_store.probe
+        return ResourceHealth(
+            disk_paths=[self.spool.root],
+            min_free_bytes=settings.storage.min_free_mb << 20,
+            probes=probes,
+            check_interval_s=settings.storage.check_interval_s,
+            on_change=self.metrics.resource_changed,
+        )
 
     def on_stored(self, instance: ReceivedInstance) -> None:
         """Hand a durably spooled instance to the job store's writer (C-STORE and STOW-RS alike)."""
@@ -197,9 +228,14 @@ class Receiver:
         self.metrics.refused.labels(reason).inc()
 
     def start(self) -> None:
-        recover_spool(self.spool, self.store)
-        self.recorder = InstanceRecorder(self.store, self.audit, self.metrics)
-        self._server = start_scp(self.settings.dicom, self.spool, self.on_stored, self.metrics)
+        self.health.check()  # the state at start: a store down now is refused from the first instance
+        try:
+            recover_spool(self.spool, self.store)
+        except StoreUnavailable as exc:  # the next start reconciles; refusing meanwhile keeps nothing unrecorded
+            log.error("could not reconcile the object store's spool with the job store: %s", exc)
+        self.recorder = InstanceRecorder(self.store, self.audit, self.metrics, health=self.health)
+        self._server = start_scp(self.settings.dicom, self.spool, self.on_stored, self.metrics, self.health)
+        self.health.start()
 
     def watch(self, stop: threading.Event) -> None:
         """Queue quiet series until ``stop`` is set."""
@@ -221,6 +257,7 @@ class Receiver:
                 log.exception("completion watcher error; continuing")
 
     def stop(self) -> None:
+        self.health.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server = None

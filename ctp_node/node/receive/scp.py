@@ -77,7 +77,9 @@ from ctp_node.node.receive.ingest import (
 from ctp_node.node.shared.completeness import LAST_TAG_READ
 from ctp_node.node.shared.dicom_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from ctp_node.node.shared.dicom_transport import tune_socket
-from ctp_node.node.shared.spool import TMP_SUFFIX, Spool
+from ctp_node.node.shared.health import ResourceHealth
+from ctp_node.node.shared.spool import TMP_SUFFIX
+from ctp_node.node.shared.storage import AnySpool
 from ctp_node.permissions import FILE_MODE, make_dirs
 
 if TYPE_CHECKING:
@@ -163,7 +165,11 @@ def _series_header(event: evt.Event, incoming: IncomingDataset | None) -> Datase
 
 
 def handle_store(
-    event: evt.Event, spool: Spool, on_stored: OnStored, on_refused: OnRefused | None = None
+    event: evt.Event,
+    spool: AnySpool,
+    on_stored: OnStored,
+    on_refused: OnRefused | None = None,
+    health: ResourceHealth | None = None,
 ) -> int | Dataset:
     """Put one instance in the spool (``ingest.accept_instance``); Success only once it is on disk.
 
@@ -184,17 +190,23 @@ def handle_store(
                 spool,
                 on_stored,
                 on_refused,
+                health=health,
             )
         except Refusal as refusal:
             return _failure(refusal.status, refusal.comment)
         finally:
             incoming.discard()  # moved into place, or refused: either way not left in .incoming
         return STATUS_SUCCESS
-    return _handle_store_in_memory(event, origin, spool, on_stored, on_refused)
+    return _handle_store_in_memory(event, origin, spool, on_stored, on_refused, health)
 
 
 def _handle_store_in_memory(
-    event: evt.Event, origin: Origin, spool: Spool, on_stored: OnStored, on_refused: OnRefused | None
+    event: evt.Event,
+    origin: Origin,
+    spool: AnySpool,
+    on_stored: OnStored,
+    on_refused: OnRefused | None,
+    health: ResourceHealth | None = None,
 ) -> int | Dataset:
     """A data set pynetdicom kept itself: received without an ``incoming_dir``, one whose file meta could
     not be made (no file was written), or one received while pynetdicom's own
@@ -222,6 +234,7 @@ def _handle_store_in_memory(
             spool,
             on_stored,
             on_refused,
+            health=health,
         )
     except Refusal as refusal:
         return _failure(refusal.status, refusal.comment)
@@ -693,7 +706,11 @@ def check_pynetdicom() -> None:
 
 
 def start_scp(
-    dicom: DicomSettings, spool: Spool, on_stored: OnStored, metrics: NodeMetrics | None = None
+    dicom: DicomSettings,
+    spool: AnySpool,
+    on_stored: OnStored,
+    metrics: NodeMetrics | None = None,
+    health: ResourceHealth | None = None,
 ) -> NodeServer:
     """Start listening in background threads; ``server.shutdown()`` stops it."""
     check_pynetdicom()
@@ -702,7 +719,7 @@ def start_scp(
     ae = build_ae(dicom)
     on_refused = None if metrics is None else (lambda reason: metrics.refused.labels(reason).inc())
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused]),
+        (evt.EVT_C_STORE, handle_store, [spool, on_stored, on_refused, health]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REQUESTED, handle_requested, [dicom]),
     ]

@@ -180,8 +180,13 @@ class JobStore:
         instance) and keeps their facts for the completeness check; without, ``count`` is added.
         """
         at = at or utcnow()
-        find = select(series_table.c.id, series_table.c.state).where(
-            series_table.c.study_uid == study_uid, series_table.c.series_uid == series_uid
+        # FOR UPDATE (PostgreSQL; SQLite's writers are serialised anyway): two receivers recording the
+        # same series at once would otherwise each count the instance rows they can see and the later
+        # UPDATE would overwrite the other's count with a stale one (measured: 137 of 200 series).
+        find = (
+            select(series_table.c.id, series_table.c.state)
+            .where(series_table.c.study_uid == study_uid, series_table.c.series_uid == series_uid)
+            .with_for_update()
         )
         with self._tx() as conn:
             row = conn.execute(find).first()

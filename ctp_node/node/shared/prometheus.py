@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,10 +41,17 @@ class NodeMetrics:
         self.received = Counter(
             "ctp_node_received_instances", "Instances stored in the spool", ["calling_ae"], registry=self.registry
         )
-        # reason: disk, job_store (0xA700); missing_uid, invalid_uid, uid_mismatch, sop_class,
+        # reason: disk, job_store, object_store (0xA700); missing_uid, invalid_uid, uid_mismatch, sop_class,
         # unreadable (0xC000), as ctp_node.node.receive.scp.handle_store answers them.
         self.refused = Counter(
             "ctp_node_refused_instances", "C-STORE requests answered with a failure", ["reason"], registry=self.registry
+        )
+        # Back-pressure (ctp_node.node.shared.health): 0 while the node refuses instances for want of it.
+        self.resource_available = Gauge(
+            "ctp_node_resource_available",
+            "1 while the resource can keep received instances (disk above its floor, job store, object store)",
+            ["resource"],
+            registry=self.registry,
         )
         self.processing = Histogram(
             "ctp_node_processing_seconds",
@@ -71,6 +78,10 @@ class NodeMetrics:
                 self._calling_aes.add(calling_ae)
             label = calling_ae if calling_ae in self._calling_aes else OTHER_CALLING_AE
         self.received.labels(label).inc(count)
+
+    def resource_changed(self, resource: str, available: bool) -> None:
+        """``ResourceHealth``'s ``on_change``: the gauge follows each resource."""
+        self.resource_available.labels(resource).set(1 if available else 0)
 
     def describe_worker(self, worker_id: str, device: str) -> None:
         """``ctp_node_worker_info{worker, device}``: marks this endpoint as a worker's. The receiver

@@ -20,10 +20,12 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ctp_node.errors import InvalidUIDError
 from ctp_node.files import atomic_write, fsync_dir
+from ctp_node.node.shared.completeness import InstanceFacts, read_facts
 from ctp_node.permissions import FILE_MODE, make_dirs
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -117,6 +119,19 @@ class Spool:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+
+    def fetch(self, key: SeriesKey, folder: Path) -> list[Path]:
+        """The series' files where a worker reads them: here, in place (``folder`` is for an object
+        store's spool, ``ObjectSpool.fetch``, which downloads them there)."""
+        return self.instances(key)
+
+    def objects(self, key: SeriesKey) -> list[tuple[str, datetime]]:
+        """(SOP Instance UID, time written) of every instance of a series (recovery at start)."""
+        return [(p.stem, datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc)) for p in self.instances(key)]
+
+    def facts(self, key: SeriesKey, sop_uids: Sequence[str]) -> list[InstanceFacts]:
+        """The completeness facts of spooled instances, read from their files."""
+        return [read_facts(self.instance_path(key, uid), uid) for uid in sop_uids]
 
     def iter_series(self) -> Iterator[SeriesKey]:
         """Every series folder on disk (for recovery at start), skipping anything that is not UID-named."""

@@ -40,7 +40,8 @@ from ctp_node.node.shared.notify import Notifier
 from ctp_node.node.shared.prometheus import NodeMetrics
 from ctp_node.node.shared.results import ResultsLayout
 from ctp_node.node.shared.retry import retry_at
-from ctp_node.node.shared.spool import SeriesKey, Spool
+from ctp_node.node.shared.spool import SeriesKey
+from ctp_node.node.shared.storage import open_object_store, open_results, open_spool, scratch_folder
 from ctp_node.node.work.progress import reporting_progress
 from ctp_node.permissions import make_dirs
 from model.checkpoint import CheckpointError
@@ -130,8 +131,13 @@ class ProcessStage:
         self.metrics = metrics
         self.worker_id = worker_id
         self.notifier = notifier
-        self.spool = Spool(settings.storage.spool_dir)
+        # With an object store, this host keeps nothing but its scratch folder: a job's series is
+        # downloaded there, its result staged there and uploaded (ctp_node.node.shared.object_results).
+        store = self.object_store = open_object_store(settings.storage)
+        self.spool = open_spool(settings.storage, store)
         self.results = ResultsLayout.of(settings.storage)
+        self.object_results = open_results(settings.storage, store)
+        self.scratch = settings.storage.scratch_dir
         # Failed attempts the job store could not record (its disk full too): job id -> what to record.
         self.unrecorded: dict[int, tuple[str, datetime | None, bool]] = {}
 
@@ -139,10 +145,17 @@ class ProcessStage:
         """Process the job (leased to this worker); True when its result was recorded and waits to be sent."""
         started = time.perf_counter()
         staging = None
+        work = None  # the job's scratch folder (object store only)
         try:  # everything that can fail for this series goes through FAULTS, the spool and audit trail included
-            files = self.spool.instances(SeriesKey(job.study_uid, job.series_uid))
+            key = SeriesKey(job.study_uid, job.series_uid)
             out_dir = self.results.generation_dir(job.study_uid, job.series_uid, job.generation)
-            staging = _staging_dir(out_dir)
+            if self.object_results is None:
+                files = self.spool.fetch(key, out_dir)  # the spool's own files, in place
+                staging = _staging_dir(out_dir)
+            else:
+                work = scratch_folder(self.scratch, f"job-{job.id}")
+                files = self.spool.fetch(key, work / "in")
+                staging = make_dirs(work / "out")
             self.audit.write(
                 "processing",
                 series_uid=job.series_uid,
@@ -153,7 +166,11 @@ class ProcessStage:
             )
             with reporting_progress(self.store, job, self.worker_id):  # the status page shows progress and ETA
                 output = self.processor(job, files, staging)
-            _publish(staging, out_dir)
+            if self.object_results is None:
+                _publish(staging, out_dir)
+                recorded = str(out_dir)
+            else:  # every file uploaded before the job store hears of it: the record is the commit
+                recorded = self.object_results.publish(staging, job.study_uid, job.series_uid, job.generation)
             if output.result_dir == staging:
                 output = dataclasses.replace(output, result_dir=out_dir)
         except LeaseLost:
@@ -163,6 +180,8 @@ class ProcessStage:
             _discard(staging)  # no partial result is left behind, whatever failed
             self._failed(job, exc)
             return False
+        finally:
+            _discard(work)  # a worker with an object store keeps nothing of a job
         seconds = time.perf_counter() - started
         self.metrics.processing.observe(seconds)
         if output.guardrail and not output.guardrail.startswith(("pass", "off")):
@@ -182,7 +201,7 @@ class ProcessStage:
                 job.id,
                 self.worker_id,
                 job.generation,
-                str(output.result_dir),
+                recorded,
                 seconds,
                 [d.name for d in self.settings.destinations],
                 guardrail=output.guardrail,

@@ -22,20 +22,23 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ctp_node.config import Destination, DicomSettings, Settings
-from ctp_node.errors import LeaseLost
+from ctp_node.errors import ConfigError, LeaseLost
 from ctp_node.node.shared.audit import AuditLog
 from ctp_node.node.shared.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
 from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.object_store import is_uri
 from ctp_node.node.shared.peer import Peer
 from ctp_node.node.shared.prometheus import NodeMetrics
 from ctp_node.node.shared.results import ResultsLayout
 from ctp_node.node.shared.retry import retry_at
+from ctp_node.node.shared.storage import open_object_store, open_results, scratch_folder
 from ctp_node.node.work.lease import Heartbeat
 from ctp_node.node.work.scu import SendResult, send_files
 
@@ -181,6 +184,8 @@ class SendStage:
         # Webhooks: none configured costs nothing (no thread); the caller owns and closes a given one.
         self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         self.destinations = {d.name: d for d in settings.destinations}
+        # Results recorded as s3:// addresses are downloaded to the scratch folder for each pass.
+        self.object_results = open_results(settings.storage, open_object_store(settings.storage))
 
     def run_once(self) -> SeriesJob | None:
         """Claim one job whose result waits to be sent and deliver it; None when none is due."""
@@ -201,7 +206,24 @@ class SendStage:
         current = self.store.get(job.id)
         if current is None or current.result_dir is None:
             return current.state if current else State.FAILED
-        root = Path(current.result_dir)
+        work = None
+        if is_uri(current.result_dir):  # in the object store: this pass sends a downloaded copy
+            if self.object_results is None:
+                raise ConfigError(
+                    f"job {job.id}'s result is in an object store ({current.result_dir}), but storage.object_store "
+                    "is not configured on this host"
+                )
+            work = scratch_folder(self.settings.storage.scratch_dir, f"send-{job.id}")
+            root = self.object_results.fetch(current.result_dir, work)
+        else:
+            root = Path(current.result_dir)
+        try:
+            return self._deliver(job, current, root)
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _deliver(self, job: SeriesJob, current: SeriesJob, root: Path) -> State:
         files = ResultsLayout.files(root)
         now = utcnow()
         # The webhooks go out after the pass, with the job as the pass leaves it: the last

@@ -15,6 +15,7 @@ the store could not record then is recorded when the store is back.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -26,12 +27,15 @@ from ctp_node.config import Settings
 from ctp_node.errors import LeaseLost
 from ctp_node.files import is_disk_full
 from ctp_node.node.shared.audit import AuditLog
+from ctp_node.node.shared.health import free_bytes
 from ctp_node.node.shared.jobs import JobStore, SeriesJob, State, default_worker_id
 from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.object_store import StoreUnavailable
 from ctp_node.node.shared.prometheus import NodeMetrics
 from ctp_node.node.work.lease import Heartbeat
 from ctp_node.node.work.process_stage import Processor, ProcessStage, describe
 from ctp_node.node.work.send_stage import Sender, SendStage
+from ctp_node.permissions import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,11 @@ class Worker:
     def run_once(self) -> SeriesJob | None:
         """Claim and run one job; None when nothing is runnable."""
         jobs = self.settings.jobs
+        self._check_scratch()
+        if self.processing.object_store is not None:
+            # A job claimed while the store is down would spend one of its attempts for nothing: the
+            # loop waits instead (StoreUnavailable, said once, growing delay) until the store answers.
+            self.processing.object_store.probe()
         job = self.store.claim(self.worker_id, jobs.lease_s)
         if job is None:
             return None
@@ -79,6 +88,20 @@ class Worker:
         except LeaseLost as exc:
             log.warning("%s; another worker owns the job now", exc)
         return job
+
+    def _check_scratch(self) -> None:
+        """With an object store a job is downloaded to the scratch folder: below ``storage.min_free_mb``
+        there, claim nothing (OSError ENOSPC: the loop says "disk full" once and waits, growing)."""
+        storage = self.settings.storage
+        if storage.object_store is None or storage.min_free_mb <= 0:
+            return
+        free = free_bytes(make_dirs(storage.scratch_dir))
+        if free < storage.min_free_mb << 20:
+            raise OSError(
+                errno.ENOSPC,
+                f"scratch folder {storage.scratch_dir} has {free >> 20} MB free, below storage.min_free_mb "
+                f"({storage.min_free_mb} MB): no job is claimed until there is room",
+            )
 
     def close(self) -> None:
         """Send the webhooks that are due, then stop their thread."""
@@ -142,6 +165,11 @@ class LoopTrouble:
             log.error(
                 "worker paused: the disk is full (%s); trying again with a growing delay, up to %.0f s",
                 describe(exc), self.max_s,
+            )  # fmt: skip
+        elif isinstance(exc, StoreUnavailable):
+            log.error(
+                "worker paused: the object store is unavailable (%s); trying again with a growing delay, up to %.0f s",
+                exc, self.max_s,
             )  # fmt: skip
         elif isinstance(exc, SQLAlchemyError):
             log.error(
