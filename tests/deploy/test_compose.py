@@ -1,4 +1,7 @@
-"""deploy/compose.yaml: valid against the Compose Specification, and wired the way the node needs."""
+"""deploy/compose.yaml: valid against the Compose Specification, and wired the way the node needs.
+
+The topology is the multi-host one on one host: the receiver and the workers share PostgreSQL and an
+S3 bucket (the seaweedfs service, the bucket made by the one-shot create-bucket), no volume."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from tests.deploy.tools import COMPOSE_DIR, DEPLOY, SCHEMA_CACHE, missing, need_
 
 NODE_SERVICES = ("ctp-node", "worker-gpu0", "worker-gpu1")
 WORKERS = ("worker-gpu0", "worker-gpu1")
+ONE_SHOT = ("create-bucket",)  # runs once and exits 0; the node services wait for that
+STORE = "seaweedfs"
 DATA = "/var/lib/ctp-node"
 CONFIG = "/etc/ctp-node/ctp-node.toml"
 
@@ -26,6 +31,13 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def settings():
     return load_settings(COMPOSE_DIR / "ctp-node.toml")
+
+
+def _interpolated(value: str) -> str:
+    """The .env variable a value is taken from; it must be required (``${NAME:?message}``)."""
+    match = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", str(value))
+    assert match, f"{value!r}: not ${{VARIABLE:?...}} from deploy/.env"
+    return match.group(1)
 
 
 def _mounts(service: dict) -> dict[str, str]:
@@ -61,13 +73,16 @@ def test_schema_check_can_fail(compose):
 
 def test_services_and_images(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "orthanc", "prometheus", *NODE_SERVICES}
+    assert set(services) == {"postgres", "orthanc", "prometheus", STORE, *ONE_SHOT, *NODE_SERVICES}
     assert services["orthanc"]["image"].startswith("orthancteam/orthanc:")
     assert services["postgres"]["image"].startswith("postgres:")
+    assert services[STORE]["image"].startswith("chrislusf/seaweedfs:")
+    assert services["create-bucket"]["image"].startswith("amazon/aws-cli:")
     for name, service in services.items():
         image = service["image"]
         assert ":" in image.split("/")[-1] and not image.endswith(":latest"), f"{name}: pin the image, got {image}"
-        assert service.get("restart") in {"unless-stopped", "always", "on-failure"}, name
+        expected = {"no"} if name in ONE_SHOT else {"unless-stopped", "always", "on-failure"}
+        assert service.get("restart") in expected, name
     assert services["ctp-node"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     assert (DEPLOY / ".." / services["ctp-node"]["build"]["dockerfile"]).is_file()
 
@@ -97,24 +112,75 @@ def test_roles_and_gpu_reservations(compose):
     assert sorted(host_gpus) == ["0", "1"], "each worker reserves its own GPU"
 
 
-def test_node_services_share_data_config_and_database(compose, settings):
+def test_node_services_share_config_database_and_bucket_but_no_volume(compose, settings):
     services = compose["services"]
     volumes = compose["volumes"]
     for name in NODE_SERVICES:
         mounts = _mounts(services[name])
-        assert mounts[DATA] in volumes, f"{name}: {DATA} must be the shared named volume"
+        assert mounts[DATA] in volumes, f"{name}: {DATA} must be a named volume"
         assert mounts[CONFIG] == "./compose/ctp-node.toml", name
         assert services[name]["volumes"][[v.split(":")[1] for v in services[name]["volumes"]].index(CONFIG)].endswith(
             ":ro"
         )
         assert services[name]["environment"]["CTP_NODE_CONFIG"] == CONFIG
-        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
-        assert "jobs-db" in services[name]["networks"] and "dicom" in services[name]["networks"]
+        depends = services[name]["depends_on"]
+        assert depends["postgres"]["condition"] == "service_healthy"
+        # The node refuses to start without its bucket: it waits until create-bucket has made it.
+        assert depends[STORE]["condition"] == "service_healthy"
+        assert depends["create-bucket"]["condition"] == "service_completed_successfully"
+        assert {"jobs-db", "dicom", "object-store"} <= set(services[name]["networks"])
         assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
-    assert len({_mounts(services[n])[DATA] for n in NODE_SERVICES}) == 1
+    # The multi-host topology: each node service has a data volume of its own, shared with nothing.
+    data_volumes = [_mounts(services[n])[DATA] for n in NODE_SERVICES]
+    assert len(set(data_volumes)) == len(NODE_SERVICES)
+    for name, service in services.items():
+        for volume in data_volumes:
+            assert name in NODE_SERVICES or volume not in _mounts(service).values(), f"{name} mounts {volume}"
+    assert "ctp-node-data" not in volumes
     for name in WORKERS:
         assert services[name]["depends_on"]["ctp-node"]["condition"] == "service_healthy"
+        assert any(v.endswith(":/weights:ro") for v in services[name]["volumes"]), f"{name}: the checkpoint"
     assert str(settings.storage.data_dir) == DATA
+    assert settings.storage.object_store is not None, "the spool and results are in the object store"
+
+
+def test_object_store_and_its_bucket(compose, settings):
+    services = compose["services"]
+    store, bucket_job = services[STORE], services["create-bucket"]
+    config = settings.storage.object_store
+    # The node's endpoint is the seaweedfs service's S3 port, on the internal object-store network.
+    match = re.fullmatch(r"http://([\w-]+):(\d+)", config.endpoint)
+    assert match and match.group(1) == STORE, config.endpoint
+    port = match.group(2)
+    assert store["command"][:2] == ["server", "-s3"]
+    assert "-master.volumePreallocate=false" in store["command"]
+    assert f"http://127.0.0.1:{port}/healthz" in store["healthcheck"]["test"]
+    assert _mounts(store)["/data"] in compose["volumes"]
+    assert "ports" not in store and store["networks"] == ["object-store"]
+    assert compose["networks"]["object-store"]["internal"] is True
+    # The one-shot makes exactly the configured bucket at exactly that endpoint, once the store is up,
+    # and stops trying after a bounded number of tries.
+    (script,) = bucket_job["command"]
+    assert bucket_job["entrypoint"] == ["/bin/sh", "-c"]
+    assert f"--endpoint-url {config.endpoint} s3api create-bucket --bucket {config.bucket} " in script
+    assert f"s3api head-bucket --bucket {config.bucket} " in script
+    assert re.search(r"for try in \$\$\(seq 1 \d+\)", script) and script.rstrip().endswith("exit 1")
+    assert bucket_job["depends_on"] == {STORE: {"condition": "service_healthy"}}
+    assert bucket_job["networks"] == ["object-store"] and "ports" not in bucket_job
+    assert bucket_job["environment"]["AWS_DEFAULT_REGION"] == config.region
+    # One key pair from deploy/.env: the store accepts it, the one-shot and the node use it. The node
+    # reads it from the variables its TOML names ({env = ...}), set in every node service.
+    pair = {key: _interpolated(value) for key, value in store["environment"].items()}
+    assert set(pair) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for key, variable in pair.items():
+        assert _interpolated(bucket_job["environment"][key]) == variable
+    node_names = {config.access_key_id.env: "AWS_ACCESS_KEY_ID", config.secret_access_key.env: "AWS_SECRET_ACCESS_KEY"}
+    for name in NODE_SERVICES:
+        for env_name, key in node_names.items():
+            assert _interpolated(services[name]["environment"][env_name]) == pair[key], name
+    example = (COMPOSE_DIR / "env.example").read_text()
+    for variable in pair.values():
+        assert re.search(rf"^{variable}=", example, re.MULTILINE), f"env.example does not mention {variable}"
 
 
 def test_node_services_state_the_open_files_limit_of_the_systemd_units(compose, settings):
@@ -142,12 +208,20 @@ def test_postgres_is_the_job_store(compose, settings):
 def test_no_secret_in_committed_files(compose):
     for name, service in compose["services"].items():
         for key, value in service.get("environment", {}).items():
-            if re.search("PASSWORD|USERS", key):
+            if re.search("PASSWORD|USERS|SECRET|ACCESS_KEY|TOKEN", key):
                 assert "${" in str(value) and ":?" in str(value), f"{name}: {key} must come from .env, got {value!r}"
     # The mounted files carry no credential: the database URL has no password (checked above too),
-    # Orthanc's users come from the environment.
-    userinfo = load_settings(COMPOSE_DIR / "ctp-node.toml").jobs.database_url.split("://")[1].rsplit("@", 1)[0]
+    # the object store's key pair is named by environment variable ({env = ...}, never a value: the
+    # loader refuses a plain string), Orthanc's users come from the environment.
+    settings = load_settings(COMPOSE_DIR / "ctp-node.toml")
+    userinfo = settings.jobs.database_url.split("://")[1].rsplit("@", 1)[0]
     assert ":" not in userinfo, "no password in jobs.database_url: PGPASSWORD carries it"
+    store = settings.storage.object_store
+    for credential in (store.access_key_id, store.secret_access_key):
+        assert credential.env and credential.file is None
+    assert store.credentials_file is None
+    text = (DEPLOY / "compose.yaml").read_text() + (COMPOSE_DIR / "ctp-node.toml").read_text()
+    assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), "an AWS key id in a committed file"
 
     def keys(node):
         if isinstance(node, dict):
@@ -163,6 +237,7 @@ def test_no_secret_in_committed_files(compose):
 def test_published_ports_are_deliberate(compose, settings):
     services = compose["services"]
     assert "ports" not in services["worker-gpu0"] and "ports" not in services["worker-gpu1"]
+    assert not any("ports" in services[name] for name in ("postgres", STORE, *ONE_SHOT))
     # The node's DICOM port is reached by Orthanc over the compose network only.
     assert all(not p.endswith(f":{settings.dicom.port}") for p in services["ctp-node"].get("ports", []))
     assert services["ctp-node"]["ports"] == [f"127.0.0.1:{settings.metrics.port}:{settings.metrics.port}"]

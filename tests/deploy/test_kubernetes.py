@@ -1,10 +1,12 @@
 """deploy/kubernetes: valid against a pinned Kubernetes schema (strict), and wired the way the node needs.
 
 The schemas are those shipped inside the kubernetes-validate package (no network). What is checked
-besides the schema: the GPU worker's limits, node selector and tolerations; no secret in plain
-values; the securityContext hardening; probes on real paths and ports; the ConfigMap's TOML under
-the node's own loader; the interim shared data volume. Not checked here: a real cluster (scheduling,
-the storage class, the NVIDIA device plugin, the image at run time).
+besides the schema: the GPU worker's limits, node selector and tolerations; two receivers with a
+rolling update; no secret in plain values (the Secrets referenced = the ones the README creates);
+the securityContext hardening; probes on real paths and ports; the ConfigMap's TOML under the node's
+own loader (object store and credential files included); the multi-host topology (no shared
+writable volume: each pod's data folder is its own emptyDir). Not checked here: a real cluster
+(scheduling, the storage class, the NVIDIA device plugin, the object store, the image at run time).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ KUBERNETES_VERSION = "1.35.0"
 UID = 10001  # deploy/Dockerfile: USER 10001:10001
 CONFIG_PATH = "/etc/ctp-node/ctp-node.toml"
 DB_ENV = "CTP_NODE_JOBS__DATABASE_URL"
+DATA_DIR = "/var/lib/ctp-node"
+S3_SECRET = "ctp-node-s3"  # the object store's key pair, created by the operator (README)
 # A URL holding credentials (scheme://user:password@host), or a password-ish variable with a value.
 CREDENTIAL_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|DATABASE_URL|_KEY$", re.IGNORECASE)
@@ -114,7 +118,7 @@ def _mounts(deployment: dict) -> dict[str, dict]:
 
 def test_every_manifest_matches_the_pinned_kubernetes_schema(docs):
     kinds = sorted({d["kind"] for d in docs})
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "PodDisruptionBudget", "Service"]
     for doc in docs:
         _validate(doc)  # strict: an unknown field anywhere fails
         assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "ctp-node"
@@ -215,13 +219,23 @@ def test_receiver_serves_dicom_status_and_metrics(docs, receiver, toml):
         assert service["spec"]["selector"].items() <= labels.items()
         (entry,) = service["spec"]["ports"]
         assert entry["targetPort"] == port and entry["port"] == ports[port]
-    workers = _one(docs, "Service", "ctp-node-worker-metrics")
-    assert workers["spec"]["clusterIP"] == "None"  # every worker pod, for Prometheus
-    # What works today: one receiver (series completion is per receiver; a starting receiver cleans
-    # the spool's temporary files), replaced, never doubled. Two replicas come with issue 22 items 1-2.
-    assert receiver["spec"]["replicas"] == 1
-    assert receiver["spec"]["strategy"] == {"type": "Recreate"}
+    # Headless: Prometheus scrapes every receiver pod and every worker pod, not one at random.
+    for name in ("ctp-node-metrics", "ctp-node-worker-metrics"):
+        assert _one(docs, "Service", name)["spec"]["clusterIP"] == "None", name
+    # Two receivers behind the one DICOM Service (series completion is per SeriesInstanceUID in the
+    # database), replaced one at a time with the new pod ready first, so one always serves.
+    assert receiver["spec"]["replicas"] == 2
+    assert receiver["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert _pod(receiver)["terminationGracePeriodSeconds"] >= 30
+    budget = _one(docs, "PodDisruptionBudget", "ctp-node-receiver")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["selector"]["matchLabels"] == receiver["spec"]["selector"]["matchLabels"]
+    spread = _pod(receiver)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_probes_point_at_real_endpoints(receiver, worker, toml):
@@ -273,11 +287,12 @@ def test_pods_are_hardened(docs):
             assert context["capabilities"] == {"drop": ["ALL"]}
             assert context["seccompProfile"] == {"type": "RuntimeDefault"}
             assert "privileged" not in context
-            # Read-only root: the only writable paths are the data volume and an emptyDir /tmp.
+            # Read-only root: the only writable paths are the pod's own emptyDirs, data folder and /tmp.
             mounts = _mounts(deployment)
-            assert "emptyDir" in mounts["/tmp"]
             writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
-            assert writable == {"/var/lib/ctp-node", "/tmp"}
+            assert writable == {DATA_DIR, "/tmp"}
+            for path in writable:
+                assert mounts[path]["emptyDir"]["sizeLimit"], f"{path}: an emptyDir with a sizeLimit"
 
 
 def test_no_secret_in_plain_values(docs, toml_text, toml):
@@ -285,6 +300,14 @@ def test_no_secret_in_plain_values(docs, toml_text, toml):
     for path in [*_manifest_files(), K8S / "kustomization.yaml"]:
         assert not CREDENTIAL_URL.search(path.read_text()), f"{path.name} holds a URL with credentials"
     assert "database_url" not in toml.get("jobs", {})
+    # The object store's key pair: files from the Secret, never values (the loader refuses a plain
+    # string too: test_configmap_toml_refuses_a_plain_credential).
+    store = toml["storage"]["object_store"]
+    for key in ("access_key_id", "secret_access_key"):
+        assert set(store[key]) == {"file"} and store[key]["file"].startswith(f"/run/secrets/{S3_SECRET}/"), key
+    assert "credentials_file" not in store and "aws_secret_access_key" not in toml_text.lower()
+    for path in [*_manifest_files(), K8S / "README.md"]:
+        assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", path.read_text()), f"{path.name}: an AWS key id"
     secret_refs: set[tuple[str, str]] = set()
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         pod = _pod(deployment)
@@ -304,14 +327,30 @@ def test_no_secret_in_plain_values(docs, toml_text, toml):
             if "secret" in volume:
                 for item in volume["secret"]["items"]:
                     secret_refs.add((volume["secret"]["secretName"], item["key"]))
-    assert secret_refs == {("ctp-node-db", "database-url"), ("ctp-node-web", "web-token")}
-    # Each one is created as the README tells the operator to.
-    readme = (K8S / "README.md").read_text()
-    for name, key in secret_refs:
-        assert re.search(rf"kubectl -n ctp-node create secret generic {name} \\\n\s+--from-\w+={key}=", readme), name
+    assert secret_refs == {
+        ("ctp-node-db", "database-url"),
+        ("ctp-node-web", "web-token"),
+        (S3_SECRET, "access-key-id"),
+        (S3_SECRET, "secret-access-key"),
+    }
+    # Each one is created as the README tells the operator to: the Secrets and keys its
+    # `kubectl create secret generic` commands make are exactly the ones the pods reference.
+    assert _readme_secrets() == secret_refs
     # The status page's token is a file from the secret volume, not a value in the TOML.
     assert set(toml["web"]["token"]) == {"file"}
     assert "password" not in toml_text.lower().replace("basic_password_hash", "")
+
+
+def _readme_secrets() -> set[tuple[str, str]]:
+    """(Secret, key) of every `kubectl -n ctp-node create secret generic NAME --from-...=KEY=...` in the
+    README (one command over continuation lines)."""
+    text = (K8S / "README.md").read_text().replace("\\\n", " ")
+    made = set()
+    for command in re.findall(r"kubectl -n ctp-node create secret generic [^\n]+", text):
+        name = command.split()[6]
+        for key in re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command):
+            made.add((name, key))
+    return made
 
 
 def test_configmap_toml_loads_with_the_nodes_settings_loader(tmp_path, monkeypatch, docs, receiver, worker, toml_text):
@@ -337,8 +376,16 @@ def test_configmap_toml_loads_with_the_nodes_settings_loader(tmp_path, monkeypat
         assert settings.database_url == fake_url
         assert settings.jobs.lease_s == tomllib.loads(toml_text)["jobs"]["lease_s"]  # the file's keys still apply
         assert settings.jobs.heartbeat_s < settings.jobs.lease_s
-        data = _mounts(deployment)[str(settings.storage.data_dir)]
-        assert data["persistentVolumeClaim"]["claimName"] == "ctp-node-data"
+        # The data folder is the pod's own emptyDir; the spool and results are in the object store.
+        assert str(settings.storage.data_dir) == DATA_DIR and "emptyDir" in _mounts(deployment)[DATA_DIR]
+        store = settings.storage.object_store
+        assert store is not None and store.endpoint.startswith("https://")
+        # Its key pair: files where this pod mounts the Secret ctp-node-s3.
+        for name in ("access_key_id", "secret_access_key"):
+            path = Path(getattr(store, name).file)
+            volume = _mounts(deployment)[str(path.parent)]
+            assert volume["secret"]["secretName"] == S3_SECRET
+            assert path.name in [item["path"] for item in volume["secret"]["items"]]
         assert settings.destinations and settings.output.series_description.count("SYNTHETIC")
     # The token file: where the secret volume puts it, and readable by the node's own Credential.
     settings = load_settings_or_exit(config)
@@ -350,14 +397,52 @@ def test_configmap_toml_loads_with_the_nodes_settings_loader(tmp_path, monkeypat
     fake.write_text("a-token-of-at-least-16-characters\n")
     credential = settings.web.token.model_copy(update={"file": fake})
     assert credential.read() == "a-token-of-at-least-16-characters"
+    # The object store's credential files, read the way the node reads them (object_store._credentials).
+    from ctp_node.node.shared.object_store import _credentials
+
+    store = settings.storage.object_store
+    faked = {}
+    for name, value in (("access_key_id", "fake-key-id"), ("secret_access_key", "fake-secret")):
+        path = tmp_path / Path(getattr(store, name).file).name
+        path.write_text(value + "\n")
+        faked[name] = getattr(store, name).model_copy(update={"file": path})
+    session = _credentials(store.model_copy(update=faked))
+    assert session == {"aws_access_key_id": "fake-key-id", "aws_secret_access_key": "fake-secret"}
 
 
-def test_shared_data_volume_is_the_interim_readwritemany_claim(docs, receiver, worker):
-    claim = _one(docs, "PersistentVolumeClaim", "ctp-node-data")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+def test_configmap_toml_refuses_a_plain_credential(tmp_path, monkeypatch, toml_text):
+    """The deliberate breakage: a key pair written into the ConfigMap's TOML fails `config --check`."""
+    import typer
+
+    from ctp_node.cli.common import load_settings_or_exit
+
+    for name in [n for n in os.environ if n.startswith("CTP_NODE_")]:
+        monkeypatch.delenv(name)
+    plain = re.sub(r"secret_access_key = \{[^}]*\}", 'secret_access_key = "not-a-real-secret"', toml_text)
+    assert plain != toml_text
+    config = tmp_path / "ctp-node.toml"
+    config.write_text(plain)
+    with pytest.raises(typer.Exit) as exited:
+        load_settings_or_exit(config)
+    assert exited.value.exit_code == 2
+
+
+def test_nothing_writable_is_shared_between_pods(docs, receiver, worker):
+    """The multi-host topology: the pods share PostgreSQL and the object store, no volume; the one
+    claim left is the workers' read-only model checkpoint."""
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert [c["metadata"]["name"] for c in claims] == ["ctp-node-weights"]
     for deployment in (receiver, worker):
-        assert _mounts(deployment)["/var/lib/ctp-node"]["persistentVolumeClaim"]["claimName"] == "ctp-node-data"
-    # Said where an operator reads it: the manifest and both READMEs.
-    for text in ((K8S / "storage.yaml").read_text(), (K8S / "README.md").read_text()):
-        assert re.search(r"interim", text, re.IGNORECASE) and "object store" in text and "item 1" in text
+        mounts = _mounts(deployment)
+        data = mounts[DATA_DIR]
+        assert set(data) == {"name", "emptyDir"} and data["emptyDir"]["sizeLimit"]
+        for mount in _container(deployment)["volumeMounts"]:
+            if "persistentVolumeClaim" in mounts[mount["mountPath"]]:
+                assert mount.get("readOnly") is True, f"{mount['mountPath']}: a shared claim mounted writable"
+    assert not any("persistentVolumeClaim" in volume for volume in _pod(receiver)["volumes"])
+    # The old shared-folder topology is gone from what an operator reads, and the way to it is there.
+    readme = (K8S / "README.md").read_text()
+    for text in [readme, *(p.read_text() for p in _manifest_files())]:
+        assert "ctp-node-data" not in text and not re.search(r"\binterim\b", text, re.IGNORECASE)
+    assert "object store" in readme and f"create secret generic {S3_SECRET}" in readme
     assert "kubernetes/README.md" in (DEPLOY / "README.md").read_text()

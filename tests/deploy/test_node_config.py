@@ -46,8 +46,8 @@ def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_healthcheck_echoes_the_running_node(tmp_path):
-    proc, env, port = start_node(tmp_path)
+def test_healthcheck_echoes_the_running_node(tmp_path, s3):
+    proc, env, port = start_node(tmp_path, s3)
     try:
         run = healthcheck(env)
         assert run.returncode == 0, run.stdout + run.stderr
@@ -58,10 +58,10 @@ def test_healthcheck_echoes_the_running_node(tmp_path):
     assert down.returncode != 0, "the check must fail when nothing answers"
 
 
-def test_healthcheck_fails_when_the_node_refuses_its_own_ae(tmp_path):
+def test_healthcheck_fails_when_the_node_refuses_its_own_ae(tmp_path, s3):
     """Why ctp-node.toml lists CTPNODE@127.0.0.1 among allowed_callers: without it the node is 'unhealthy'."""
     only_pacs = json.dumps([{"ae_title": "ORTHANC"}])
-    proc, env, _ = start_node(tmp_path, CTP_NODE_DICOM__ALLOWED_CALLERS=only_pacs)
+    proc, env, _ = start_node(tmp_path, s3, CTP_NODE_DICOM__ALLOWED_CALLERS=only_pacs)
     try:
         run = healthcheck(env)
         assert run.returncode != 0, run.stdout + run.stderr

@@ -128,11 +128,11 @@ def _ct_instance(path: Path, study: str, series: str, number: int, description: 
     ds.save_as(path, enforce_file_format=True)
 
 
-def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
+def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path, s3):
     from pydicom.uid import generate_uid
 
     storescu = need_program("storescu", "apt-get install -y dcmtk (.ci/run installs it)")
-    node, _, node_port = start_node(tmp_path)
+    node, _, node_port = start_node(tmp_path, s3)
     orthanc = None
     try:
         orthanc = start_deployed_orthanc(tmp_path, node_port)
@@ -156,7 +156,16 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
             timeout=60,
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        spool = tmp_path / "data" / "spool" / study
+        # The compose configuration spools into the bucket: <prefix>spool/<study>/<series>/<sop>.dcm.
+        spool = f"spool/{study}/"
+
+        def spooled() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for key in s3.list_keys(spool):
+                if key.endswith(".dcm"):
+                    series_uid = key[len(spool) :].split("/")[0]
+                    counts[series_uid] = counts.get(series_uid, 0) + 1
+            return counts
 
         log = tmp_path / "orthanc.log"
 
@@ -164,15 +173,15 @@ def test_real_orthanc_routes_ct_but_not_the_node_output(tmp_path):
             decisions = [line for line in log.read_text().splitlines() if "ctp-node routing: series" in line]
             jobs = [orthanc.get(f"/jobs/{job}") for job in orthanc.get("/jobs")]
             done = jobs and all(job["State"] == "Success" for job in jobs)
-            return len(decisions) == len(series) and done and (spool / series["perfusion"][0]).is_dir() and jobs
+            return len(decisions) == len(series) and done and spooled().get(series["perfusion"][0]) == 2 and jobs
 
         # Every series got its decision logged by the script, and the store jobs have finished.
         jobs = wait_for(routed_and_settled, timeout_s=30, what="Orthanc to route the stable CT series")
         assert [job["Type"] for job in jobs] == ["DicomModalityStore"], "one store job: the perfusion series only"
         text = log.read_text()
         assert "not routed: SeriesDescription says SYNTHETIC" in text and "not routed: modality MR is not CT" in text
-        assert len(list((spool / series["perfusion"][0]).glob("*.dcm"))) == 2
-        assert sorted(p.name for p in spool.iterdir()) == [series["perfusion"][0]]
+        assert spooled() == {series["perfusion"][0]: 2}, "only the perfusion series reached the node"
+        assert not (tmp_path / "data" / "spool" / study).exists(), "nothing spooled on the local disk"
     finally:
         if orthanc is not None:
             orthanc.stop()

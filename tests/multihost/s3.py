@@ -77,6 +77,13 @@ def start_seaweed(host: Host, log: Path, folder: Path) -> HostedS3:
     identity = {"name": "ctp", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
     identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
     config.write_text(json.dumps({"identities": [identity]}))
+    # weed also listens on Unix sockets named by port, /tmp/seaweedfs-<part>-grpc-<port>.sock (fixed in
+    # the binary), which the network namespace does not make private: another weed on the VM on the same
+    # ports (a developer's on the defaults, a second run of these tests) would take or answer them. So
+    # weed gets a /tmp of its own (its mount namespace is private): a small tmpfs with only its data
+    # folder (and in it the identities) bound into it, at the same path.
+    inside = "/" + host.data_dir.relative_to("/tmp").as_posix() if host.data_dir.is_relative_to("/tmp") else None
+    s3_config = host.data_dir / config.name if inside else config
     p, ip = PORTS, host.address
     command = [
         weed_binary(), "server", f"-dir={host.data_dir}", f"-ip={ip}", f"-ip.bind={ip}",
@@ -84,9 +91,15 @@ def start_seaweed(host: Host, log: Path, folder: Path) -> HostedS3:
         f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=8",
         "-volume.preStopSeconds=0", "-master.volumeSizeLimitMB=256",
         "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-        "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}",
+        "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={s3_config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
+    if inside:
+        script = (
+            'cp "$2" "$0/" && mount -t tmpfs -o size=16m,mode=1777 ctpmh-tmp /mnt && mkdir -p "/mnt$1"'
+            ' && mount --bind "$0" "/mnt$1" && mount --move /mnt /tmp && shift 2 && exec "$@"'
+        )
+        command = ["sh", "-c", script, str(host.data_dir), inside, str(config), *command]
     # weed takes its time over SIGTERM (tests/storage/seaweed.py): SIGKILL after 2 s.
     proc = host.run(command, log, stop_signal=signal.SIGTERM, stop_timeout_s=2, tmpfs_mb=1024)
     return HostedS3(host, proc)

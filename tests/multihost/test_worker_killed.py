@@ -6,99 +6,27 @@ keeps every C-STORE it receives as its own file): 0 instances lost, 0 duplicated
 
 from __future__ import annotations
 
-import json
 import signal
-import sys
 import time
 from datetime import datetime
 
-import pydicom
 import pytest
 
-from tests.dcmtk import require
-from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files
-from tests.multihost.db import sql_uid, start_postgres
 from tests.multihost.hosts import Network
-from tests.multihost.nodes import (
-    AE_TITLE,
-    DICOM_PORT,
-    poll,
-    send_split,
-    start_node,
-    wait_echo,
-    write_config,
-)
-from tests.multihost.s3 import start_seaweed
-from tests.storage.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY
+from tests.multihost.nodes import poll, send_split
+from tests.multihost.site import SECONDS, SLICES, start_site
 
 pytestmark = pytest.mark.slow
-SECONDS, SLICES = 13, 8  # 13 s sampled every 4 s: 32 instances in; a 1 s series of 13 x 8 out
-LEASE_S = 4
-PACS_AE = "PACS"
-
-# Run in the PACS host's mount namespace: (SOPInstanceUID, SeriesInstanceUID) of every file storescp wrote.
-READ_DELIVERED = """
-import json, pathlib, sys
-import pydicom
-print(json.dumps([[ds.SOPInstanceUID, ds.SeriesInstanceUID] for ds in
-      (pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(pathlib.Path(sys.argv[1]).iterdir()))]))
-"""
 
 
 def test_a_worker_killed_mid_job_is_replaced_by_another_host(tmp_path, monkeypatch):
     started = time.monotonic()
-    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    (series_uid,) = {ds.SeriesInstanceUID for ds in headers}
-    checkpoint = cpu_checkpoint(tmp_path / "net.pt")
-    monkeypatch.setenv("CTP_NODE_TEST_S3_KEY", ACCESS_KEY)  # the node processes inherit them
-    monkeypatch.setenv("CTP_NODE_TEST_S3_SECRET", SECRET_KEY)
-
     with Network(tmp_path / "net") as network:
-        db_host = network.add_host("db")
-        receivers = [network.add_host("recv1"), network.add_host("recv2")]
-        workers = [network.add_host("work1"), network.add_host("work2")]
-        pacs, scanner = network.add_host("pacs"), network.add_host("scanner")
-
-        postgres = start_postgres(db_host, tmp_path / "postgres.log")
-        s3 = start_seaweed(db_host, tmp_path / "weed.log", tmp_path)
-        s3.wait_ready(scanner)
-        storescp = pacs.run(
-            [require("storescp"), "+uf", "-fe", ".dcm", "-aet", PACS_AE, "-od", str(pacs.data_dir), str(DICOM_PORT)],
-            tmp_path / "storescp.log",
-        )  # fmt: skip
-        wait_echo(pacs, storescp, PACS_AE, tmp_path / "storescp.log")
-
-        object_store = {
-            "endpoint": s3.endpoint,
-            "bucket": BUCKET,
-            "access_key_id": {"env": "CTP_NODE_TEST_S3_KEY"},
-            "secret_access_key": {"env": "CTP_NODE_TEST_S3_SECRET"},
-            "timeout_s": 5,
-        }
-        destination = {"name": "pacs", "host": pacs.address, "port": DICOM_PORT, "ae_title": PACS_AE}
-        procs = {}
-        for host in [*receivers, *workers]:
-            settings = node_settings(
-                host.data_dir, checkpoint, None,
-                dicom={"bind_address": host.address, "port": DICOM_PORT, "ae_title": AE_TITLE},
-                storage={"object_store": object_store, "check_interval_s": 0.5},
-                jobs={"database_url": postgres.url, "lease_s": LEASE_S, "heartbeat_s": 1},
-            )  # fmt: skip
-            config = write_config(tmp_path / f"{host.name}.toml", settings, destinations=[destination])
-            verb = "serve" if host in receivers else "worker"
-            procs[host.name] = start_node(host, verb, config, tmp_path / f"{host.name}.log")
-
-        sent = send_split(scanner, receivers, files, tmp_path)
-        where = f"series_uid = {sql_uid(series_uid)}"
-
-        def job():
-            found = postgres.query(
-                scanner,
-                "select state, lease_owner, extract(epoch from lease_expires_at), attempts, instances,"
-                f" result_dir from series where {where}",
-            )
-            return found[0] if len(found) == 1 else None
+        site = start_site(network, tmp_path, monkeypatch)
+        files, series_uid, procs = site.files, site.series_uid, site.procs
+        workers, receivers = site.workers, site.receivers
+        sent = send_split(site.scanner, receivers, files, tmp_path)
+        job = site.job
 
         taken = poll(job, lambda j: j is not None and j[0] == "processing" and j[1], timeout_s=60, interval_s=0.1)
         assert taken and taken[0] == "processing", f"no worker took the job: {taken}; sent {sent}"
@@ -111,19 +39,11 @@ def test_a_worker_killed_mid_job_is_replaced_by_another_host(tmp_path, monkeypat
         lease_expired_at = float(at_kill[2])  # the killed worker's last heartbeat set it
 
         finished = poll(job, lambda j: j is not None and j[0] in ("done", "failed"), timeout_s=150, interval_s=0.5)
-        deliveries = postgres.query(
-            scanner,
-            f"select d.state, d.instances_sent from deliveries d join series s on s.id = d.series_id where s.{where}",
-        )
-        spool_keys = s3.keys(scanner, "spool/")
-        result_keys = [k for k in s3.keys(scanner, "results/") if k.endswith(".dcm")]
-        read = pacs.exec_in(storescp, [sys.executable, "-c", READ_DELIVERED, str(pacs.data_dir)], timeout_s=120)
-        assert read.returncode == 0, read.stderr
-        delivered = json.loads(read.stdout)
-        audit = survivor.exec_in(procs[survivor.name], ["cat", str(survivor.data_dir / "audit.jsonl")]).stdout
-        audit_events = [json.loads(line) for line in audit.splitlines()]
-        mine = (series_uid in (e.get("series_uid"), e.get("source_series_uid")) for e in audit_events)
-        events = [e for e, is_mine in zip(audit_events, mine, strict=True) if is_mine]
+        deliveries = site.deliveries()
+        spool_keys = site.s3.keys(site.scanner, "spool/")
+        result_keys = [k for k in site.s3.keys(site.scanner, "results/") if k.endswith(".dcm")]
+        delivered = site.delivered_now()
+        events = site.audit_of(survivor)
         taken_over = [e for e in events if e["event"] == "processing"]
         sop_uids = [sop for sop, _ in delivered]
         synthetic = [sop for sop, series in delivered if series != series_uid]

@@ -8,45 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
+from pydicom.uid import generate_uid
 
 from ctp_node.node.receive.receiver import Receiver
 from ctp_node.node.shared.health import ResourceHealth
 from ctp_node.node.shared.jobs import JobStore
 from tests.integration.node_helpers import node_settings
-from tests.node.dicom_helpers import ct_instance
 from tests.peers import stop_process, wait_for
 from tests.ports import wait_for_port
-
-
-def send(port: int, paths: list[Path]) -> list[tuple[int, str]]:
-    """C-STORE each file on one association: (status, ErrorComment) of each."""
-    ae = AE(ae_title="SCANNER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CTPNODE")
-    assert assoc.is_established
-    answers = []
-    try:
-        for path in paths:
-            answer = assoc.send_c_store(dcmread(path))
-            answers.append((int(answer.Status), str(answer.get("ErrorComment", ""))))
-    finally:
-        assoc.release()
-    return answers
-
-
-def instances(folder: Path, count: int, series: tuple[str, str] | None = None) -> list[Path]:
-    """``count`` small CT instances of ``series`` (study, series UIDs), or of a new one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series = series or (generate_uid(), generate_uid())
-    paths = [folder / f"{i:03d}.dcm" for i in range(count)]
-    for path in paths:
-        ct_instance(path, study=study, series=series)
-    return paths
+from tests.storage.scu import instances, send
 
 
 def spooled(settings) -> list[Path]:

@@ -31,9 +31,10 @@ from ctp_node.series.pipeline import SeriesPipeline
 from tests.dcmtk import dcmtk
 from tests.deploy.tools import missing
 from tests.integration.node_helpers import Watcher, cpu_checkpoint, node_settings, phantom_files
-from tests.node.dicom_helpers import ct_instance, run
+from tests.node.dicom_helpers import run
 from tests.peers import stop_process, wait_for
 from tests.ports import free_port, wait_for_port
+from tests.storage.scu import instances, send
 from tests.storage.seaweed import BUCKET, object_store_settings
 
 pytestmark = pytest.mark.slow  # a real S3 server, DCMTK, a worker
@@ -102,39 +103,13 @@ def test_storescu_into_the_bucket_and_a_worker_host_processes_from_it(tmp_path, 
     assert worker.run_once() is not None
     done = store.get(job.id)
     assert done.state == State.DONE, done.error
-    assert done.result_dir == f"s3://{BUCKET}/{prefix}results/{job.study_uid}/{job.series_uid}/g{job.generation}"
+    generation = f"s3://{BUCKET}/{prefix}results/{job.study_uid}/{job.series_uid}/g{job.generation}/"
+    assert done.result_dir.startswith(generation) and done.result_dir[len(generation) :].isalnum()  # its attempt
     results = [k for k in s3.list_keys(f"{prefix}results/") if k.endswith(".dcm")]
     delivered = dcm_files(pacs_folder) + [p for p in pacs_folder.iterdir() if p.is_file() and p.suffix != ".dcm"]
     assert len(results) >= 25 * 8 and len(delivered) == len(results)  # the 1 s series (and any outputs)
     assert dcm_files(working.storage.data_dir) == []  # scratch emptied: the worker host keeps nothing
     assert not list(working.storage.scratch_dir.glob("*/*"))
-
-
-def _send(port: int, paths: list[Path]) -> list[int]:
-    """C-STORE each file on one association (pynetdicom SCU); the status of each (None: no answer)."""
-    ae = AE(ae_title="SCANNER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CTPNODE")
-    assert assoc.is_established
-    statuses = []
-    try:
-        for path in paths:
-            answer = assoc.send_c_store(dcmread(path))
-            statuses.append(int(answer.Status) if "Status" in answer else None)
-    finally:
-        assoc.release()
-    return statuses
-
-
-def _instances(folder: Path, count: int, study: str, series: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for _ in range(count):
-        path = folder / f"{len(list(folder.iterdir())):04d}.dcm"
-        ct_instance(path, study=study, series=series)
-        paths.append(path)
-    return paths
 
 
 def test_object_store_down_during_a_send_refuses_loses_nothing_and_recovers(tmp_path, s3, prefix, caplog):
@@ -145,8 +120,8 @@ def test_object_store_down_during_a_send_refuses_loses_nothing_and_recovers(tmp_
     study, series = generate_uid(), generate_uid()
     acknowledged: set[str] = set()
     try:
-        before = _instances(tmp_path / "a", 5, study, series)
-        during = _instances(tmp_path / "b", 5, study, series)
+        before = instances(tmp_path / "a", 5, (study, series))
+        during = instances(tmp_path / "b", 5, (study, series))
 
         # One association: 5 instances, the store stops, 5 more.
         ae = AE(ae_title="SCANNER")
@@ -180,8 +155,8 @@ def test_object_store_down_during_a_send_refuses_loses_nothing_and_recovers(tmp_
         s3.start()
         wait_for(lambda: not receiver.health.problems(), timeout_s=30, what="the receiver to see the store back")
         assert receiver.metrics.resource_available.labels("object_store")._value.get() == 1
-        after = _instances(tmp_path / "c", 5, study, series)
-        again = _send(settings.dicom.port, during + after)
+        after = instances(tmp_path / "c", 5, (study, series))
+        again = [s for s, _ in send(settings.dicom.port, during + after)]
         assert again == [0] * 10
         acknowledged |= {dcmread(p).SOPInstanceUID for p in during + after}
         receiver.recorder.flush()
@@ -258,3 +233,34 @@ def test_tls_to_the_store_is_verified_against_the_configured_ca(tmp_path):
         assert uri == f"s3://{BUCKET}/{key}" and key in server.list_keys()
     finally:
         server.stop()
+
+
+def test_each_attempt_uploads_under_its_own_keys_and_the_recorded_one_keeps_only_its_own(tmp_path, s3, prefix):
+    """Two attempts of one generation overlap (a worker cut off, its lease taken): neither may touch the
+    other's objects while both upload; the one recorded removes the other's leftovers, the one not
+    recorded removes its own."""
+    from ctp_node.node.shared.object_results import ObjectResults
+
+    settings = Settings(storage={"data_dir": str(tmp_path), "object_store": object_store_settings(s3, prefix=prefix)})
+    results = ObjectResults(open_object_store(settings.storage))
+    study, series = generate_uid(), generate_uid()
+    staged = {}
+    for attempt, text in (("aaa111", "first"), ("bbb222", "second")):
+        folder = tmp_path / attempt
+        (folder / "perfusion").mkdir(parents=True)
+        (folder / "0001.dcm").write_text(text)
+        (folder / "perfusion" / "report.pdf").write_text(text)
+        staged[attempt] = results.publish(folder, study, series, 1, attempt)
+    assert staged["aaa111"] != staged["bbb222"]
+    generation = f"{prefix}results/{study}/{series}/g1/"
+    assert len(s3.list_keys(generation)) == 4  # both attempts whole: the second replaced nothing
+    fetched = results.fetch(staged["aaa111"], tmp_path / "fetched")
+    assert (fetched / "0001.dcm").read_text() == "first" and (fetched / "perfusion" / "report.pdf").exists()
+
+    assert results.keep_only(staged["aaa111"], study, series, 1) == 2
+    kept = [f"{generation}aaa111/0001.dcm", f"{generation}aaa111/perfusion/report.pdf"]
+    assert sorted(s3.list_keys(generation)) == kept
+    results.discard(staged["aaa111"])
+    assert s3.list_keys(generation) == []
+    with pytest.raises(ValueError, match="letters and digits"):
+        results.publish(tmp_path / "aaa111", study, series, 1, "../x")

@@ -170,7 +170,8 @@ class ProcessStage:
                 _publish(staging, out_dir)
                 recorded = str(out_dir)
             else:  # every file uploaded before the job store hears of it: the record is the commit
-                recorded = self.object_results.publish(staging, job.study_uid, job.series_uid, job.generation)
+                attempt = secrets.token_hex(6)  # this attempt's own keys: another may overlap it
+                recorded = self.object_results.publish(staging, job.study_uid, job.series_uid, job.generation, attempt)
             if output.result_dir == staging:
                 output = dataclasses.replace(output, result_dir=out_dir)
         except LeaseLost:
@@ -208,15 +209,33 @@ class ProcessStage:
                 warning=output.warning,
             )
         except LeaseLost:
+            self._discard_upload(recorded)  # another worker owns the job: its result stays, ours goes
             raise
         except Exception as exc:  # the store cannot take the result: a failed attempt, retried (results are idempotent)
+            self._discard_upload(recorded)
             self._failed(job, exc)
             return False
         if not moved:
+            self._discard_upload(recorded)
+        elif self.object_results is not None:
+            try:  # attempts that uploaded and never recorded (lost lease, crash) leave objects behind
+                self.object_results.keep_only(recorded, job.study_uid, job.series_uid, job.generation)
+            except Exception as exc:  # noqa: BLE001 - housekeeping only: the result is recorded
+                log.warning("job %d: could not remove other attempts' result objects: %s", job.id, exc)
             log.info("series %s changed while processing; it will be processed again", job.series_uid)
         elif output.warning:
             log.warning("series %s: %s (job %d)", job.series_uid, output.warning, job.id)
         return moved
+
+    def _discard_upload(self, recorded: str) -> None:
+        """Remove this attempt's uploaded result when the job store did not take it (object store only;
+        a local result folder of the generation is replaced by the next attempt)."""
+        if self.object_results is None:
+            return
+        try:
+            self.object_results.discard(recorded)
+        except Exception as exc:  # noqa: BLE001 - the recorded attempt's housekeeping removes it later
+            log.warning("could not remove an unrecorded result at %s: %s", recorded, exc)
 
     def _failed(self, job: SeriesJob, exc: Exception) -> None:
         """Record a failed attempt as ``FAULTS`` classifies it."""
