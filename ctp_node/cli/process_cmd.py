@@ -158,13 +158,15 @@ def process(
 
 def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
     from ctp_node.node.receive.retrieve import retrieve_series
-    from ctp_node.node.shared.spool import InvalidUIDError, Spool
+    from ctp_node.node.shared.spool import InvalidUIDError
+    from ctp_node.node.shared.storage import open_object_store, open_spool
 
     if not study:
         raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
     peer = peer_or_exit(settings, target)
     try:
-        got = retrieve_series(peer, study, series_uid, Spool(settings.storage.spool_dir), settings.dicom.ae_title)
+        spool = open_spool(settings.storage, open_object_store(settings.storage))  # the bucket, if configured
+        got = retrieve_series(peer, study, series_uid, spool, settings.dicom.ae_title)
     except (ConnectionError, InvalidUIDError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -190,9 +192,13 @@ def reprocess(
     device: str | None = DEVICE_OPTION,
 ) -> None:
     """Run a spooled series again, with other settings if given, to a folder (--output) or its destinations."""
+    import shutil
+
     from ctp_node.errors import CTPInputError
     from ctp_node.node.shared.jobs import JobStore
-    from ctp_node.node.shared.spool import SeriesKey, Spool
+    from ctp_node.node.shared.object_store import StoreUnavailable
+    from ctp_node.node.shared.spool import SeriesKey
+    from ctp_node.node.shared.storage import open_object_store, open_spool, scratch_folder
     from ctp_node.series.pipeline import run_series
 
     if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):
@@ -204,8 +210,15 @@ def reprocess(
     if from_pacs:
         _pull(settings, store, from_pacs, study, ref)
     job = find_job(store, ref)
-    files = Spool(settings.storage.spool_dir).instances(SeriesKey(job.study_uid, job.series_uid))
-    if not files:
+    key = SeriesKey(job.study_uid, job.series_uid)
+    # The local folder or the object store, as the node is configured (a worker reads it the same way).
+    spool = open_spool(settings.storage, open_object_store(settings.storage))
+    try:
+        spooled = spool.objects(key)
+    except StoreUnavailable as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if not spooled:
         stderr.print(f"[red]error:[/red] the spool holds no instances of {job.series_uid}")
         raise typer.Exit(2)
     if output is None:
@@ -213,11 +226,18 @@ def reprocess(
         typer.echo(f"job {job.id} queued again; a worker with the configured model will process and send it")
         return
     settings, pipeline = _pipeline(config, checkpoint, steps, sampler, device)
+    download = scratch_folder(settings.storage.scratch_dir, f"reprocess-{job.id}")  # object store only
     try:
+        files = spool.fetch(key, download)
         with step_progress(f"series ...{job.series_uid[-12:]}", steps=pipeline.steps) as progress:
             result = run_series(pipeline, files, output / job.series_uid, progress=progress)
     except CTPInputError as exc:
         stderr.print(f"[red]not processed:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from exc
+    except StoreUnavailable as exc:
+        stderr.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
     _report_guardrail(result)
     typer.echo(f"{result.derived.count} instances -> {output / job.series_uid}")

@@ -264,3 +264,38 @@ def test_each_attempt_uploads_under_its_own_keys_and_the_recorded_one_keeps_only
     assert s3.list_keys(generation) == []
     with pytest.raises(ValueError, match="letters and digits"):
         results.publish(tmp_path / "aaa111", study, series, 1, "../x")
+
+
+def test_reprocess_reads_the_series_from_the_object_store(tmp_path, s3, prefix):
+    """`ctp-node reprocess` on a node whose spool is the bucket: to a folder (downloaded to scratch,
+    which is emptied after) and queued again; a series the bucket does not hold is a clear error."""
+    import pydicom
+    from typer.testing import CliRunner
+
+    from ctp_node.cli.main import app
+    from ctp_node.node.shared.spool import SeriesKey
+    from ctp_node.node.shared.storage import open_spool
+    from tests.integration.node_helpers import write_config
+
+    files = phantom_files(tmp_path / "study", duration_s=13)
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    settings = s3_settings(tmp_path / "node", s3, prefix, database, checkpoint=cpu_checkpoint(tmp_path / "net.pt"))
+    config = write_config(tmp_path / "ctp-node.toml", settings)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    key = SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    spool, store = open_spool(settings.storage, open_object_store(settings.storage)), JobStore(database)
+    for path in files:
+        spool.write(key, pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID, path.read_bytes())
+        store.record_instance(key.study_uid, key.series_uid, "S")
+    assert not list(settings.storage.spool_dir.rglob("*.dcm"))  # the series is only in the bucket
+
+    runner = CliRunner()
+    again = runner.invoke(app, ["reprocess", key.series_uid, "-o", str(tmp_path / "again"), "-c", str(config)])
+    assert again.exit_code == 0, again.output
+    assert len(list((tmp_path / "again" / key.series_uid).glob("*.dcm"))) == 13 * 8
+    assert not list(settings.storage.scratch_dir.glob("*/*"))  # the download is gone
+    queued = runner.invoke(app, ["reprocess", key.series_uid, "-c", str(config)])
+    assert queued.exit_code == 0 and store.find(key.series_uid).state == State.QUEUED
+    store.record_instance("1.2.3", "1.2.3.4", "S")  # a job whose instances the bucket does not hold
+    missing_series = runner.invoke(app, ["reprocess", "1.2.3.4", "-c", str(config)])
+    assert missing_series.exit_code == 2 and "holds no instances" in missing_series.output

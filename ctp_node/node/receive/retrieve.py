@@ -17,9 +17,16 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from ctp_node.errors import PeerError
 from ctp_node.node.receive.ingest import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
-from ctp_node.node.shared.dicom_status import RETRIEVED, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS
+from ctp_node.node.shared.dicom_status import (
+    RETRIEVED,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
+from ctp_node.node.shared.object_store import StoreUnavailable
 from ctp_node.node.shared.peer import Peer
-from ctp_node.node.shared.spool import SeriesKey, Spool, check_uid
+from ctp_node.node.shared.spool import SeriesKey, check_uid
+from ctp_node.node.shared.storage import AnySpool
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +34,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Retrieved:
     key: SeriesKey
-    paths: list[Path] = field(default_factory=list)
+    paths: list[Path | str] = field(default_factory=list)  # files, or s3:// addresses (object store)
     failed: int = 0
     status: int | None = None
 
 
-def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, calling_ae: str) -> Retrieved:
+def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: AnySpool, calling_ae: str) -> Retrieved:
     """C-GET one series into the spool.
 
     InvalidUIDError for a UID that is not one (before any network traffic); PeerError (a
@@ -44,13 +51,16 @@ def retrieve_series(peer: Peer, study_uid: str, series_uid: str, spool: Spool, c
         ds = event.dataset
         if str(ds.get("SeriesInstanceUID", "")) != key.series_uid:
             return STATUS_CANNOT_UNDERSTAND  # not the series asked for: refuse rather than mix series
-        result.paths.append(
-            spool.write(
+        try:
+            stored = spool.write(
                 key,
                 check_uid(event.request.AffectedSOPInstanceUID, "SOPInstanceUID"),
                 event.encoded_dataset(include_meta=True),
             )
-        )
+        except StoreUnavailable as exc:  # the object store did not confirm it: the PACS hears so
+            log.error("C-GET of %s: %s", key.series_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        result.paths.append(stored)
         return STATUS_SUCCESS
 
     ae = AE(ae_title=calling_ae)
