@@ -95,11 +95,17 @@ def start_seaweed(host: Host, log: Path, folder: Path) -> HostedS3:
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     if inside:
+        # The weed binary too, when it lives under /tmp (a clone there: its venv's bin/), at the same path.
+        binary_dir = Path(command[0]).parent
+        binary_inside = "/" + binary_dir.relative_to("/tmp").as_posix() if binary_dir.is_relative_to("/tmp") else ""
         script = (
             'cp "$2" "$0/" && mount -t tmpfs -o size=16m,mode=1777 ctpmh-tmp /mnt && mkdir -p "/mnt$1"'
-            ' && mount --bind "$0" "/mnt$1" && mount --move /mnt /tmp && shift 2 && exec "$@"'
+            ' && mount --bind "$0" "/mnt$1"'
+            ' && { [ -z "$3" ] || { mkdir -p "/mnt$3" && mount --bind "$4" "/mnt$3"; }; }'
+            ' && mount --move /mnt /tmp && shift 4 && exec "$@"'
         )
-        command = ["sh", "-c", script, str(host.data_dir), inside, str(config), *command]
+        args = [str(host.data_dir), inside, str(config), binary_inside, str(binary_dir)]
+        command = ["sh", "-c", script, *args, *command]
     # weed takes its time over SIGTERM (tests/storage/seaweed.py): SIGKILL after 2 s.
     proc = host.run(command, log, stop_signal=signal.SIGTERM, stop_timeout_s=2, tmpfs_mb=1024)
     return HostedS3(host, proc)
