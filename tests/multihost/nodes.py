@@ -48,7 +48,9 @@ def wait_echo(host: Host, proc: subprocess.Popen, ae_title: str, log: Path, time
 def start_node(host: Host, verb: str, config: Path, log: Path) -> subprocess.Popen:
     """`ctp-node serve` (waited for until it answers C-ECHO) or `ctp-node worker` on ``host``."""
     argv = [sys.executable, "-m", "ctp_node", verb, "--config", str(config), "--log-level", "INFO"]
-    proc = host.run(argv, log, cwd=REPO)
+    # A node stops on SIGTERM after its threads: the receiver's health check may be in a request
+    # (object store: 2 x 5 s) and is joined for up to 30 s; under CI load a 20 s limit cut a clean stop.
+    proc = host.run(argv, log, cwd=REPO, stop_timeout_s=60)
     if verb == "serve":
         wait_echo(host, proc, AE_TITLE, log)
     return proc
