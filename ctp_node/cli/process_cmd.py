@@ -219,7 +219,10 @@ def reprocess(
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     if not spooled:
-        stderr.print(f"[red]error:[/red] the spool holds no instances of {job.series_uid}")
+        stderr.print(
+            f"[red]error:[/red] the spool holds no instances of {job.series_uid} (rotated or never kept); "
+            "pull it again with --from-pacs NAME --study STUDY_UID"
+        )
         raise typer.Exit(2)
     if output is None:
         store.retry(job.id)
