@@ -84,6 +84,8 @@ ANALYSES = {
     # the default before the study-wide residue shape: each voxel chooses its shape
     "parametric+tips-voxelshape": ("parametric", PerfusionSettings(residue_shape="voxel")),
     "parametric+tips-mtt5": ("parametric", PerfusionSettings(mtt_median_mm=5.0)),
+    # the default before Tmax moved along the delay / transit-time ridge with the MTT median
+    "parametric+tips-noridge": ("parametric", PerfusionSettings(tmax_along_ridge=False)),
     # CBV completed by the share of the response after the last frame (exact without noise)
     "parametric+tips-complete": ("parametric", PerfusionSettings(complete_truncated_area=True)),
     # every voxel's values counted, whether or not its region enhances measurably (diagnostic only)

@@ -110,3 +110,75 @@ def echo(
         failed += not ok
     if failed:
         raise typer.Exit(1)
+
+
+@jobs_app.command("audit")
+def audit(
+    series: str | None = typer.Option(None, "--series", help="Only this series (a sent result's source series too)."),
+    study: str | None = typer.Option(None, "--study", help="Only this study."),
+    since: str | None = typer.Option(None, "--since", help="Only events at or after this ISO time (UTC if no offset)."),
+    limit: int = typer.Option(1000, "--limit", min=1, help="The newest this many events, printed oldest first."),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per line (the file's record, with id and node_host)."
+    ),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """The audit trail in the job store, every host's: what came in and what went out, oldest first.
+
+    A table (on stderr, like `jobs list`) or, with --json, one record per line on stdout."""
+    import json
+
+    from rich.markup import escape
+
+    from ctp_node.node.shared.audit import NoAuditTable, audit_events, utc_time
+    from ctp_node.node.shared.health import one_line
+    from ctp_node.node.shared.jobs_read import StoreError
+
+    after = None
+    if since is not None:
+        after = utc_time(since)
+        if after is None:
+            raise typer.BadParameter(f"{since!r} is not an ISO time (e.g. 2026-12-07T08:00 or 2026-12-07T08:00+01:00)")
+    try:
+        _, store = open_job_store(config)
+        events, total = audit_events(store, series_uid=series, study_uid=study, since=after, limit=limit)
+    except StoreError as exc:
+        stderr.print(
+            f"[red]error:[/red] the job store does not answer ({escape(one_line(exc))}); check jobs.database_url"
+            " (`ctp-node config` prints the effective one)",
+            highlight=False,
+        )
+        raise typer.Exit(2) from exc
+    except NoAuditTable as exc:
+        stderr.print(
+            "[red]error:[/red] the job store has no audit trail yet (table audit_events): a node of this version"
+            " creates it when it starts; until then each host's audit.jsonl (storage.audit_log) is the trail",
+            highlight=False,
+        )
+        raise typer.Exit(2) from exc
+    if as_json:
+        for e in events:
+            typer.echo(json.dumps({"id": e.id, "node_host": e.node_host, **e.record}, default=str, sort_keys=True))
+    else:
+        from rich.table import Table
+
+        table = Table("time (UTC)", "event", "node host", "series UID", "details")
+        for e in events:
+            details = ", ".join(
+                f"{k}={v}"
+                for k, v in e.record.items()
+                if k not in ("time", "event", "series_uid", "source_series_uid", "study_uid")
+            )
+            cells = (e.event, e.node_host, e.series_uid or "", details)  # escaped: "[...]" is not markup
+            table.add_row(f"{e.time:%Y-%m-%d %H:%M:%S.%f}"[:-3], *map(escape, cells))
+        if events:
+            stderr.print(table)
+    if not total:
+        stderr.print(
+            "no audit events in the job store"
+            + (" that match" if series or study or since else "")
+            + " (records written before this version are only in each host's audit.jsonl)",
+            highlight=False,
+        )
+    elif total > len(events):
+        stderr.print(f"the newest {len(events)} of {total} events; --limit for more", highlight=False)

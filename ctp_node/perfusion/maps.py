@@ -87,6 +87,10 @@ class PerfusionSettings:
     # method="parametric" with "tips": in-plane median of the fitted MTT over this window (mm; 0 = off)
     # before CBF = CBV / MTT (see ``compute_perfusion``).
     mtt_median_mm: float = 3.0
+    # With that median and a study residue shape: Tmax moved along the delay / transit-time ridge by
+    # the MTT's change, so that each voxel's fitted centroid (delay + MTT (1 + 1/shape) / 2) is kept.
+    # It removes no bias, but narrows Tmax's scatter under noise (docs/benchmarks.md); noise-free it changes nothing.
+    tmax_along_ridge: bool = True
     # Volumes the study itself says are unreliable are withheld with the reason (``reliability``):
     # more than this much of a lesion class in the less affected hemisphere (mL; 0 = off) ...
     mirror_limit_ml: float = reliability.MIRROR_LIMIT_ML
@@ -344,7 +348,15 @@ def compute_perfusion(
             # A median within the fitted parenchyma removes the tails and leaves edges in place.
             mtt_volume = _to_volume(fitted_mtt, flat_index, shape)
             median = denoise.median_in_mask(mtt_volume, mtt_volume > 0, size)
-            fitted_mtt = np.where(fitted_mtt > 0, median.reshape(-1)[flat_index], 0.0)
+            filtered_mtt = np.where(fitted_mtt > 0, median.reshape(-1)[flat_index], 0.0)
+            if cfg.tmax_along_ridge and residue_shape is not None:
+                # The curve fixes the centroid; the delay the fit paired with a noisy MTT scatters the
+                # opposite way (a too-long MTT comes with a too-early delay). Keep the centroid with the
+                # filtered MTT: delay' = delay + (MTT - MTT') (1 + 1/shape) / 2.
+                factor = 0.5 * (1.0 + (0.0 if np.isinf(residue_shape) else 1.0 / residue_shape))
+                moved = stats.tmax_s + (fitted_mtt - filtered_mtt) * factor
+                stats.tmax_s[:] = np.where(fitted_mtt > 0, np.maximum(moved, 0.0), stats.tmax_s)
+            fitted_mtt = filtered_mtt
     else:
         # Fitted at the acquisition times themselves: no resampling of the tissue curves. The curves
         # are the whole brain's; only parenchyma chooses the shape (CSF is flat, vessels arterial).

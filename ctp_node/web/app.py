@@ -5,7 +5,7 @@ Routes (all but ``/healthz`` behind ``ctp_node.web.auth``):
   GET  /                            the job list, newest first (``?state=failed`` filters)
   GET  /jobs/{id}                   one job: timings, errors, deliveries, guardrail, derived series,
                                     QA figures, audit trail, actions
-  GET  /jobs/{id}/figures/{name}    a PNG of the job's results folder
+  GET  /jobs/{id}/figures/{name}    a PNG of the job's results folder (or of its result in the object store)
   POST /jobs/{id}/retry             process a failed, ignored or done series again
   POST /jobs/{id}/resend            send an existing result again (all or one destination)
   GET  /static/style.css            the page's only style sheet, shipped in the package
@@ -44,6 +44,7 @@ from ctp_node.config import Settings
 from ctp_node.node.shared.audit import AuditLog
 from ctp_node.node.shared.jobs import ERROR_HISTORY, JobStore
 from ctp_node.node.shared.jobs_read import FINISHED_STATES, JobRow, State, StoreError
+from ctp_node.node.shared.object_store import StoreUnavailable, is_uri
 from ctp_node.web import jobview
 from ctp_node.web.auth import Authenticator, CsrfTokens, Principal, Throttled, origin_allowed
 
@@ -289,9 +290,10 @@ def create_app(
     web = settings.web
     auth = authenticator or Authenticator.from_settings(web)
     csrf = CsrfTokens()
-    audit = audit or AuditLog(settings.storage.audit_log)
+    audit = audit or AuditLog(settings.storage.audit_log, store)
     jobs = store.read  # every page reads through the store's read side; ``store`` only for retry and resend
     headers_cache = jobview.HeaderCache(settings.storage.spool_dir, web.mask_patient)
+    store_results = jobview.StoreResults(settings.storage)  # results in the object store, read by a job's page
     destinations = [d.name for d in settings.destinations]
     templates = _templates()
 
@@ -409,24 +411,31 @@ def create_app(
         }
         return templates.TemplateResponse(request, "jobs.html", context)
 
+    def stored_result(job: Any) -> jobview.StoreResult | None:
+        """The job's result in the object store (``result_dir`` an ``s3://`` address, no local folder)."""
+        return store_results.get(job.result_dir) if is_uri(job.result_dir) else None
+
     @app.get("/jobs/{job_id}", name="job")
     def job_page(request: Request, job_id: int, done: str = "", who: Principal = Depends(principal)) -> Response:
         row = job_or_404(job_id)
         job = row.job
-        folder = jobview.result_folder(job)
+        stored = stored_result(job)
+        folder: Path | jobview.StoreResult | None = stored if stored is not None else jobview.result_folder(job)
         trail = jobview.audit_trail(settings.storage.audit_log, job.series_uid)
         motion = jobview.motion_record(folder) if folder else None
+        from_store = (lambda: stored.header(web.mask_patient)) if stored is not None else None
+        derived = jobview.derived_series(folder, web.mask_patient) if folder else []
         context = {
             "row": row,
             "job": job,
-            "header": headers_cache.get(job),
+            "header": headers_cache.get(job, from_store),
             "stages": jobview.detailed_stages(row, trail),
             "attempts": jobview.processing_attempts(row, trail),
             "finished": job.state in FINISHED_STATES,
             "refresh_s": REFRESH_RUNNING_S if job.state in RUNNING else None,
             "trail": trail,
-            "folder": folder,
-            "derived": jobview.derived_series(folder, web.mask_patient) if folder else [],
+            "folder": stored.uri if stored is not None else folder,
+            "derived": derived,
             "figures": jobview.figures(folder) if folder else [],
             "guardrail": jobview.guardrail_verdict(folder) if folder else None,
             "motion": motion,
@@ -441,12 +450,26 @@ def create_app(
             "done": done,
             "user": who.name,
             "masked": web.mask_patient,
+            # Read last: a store that stopped answering while the page was read is said too.
+            "store_error": stored.error if stored is not None else None,
+            "listing_limit": jobview.MAX_LISTED if stored is not None and stored.truncated else None,
         }
         return templates.TemplateResponse(request, "job.html", context)
 
     @app.get("/jobs/{job_id}/figures/{name:path}", name="figure")
     def figure(job_id: int, name: str, _: Principal = Depends(principal)) -> Response:
-        folder = jobview.result_folder(job_or_404(job_id).job)
+        job = job_or_404(job_id).job
+        stored = stored_result(job)
+        if stored is not None:  # the same check: only a name the result's listing holds
+            if not stored.listed and stored.error:
+                raise HTTPException(503, f"results in the object store could not be read: {stored.error}")
+            if name not in jobview.figures(stored):
+                raise HTTPException(404, f"job {job_id} has no figure {name!r}")
+            try:
+                return Response(stored.figure(name), media_type="image/png")
+            except (StoreUnavailable, ValueError) as exc:
+                raise HTTPException(503, f"results in the object store could not be read: {exc}") from exc
+        folder = jobview.result_folder(job)
         # Served only when it is one of the figures listed for the job: no path reaches outside.
         if folder is None or name not in jobview.figures(folder):
             raise HTTPException(404, f"job {job_id} has no figure {name!r}")

@@ -7,22 +7,34 @@ where ``ctp_node.node.shared.spool.series_dir`` says they are); a job's page add
 guardrail's verdict (``guardrail.json``), the output series (every series the send stage delivers:
 the results folder's DICOM files, ``ResultsLayout.files``, one header read per series) and the QA
 figures (``*.png``) found in its results folder.
+
+A result in the object store (``job.result_dir`` an ``s3://`` address) is shown the same way, read by
+``StoreResults``: one bounded listing of the result's objects, kept a short while per address; the
+records and figures by GET, a header per series by a ranged GET of the file's first bytes (never a whole
+series). A store that does not answer leaves the page without them and with ``StoreResult.error`` to say why.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import Any
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
-from ctp_node.errors import InvalidUIDError
+from ctp_node.config import StorageSettings
+from ctp_node.errors import ConfigError, InvalidUIDError
 from ctp_node.node.shared.jobs_read import JobRow, SeriesJob, State
+from ctp_node.node.shared.object_results import ObjectResults
+from ctp_node.node.shared.object_store import ObjectStore, StoreUnavailable
 from ctp_node.node.shared.results import ResultsLayout
 from ctp_node.node.shared.spool import SeriesKey, series_dir
 from ctp_node.series.guardrail import VERDICT_FILE
@@ -99,8 +111,9 @@ def _first_dicom(folder: Path) -> Path | None:
     return None
 
 
-def read_header(path: Path, mask_patient: bool) -> tuple[SeriesHeader, str, str]:
-    """The header values of one file (masked as configured), its SOP class name and series UID."""
+def read_header(path: Path | BinaryIO, mask_patient: bool) -> tuple[SeriesHeader, str, str]:
+    """The header values of one file, or of a file's first bytes (masked as configured), its SOP class
+    name and series UID."""
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
@@ -129,13 +142,17 @@ class HeaderCache:
         self._cache: OrderedDict[tuple[int, int], SeriesHeader] = OrderedDict()
         self._lock = threading.Lock()  # pages are rendered in a thread pool
 
-    def get(self, job: SeriesJob) -> SeriesHeader:
+    def get(self, job: SeriesJob, fallback: Callable[[], SeriesHeader | None] | None = None) -> SeriesHeader:
+        """``fallback``: where else to read it when no local file has it (a job's page: its result in the
+        object store); what it reads is kept for the job list too."""
         key = (job.id, job.generation)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         header = self._read(job)  # outside the lock: a slow disk holds up only this page
+        if header is None and fallback is not None:
+            header = fallback()
         if header is None:  # an unreadable header is tried again next time (the file may arrive)
             return SeriesHeader()
         with self._lock:
@@ -170,34 +187,64 @@ def result_folder(job: SeriesJob) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def derived_series(folder: Path, mask_patient: bool) -> list[DerivedGroup]:
+@dataclass(frozen=True)
+class ResultFile:
+    """One delivered file of a result, local or in the object store: its path within the result, its
+    size, and how to read its header (``read_header``'s answer)."""
+
+    relative: str  # posix, e.g. "perfusion/cbf_synthetic/CBF_SYNTHETIC_000.dcm"
+    size: int
+    header: Callable[[], tuple[SeriesHeader, str, str]]
+    where: str  # for the log
+
+
+def is_delivered(relative: str) -> bool:
+    """A file the send stage delivers, by its path within the result (``ResultsLayout.files``' rule)."""
+    name = PurePosixPath(relative).name
+    return name.endswith(".dcm") and not name.startswith(".")
+
+
+def derived_series(folder: Path | StoreResult, mask_patient: bool) -> list[DerivedGroup]:
     """Every output series of a result: the files the send stage delivers (``ResultsLayout.files``: the
     1 s series at the top, each perfusion output in its own folder below) grouped by folder and name
     prefix, one header read per group, groups of one SeriesInstanceUID joined. The synthetic series
-    comes first, then the others by folder."""
-    groups: dict[str, list[Path]] = {}
-    for path in ResultsLayout.files(folder):
-        relative = path.relative_to(folder)
+    comes first, then the others by folder. ``folder``: a results folder, or a result in the object store."""
+    if isinstance(folder, StoreResult):
+        return folder.derived(mask_patient)
+    files = [
+        ResultFile(
+            path.relative_to(folder).as_posix(), _size(path), partial(read_header, path, mask_patient), str(path)
+        )
+        for path in ResultsLayout.files(folder)
+    ]
+    return group_series(files)
+
+
+def group_series(files: Iterable[ResultFile]) -> list[DerivedGroup]:
+    """``derived_series``' grouping, of a result's delivered files from either source."""
+    groups: dict[str, list[ResultFile]] = {}
+    for file in files:
+        relative = PurePosixPath(file.relative)
         prefix = relative.name.split("_")[0]
-        key = f"{relative.parent.as_posix()}/{prefix}" if relative.parent != Path(".") else prefix
-        groups.setdefault(key, []).append(path)
+        key = f"{relative.parent.as_posix()}/{prefix}" if relative.parent != PurePosixPath(".") else prefix
+        groups.setdefault(key, []).append(file)
     by_uid: dict[str, DerivedGroup] = {}
     result: list[DerivedGroup] = []
-    for key, files in sorted(groups.items(), key=lambda item: ("/" in item[0], item[0])):
-        first = min(files)
+    for key, files_of_group in sorted(groups.items(), key=lambda item: ("/" in item[0], item[0])):
+        first = min(files_of_group, key=lambda f: PurePosixPath(f.relative))
         try:
-            header, sop_class, series_uid = read_header(first, mask_patient)
+            header, sop_class, series_uid = first.header()
         except Exception as exc:
-            log.warning("cannot read %s: %s", first, exc)
+            log.warning("cannot read %s: %s", first.where, exc)
             header, sop_class, series_uid = SeriesHeader(), "unreadable", ""
-        size = sum(_size(p) for p in files)
+        size = sum(f.size for f in files_of_group)
         earlier = by_uid.get(series_uid) if series_uid else None
         if earlier is not None:  # one series written under two prefixes: one row
-            joined = DerivedGroup(earlier.prefix, earlier.files + len(files), earlier.bytes + size,
+            joined = DerivedGroup(earlier.prefix, earlier.files + len(files_of_group), earlier.bytes + size,
                                   earlier.header, earlier.sop_class, series_uid)  # fmt: skip
             result[result.index(earlier)] = by_uid[series_uid] = joined
             continue
-        group = DerivedGroup(key, len(files), size, header, sop_class, series_uid)
+        group = DerivedGroup(key, len(files_of_group), size, header, sop_class, series_uid)
         result.append(group)
         if series_uid:
             by_uid[series_uid] = group
@@ -211,35 +258,209 @@ def _size(path: Path) -> int:
         return 0
 
 
-def figures(folder: Path) -> list[str]:
+def figures(folder: Path | StoreResult) -> list[str]:
     """The PNG figures in a results folder and its subfolders, as paths relative to it."""
+    if isinstance(folder, StoreResult):
+        return folder.figures()
     found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png") if p.is_file())
     return found[:MAX_FIGURES]
 
 
-def guardrail_verdict(folder: Path) -> dict[str, Any] | None:
-    return _record(folder / VERDICT_FILE)
+def guardrail_verdict(folder: Path | StoreResult) -> dict[str, Any] | None:
+    return _record_of(folder, VERDICT_FILE)
 
 
-def motion_record(folder: Path) -> dict[str, Any] | None:
+def motion_record(folder: Path | StoreResult) -> dict[str, Any] | None:
     """The motion stage's record (``motion.json``: every volume's pose and the ones not used)."""
-    return _record(folder / MOTION_FILE)
+    return _record_of(folder, MOTION_FILE)
 
 
-def volumes_record(folder: Path) -> dict[str, Any] | None:
+def volumes_record(folder: Path | StoreResult) -> dict[str, Any] | None:
     """The perfusion analyses' lesion volumes (``volumes.json``): reported, or withheld and why."""
-    record = _record(folder / VOLUMES_FILE)
+    record = _record_of(folder, VOLUMES_FILE)
     return record if record is None or "checks" not in record else None  # unreadable: logged, not shown
+
+
+def _record_of(folder: Path | StoreResult, name: str) -> dict[str, Any] | None:
+    return folder.record(name) if isinstance(folder, StoreResult) else _record(folder / name)
 
 
 def _record(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _parse_record(path.read_bytes(), path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         log.warning("cannot read %s: %s", path, exc)
         return {"summary": f"unreadable: {exc}", "checks": []}
+
+
+def _parse_record(data: bytes, where: Path | str) -> dict[str, Any]:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        log.warning("cannot read %s: %s", where, exc)
+        return {"summary": f"unreadable: {exc}", "checks": []}
+
+
+# --- a result in the object store ------------------------------------------------------------------
+MAX_LISTED = 10_000  # objects of one result the page lists (the 1 s series of a large study, its outputs)
+HEADER_BYTES = 64 * 1024  # a header's ranged GET; once more with HEADER_BYTES_MORE when it holds no series UID
+HEADER_BYTES_MORE = 1024 * 1024
+MAX_RECORD_BYTES = 8 * 1024 * 1024  # guardrail.json, motion.json, volumes.json
+MAX_FIGURE_BYTES = 64 * 1024 * 1024
+STORE_TIMEOUT_S = 3.0  # the page's requests to the store (at most the configured timeout_s): it waits for them
+
+
+class StoreResult:
+    """What the page shows of one result in the object store, read lazily: one listing (at most
+    ``MAX_LISTED`` objects) when made, the output series' headers, records and figures when asked.
+
+    The first failure to read the store is ``error`` (shown on the page, logged once); every read after it
+    is skipped rather than waited for again."""
+
+    def __init__(self, uri: str, results: ObjectResults | None, error: str | None = None) -> None:
+        self.uri, self.results = uri, results
+        self.error: str | None = error
+        self.objects: dict[str, int] = {}  # path within the result -> size, in key order
+        self.truncated = False
+        self.listed = False
+        self._derived: dict[bool, list[DerivedGroup]] = {}
+        self._records: dict[str, dict[str, Any] | None] = {}
+        self._headers: dict[tuple[str, bool], tuple[SeriesHeader, str, str]] = {}
+        self._lock = threading.Lock()  # one reader of the store per result at a time; the others use its answer
+        if results is not None and error is None:
+            try:
+                found, self.truncated = results.objects(uri, MAX_LISTED)
+            except (StoreUnavailable, ValueError) as exc:
+                self._failed(exc)
+            else:
+                self.objects, self.listed = dict(found), True
+                if self.truncated:
+                    log.warning("%s: more than %d objects; the page shows the first %d", uri, MAX_LISTED, MAX_LISTED)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = str(exc)
+            log.warning("status page: results in the object store could not be read: %s", exc)
+
+    def _read(self, relative: str, **limits: int) -> bytes:
+        """One object's bytes (an empty object's without a request: a ranged GET of it is refused)."""
+        if self.error is not None or self.results is None:
+            raise StoreUnavailable(f"not read: {self.error}")
+        if self.objects.get(relative) == 0:
+            return b""
+        try:
+            return self.results.read(self.uri, relative, **limits)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            raise
+
+    def _header(self, relative: str, mask_patient: bool) -> tuple[SeriesHeader, str, str]:
+        key = (relative, mask_patient)
+        if key not in self._headers:
+            found = read_header(io.BytesIO(self._read(relative, first_bytes=HEADER_BYTES)), mask_patient)
+            if not found[2] and self.objects.get(relative, 0) > HEADER_BYTES:  # a longer header than the first read
+                found = read_header(io.BytesIO(self._read(relative, first_bytes=HEADER_BYTES_MORE)), mask_patient)
+            self._headers[key] = found
+        return self._headers[key]
+
+    def derived(self, mask_patient: bool) -> list[DerivedGroup]:
+        with self._lock:
+            if mask_patient not in self._derived:
+                files = [
+                    ResultFile(relative, size, partial(self._header, relative, mask_patient), f"{self.uri}/{relative}")
+                    for relative, size in self.objects.items()
+                    if is_delivered(relative)
+                ]
+                self._derived[mask_patient] = group_series(files)
+            return self._derived[mask_patient]
+
+    def figures(self) -> list[str]:
+        return sorted(relative for relative in self.objects if relative.endswith(".png"))[:MAX_FIGURES]
+
+    def figure(self, name: str) -> bytes:
+        """One of ``figures()``' PNGs; StoreUnavailable when the store does not answer."""
+        if name not in self.figures():
+            raise ValueError(f"{name!r} is not a figure of {self.uri}")
+        return self._read(name, max_bytes=MAX_FIGURE_BYTES)
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A JSON record at the top of the result (``_record``'s answer for a local one)."""
+        with self._lock:
+            if name not in self._records:
+                self._records[name] = self._read_record(name)
+            return self._records[name]
+
+    def _read_record(self, name: str) -> dict[str, Any] | None:
+        if name not in self.objects:
+            return None
+        where = f"{self.uri}/{name}"
+        try:
+            return _parse_record(self._read(name, max_bytes=MAX_RECORD_BYTES), where)
+        except StoreUnavailable:
+            return None  # the page says why (``error``)
+        except ValueError as exc:  # larger than a record can be
+            log.warning("cannot read %s: %s", where, exc)
+            return {"summary": f"unreadable: {exc}", "checks": []}
+
+    def header(self, mask_patient: bool) -> SeriesHeader | None:
+        """The header of the result's first DICOM file at its top (``HeaderCache``'s local rule), None
+        when there is none or it cannot be read."""
+        first = next((r for r in self.objects if "/" not in r and is_delivered(r)), None)
+        if first is None:
+            return None
+        try:
+            return self._header(first, mask_patient)[0]
+        except StoreUnavailable:
+            return None
+        except Exception as exc:
+            log.warning("cannot read the header of %s/%s: %s", self.uri, first, exc)
+            return None
+
+
+class StoreResults:
+    """The results in the object store that pages looked at lately, one ``StoreResult`` per address, kept
+    ``ttl_s`` (a recorded result does not change; one that could not be read, ``error_ttl_s``): a job's page
+    and its figures cost one listing, and the job list none."""
+
+    def __init__(self, storage: StorageSettings, ttl_s: float = 60, error_ttl_s: float = 10, size: int = 32) -> None:
+        self.storage, self.ttl_s, self.error_ttl_s, self.size = storage, ttl_s, error_ttl_s, size
+        self._results: ObjectResults | None = None
+        self._cache: OrderedDict[str, tuple[float, StoreResult]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _open(self) -> tuple[ObjectResults | None, str | None]:
+        """The page's own client (a shorter timeout than the receiver's: a page waits for it)."""
+        settings = self.storage.object_store
+        if settings is None:
+            return None, "this node has no [storage.object_store] configured"
+        if self._results is None:
+            timeout = min(settings.timeout_s, STORE_TIMEOUT_S)
+            try:
+                self._results = ObjectResults(ObjectStore(settings.model_copy(update={"timeout_s": timeout})))
+            except (ConfigError, ImportError) as exc:
+                return None, str(exc)
+        return self._results, None
+
+    def get(self, uri: str) -> StoreResult:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(uri)
+            # read when made: one that failed later (a header, a record) is read again sooner too
+            if cached is not None and now < cached[0] + (self.error_ttl_s if cached[1].error else self.ttl_s):
+                self._cache.move_to_end(uri)
+                return cached[1]
+            results, error = self._open()
+        result = StoreResult(uri, results, error)  # outside the lock: a slow store holds up only this page
+        if error is not None:
+            log.warning("status page: results in the object store could not be read: %s", error)
+        with self._lock:
+            self._cache[uri] = (time.monotonic(), result)
+            self._cache.move_to_end(uri)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return result
 
 
 def processing_attempts(row: JobRow, audit: AuditSummary) -> int | None:

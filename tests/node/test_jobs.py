@@ -72,7 +72,11 @@ def test_expired_lease_is_taken_over(store):
         store.heartbeat(job.id, "w1", 60)
     with pytest.raises(LeaseLost):
         store.processed(job.id, "w1", 1, "/r", 1.0, [])
+    # A failure recorded late by the worker that lost the lease changes nothing, and says so.
+    assert store.failed(job.id, "w1", "late failure", retry_at=later) is False
+    assert store.get(job.id).lease_owner == "w2" and store.get(job.id).error in (None, "")
     store.heartbeat(job.id, "w2", 60)
+    assert store.failed(job.id, "w2", "its own failure", retry_at=later) is True
 
 
 def test_sending_retries_then_fails_with_the_reason(store):

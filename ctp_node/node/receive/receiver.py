@@ -196,7 +196,7 @@ class Receiver:
         # that does not answer yet does not: the receiver starts and refuses until it is back.
         self.object_store = open_object_store(settings.storage)
         self.spool = open_spool(settings.storage, self.object_store)
-        self.audit = AuditLog(settings.storage.audit_log)
+        self.audit = AuditLog(settings.storage.audit_log, store)
         self.metrics = metrics or NodeMetrics(store.read)
         self.health = self._health(settings, store)
         # Built here (not in start) so that a webhook secret that cannot be read stops the node at once.

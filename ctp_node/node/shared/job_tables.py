@@ -5,11 +5,27 @@ transition) and ``ctp_node.node.shared.jobs_read.JobQueries`` (the read side: wh
 ``ctp-node jobs`` and the metrics show). Nothing else imports it (tests/test_import_contract.py: the
 web layer and the command line import no table), so a schema change is made in these three modules.
 Columns added later must be nullable: ``JobStore`` adds the missing ones to an older store at start.
+
+One table more has a module of its own: ``audit_events``, the audit trail's copy in the store, is
+written and read only by ``ctp_node.node.shared.audit`` (``JobStore`` creates it with the others).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 metadata = MetaData()
 
@@ -84,4 +100,24 @@ sent_instances_table = Table(
     metadata,
     Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True),
     Column("file", String(512), primary_key=True),  # the file's path within the result folder, as posix
+)
+
+# The audit trail (``ctp_node.node.shared.audit``): append-only, one row per record of ``audit.jsonl``,
+# from every host. Never updated or deleted by the node; the UIDs are Text (not String(64)) so that no
+# record is refused for its length. BIGINT ids on PostgreSQL (a row per instance received outgrows
+# 2**31); INTEGER on SQLite, where only that type makes the rowid key.
+audit_events_table = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("time", DateTime(timezone=True), nullable=False),  # the record's own time, UTC
+    Column("event", String(64), nullable=False),  # received, processing, processed, sent, retry, ...
+    Column("node_host", Text, nullable=False),  # the node that wrote it (the record's "host" is the peer's)
+    Column("study_uid", Text),
+    Column("series_uid", Text),  # a "sent" record's source_series_uid
+    Column("sop_uid", Text),  # received instances only
+    Column("record", Text, nullable=False),  # the whole record as JSON, as the file's line has it
+    Index("ix_audit_events_series_time", "series_uid", "time"),
+    Index("ix_audit_events_study_time", "study_uid", "time"),
+    Index("ix_audit_events_time", "time"),
 )

@@ -571,13 +571,15 @@ class JobStore:
 
     def failed(
         self, job_id: int, worker: str, error: str, *, ignored: bool = False, retry_at: datetime | None = None
-    ) -> None:
-        """Processing failed: retry later (back to queued), or failed / ignored with the reason."""
+    ) -> bool:
+        """Processing failed: retry later (back to queued), or failed / ignored with the reason.
+
+        False when ``worker`` no longer holds the job's lease (another worker took it): nothing changed."""
         now = utcnow()
         final = State.IGNORED if ignored else State.FAILED
         state = State.QUEUED.value if retry_at is not None else final.value
         with self._tx() as conn:
-            conn.execute(
+            changed = conn.execute(
                 update(series_table)
                 .where(series_table.c.id == job_id, series_table.c.lease_owner == worker)
                 .values(
@@ -589,6 +591,7 @@ class JobStore:
                     updated_at=now,
                 )
             )
+        return changed.rowcount > 0
 
     # --- operating -------------------------------------------------------------------------------
     def _get(self, conn: Connection, job_id: int) -> SeriesJob | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ctp_node.node.shared.object_store import ObjectStore
 from ctp_node.node.shared.spool import check_uid
@@ -94,3 +94,29 @@ class ObjectResults:
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(one, keys))
         return folder
+
+    # --- read only: what the status page shows of a recorded result ----------------------------------
+
+    def objects(self, uri: str, limit: int) -> tuple[list[tuple[str, int]], bool]:
+        """Up to ``limit`` objects of a recorded result (its ``s3://`` address), in key order, as (path
+        within the result, size): one listing of its prefix, stopped there; and whether more were left."""
+        prefix = self.store.key_of(uri).rstrip("/") + "/"
+        found: list[tuple[str, int]] = []
+        for stored in self.store.list(prefix):
+            if len(found) >= limit:
+                return found, True
+            found.append((stored.key[len(prefix) :], stored.size))
+        return found, False
+
+    def read(self, uri: str, relative: str, *, first_bytes: int | None = None, max_bytes: int = 64 << 20) -> bytes:
+        """One object of a recorded result (``relative``: its path within the result), whole or only its
+        first ``first_bytes`` (a ranged GET); ValueError for a path that leaves the result or an object
+        over ``max_bytes``, StoreUnavailable when the store does not answer."""
+        parts = PurePosixPath(relative).parts
+        if not relative or relative.startswith("/") or ".." in parts:
+            raise ValueError(f"{relative!r} is not a path within the result {uri}")
+        key = self.store.key_of(uri).rstrip("/") + "/" + relative
+        data = self.store.get(key, first_bytes=first_bytes, max_bytes=max_bytes)
+        if len(data) > max_bytes:
+            raise ValueError(f"{uri}/{relative} is larger than {max_bytes} bytes")
+        return data

@@ -14,6 +14,7 @@ so an object damaged on the way is refused rather than stored.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -199,6 +200,19 @@ class ObjectStore:
         except Exception as exc:
             raise self._unavailable(f"GET {key}", exc) from exc
         return target
+
+    def get(self, key: str, *, first_bytes: int | None = None, max_bytes: int) -> bytes:
+        """One object's bytes, or only its first ``first_bytes`` (a ranged GET); at most ``max_bytes`` +
+        1 are read, so that a caller can tell an object over its limit (it checks the length)."""
+        arguments: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if first_bytes is not None:
+            arguments["Range"] = f"bytes=0-{max(int(first_bytes), 1) - 1}"
+        try:
+            answer = self.client.get_object(**arguments)
+            with contextlib.closing(answer["Body"]) as body:
+                return body.read(max_bytes + 1)
+        except Exception as exc:
+            raise self._unavailable(f"GET {key}", exc) from exc
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under ``prefix`` (a full key prefix), in key order."""

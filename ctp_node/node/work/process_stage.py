@@ -146,6 +146,7 @@ class ProcessStage:
         started = time.perf_counter()
         staging = None
         work = None  # the job's scratch folder (object store only)
+        output: ProcessOutput | None = None
         try:  # everything that can fail for this series goes through FAULTS, the spool and audit trail included
             key = SeriesKey(job.study_uid, job.series_uid)
             out_dir = self.results.generation_dir(job.study_uid, job.series_uid, job.generation)
@@ -167,6 +168,11 @@ class ProcessStage:
             with reporting_progress(self.store, job, self.worker_id):  # the status page shows progress and ETA
                 output = self.processor(job, files, staging)
             if self.object_results is None:
+                # The generation's folder is shared by every attempt: renew the lease first, so that a
+                # worker whose lease was taken (another attempt may have recorded, and be sending, that
+                # folder) stops here with LeaseLost instead of replacing it. A renewed lease holds for
+                # jobs.lease_s, far longer than the rename takes.
+                self.store.heartbeat(job.id, self.worker_id, self.settings.jobs.lease_s)
                 _publish(staging, out_dir)
                 recorded = str(out_dir)
             else:  # every file uploaded before the job store hears of it: the record is the commit
@@ -176,6 +182,9 @@ class ProcessStage:
                 output = dataclasses.replace(output, result_dir=out_dir)
         except LeaseLost:
             _discard(staging)
+            if output is not None:  # computed, then found the job taken: said in the audit trail
+                seconds = time.perf_counter() - started
+                self._audit_result(job, output, seconds, discarded="the lease was lost: another worker owns the job")
             raise
         except Exception as exc:
             _discard(staging)  # no partial result is left behind, whatever failed
@@ -187,16 +196,6 @@ class ProcessStage:
         self.metrics.processing.observe(seconds)
         if output.guardrail and not output.guardrail.startswith(("pass", "off")):
             log.warning("series %s: the guardrail %s (job %d)", job.series_uid, output.guardrail, job.id)
-        self.audit.write(
-            "processed",
-            series_uid=job.series_uid,
-            worker=self.worker_id,
-            generation=job.generation,
-            instances=output.files,
-            seconds=round(seconds, 3),
-            guardrail=output.guardrail,
-            **({"warning": output.warning} if output.warning else {}),
-        )
         try:
             moved = self.store.processed(
                 job.id,
@@ -210,22 +209,39 @@ class ProcessStage:
             )
         except LeaseLost:
             self._discard_upload(recorded)  # another worker owns the job: its result stays, ours goes
+            self._audit_result(job, output, seconds, discarded="the lease was lost: another worker owns the job")
             raise
         except Exception as exc:  # the store cannot take the result: a failed attempt, retried (results are idempotent)
             self._discard_upload(recorded)
             self._failed(job, exc)
             return False
+        # Written once the job store decided: an audit "processed" line is a result that will be sent.
+        self._audit_result(job, output, seconds, discarded=None if moved else "the series changed while processing")
         if not moved:
             self._discard_upload(recorded)
-        elif self.object_results is not None:
+            log.info("series %s changed while processing; it will be processed again", job.series_uid)
+            return False
+        if self.object_results is not None:
             try:  # attempts that uploaded and never recorded (lost lease, crash) leave objects behind
                 self.object_results.keep_only(recorded, job.study_uid, job.series_uid, job.generation)
             except Exception as exc:  # noqa: BLE001 - housekeeping only: the result is recorded
                 log.warning("job %d: could not remove other attempts' result objects: %s", job.id, exc)
-            log.info("series %s changed while processing; it will be processed again", job.series_uid)
-        elif output.warning:
+        if output.warning:
             log.warning("series %s: %s (job %d)", job.series_uid, output.warning, job.id)
-        return moved
+        return True
+
+    def _audit_result(self, job: SeriesJob, output: ProcessOutput, seconds: float, *, discarded: str | None) -> None:
+        self.audit.write(
+            "processed" if discarded is None else "result discarded",
+            series_uid=job.series_uid,
+            worker=self.worker_id,
+            generation=job.generation,
+            instances=output.files,
+            seconds=round(seconds, 3),
+            guardrail=output.guardrail,
+            **({"reason": discarded} if discarded else {}),
+            **({"warning": output.warning} if output.warning else {}),
+        )
 
     def _discard_upload(self, recorded: str) -> None:
         """Remove this attempt's uploaded result when the job store did not take it (object store only;
@@ -281,8 +297,12 @@ class ProcessStage:
         """Record the failed attempts the job store could not take when they happened: the job goes
         back to the queue (or ends failed) with its reason. Raises while the store still cannot."""
         for job_id, (error, again, ignored) in list(self.unrecorded.items()):
-            self.store.failed(job_id, self.worker_id, error, retry_at=again, ignored=ignored)
+            recorded = self.store.failed(job_id, self.worker_id, error, retry_at=again, ignored=ignored)
             del self.unrecorded[job_id]
+            if not recorded:  # the lease expired meanwhile: the job is queued again or another worker has it
+                log.warning("job %d: the failed attempt (%s) was not recorded: this worker no longer holds the "
+                            "job, which the job store gave to another attempt", job_id, error)  # fmt: skip
+                continue
             outlook = f"queued again for {again:%H:%M:%S}" if again else ("ignored" if ignored else "failed")
             log.warning("job %d: the failed attempt is recorded now (%s): %s", job_id, outlook, error)
 

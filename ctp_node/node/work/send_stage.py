@@ -178,7 +178,7 @@ class SendStage:
         self.settings = settings
         self.store = store
         self.sender: Sender | None = sender  # None: send_to, with the node's timeouts
-        self.audit = audit or AuditLog(settings.storage.audit_log)
+        self.audit = audit or AuditLog(settings.storage.audit_log, store)
         self.metrics = metrics or NodeMetrics()
         self.worker_id = worker_id or default_worker_id()
         # Webhooks: none configured costs nothing (no thread); the caller owns and closes a given one.

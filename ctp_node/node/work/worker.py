@@ -57,7 +57,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.audit = audit or AuditLog(settings.storage.audit_log)
+        self.audit = audit or AuditLog(settings.storage.audit_log, store)
         self.metrics = metrics or NodeMetrics()
         self.worker_id = worker_id or default_worker_id()
         # One notifier for both stages (one webhook thread); ``close()`` sends what is due before exit.
