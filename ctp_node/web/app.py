@@ -423,7 +423,12 @@ def create_app(
         folder: Path | jobview.StoreResult | None = stored if stored is not None else jobview.result_folder(job)
         trail = jobview.audit_trail(settings.storage.audit_log, job.series_uid)
         motion = jobview.motion_record(folder) if folder else None
-        from_store = (lambda: stored.header(web.mask_patient)) if stored is not None else None
+        if stored is not None:  # the header of its result in the bucket
+            from_store = lambda: stored.header(web.mask_patient)  # noqa: E731
+        elif settings.storage.object_store is not None:  # no result yet: its series in the bucket's spool
+            from_store = lambda: store_results.spool_header(job, web.mask_patient)  # noqa: E731
+        else:
+            from_store = None
         derived = jobview.derived_series(folder, web.mask_patient) if folder else []
         context = {
             "row": row,

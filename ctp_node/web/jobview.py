@@ -34,9 +34,10 @@ from ctp_node.config import StorageSettings
 from ctp_node.errors import ConfigError, InvalidUIDError
 from ctp_node.node.shared.jobs_read import JobRow, SeriesJob, State
 from ctp_node.node.shared.object_results import ObjectResults
+from ctp_node.node.shared.object_spool import SPOOL_PREFIX
 from ctp_node.node.shared.object_store import ObjectStore, StoreUnavailable
 from ctp_node.node.shared.results import ResultsLayout
-from ctp_node.node.shared.spool import SeriesKey, series_dir
+from ctp_node.node.shared.spool import SeriesKey, check_uid, series_dir
 from ctp_node.series.guardrail import VERDICT_FILE
 from ctp_node.series.motion import MOTION_FILE
 from ctp_node.series.pipeline import VOLUMES_FILE
@@ -442,6 +443,29 @@ class StoreResults:
             except (ConfigError, ImportError) as exc:
                 return None, str(exc)
         return self._results, None
+
+    def spool_header(self, job: SeriesJob, mask_patient: bool) -> SeriesHeader | None:
+        """The source series' header from its first instance in the bucket's spool (a ranged GET of its
+        first bytes), for the page of a job with no result yet on a node whose spool is the object store;
+        None when the store holds none of it or does not answer (logged)."""
+        with self._lock:
+            results, _ = self._open()
+        if results is None:
+            return None
+        store = results.store
+        try:
+            study, series = check_uid(job.study_uid, "StudyInstanceUID"), check_uid(job.series_uid, "SeriesInstanceUID")
+            prefix = store.key(SPOOL_PREFIX, study, series) + "/"
+            first = next((o for o in store.list(prefix) if o.key.endswith(".dcm") and o.size > 0), None)
+            if first is None:
+                return None
+            data = store.get(first.key, first_bytes=HEADER_BYTES, max_bytes=HEADER_BYTES)
+            return read_header(io.BytesIO(data), mask_patient)[0]
+        except InvalidUIDError:  # the receiver spools only valid UIDs: such a job has no spooled files
+            return None
+        except Exception as exc:  # noqa: BLE001 - the page shows the job without these values
+            log.warning("job %d: cannot read its series' header from the object store: %s", job.id, exc)
+            return None
 
     def get(self, uri: str) -> StoreResult:
         now = time.monotonic()

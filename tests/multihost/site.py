@@ -1,6 +1,9 @@
-"""The site both worker-failure cases stand up: PostgreSQL and SeaweedFS on a db host, two receivers,
-two workers, a PACS (DCMTK storescp, one file per C-STORE received) and a scanner, each its own host.
-The study is the phantom's 13 s sampled every 4 s (32 instances in; a 1 s series of 13 x 8 out)."""
+"""The sites the multi-host cases stand up, each host its own network namespace.
+
+``start_site`` (the worker-failure cases): PostgreSQL and SeaweedFS on a db host, two receivers, two
+workers, a PACS (DCMTK storescp, one file per C-STORE received) and a scanner. ``start_receivers`` (the
+split-series and audit cases): PostgreSQL on a db host, two receivers on their own local spools, a
+scanner. The study is the phantom's 13 s sampled every 4 s (32 instances in; a 1 s series of 13 x 8 out)."""
 
 from __future__ import annotations
 
@@ -128,3 +131,40 @@ def start_site(network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         verb = "serve" if host in receivers else "worker"
         site.procs[host.name] = start_node(host, verb, config, tmp_path / f"{host.name}.log")
     return site
+
+
+@dataclass
+class Receivers:
+    """Two receivers on one PostgreSQL job store, each spooling on its own tmpfs; nothing sent yet."""
+
+    files: list[Path]
+    series_uid: str
+    sop_uids: list[str]  # sorted
+    checkpoint: Path  # the settings name one; a receiver never loads it
+    hosts: list[Host]
+    scanner: Host
+    postgres: object  # tests.multihost.db's server handle
+    procs: list
+    settings: object  # the receivers' Settings (the last one written; all alike but the address)
+
+
+def start_receivers(network: Network, tmp_path: Path) -> Receivers:
+    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    (series_uid,) = {ds.SeriesInstanceUID for ds in headers}
+    checkpoint = cpu_checkpoint(tmp_path / "net.pt")
+    db_host = network.add_host("db")
+    hosts = [network.add_host("recv1"), network.add_host("recv2")]
+    scanner = network.add_host("scanner")
+    postgres = start_postgres(db_host, tmp_path / "postgres.log")
+    procs = []
+    for host in hosts:
+        settings = node_settings(
+            host.data_dir, checkpoint, None,
+            dicom={"bind_address": host.address, "port": DICOM_PORT, "ae_title": AE_TITLE},
+            jobs={"database_url": postgres.url},
+        )  # fmt: skip
+        config = write_config(tmp_path / f"{host.name}.toml", settings)
+        procs.append(start_node(host, "serve", config, tmp_path / f"{host.name}.log"))
+    sop_uids = sorted(ds.SOPInstanceUID for ds in headers)
+    return Receivers(files, series_uid, sop_uids, checkpoint, hosts, scanner, postgres, procs, settings)

@@ -9,13 +9,13 @@ import json
 import sys
 import time
 
-import pydicom
 import pytest
 
-from tests.integration.node_helpers import cpu_checkpoint, node_settings, phantom_files
-from tests.multihost.db import sql_uid, start_postgres
+from tests.integration.node_helpers import node_settings
+from tests.multihost.db import sql_uid
 from tests.multihost.hosts import Network
-from tests.multihost.nodes import AE_TITLE, DICOM_PORT, poll, send_split, start_node, write_config
+from tests.multihost.nodes import poll, send_split, write_config
+from tests.multihost.site import start_receivers
 
 pytestmark = pytest.mark.slow
 SECONDS = 13  # 13 s sampled every 4 s: 4 volumes x 8 slices = 32 instances
@@ -23,27 +23,10 @@ SECONDS = 13  # 13 s sampled every 4 s: 4 volumes x 8 slices = 32 instances
 
 def test_the_audit_trail_of_two_receivers_outlives_them_in_the_job_store(tmp_path):
     started = time.monotonic()
-    files = phantom_files(tmp_path / "study", duration_s=SECONDS)
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    (series_uid,) = {ds.SeriesInstanceUID for ds in headers}
-    sop_uids = sorted(ds.SOPInstanceUID for ds in headers)
-    checkpoint = cpu_checkpoint(tmp_path / "net.pt")  # the settings name one; a receiver never loads it
-
     with Network(tmp_path / "net") as network:
-        db_host = network.add_host("db")
-        receivers = [network.add_host("recv1"), network.add_host("recv2")]
-        scanner = network.add_host("scanner")
-        postgres = start_postgres(db_host, tmp_path / "postgres.log")
-
-        procs = []
-        for host in receivers:
-            settings = node_settings(
-                host.data_dir, checkpoint, None,
-                dicom={"bind_address": host.address, "port": DICOM_PORT, "ae_title": AE_TITLE},
-                jobs={"database_url": postgres.url},
-            )  # fmt: skip
-            config = write_config(tmp_path / f"{host.name}.toml", settings)
-            procs.append(start_node(host, "serve", config, tmp_path / f"{host.name}.log"))
+        site = start_receivers(network, tmp_path)
+        files, series_uid, postgres, scanner = site.files, site.series_uid, site.postgres, site.scanner
+        receivers, procs, sop_uids, checkpoint = site.hosts, site.procs, site.sop_uids, site.checkpoint
 
         sent = send_split(scanner, receivers, files, tmp_path)
         where = f"series_uid = {sql_uid(series_uid)} and event = 'received'"

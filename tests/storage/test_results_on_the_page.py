@@ -22,6 +22,7 @@ from ctp_node.config import ObjectStoreSettings, Settings
 from ctp_node.node.shared.job_tables import series_table
 from ctp_node.node.shared.jobs import JobStore
 from ctp_node.node.shared.object_results import ObjectResults
+from ctp_node.node.shared.object_spool import ObjectSpool
 from ctp_node.node.shared.object_store import ObjectStore
 from ctp_node.node.shared.spool import SeriesKey, series_dir
 from ctp_node.web import create_app
@@ -29,7 +30,7 @@ from ctp_node.web.auth import Authenticator
 from tests.node.dicom_helpers import ct_instance
 from tests.ports import free_port
 from tests.storage.seaweed import BUCKET, object_store_settings
-from tests.web.helpers import BEARER, DONE_SERIES, STUDY, _qa_figure, job_id, make_node
+from tests.web.helpers import BEARER, DONE_SERIES, RECEIVING_SERIES, STUDY, _qa_figure, job_id, make_node
 
 NOTE = "results in the object store could not be read: "
 STORE_PATIENT, STORE_PATIENT_ID = "BUCKET^BETTY", "BKT0987654"  # masked: "B. B.", "•••654"
@@ -239,3 +240,29 @@ def test_only_figures_the_results_listing_holds_are_served(node_with_a_result, s
             answer = client.get(f"/jobs/{done}/figures/{name}", headers=BEARER)
             assert answer.status_code == 404, (name, answer.text)
             assert b"PNG" not in answer.content and b"synthetic 1 s" not in answer.content
+
+
+def test_a_job_without_a_result_shows_its_patient_from_the_buckets_spool(tmp_path, s3, prefix):
+    """A job still receiving (no result yet) on a node whose spool is the bucket: the page reads the
+    patient columns from its first spooled instance (one ranged GET), as it reads them from a local spool."""
+    settings, store = make_node(tmp_path / "data")
+    receiving = job_id(store, RECEIVING_SERIES)
+    shutil.rmtree(series_dir(settings.storage.spool_dir, SeriesKey(STUDY, RECEIVING_SERIES)))  # no local copy
+    in_store = with_store(settings, **object_store_settings(s3, prefix=prefix))
+    with client_for(in_store, store) as client:
+        before = section(client.get(f"/jobs/{receiving}", headers=BEARER).text, '<table class="facts"', "</table>")
+    assert "B. B." not in before  # nothing in the bucket yet: the page shows the job without them
+
+    path = tmp_path / "spooled.dcm"
+    ds = ct_instance(path, study=STUDY, series=RECEIVING_SERIES)
+    ds.PatientName, ds.PatientID = STORE_PATIENT, STORE_PATIENT_ID
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(512 * 512 * 2)
+    ds.save_as(path, enforce_file_format=True)
+    spool = ObjectSpool(tmp_path / "incoming", ObjectStore(in_store.storage.object_store))
+    spool.write(SeriesKey(STUDY, RECEIVING_SERIES), ds.SOPInstanceUID, path.read_bytes())
+    with client_for(in_store, store) as client:
+        page = client.get(f"/jobs/{receiving}", headers=BEARER)
+    assert page.status_code == 200
+    facts = section(page.text, '<table class="facts"', "</table>")
+    assert "B. B." in facts and "\u2022\u2022\u2022654" in facts, facts
