@@ -59,10 +59,25 @@ def show(ref: str = typer.Argument(..., help="Job id or series UID."), config: P
 @jobs_app.command("retry")
 def retry(ref: str = typer.Argument(..., help="Job id or series UID."), config: Path | None = CONFIG_OPTION) -> None:
     """Process a failed or ignored series again from the spool."""
-    _, store = open_job_store(config)
+    settings, store = open_job_store(config)
     job = find_job(store, ref)
     store.retry(job.id)
+    _audit(settings, store, "retry", series_uid=job.series_uid, job=job.id)
     typer.echo(f"job {job.id} ({job.series_uid}) queued again")
+
+
+def _audit(settings, store, event: str, **fields) -> None:  # noqa: ANN001 - Settings, JobStore (imported lazily)
+    """An action taken from the command line, in the audit trail as the status page's are: by whom
+    (the operating-system user running the command) and how."""
+    import getpass
+
+    from ctp_node.node.shared.audit import AuditLog
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment (a container without one)
+        user = "unknown"
+    AuditLog(settings.storage.audit_log, store).write(event, **fields, by=user, via="command line")
 
 
 @jobs_app.command("resend")
@@ -85,6 +100,7 @@ def resend(
     except ValueError as exc:
         stderr.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    _audit(settings, store, "resend", series_uid=job.series_uid, job=job.id, destinations=names)
     typer.echo(f"job {job.id} ({job.series_uid}) will be sent to {', '.join(names)} by the next free worker")
 
 

@@ -44,6 +44,17 @@ def test_jobs_list_show_retry_resend(configured):
     store.finish_sending(job.id, "w")
     assert runner.invoke(app, ["jobs", "resend", str(job.id), "-c", str(config)]).exit_code == 0
     assert store.get(job.id).state == State.SENDING
+    # Both actions are in the audit trail (file and job store) with who took them, as the page's are;
+    # the refused resend is not.
+    trail = runner.invoke(app, ["jobs", "audit", "--series", "1.2.3.4", "--json", "-c", str(config)])
+    actions = [json.loads(line) for line in trail.stdout.splitlines() if line.strip()]
+    assert [(a["event"], a["via"], a["job"]) for a in actions] == [
+        ("retry", "command line", job.id),
+        ("resend", "command line", job.id),
+    ], trail.output
+    assert all(a["by"] for a in actions) and actions[1]["destinations"] == ["pacs"]
+    in_file = [json.loads(line)["event"] for line in settings.storage.audit_log.read_text().splitlines()]
+    assert in_file == ["retry", "resend"]
     missing = runner.invoke(app, ["jobs", "show", "9.9.9", "-c", str(config)])
     assert missing.exit_code == 2 and "no job" in flat(missing.output)
     bad_state = runner.invoke(app, ["jobs", "list", "--state", "weird", "-c", str(config)])
