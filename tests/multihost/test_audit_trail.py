@@ -18,7 +18,6 @@ from tests.multihost.nodes import poll, send_split, write_config
 from tests.multihost.site import start_receivers
 
 pytestmark = pytest.mark.slow
-SECONDS = 13  # 13 s sampled every 4 s: 4 volumes x 8 slices = 32 instances
 
 
 def test_the_audit_trail_of_two_receivers_outlives_them_in_the_job_store(tmp_path):

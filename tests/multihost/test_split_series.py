@@ -21,7 +21,6 @@ from tests.multihost.nodes import (
 from tests.multihost.site import start_receivers
 
 pytestmark = pytest.mark.slow
-SECONDS = 13  # 13 s sampled every 4 s: 4 volumes x 8 slices = 32 instances
 
 
 def test_a_series_split_across_two_receivers_is_one_job(tmp_path):
