@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ctp_node.cli.common import CONFIG_OPTION, find_job, load_settings_or_exit, open_job_store, peer_or_exit
 from ctp_node.cli.progress import stderr
+
+if TYPE_CHECKING:  # imported lazily at run time: `ctp-node --help` loads no database code
+    from ctp_node.config import Settings
+    from ctp_node.node.shared.jobs import JobStore
 
 jobs_app = typer.Typer(help="List, show, retry and re-send series jobs.", no_args_is_help=True)
 
@@ -66,7 +71,7 @@ def retry(ref: str = typer.Argument(..., help="Job id or series UID."), config: 
     typer.echo(f"job {job.id} ({job.series_uid}) queued again")
 
 
-def _audit(settings, store, event: str, **fields) -> None:  # noqa: ANN001 - Settings, JobStore (imported lazily)
+def _audit(settings: Settings, store: JobStore, event: str, **fields: object) -> None:
     """An action taken from the command line, in the audit trail as the status page's are: by whom
     (the operating-system user running the command) and how."""
     import getpass

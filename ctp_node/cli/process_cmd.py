@@ -156,16 +156,30 @@ def process(
         raise typer.Exit(1)
 
 
-def _pull(settings, store, target: str, study: str | None, series_uid: str) -> None:
+STORE_DOWN_HINT = "check that storage.object_store's endpoint answers (and the node's log), then run this again"
+
+
+def _open_spool_or_exit(settings: Settings):  # noqa: ANN202 - the local or object-store spool (imported lazily)
+    """The spool as the node is configured (a folder or the object store), or exit 2 with one line when
+    the bucket or the credentials are wrong."""
+    from ctp_node.errors import ConfigError
+    from ctp_node.node.shared.storage import open_object_store, open_spool
+
+    try:
+        return open_spool(settings.storage, open_object_store(settings.storage))
+    except ConfigError as exc:
+        stderr.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _pull(settings, store, spool, target: str, study: str | None, series_uid: str) -> None:
     from ctp_node.node.receive.retrieve import retrieve_series
     from ctp_node.node.shared.spool import InvalidUIDError
-    from ctp_node.node.shared.storage import open_object_store, open_spool
 
     if not study:
         raise typer.BadParameter("--from-pacs needs --study (the StudyInstanceUID of the series)")
     peer = peer_or_exit(settings, target)
     try:
-        spool = open_spool(settings.storage, open_object_store(settings.storage))  # the bucket, if configured
         got = retrieve_series(peer, study, series_uid, spool, settings.dicom.ae_title)
     except (ConnectionError, InvalidUIDError) as exc:
         stderr.print(f"[red]error:[/red] {exc}")
@@ -198,7 +212,7 @@ def reprocess(
     from ctp_node.node.shared.jobs import JobStore
     from ctp_node.node.shared.object_store import StoreUnavailable
     from ctp_node.node.shared.spool import SeriesKey
-    from ctp_node.node.shared.storage import open_object_store, open_spool, scratch_folder
+    from ctp_node.node.shared.storage import scratch_folder
     from ctp_node.series.pipeline import run_series
 
     if output is None and any(v is not None for v in (checkpoint, steps, sampler, device)):
@@ -207,16 +221,16 @@ def reprocess(
         )
     settings = load_settings_or_exit(config)
     store = JobStore(settings.database_url)
+    # The local folder or the object store, as the node is configured (a worker reads it the same way).
+    spool = _open_spool_or_exit(settings)
     if from_pacs:
-        _pull(settings, store, from_pacs, study, ref)
+        _pull(settings, store, spool, from_pacs, study, ref)
     job = find_job(store, ref)
     key = SeriesKey(job.study_uid, job.series_uid)
-    # The local folder or the object store, as the node is configured (a worker reads it the same way).
-    spool = open_spool(settings.storage, open_object_store(settings.storage))
     try:
         spooled = spool.objects(key)
     except StoreUnavailable as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
+        stderr.print(f"[red]error:[/red] {exc}; {STORE_DOWN_HINT}")
         raise typer.Exit(1) from exc
     if not spooled:
         stderr.print(
@@ -238,7 +252,7 @@ def reprocess(
         stderr.print(f"[red]not processed:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from exc
     except StoreUnavailable as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
+        stderr.print(f"[red]error:[/red] {exc}; {STORE_DOWN_HINT}")
         raise typer.Exit(1) from exc
     finally:
         shutil.rmtree(download, ignore_errors=True)

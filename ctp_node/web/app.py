@@ -466,7 +466,7 @@ def create_app(
         job = job_or_404(job_id).job
         stored = stored_result(job)
         if stored is not None:  # the same check: only a name the result's listing holds
-            if not stored.listed and stored.error:
+            if not stored.listed:  # the listing failed (its reason is ``error``)
                 raise HTTPException(503, f"results in the object store could not be read: {stored.error}")
             if name not in jobview.figures(stored):
                 raise HTTPException(404, f"job {job_id} has no figure {name!r}")

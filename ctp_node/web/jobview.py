@@ -34,10 +34,10 @@ from ctp_node.config import StorageSettings
 from ctp_node.errors import ConfigError, InvalidUIDError
 from ctp_node.node.shared.jobs_read import JobRow, SeriesJob, State
 from ctp_node.node.shared.object_results import ObjectResults
-from ctp_node.node.shared.object_spool import SPOOL_PREFIX
-from ctp_node.node.shared.object_store import ObjectStore, StoreUnavailable
+from ctp_node.node.shared.object_spool import ObjectSpool
+from ctp_node.node.shared.object_store import ObjectStore, StoreUnavailable, is_uri
 from ctp_node.node.shared.results import ResultsLayout
-from ctp_node.node.shared.spool import SeriesKey, check_uid, series_dir
+from ctp_node.node.shared.spool import SeriesKey, series_dir
 from ctp_node.series.guardrail import VERDICT_FILE
 from ctp_node.series.motion import MOTION_FILE
 from ctp_node.series.pipeline import VOLUMES_FILE
@@ -167,7 +167,7 @@ class HeaderCache:
             folders = [series_dir(self.spool_dir, SeriesKey(job.study_uid, job.series_uid))]
         except InvalidUIDError:  # the receiver spools only valid UIDs: such a job has no spooled files
             folders = []
-        if job.result_dir:
+        if job.result_dir and not is_uri(job.result_dir):  # a result in the object store: the page's fallback
             folders.append(Path(job.result_dir))
         for folder in folders:
             path = _first_dicom(folder)
@@ -454,8 +454,7 @@ class StoreResults:
             return None
         store = results.store
         try:
-            study, series = check_uid(job.study_uid, "StudyInstanceUID"), check_uid(job.series_uid, "SeriesInstanceUID")
-            prefix = store.key(SPOOL_PREFIX, study, series) + "/"
+            prefix = ObjectSpool.series_key_in(store, SeriesKey(job.study_uid, job.series_uid))
             first = next((o for o in store.list(prefix) if o.key.endswith(".dcm") and o.size > 0), None)
             if first is None:
                 return None

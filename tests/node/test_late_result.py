@@ -39,6 +39,8 @@ def test_a_result_whose_lease_was_taken_is_audited_as_discarded_not_processed(tm
     discarded = [e for e in events if e["event"] == "result discarded"]
     assert len(discarded) == 1 and "lease" in discarded[0]["reason"] and discarded[0]["worker"] == "w1"
     assert sender.sent == []  # nothing delivered by the worker that lost the job
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("processed again" in m for m in said) and any("another worker owns the job" in m for m in said)
     job = store.get(taken[0].id)
     assert job.lease_owner == "w2" and job.result_dir in (None, "")
 

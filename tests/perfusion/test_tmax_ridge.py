@@ -46,6 +46,8 @@ def test_the_ridge_narrows_tmax_in_normal_tissue_under_noise(noisy_head):
 
 
 def test_without_noise_the_ridge_changes_no_tmax_inside_a_tissue():
+    """A guard, not a test of the ridge itself (noise-free the MTT median moves nothing, so neither does
+    Tmax whatever the factor): the option must not move a clean study. The first test covers the ridge."""
     hu, truth = synthetic_head(TIMES_S, noise_hu=0.0, seed=0, size=96)
     before, after = _maps(hu, ridge=False), _maps(hu, ridge=True)
     for name in ("normal", "lesion"):

@@ -10,8 +10,10 @@ its own disk; given the job store, ``AuditLog`` also appends the same records to
 node's host name. On several hosts (PostgreSQL and an object store; Kubernetes pods whose data
 folder is an emptyDir) the table is the one place that holds every host's trail and outlives the
 pods: ``audit_events`` here reads it, ``ctp-node jobs audit`` prints it. On one host (SQLite) the
-table is written as well (a few rows more per commit that the receiver makes anyway), so the
-command answers the same everywhere.
+table is written as well, so the command answers the same everywhere. The INSERT is a transaction of
+its own, after the receiver's ``record_instance`` commit: one more commit per batch (measured on the
+2-core VM, SQLite: about 9 ms per 256-instance batch, some 35 ms over a 960-instance study whose
+ingest takes 6-7 s). Folding it into ``record_instance``'s transaction would save that commit.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def series_of(record: dict[str, Any]) -> Any:
     return record.get("series_uid") or record.get("source_series_uid")
 
 
-def utc_time(value: Any, default: datetime | None = None) -> datetime | None:
+def utc_time(value: Any) -> datetime | None:
     """An ISO time (or datetime) as a timezone-aware UTC datetime; a naive one is taken as UTC.
 
     SQLite keeps a datetime without its offset, so every time goes in as UTC to compare rightly."""
@@ -119,9 +121,9 @@ def utc_time(value: Any, default: datetime | None = None) -> datetime | None:
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
-            return default
+            return None
     if not isinstance(value, datetime):
-        return default
+        return None
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 

@@ -40,9 +40,14 @@ class ObjectSpool:
 
     def series_key(self, key: SeriesKey) -> str:
         """The key prefix of one series (its UIDs validated: they become key parts)."""
+        return self.series_key_in(self.store, key)
+
+    @staticmethod
+    def series_key_in(store: ObjectStore, key: SeriesKey) -> str:
+        """``series_key`` for a reader with a store and no spool (the status page)."""
         study = check_uid(key.study_uid, "StudyInstanceUID")
         series = check_uid(key.series_uid, "SeriesInstanceUID")
-        return self.store.key(SPOOL_PREFIX, study, series) + "/"
+        return store.key(SPOOL_PREFIX, study, series) + "/"
 
     def instance_key(self, key: SeriesKey, sop_uid: str) -> str:
         return f"{self.series_key(key)}{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"

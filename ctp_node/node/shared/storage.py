@@ -19,16 +19,15 @@ from ctp_node.permissions import make_dirs
 AnySpool = Spool | ObjectSpool
 
 
-def open_object_store(storage: StorageSettings, *, check: bool = True) -> ObjectStore | None:
-    """The configured object store, or None for the local folder. ``check``: the bucket and credentials
-    are checked now (ConfigError naming the key when wrong; a store that does not answer is not an
-    error here: the receiver starts, refuses, and takes instances once the store is back)."""
+def open_object_store(storage: StorageSettings) -> ObjectStore | None:
+    """The configured object store, or None for the local folder. The bucket and credentials are
+    checked now (ConfigError naming the key when wrong; a store that does not answer is not an error
+    here: the receiver starts, refuses, and takes instances once the store is back)."""
     if storage.object_store is None:
         return None
     store = ObjectStore(storage.object_store)
-    if check:
-        with contextlib.suppress(StoreUnavailable):
-            store.check()
+    with contextlib.suppress(StoreUnavailable):
+        store.check()
     return store
 
 

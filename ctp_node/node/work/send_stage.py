@@ -33,6 +33,7 @@ from ctp_node.errors import ConfigError, LeaseLost
 from ctp_node.node.shared.audit import AuditLog
 from ctp_node.node.shared.jobs import JobStore, SeriesJob, State, default_worker_id, utcnow
 from ctp_node.node.shared.notify import Notifier
+from ctp_node.node.shared.object_results import ObjectResults
 from ctp_node.node.shared.object_store import is_uri
 from ctp_node.node.shared.peer import Peer
 from ctp_node.node.shared.prometheus import NodeMetrics
@@ -174,6 +175,7 @@ class SendStage:
         metrics: NodeMetrics | None = None,
         worker_id: str | None = None,
         notifier: Notifier | None = None,
+        object_results: ObjectResults | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -184,8 +186,9 @@ class SendStage:
         # Webhooks: none configured costs nothing (no thread); the caller owns and closes a given one.
         self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         self.destinations = {d.name: d for d in settings.destinations}
-        # Results recorded as s3:// addresses are downloaded to the scratch folder for each pass.
-        self.object_results = open_results(settings.storage, open_object_store(settings.storage))
+        # Results recorded as s3:// addresses are downloaded to the scratch folder for each pass. A worker
+        # passes its process stage's (one client, one bucket check at start); a send-only stage opens its own.
+        self.object_results = object_results or open_results(settings.storage, open_object_store(settings.storage))
 
     def run_once(self) -> SeriesJob | None:
         """Claim one job whose result waits to be sent and deliver it; None when none is due."""

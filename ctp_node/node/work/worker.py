@@ -64,7 +64,8 @@ class Worker:
         self.notifier = notifier or Notifier(settings.notify, settings.dicom.ae_title, self.metrics.registry)
         shared = {"audit": self.audit, "metrics": self.metrics, "worker_id": self.worker_id, "notifier": self.notifier}
         self.processing = ProcessStage(settings, store, processor, **shared)
-        self.sending = SendStage(settings, store, sender=sender, **shared)
+        results = self.processing.object_results  # one object-store client (and bucket check) for both stages
+        self.sending = SendStage(settings, store, sender=sender, object_results=results, **shared)
 
     def run_once(self) -> SeriesJob | None:
         """Claim and run one job; None when nothing is runnable."""
