@@ -86,6 +86,8 @@ ANALYSES = {
     "parametric+tips-mtt5": ("parametric", PerfusionSettings(mtt_median_mm=5.0)),
     # the default before Tmax moved along the delay / transit-time ridge with the MTT median
     "parametric+tips-noridge": ("parametric", PerfusionSettings(tmax_along_ridge=False)),
+    # the default before low-flow tissue's Tmax came from a wider neighbourhood (``perfusion.low_flow``)
+    "parametric+tips-nolowflow": ("parametric", PerfusionSettings(low_flow_tmax_sigma_mm=0.0)),
     # CBV completed by the share of the response after the last frame (exact without noise)
     "parametric+tips-complete": ("parametric", PerfusionSettings(complete_truncated_area=True)),
     # every voxel's values counted, whether or not its region enhances measurably (diagnostic only)

@@ -110,25 +110,25 @@ def _masked_gaussian(volume: np.ndarray, weight: np.ndarray, sigma_px: float) ->
     return ndimage.gaussian_filter(volume * weight, (*lead, 0, sigma_px, sigma_px)) / norm
 
 
-def tips_filter(
-    coefficients: np.ndarray,
-    mask: np.ndarray,
-    noise: NoiseEstimate,
-    pixel_mm: float,
-    spatial_sigma_mm: float = SPATIAL_SIGMA_MM,
-    guide_sigma_mm: float = GUIDE_SIGMA_MM,
-    noise_cov: np.ndarray | None = None,
-    overwrite: bool = False,
-) -> np.ndarray:
-    """Edge-preserving in-plane filter of (K, Z, Y, X) curve coefficients inside ``mask`` (Z, Y, X).
+@dataclass(frozen=True)
+class _RangeSetUp:
+    """What both filters share: the parenchyma's bounding box, its coefficients and the range weight's scales."""
 
-    ``noise_cov`` (K, K): covariance of the coefficients' noise in units of the per-frame noise
-    variance (identity if None). Returns the filtered coefficients (outside ``mask`` unchanged);
-    ``overwrite``: written into ``coefficients`` itself (no second full-size copy: 256 MB at 512 x 512).
-    """
+    box: tuple[slice, slice, slice]
+    coef: np.ndarray  # (K, z, y, x) float32, the box of the coefficients
+    mask: np.ndarray  # (z, y, x) bool, the box of the mask
+    guide: np.ndarray  # (k, z, y, x) float32: the signal directions, lightly smoothed, unit noise each
+    expected: float  # squared guide distance that noise alone gives
+    spread: float  # its standard deviation
+
+
+def _range_set_up(
+    coefficients: np.ndarray, mask: np.ndarray, noise: NoiseEstimate, pixel_mm: float, guide_sigma_mm: float,
+    noise_cov: np.ndarray | None,
+) -> _RangeSetUp | None:  # fmt: skip
     box = _bounding_box(mask)
     if box is None or noise.sigma_hu <= 0:
-        return coefficients
+        return None
     coef = np.ascontiguousarray(coefficients[(slice(None), *box)], dtype=np.float32)
     m = mask[box]
     weight = m.astype(np.float32)
@@ -158,14 +158,50 @@ def tips_filter(
     noise_guide = _masked_gaussian(noise.noise_image[box], weight, guide_sigma_mm / pixel_mm)
     sigma_guide2 = float(np.mean(noise_guide[m] ** 2)) / sigma2 if m.any() else 0.0
     if sigma_guide2 <= 0:
-        return coefficients
+        return None
     # The range weight: 1 while the squared guide distance is within what noise gives (2 sigma^2 per
     # direction, k of them), then falling by e per standard deviation of that noise distance.
     expected = 2.0 * sigma_guide2 * k
     spread = 2.0 * sigma_guide2 * np.sqrt(2.0 * k)
+    return _RangeSetUp(box=box, coef=coef, mask=m, guide=guide, expected=expected, spread=spread)
 
-    step = max(1, int(round(STENCIL_STEP_MM / pixel_mm)))
+
+def _stencil(pixel_mm: float, spatial_sigma_mm: float, step_mm: float) -> tuple[int, list[tuple[int, int, float]]]:
+    """(radius in pixels, [(dy, dx, spatial weight)]) of the in-plane neighbours within RADIUS_SIGMAS sigmas."""
+    step = max(1, int(round(step_mm / pixel_mm)))
     radius = int(np.ceil(RADIUS_SIGMAS * spatial_sigma_mm / pixel_mm / step)) * step
+    offsets = []
+    for dy in range(-radius, radius + 1, step):
+        for dx in range(-radius, radius + 1, step):
+            r2 = (dy * dy + dx * dx) * pixel_mm**2
+            if r2 <= (RADIUS_SIGMAS * spatial_sigma_mm) ** 2 + 1e-9:
+                offsets.append((dy, dx, float(np.exp(-0.5 * r2 / spatial_sigma_mm**2))))
+    return radius, offsets
+
+
+def tips_filter(
+    coefficients: np.ndarray,
+    mask: np.ndarray,
+    noise: NoiseEstimate,
+    pixel_mm: float,
+    spatial_sigma_mm: float = SPATIAL_SIGMA_MM,
+    guide_sigma_mm: float = GUIDE_SIGMA_MM,
+    noise_cov: np.ndarray | None = None,
+    overwrite: bool = False,
+) -> np.ndarray:
+    """Edge-preserving in-plane filter of (K, Z, Y, X) curve coefficients inside ``mask`` (Z, Y, X).
+
+    ``noise_cov`` (K, K): covariance of the coefficients' noise in units of the per-frame noise
+    variance (identity if None). Returns the filtered coefficients (outside ``mask`` unchanged);
+    ``overwrite``: written into ``coefficients`` itself (no second full-size copy: 256 MB at 512 x 512).
+    """
+    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov)
+    if setup is None:
+        return coefficients
+    coef, m, guide = setup.coef, setup.mask, setup.guide
+    weight = m.astype(np.float32)
+    k = guide.shape[0]
+    radius, offsets = _stencil(pixel_mm, spatial_sigma_mm, STENCIL_STEP_MM)
     pad = ((0, 0), (0, 0), (radius, radius), (radius, radius))
     coef_p = np.pad(coef, pad)
     guide_p = np.pad(guide, pad)
@@ -176,33 +212,78 @@ def tips_filter(
     d2 = np.empty(m.shape, dtype=np.float32)
     tmp = np.empty(m.shape, dtype=np.float32)
     n_coef = coef.shape[0]
-    for dy in range(-radius, radius + 1, step):
-        for dx in range(-radius, radius + 1, step):
-            r2 = (dy * dy + dx * dx) * pixel_mm**2
-            if r2 > (RADIUS_SIGMAS * spatial_sigma_mm) ** 2 + 1e-9:
-                continue
-            ys, xs = slice(radius + dy, radius + dy + ny), slice(radius + dx, radius + dx + nx)
-            d2.fill(0.0)
-            for c in range(k):
-                np.subtract(guide[c], guide_p[c, :, ys, xs], out=tmp)
-                np.square(tmp, out=tmp)
-                d2 += tmp
-            # w = spatial * exp(-max(d2 - expected, 0) / spread) * neighbour in mask
-            np.subtract(d2, np.float32(expected), out=d2)
-            np.maximum(d2, 0.0, out=d2)
-            np.multiply(d2, np.float32(-1.0 / spread), out=d2)
-            np.exp(d2, out=d2)
-            d2 *= np.float32(np.exp(-0.5 * r2 / spatial_sigma_mm**2))
-            d2 *= weight_p[:, ys, xs]
-            total += d2
-            for c in range(n_coef):
-                np.multiply(coef_p[c, :, ys, xs], d2, out=tmp)
-                acc[c] += tmp
+    for dy, dx, spatial in offsets:
+        ys, xs = slice(radius + dy, radius + dy + ny), slice(radius + dx, radius + dx + nx)
+        d2.fill(0.0)
+        for c in range(k):
+            np.subtract(guide[c], guide_p[c, :, ys, xs], out=tmp)
+            np.square(tmp, out=tmp)
+            d2 += tmp
+        # w = spatial * exp(-max(d2 - expected, 0) / spread) * neighbour in mask
+        np.subtract(d2, np.float32(setup.expected), out=d2)
+        np.maximum(d2, 0.0, out=d2)
+        np.multiply(d2, np.float32(-1.0 / setup.spread), out=d2)
+        np.exp(d2, out=d2)
+        d2 *= np.float32(spatial)
+        d2 *= weight_p[:, ys, xs]
+        total += d2
+        for c in range(n_coef):
+            np.multiply(coef_p[c, :, ys, xs], d2, out=tmp)
+            acc[c] += tmp
     out = coefficients if overwrite else coefficients.copy()
     filtered = np.divide(acc, np.maximum(total, 1e-12), out=acc)  # in place: acc is not used again
-    region = out[(slice(None), *box)]
+    region = out[(slice(None), *setup.box)]
     region[:, m] = filtered[:, m]
     return out
+
+
+def tips_filter_at(
+    coefficients: np.ndarray,
+    mask: np.ndarray,
+    targets: np.ndarray,
+    noise: NoiseEstimate,
+    pixel_mm: float,
+    spatial_sigma_mm: float,
+    guide_sigma_mm: float = GUIDE_SIGMA_MM,
+    noise_cov: np.ndarray | None = None,
+    step_mm: float = STENCIL_STEP_MM,
+) -> np.ndarray | None:
+    """``tips_filter`` evaluated at ``targets`` only (flat indices of voxels of ``mask``): (K, n) float32.
+
+    The same range weight (same guide, same noise scales), any spatial sigma, on a stencil ``step_mm``
+    apart; the cost grows with the targets, not the image, so a wide neighbourhood for a few voxels
+    is cheap. None where ``tips_filter`` would change nothing (no mask, no noise measured)."""
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.size and (targets.min() < 0 or targets.max() >= mask.size or not mask.reshape(-1)[targets].all()):
+        raise ValueError("tips_filter_at: every target must lie inside the mask")
+    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov)
+    if setup is None:
+        return None
+    z, y, x = np.unravel_index(targets, mask.shape)
+    box = setup.box
+    z, y, x = z - box[0].start, y - box[1].start, x - box[2].start
+    radius, offsets = _stencil(pixel_mm, spatial_sigma_mm, step_mm)
+    k, n_coef = setup.guide.shape[0], setup.coef.shape[0]
+    # One row per voxel (padded in-plane) holding its guide, its coefficients and its mask weight: a
+    # neighbour is one contiguous row to gather.
+    pad = ((0, 0), (radius, radius), (radius, radius))
+    rows = np.concatenate(
+        [np.pad(setup.guide, ((0, 0), *pad)), np.pad(setup.coef, ((0, 0), *pad)),
+         np.pad(setup.mask.astype(np.float32), pad)[None]],
+        axis=0,
+    ).reshape(k + n_coef + 1, -1).T.copy()  # fmt: skip
+    padded_shape = (setup.mask.shape[0], setup.mask.shape[1] + 2 * radius, setup.mask.shape[2] + 2 * radius)
+    centre = np.ravel_multi_index((z, y + radius, x + radius), padded_shape)
+    own = rows[centre, :k]
+    acc = np.zeros((centre.size, n_coef), dtype=np.float32)
+    total = np.zeros(centre.size, dtype=np.float32)
+    for dy, dx, spatial in offsets:
+        neighbour = rows[centre + dy * padded_shape[2] + dx]
+        d2 = np.square(own - neighbour[:, :k]).sum(axis=1)
+        w = np.exp(-np.maximum(d2 - setup.expected, 0.0) / setup.spread) * np.float32(spatial) * neighbour[:, -1]
+        total += w
+        acc += neighbour[:, k : k + n_coef] * w[:, None]
+    return (acc / np.maximum(total, 1e-12)[:, None]).T
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:

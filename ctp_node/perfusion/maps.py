@@ -7,7 +7,8 @@ the unfiltered series; ``aif``: arterial checks with reasons, the AIF area scale
 as partial-volume correction) -> noise handling of the parenchyma curves (``denoise``: model subspace + TIPS
 filter, the default) -> a model-based fit (``parametric``, the default: delay, transit time and
 residue shape per voxel, baseline re-estimated from the frames before each voxel's bolus) or
-block-circulant deconvolution (bSVD or oSVD) -> maps -> core and hypoperfusion (see ``lesion``) ->
+block-circulant deconvolution (bSVD or oSVD) -> maps (low-flow tissue's Tmax from a wider neighbourhood,
+``low_flow``) -> core and hypoperfusion (see ``lesion``) ->
 which of their volumes the study can support (``reliability``: the others are withheld, with the reason).
 
 Default analysis on held-out noisy phantoms: benchmarks/perfusion_accuracy.py, docs/benchmarks.md.
@@ -38,7 +39,7 @@ from scipy import ndimage
 from ctp_node.errors import NoAIFError, PerfusionError
 from ctp_node.perfusion import aif as aif_select
 from ctp_node.perfusion import deconvolution as dec
-from ctp_node.perfusion import denoise, lesion, parametric, reliability, timing, validity
+from ctp_node.perfusion import denoise, lesion, low_flow, parametric, reliability, timing, validity
 from ctp_node.perfusion.brain_mask import CSF_MAX_HU
 from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
 
@@ -106,6 +107,12 @@ class PerfusionSettings:
     # falls after the last frame (see ``compute_perfusion``). Off: exact without noise, but at 6 HU
     # it over-corrects low-flow cores (family A core CBV +46 %), whose fitted MTT is still long.
     complete_truncated_area: bool = False
+    # method="parametric" with "tips": Tmax of tissue whose flow is below ``low_flow_rcbf`` of normal tissue's
+    # from its curves filtered over this wider spatial sigma (mm; 0 = off), see ``low_flow``. Measured at
+    # 6 HU: the Tmax > 6 s volume's error from +5.0 to +0.0 mL (issue-shaped set) and -9.3 to -6.5 mL (family
+    # A) on the mean; CBF, CBV and MTT unchanged.
+    low_flow_tmax_sigma_mm: float = low_flow.SPATIAL_SIGMA_MM
+    low_flow_rcbf: float = low_flow.LOW_FLOW_RCBF
 
 
 @dataclass
@@ -292,7 +299,7 @@ def compute_perfusion(
     if aif_area <= 0:
         raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
 
-    noise_hu, basis, fitted_mtt, residue_shape = None, None, None, None
+    noise_hu, basis, fitted_mtt, residue_shape, unfiltered = None, None, None, None, None
     acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
     # One residue shape for the study only where the scanner sampled the bolus about every second:
     # that is where it was measured to help (docs/benchmarks.md). Every 2 s it helped family A
@@ -309,8 +316,9 @@ def compute_perfusion(
     block_px = parametric.SHAPE_BLOCK_MM / (cfg.pixel_mm or DEFAULT_PIXEL_MM)
     noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)  # TIPS and the validity masks
     if cfg.denoise == "tips":
-        conc_grid, note, noise_hu, basis = _tips(
-            hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times, noise
+        keep = method == "parametric" and cfg.low_flow_tmax_sigma_mm > 0
+        conc_grid, note, noise_hu, basis, unfiltered = _tips(
+            hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times, noise, keep
         )
         notes.append(note)
         del conc  # overwritten by the filtered curves (the same array on the acquisition grid)
@@ -399,9 +407,28 @@ def compute_perfusion(
 
     per_voxel = {"cbf": cbf_v, "cbv": cbv_v, "mtt": mtt_v, "tmax": stats.tmax_s, "ttp": ttp_v}
     maps = {name: _to_volume(values, flat_index, shape) for name, values in per_voxel.items()}
+    tissue = lesion.parenchyma_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
+    if unfiltered is not None and fitted_mtt is not None:
+        # Low-flow tissue's Tmax from a wider neighbourhood (``low_flow``): its own curves are too weak.
+        fitted = _to_volume(fitted_mtt, flat_index, shape) > 0
+        slow = low_flow.low_flow_voxels(
+            tissue & parenchyma, fitted, maps["cbf"], maps["tmax"], cfg.hypoperfusion_tmax_s, cfg.normal_tmax_s,
+            cfg.low_flow_rcbf,
+        )  # fmt: skip
+        targets = np.flatnonzero(slow)
+        wide = low_flow.wide_tmax(
+            unfiltered, targets, grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape,
+            cfg.low_flow_tmax_sigma_mm,
+        )  # fmt: skip
+        del unfiltered
+        if wide is not None:
+            maps["tmax"].reshape(-1)[targets] = wide
+            notes.append(
+                f"Tmax of {targets.size} low-flow voxels (CBF below {cfg.low_flow_rcbf:g} of normal tissue's) "
+                f"from curves filtered over {cfg.low_flow_tmax_sigma_mm:g} mm"
+            )
 
     # 5. Core and hypoperfusion.
-    tissue = lesion.parenchyma_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
     masks = lesion.lesion_masks(
         tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
         cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
@@ -472,8 +499,10 @@ def _tips(
     cfg: PerfusionSettings,
     times: np.ndarray,
     noise: denoise.NoiseEstimate,
-) -> tuple[np.ndarray, str, float, np.ndarray]:
-    """Parenchyma curves projected on the model subspace and TIPS-filtered (``denoise``)."""
+    keep_unfiltered: bool = False,
+) -> tuple[np.ndarray, str, float, np.ndarray, low_flow.UnfilteredCurves | None]:
+    """Parenchyma curves projected on the model subspace and TIPS-filtered (``denoise``); with
+    ``keep_unfiltered``, also their unfiltered coefficients (for ``low_flow``: one more (K, Z, Y, X) array)."""
     shape = brain.shape
     basis = denoise.model_basis(grid, aif_grid, acquired_s=times).astype(np.float32)  # (K, N)
     rows = np.flatnonzero(parenchyma.reshape(-1)[flat_index])  # parenchyma rows of conc_grid
@@ -483,8 +512,13 @@ def _tips(
     pixel = cfg.pixel_mm or DEFAULT_PIXEL_MM
     noise_cov = denoise.coefficient_noise_cov(basis, interp, arrival.baseline_frames, hu.shape[0])
     filtered = denoise.tips_filter(
-        coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov, overwrite=True
+        coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov, overwrite=not keep_unfiltered
     ).reshape(basis.shape[0], -1)
+    unfiltered = None
+    if keep_unfiltered:
+        unfiltered = low_flow.UnfilteredCurves(
+            coefficients=coef, basis=basis, mask=parenchyma, noise=noise, noise_cov=noise_cov, pixel_mm=pixel
+        )
     # Written into the caller's curves (which it owns and no longer needs): a second (V, N) array would be
     # 290 MB at 512 x 512. One product over all rows, not chunks: float32 BLAS sums in another order when
     # the rows are split, and the fit's choice of atom follows the last bit in a few voxels.
@@ -495,7 +529,7 @@ def _tips(
         f"and TIPS-filtered (spatial sigma {denoise.SPATIAL_SIGMA_MM:g} mm at {pixel:g} mm pixels"
         f"{'' if cfg.pixel_mm else ', pixel size assumed'})"
     )
-    return out, note, noise.sigma_hu, basis
+    return out, note, noise.sigma_hu, basis, unfiltered
 
 
 def _validity(
