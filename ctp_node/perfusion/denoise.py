@@ -124,7 +124,7 @@ class _RangeSetUp:
 
 def _range_set_up(
     coefficients: np.ndarray, mask: np.ndarray, noise: NoiseEstimate, pixel_mm: float, guide_sigma_mm: float,
-    noise_cov: np.ndarray | None,
+    noise_cov: np.ndarray | None, guide_source: np.ndarray | None = None,
 ) -> _RangeSetUp | None:  # fmt: skip
     box = _bounding_box(mask)
     if box is None or noise.sigma_hu <= 0:
@@ -151,10 +151,15 @@ def _range_set_up(
     if signal.shape[1] < 2:
         signal = eigvec[:, -2:]
     k = signal.shape[1]
-    features = np.tensordot(signal.T.astype(np.float32), coef, axes=1)
-    guide = _masked_gaussian(features, weight, guide_sigma_mm / pixel_mm).astype(np.float32) * weight
+    if guide_source is None:
+        features = np.tensordot(signal.T.astype(np.float32), coef, axes=1)
+        guide = _masked_gaussian(features, weight, guide_sigma_mm / pixel_mm).astype(np.float32) * weight
+    else:
+        source = np.ascontiguousarray(guide_source[(slice(None), *box)], dtype=np.float32)
+        guide = np.tensordot(signal.T.astype(np.float32), source, axes=1) * weight
     # Each feature has unit noise variance; smoothing shrinks it by the factor measured on a
-    # noise-only image with the data's spatial correlation.
+    # noise-only image with the data's spatial correlation. (A ``guide_source`` keeps this scale: its
+    # noise is below that of the guide_sigma_mm Gaussian, so the range weight is never stricter.)
     noise_guide = _masked_gaussian(noise.noise_image[box], weight, guide_sigma_mm / pixel_mm)
     sigma_guide2 = float(np.mean(noise_guide[m] ** 2)) / sigma2 if m.any() else 0.0
     if sigma_guide2 <= 0:
@@ -247,16 +252,21 @@ def tips_filter_at(
     guide_sigma_mm: float = GUIDE_SIGMA_MM,
     noise_cov: np.ndarray | None = None,
     step_mm: float = STENCIL_STEP_MM,
+    guide_source: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """``tips_filter`` evaluated at ``targets`` only (flat indices of voxels of ``mask``): (K, n) float32.
 
     The same range weight (same guide, same noise scales), any spatial sigma, on a stencil ``step_mm``
     apart; the cost grows with the targets, not the image, so a wide neighbourhood for a few voxels
-    is cheap. None where ``tips_filter`` would change nothing (no mask, no noise measured)."""
+    is cheap. None where ``tips_filter`` would change nothing (no mask, no noise measured).
+
+    ``guide_source`` (K, Z, Y, X): coefficients to compute the guide from, as they are, instead of
+    ``coefficients`` smoothed over ``guide_sigma_mm`` (a first pass's output: tissues whose curves differ
+    are told apart more surely); the range weight keeps the noise scale of that Gaussian."""
     targets = np.asarray(targets, dtype=np.int64)
     if targets.size and (targets.min() < 0 or targets.max() >= mask.size or not mask.reshape(-1)[targets].all()):
         raise ValueError("tips_filter_at: every target must lie inside the mask")
-    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov)
+    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov, guide_source)
     if setup is None:
         return None
     z, y, x = np.unravel_index(targets, mask.shape)

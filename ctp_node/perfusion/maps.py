@@ -113,6 +113,12 @@ class PerfusionSettings:
     # A) on the mean; CBF, CBV and MTT unchanged.
     low_flow_tmax_sigma_mm: float = low_flow.SPATIAL_SIGMA_MM
     low_flow_rcbf: float = low_flow.LOW_FLOW_RCBF
+    # ... and their CBF: "area", CBV / MTT of the first pass as everywhere else (the default); candidates
+    # measured and not adopted (docs/benchmarks.md): "fit", the wide fit's flow amplitude (free of the
+    # truncation of slow, delayed curves; biased high on the weakest); "wide", CBV / MTT of the wide
+    # curves (less scatter); "widecomplete", that CBV completed by the share of the response after the last
+    # frame (``validity.missing_area_fraction``). Each helps one family's core volume and hurts another's.
+    low_flow_cbf: Literal["area", "fit", "wide", "widecomplete"] = "area"
 
 
 @dataclass
@@ -243,6 +249,8 @@ def compute_perfusion(
         raise PerfusionError(f"unknown deconvolution method {method!r}: use one of {', '.join(METHODS)}")
     if cfg.denoise not in DENOISERS:
         raise PerfusionError(f"unknown noise handling {cfg.denoise!r}: use one of {', '.join(DENOISERS)}")
+    if cfg.low_flow_cbf not in low_flow.CBF_MODES:
+        raise PerfusionError(f"unknown low_flow_cbf {cfg.low_flow_cbf!r}: use one of {', '.join(low_flow.CBF_MODES)}")
     times = timing.validate_series(hu, times_s)
     hu = np.asarray(hu, dtype=np.float32)
     if not np.isfinite(hu.sum(dtype=np.float64)):
@@ -416,15 +424,21 @@ def compute_perfusion(
             cfg.low_flow_rcbf,
         )  # fmt: skip
         targets = np.flatnonzero(slow)
-        wide = low_flow.wide_tmax(
+        wide = low_flow.wide_fit(
             unfiltered, targets, grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape,
             cfg.low_flow_tmax_sigma_mm,
         )  # fmt: skip
         del unfiltered
         if wide is not None:
-            maps["tmax"].reshape(-1)[targets] = wide
+            maps["tmax"].reshape(-1)[targets] = wide.tmax_s
+            what = "Tmax"
+            if cfg.low_flow_cbf != "area":
+                maps["cbf"].reshape(-1)[targets] = low_flow.wide_cbf(
+                    wide, cfg.low_flow_cbf, cfg.k, aif_grid, grid, residue_shape, MAX_COMPLETED_SHARE
+                )
+                what = "CBF and Tmax"
             notes.append(
-                f"Tmax of {targets.size} low-flow voxels (CBF below {cfg.low_flow_rcbf:g} of normal tissue's) "
+                f"{what} of {targets.size} low-flow voxels (CBF below {cfg.low_flow_rcbf:g} of normal tissue's) "
                 f"from curves filtered over {cfg.low_flow_tmax_sigma_mm:g} mm"
             )
 
@@ -517,7 +531,13 @@ def _tips(
     unfiltered = None
     if keep_unfiltered:
         unfiltered = low_flow.UnfilteredCurves(
-            coefficients=coef, basis=basis, mask=parenchyma, noise=noise, noise_cov=noise_cov, pixel_mm=pixel
+            coefficients=coef,
+            basis=basis,
+            mask=parenchyma,
+            noise=noise,
+            noise_cov=noise_cov,
+            pixel_mm=pixel,
+            filtered=filtered.reshape(coef.shape),
         )
     # Written into the caller's curves (which it owns and no longer needs): a second (V, N) array would be
     # 290 MB at 512 x 512. One product over all rows, not chunks: float32 BLAS sums in another order when

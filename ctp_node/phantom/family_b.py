@@ -79,6 +79,7 @@ class FamilyBConfig:
     core_radius_override_mm: float | None = None
     core_extra_delay_override_s: float | None = None  # the core's delay beyond the penumbra's (drawn, see _draw)
     side_override: int | None = None  # +1: patient left (+x), -1: right
+    core_cbf_ratio_override: float | None = None  # the core's CBF / normal tissue's (drawn 0.12-0.2)
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,6 +93,8 @@ class FamilyBConfig:
             problems.append("pixel_mm and slice_thickness_mm must be > 0 and noise_hu >= 0")
         if self.matrix * self.pixel_mm < 180:
             problems.append(f"the field of view {self.matrix * self.pixel_mm:g} mm does not hold the 175 mm head")
+        if self.core_cbf_ratio_override is not None and not 0 < self.core_cbf_ratio_override < 1:
+            problems.append(f"core_cbf_ratio_override {self.core_cbf_ratio_override} is not in (0, 1)")
         if self.side_override not in (None, 1, -1):
             problems.append(f"side_override must be 1, -1 or None, got {self.side_override!r}")
         if problems:
@@ -144,7 +147,7 @@ def _draw(cfg: FamilyBConfig) -> _Draw:
         lesion_z_mm=u(-8.0, 8.0), lesion_half_height_mm=u(14.0, 26.0),
         penumbra_cbf_ratio=u(0.55, 0.75),
         penumbra_delay_s=cfg.penumbra_delay_override_s if cfg.penumbra_delay_override_s is not None else u(2.5, 9.0),
-        core_cbf_ratio=u(0.12, 0.2), core_cbv_ratio=u(0.4, 0.6),
+        core_cbf_ratio=_pinned(cfg.core_cbf_ratio_override, u(0.12, 0.2)), core_cbv_ratio=u(0.4, 0.6),
         core_radius_mm=cfg.core_radius_override_mm if cfg.core_radius_override_mm is not None else u(10.0, 22.0),
         core_extra_delay_s=_pinned(cfg.core_extra_delay_override_s, u(0.0, 2.0)),
         gyri=int(rng.integers(18, 28)), fold_phase=u(0.0, 2 * np.pi),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 FINE_S = 0.01  # step of the "continuous" reference convolution
 
@@ -52,3 +53,21 @@ def synthetic_head(times_s: np.ndarray, noise_hu: float = 0.0, seed: int = 0, si
     hu += noise_hu * rng.standard_normal(hu.shape)
     truth = {"classes": classes, "normal": normal, "lesion": right, "artery": artery, "brain": brain}
     return hu.astype(np.float32), truth
+
+
+def interior(region: np.ndarray, slices: int) -> np.ndarray:
+    """(slices, Y, X) bool: a (Y, X) region of ``synthetic_head`` less its 3-voxel rim (the filters' edges)."""
+    return np.stack([ndimage.binary_erosion(region, iterations=3)] * slices)
+
+
+HEAD_TIMES_S = np.arange(0.0, 60.0, 1.0)  # 1 s sampling for a minute, as the node's default acquisition
+HEAD_VOXEL_ML = 0.005
+
+
+def head_maps(hu: np.ndarray, **settings):
+    """``compute_perfusion`` (parametric) of a ``synthetic_head`` series at ``HEAD_TIMES_S`` and 1 mm pixels,
+    with ``settings`` (``PerfusionSettings`` fields) changed from the defaults."""
+    from ctp_node.perfusion import PerfusionSettings, compute_perfusion
+
+    config = PerfusionSettings(pixel_mm=1.0, **settings)
+    return compute_perfusion(hu, HEAD_TIMES_S, HEAD_VOXEL_ML, method="parametric", settings=config)

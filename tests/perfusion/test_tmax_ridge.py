@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from ctp_node.perfusion import PerfusionSettings, compute_perfusion
-from tests.perfusion.synthetic import synthetic_head
+from tests.perfusion.synthetic import HEAD_TIMES_S, head_maps, interior, synthetic_head
 
-TIMES_S = np.arange(0.0, 60.0, 1.0)
-VOXEL_ML = 0.005
-
-
-def _interior(mask: np.ndarray, slices: int) -> np.ndarray:
-    return np.stack([ndimage.binary_erosion(mask, iterations=3)] * slices)
+TIMES_S = HEAD_TIMES_S
 
 
 def _maps(hu: np.ndarray, ridge: bool):
-    settings = PerfusionSettings(pixel_mm=1.0, tmax_along_ridge=ridge)
-    return compute_perfusion(hu, TIMES_S, VOXEL_ML, method="parametric", settings=settings)
+    return head_maps(hu, tmax_along_ridge=ridge)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,7 @@ def noisy_head():
 
 def test_the_ridge_narrows_tmax_in_normal_tissue_under_noise(noisy_head):
     hu, truth = noisy_head
-    normal = _interior(truth["normal"], hu.shape[1])
+    normal = interior(truth["normal"], hu.shape[1])
     true_delay = truth["classes"]["normal"][2]
     before, after = _maps(hu, ridge=False), _maps(hu, ridge=True)
     assert after.residue_shape == before.residue_shape == 1.0  # the study's shape: the truth is exponential
@@ -51,7 +43,7 @@ def test_without_noise_the_ridge_changes_no_tmax_inside_a_tissue():
     hu, truth = synthetic_head(TIMES_S, noise_hu=0.0, seed=0, size=96)
     before, after = _maps(hu, ridge=False), _maps(hu, ridge=True)
     for name in ("normal", "lesion"):
-        inside = _interior(truth[name], hu.shape[1])
+        inside = interior(truth[name], hu.shape[1])
         np.testing.assert_allclose(after.tmax[inside], before.tmax[inside], atol=1e-3)  # float32 rounding
 
 

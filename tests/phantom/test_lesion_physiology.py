@@ -7,6 +7,8 @@ the analysis's own conventions (rCBF < 30 %, Tmax > 6 s), so what is checked is 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,12 @@ def test_family_a_core_lies_inside_its_tmax_6_s_region(centre):
     assert core > 20
     assert outside == 0
     assert np.all(study.truth.tmax[study.truth.core_mask] > 6.0)
+
+
+def test_family_b_core_flow_override_changes_the_core_flow_only():
+    drawn, pinned = _draw(FamilyBConfig(seed=30)), _draw(FamilyBConfig(seed=30, core_cbf_ratio_override=0.25))
+    assert pinned.core_cbf_ratio == 0.25 and 0.12 <= drawn.core_cbf_ratio <= 0.2
+    # Every other draw is the same: the override does not shift the random stream.
+    assert dataclasses.replace(pinned, core_cbf_ratio=drawn.core_cbf_ratio) == drawn
+    with pytest.raises(ValueError, match="core_cbf_ratio_override"):
+        FamilyBConfig(core_cbf_ratio_override=1.5)
