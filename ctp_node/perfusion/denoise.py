@@ -274,15 +274,27 @@ def tips_filter_at(
     z, y, x = z - box[0].start, y - box[1].start, x - box[2].start
     radius, offsets = _stencil(pixel_mm, spatial_sigma_mm, step_mm)
     k, n_coef = setup.guide.shape[0], setup.coef.shape[0]
+    # Only the targets' slices and in-plane box, widened by the stencil's radius, hold neighbours: a small
+    # lesion on a 512 x 512 study needs a few MB, not the whole parenchyma's rows.
+    ny, nx = setup.mask.shape[1:]
+    y0, x0 = max(int(y.min()) - radius, 0), max(int(x.min()) - radius, 0)
+    crop = (
+        slice(int(z.min()), int(z.max()) + 1),
+        slice(y0, min(int(y.max()) + radius + 1, ny)),
+        slice(x0, min(int(x.max()) + radius + 1, nx)),
+    )
+    z, y, x = z - crop[0].start, y - y0, x - x0
+    mask_crop = setup.mask[crop]
     # One row per voxel (padded in-plane) holding its guide, its coefficients and its mask weight: a
     # neighbour is one contiguous row to gather.
     pad = ((0, 0), (radius, radius), (radius, radius))
     rows = np.concatenate(
-        [np.pad(setup.guide, ((0, 0), *pad)), np.pad(setup.coef, ((0, 0), *pad)),
-         np.pad(setup.mask.astype(np.float32), pad)[None]],
+        [np.pad(setup.guide[(slice(None), *crop)], ((0, 0), *pad)),
+         np.pad(setup.coef[(slice(None), *crop)], ((0, 0), *pad)),
+         np.pad(mask_crop.astype(np.float32), pad)[None]],
         axis=0,
     ).reshape(k + n_coef + 1, -1).T.copy()  # fmt: skip
-    padded_shape = (setup.mask.shape[0], setup.mask.shape[1] + 2 * radius, setup.mask.shape[2] + 2 * radius)
+    padded_shape = (mask_crop.shape[0], mask_crop.shape[1] + 2 * radius, mask_crop.shape[2] + 2 * radius)
     centre = np.ravel_multi_index((z, y + radius, x + radius), padded_shape)
     own = rows[centre, :k]
     acc = np.zeros((centre.size, n_coef), dtype=np.float32)

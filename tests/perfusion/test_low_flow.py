@@ -72,9 +72,14 @@ def _coefficients(seed: int = 0):
 
 
 @pytest.mark.parametrize("sigma_mm", [2.0, 5.0])
-def test_tips_filter_at_is_the_filter_evaluated_at_the_targets(sigma_mm):
+@pytest.mark.parametrize("where", ["spread", "one corner of one slice"])
+def test_tips_filter_at_is_the_filter_evaluated_at_the_targets(sigma_mm, where):
     coef, mask, noise = _coefficients()
     targets = np.flatnonzero(mask.reshape(-1))[::5]
+    if where != "spread":  # only the targets' neighbourhood is gathered: its edges must be right too
+        corner = np.zeros(mask.shape, dtype=bool)
+        corner[1, 5:9, 30:34] = True
+        targets = np.flatnonzero((corner & mask).reshape(-1))
     full = dn.tips_filter(coef, mask, noise, 1.25, spatial_sigma_mm=sigma_mm)
     at = dn.tips_filter_at(coef, mask, targets, noise, 1.25, sigma_mm)
     np.testing.assert_allclose(at, full.reshape(coef.shape[0], -1)[:, targets], atol=1e-5)
