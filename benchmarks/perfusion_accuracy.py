@@ -71,6 +71,7 @@ COLUMNS = (
     ("cbf_core_voxel_rel", "vox core"), ("cbf_core_truth_skew", "skew"),
     ("reference_cbf", "ref CBF"), ("reference_cbf_true", "true"), ("pvc_scale", "PVC"), ("seconds", "time s"),
     ("core_withheld", "core w/h"), ("tmax6_withheld", "Tmax6 w/h"),
+    ("core_noise_ml", "core +-"), ("core_uncertain_ml", "unc mL"), ("cbf_sd_calibration", "sd cal"),
 )  # fmt: skip
 # Issue 21's targets (column, limit per study, limit on the set's mean or None): volumes within 10 mL
 # in every study and 5 mL on the mean; CBF and CBV region medians within 10 %; Tmax within 0.5 s in
@@ -158,6 +159,18 @@ def evaluate(study, method: str, settings: PerfusionSettings, every: int = 1) ->
     row["pvc_scale"] = maps.vof_scale
     row["core_withheld"] = float("core" in maps.withheld)
     row["tmax6_withheld"] = float("tmax6" in maps.withheld)
+    # The core's range under the study's own noise (``perfusion.uncertainty``): its half width, the core counted
+    # apart as within its voxels' noise of the threshold, and the per-voxel spread's calibration against the
+    # truth (median |CBF error| / sd over the evaluated voxels, / 0.674: 1 when the spread is the error's; bias
+    # makes it larger).
+    noise = maps.volume_checks["core"].noise
+    row["core_noise_ml"] = float("nan") if noise is None else noise.half_width_ml
+    row["core_uncertain_ml"] = float("nan") if noise is None else noise.uncertain_ml
+    row["cbf_sd_calibration"] = float("nan")
+    if maps.cbf_sd is not None and maps.cbf_sd_evaluated is not None and maps.cbf_sd_evaluated.any():
+        evaluated = maps.cbf_sd_evaluated & (maps.cbf_sd > 0)
+        ratio = np.abs(maps.cbf - truth.cbf)[evaluated] / maps.cbf_sd[evaluated]
+        row["cbf_sd_calibration"] = float(np.median(ratio) / 0.6745)
     return row
 
 

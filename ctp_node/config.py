@@ -418,6 +418,9 @@ class PerfusionOutputSettings(Section):
     # ... or a bolus acquired at longer intervals than these (s; synthetic seconds do not count).
     tmax_max_interval_s: float = Field(2.0, ge=0)
     core_max_interval_s: float = Field(2.0, ge=0)
+    # ... or the core volume's 95 % range under the study's own noise wider than -+ this (mL; noise-injected
+    # replicates of the analysis, ctp_node/perfusion/uncertainty.py).
+    noise_limit_ml: float = Field(5.0, ge=0)
     series_number_offset: int = Field(2000, ge=0, description="Output SeriesNumbers = source + offset + index")
 
 

@@ -230,6 +230,15 @@ def _volumes_line(maps) -> str:
         + shown("hypoperfusion_intensity_ratio", maps.hypoperfusion_intensity_ratio, "{:.2f}")
     )
     reasons = [f"\n  {name} withheld: {reason}" for name, reason in withheld.items()]
+    core_check = maps.volume_checks.get("core")
+    if core_check is not None and core_check.noise is not None and not core_check.withheld:
+        noise = core_check.noise
+        reasons.insert(
+            0,
+            f"\n  core under the study's own noise: {noise.low_ml:.1f}-{noise.high_ml:.1f} mL (95 %, "
+            f"{noise.replicates} replicates); {noise.uncertain_ml:.1f} mL of it within its voxels' noise of "
+            "the threshold",
+        )
     return line + "".join(reasons)
 
 

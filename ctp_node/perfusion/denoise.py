@@ -122,23 +122,41 @@ class _RangeSetUp:
     spread: float  # its standard deviation
 
 
-def _range_set_up(
-    coefficients: np.ndarray, mask: np.ndarray, noise: NoiseEstimate, pixel_mm: float, guide_sigma_mm: float,
-    noise_cov: np.ndarray | None, guide_source: np.ndarray | None = None,
-) -> _RangeSetUp | None:  # fmt: skip
+@dataclass(frozen=True)
+class RangeScales:
+    """The range weight's data-derived scales, fixed by one study: re-used, a filter of other (e.g. noise-
+    injected) coefficients of the same study weighs curve differences exactly as the study's own pass did."""
+
+    signal: np.ndarray  # (K, k) float64: the signal directions, unit noise each
+    expected: float  # squared guide distance that noise alone gives
+    spread: float  # its standard deviation
+
+
+def range_scales(
+    coefficients: np.ndarray, mask: np.ndarray, noise: NoiseEstimate, pixel_mm: float,
+    guide_sigma_mm: float = GUIDE_SIGMA_MM, noise_cov: np.ndarray | None = None,
+) -> RangeScales | None:  # fmt: skip
+    """The scales ``tips_filter`` derives from (K, Z, Y, X) ``coefficients`` in ``mask``; None where it would
+    change nothing (empty mask, no noise measured)."""
     box = _bounding_box(mask)
     if box is None or noise.sigma_hu <= 0:
         return None
-    coef = np.ascontiguousarray(coefficients[(slice(None), *box)], dtype=np.float32)
     m = mask[box]
+    return _scales(coefficients[(slice(None), *box)][:, m], m, noise, box, pixel_mm, guide_sigma_mm, noise_cov)
+
+
+def _scales(
+    values: np.ndarray, m: np.ndarray, noise: NoiseEstimate, box: tuple[slice, slice, slice], pixel_mm: float,
+    guide_sigma_mm: float, noise_cov: np.ndarray | None,
+) -> RangeScales | None:  # fmt: skip
     weight = m.astype(np.float32)
     # The curve distance is measured in the directions where the curves differ by more than noise:
     # generalised eigenvectors of the coefficients' covariance against their noise covariance
     # (``noise_cov`` x sigma^2) whose variance exceeds SIGNAL_VARIANCE x noise. The other directions
     # carry noise only and would drown the signal difference. Scaled to unit noise per direction.
-    values = coef[:, m].astype(np.float64)
+    values = values.astype(np.float64)
     sigma2 = noise.sigma_hu**2
-    cov_n = np.eye(coef.shape[0]) if noise_cov is None else np.asarray(noise_cov, dtype=np.float64)
+    cov_n = np.eye(values.shape[0]) if noise_cov is None else np.asarray(noise_cov, dtype=np.float64)
     # Generalised eigenproblem by whitening, in the range of the noise covariance only: a series
     # acquired every 4-8 s has fewer independent samples than the subspace has components, and the
     # directions it cannot reach carry neither noise nor signal (eigh would fail on the singular B).
@@ -151,12 +169,6 @@ def _range_set_up(
     if signal.shape[1] < 2:
         signal = eigvec[:, -2:]
     k = signal.shape[1]
-    if guide_source is None:
-        features = np.tensordot(signal.T.astype(np.float32), coef, axes=1)
-        guide = _masked_gaussian(features, weight, guide_sigma_mm / pixel_mm).astype(np.float32) * weight
-    else:
-        source = np.ascontiguousarray(guide_source[(slice(None), *box)], dtype=np.float32)
-        guide = np.tensordot(signal.T.astype(np.float32), source, axes=1) * weight
     # Each feature has unit noise variance; smoothing shrinks it by the factor measured on a
     # noise-only image with the data's spatial correlation. (A ``guide_source`` keeps this scale: its
     # noise is below that of the guide_sigma_mm Gaussian, so the range weight is never stricter.)
@@ -168,7 +180,31 @@ def _range_set_up(
     # direction, k of them), then falling by e per standard deviation of that noise distance.
     expected = 2.0 * sigma_guide2 * k
     spread = 2.0 * sigma_guide2 * np.sqrt(2.0 * k)
-    return _RangeSetUp(box=box, coef=coef, mask=m, guide=guide, expected=expected, spread=spread)
+    return RangeScales(signal=signal, expected=expected, spread=spread)
+
+
+def _range_set_up(
+    coefficients: np.ndarray, mask: np.ndarray, noise: NoiseEstimate, pixel_mm: float, guide_sigma_mm: float,
+    noise_cov: np.ndarray | None, guide_source: np.ndarray | None = None, scales: RangeScales | None = None,
+) -> _RangeSetUp | None:  # fmt: skip
+    box = _bounding_box(mask)
+    if box is None or noise.sigma_hu <= 0:
+        return None
+    coef = np.ascontiguousarray(coefficients[(slice(None), *box)], dtype=np.float32)
+    m = mask[box]
+    weight = m.astype(np.float32)
+    if scales is None:
+        scales = _scales(coef[:, m], m, noise, box, pixel_mm, guide_sigma_mm, noise_cov)
+        if scales is None:
+            return None
+    signal = scales.signal.T.astype(np.float32)
+    if guide_source is None:
+        features = np.tensordot(signal, coef, axes=1)
+        guide = _masked_gaussian(features, weight, guide_sigma_mm / pixel_mm).astype(np.float32) * weight
+    else:
+        source = np.ascontiguousarray(guide_source[(slice(None), *box)], dtype=np.float32)
+        guide = np.tensordot(signal, source, axes=1) * weight
+    return _RangeSetUp(box=box, coef=coef, mask=m, guide=guide, expected=scales.expected, spread=scales.spread)
 
 
 def _stencil(pixel_mm: float, spatial_sigma_mm: float, step_mm: float) -> tuple[int, list[tuple[int, int, float]]]:
@@ -193,14 +229,16 @@ def tips_filter(
     guide_sigma_mm: float = GUIDE_SIGMA_MM,
     noise_cov: np.ndarray | None = None,
     overwrite: bool = False,
+    scales: RangeScales | None = None,
 ) -> np.ndarray:
     """Edge-preserving in-plane filter of (K, Z, Y, X) curve coefficients inside ``mask`` (Z, Y, X).
 
     ``noise_cov`` (K, K): covariance of the coefficients' noise in units of the per-frame noise
     variance (identity if None). Returns the filtered coefficients (outside ``mask`` unchanged);
     ``overwrite``: written into ``coefficients`` itself (no second full-size copy: 256 MB at 512 x 512).
+    ``scales``: the range weight's scales from another call (``range_scales``) instead of these coefficients'.
     """
-    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov)
+    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov, scales=scales)
     if setup is None:
         return coefficients
     coef, m, guide = setup.coef, setup.mask, setup.guide
@@ -253,6 +291,7 @@ def tips_filter_at(
     noise_cov: np.ndarray | None = None,
     step_mm: float = STENCIL_STEP_MM,
     guide_source: np.ndarray | None = None,
+    scales: RangeScales | None = None,
 ) -> np.ndarray | None:
     """``tips_filter`` evaluated at ``targets`` only (flat indices of voxels of ``mask``): (K, n) float32.
 
@@ -262,11 +301,12 @@ def tips_filter_at(
 
     ``guide_source`` (K, Z, Y, X): coefficients to compute the guide from, as they are, instead of
     ``coefficients`` smoothed over ``guide_sigma_mm`` (a first pass's output: tissues whose curves differ
-    are told apart more surely); the range weight keeps the noise scale of that Gaussian."""
+    are told apart more surely); the range weight keeps the noise scale of that Gaussian. ``scales``: as in
+    ``tips_filter``."""
     targets = np.asarray(targets, dtype=np.int64)
     if targets.size and (targets.min() < 0 or targets.max() >= mask.size or not mask.reshape(-1)[targets].all()):
         raise ValueError("tips_filter_at: every target must lie inside the mask")
-    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov, guide_source)
+    setup = _range_set_up(coefficients, mask, noise, pixel_mm, guide_sigma_mm, noise_cov, guide_source, scales)
     if setup is None:
         return None
     z, y, x = np.unravel_index(targets, mask.shape)

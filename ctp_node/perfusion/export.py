@@ -23,12 +23,20 @@ def valid_arrays(maps: PerfusionMaps) -> dict[str, np.ndarray]:
     return {f"valid_{name}": mask for name, mask in maps.validity.masks().items()}
 
 
+def uncertainty_arrays(maps: PerfusionMaps) -> dict[str, np.ndarray]:
+    """``cbf_sd`` (mL/100 g/min, CBF's spread under the study's noise) and ``cbf_sd_evaluated`` (bool: where it
+    was estimated; ``perfusion.uncertainty``); empty when not estimated."""
+    if maps.cbf_sd is None or maps.cbf_sd_evaluated is None:
+        return {}
+    return {"cbf_sd": maps.cbf_sd, "cbf_sd_evaluated": maps.cbf_sd_evaluated}
+
+
 def write_npz(path: Path, maps: PerfusionMaps) -> Path:
     names = (*MAP_NAMES, *MASK_NAMES, "aif_curve", "aif_voxels", "times_s")
     arrays = {name: getattr(maps, name) for name in names}
     if maps.severe_mask is not None:
         arrays["severe_hypoperfusion_mask"] = maps.severe_mask
-    arrays |= valid_arrays(maps)
+    arrays |= valid_arrays(maps) | uncertainty_arrays(maps)
     selection = maps.aif_selection
     if selection is not None:
         arrays["aif_curve_uncorrected"] = selection.aif.curve
@@ -51,7 +59,9 @@ def write_nifti(
     import SimpleITK as sitk
 
     written = []
-    arrays = {name: getattr(maps, name) for name in MAP_NAMES + MASK_NAMES} | valid_arrays(maps)
+    arrays = (
+        {name: getattr(maps, name) for name in MAP_NAMES + MASK_NAMES} | valid_arrays(maps) | uncertainty_arrays(maps)
+    )
     for name, array in arrays.items():
         image = sitk.GetImageFromArray(array.astype(np.uint8) if array.dtype == bool else array)
         if spacing_mm is not None:

@@ -75,6 +75,17 @@ def drop_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+def min_cluster_voxels(voxel_volume_ml: float | None, min_cluster_ml: float = MIN_CLUSTER_ML) -> int:
+    """The smallest component a cleaned mask keeps, in voxels (1 without a voxel size)."""
+    return 1 if voxel_volume_ml is None else int(np.ceil(min_cluster_ml / voxel_volume_ml))
+
+
+def clean_mask(mask: np.ndarray, voters: np.ndarray, majority_size: int, min_voxels: int) -> np.ndarray:
+    """A thresholded mask as every lesion mask is cleaned: the majority vote among ``voters``, then components
+    of fewer than ``min_voxels`` dropped."""
+    return drop_small_clusters(majority(mask, voters, majority_size), min_voxels)
+
+
 def hemispheres(tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(left, right) column masks (X,) of the two halves of the tissue, split at its mean column; None
     without tissue. The one split of the brain used for the rCBF reference and the mirror check."""
@@ -118,11 +129,11 @@ def lesion_masks(
     """The lesion masks (module doc). ``measurable`` (Z, Y, X) bool: tissue whose curve enhances measurably
     (``validity``); the rest neither counts nor votes in any mask, nor in the reference, so a flat curve
     is never core (its CBF of about 0 is not a measurement). None: all tissue."""
-    min_voxels = 1 if voxel_volume_ml is None else int(np.ceil(min_cluster_ml / voxel_volume_ml))
+    min_voxels = min_cluster_voxels(voxel_volume_ml, min_cluster_ml)
     voters = tissue if measurable is None else tissue & measurable
 
     def clean(mask: np.ndarray) -> np.ndarray:
-        return drop_small_clusters(majority(mask, voters, majority_size), min_voxels)
+        return clean_mask(mask, voters, majority_size, min_voxels)
 
     hypo = clean(tmax > hypoperfusion_tmax_s)
     reference_voxels = reference_region(voters, tmax, hypo, normal_tmax_s)

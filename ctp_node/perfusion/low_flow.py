@@ -50,6 +50,7 @@ class UnfilteredCurves:
     noise_cov: np.ndarray  # (K, K) per unit frame noise variance
     pixel_mm: float
     filtered: np.ndarray  # (K, Z, Y, X) float32: the first pass's output, the wide pass's guide
+    scales: denoise.RangeScales | None = None  # the first pass's range scales (None: not kept)
 
 
 @dataclass(frozen=True)

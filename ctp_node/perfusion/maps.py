@@ -39,7 +39,7 @@ from scipy import ndimage
 from ctp_node.errors import NoAIFError, PerfusionError
 from ctp_node.perfusion import aif as aif_select
 from ctp_node.perfusion import deconvolution as dec
-from ctp_node.perfusion import denoise, lesion, low_flow, parametric, reliability, timing, validity
+from ctp_node.perfusion import denoise, lesion, low_flow, parametric, reliability, timing, uncertainty, validity
 from ctp_node.perfusion.brain_mask import CSF_MAX_HU
 from ctp_node.perfusion.brain_mask import brain_mask as find_brain_mask
 
@@ -119,6 +119,12 @@ class PerfusionSettings:
     # curves (less scatter); "widecomplete", that CBV completed by the share of the response after the last
     # frame (``validity.missing_area_fraction``). Each helps one family's core volume and hurts another's.
     low_flow_cbf: Literal["area", "fit", "wide", "widecomplete"] = "area"
+    # method="parametric" with "tips": noise-injected replicates of the study (``uncertainty``) give each low-flow
+    # voxel's CBF spread (``PerfusionMaps.cbf_sd``) and the core volume's range (``VolumeCheck.range_ml``); 0 = off.
+    uncertainty_replicates: int = uncertainty.REPLICATES
+    # ... and the core volume is withheld when those replicates' core volumes spread by more than this (mL,
+    # half the 95 % range; 0 = off): noise alone would move it further between two scans (``reliability``).
+    noise_limit_ml: float = reliability.NOISE_LIMIT_ML
 
 
 @dataclass
@@ -162,6 +168,10 @@ class PerfusionMaps:
     # Per map ("cbf", "cbv", "mtt", "tmax") whether the data support the value, and why not (``validity``).
     validity: validity.MapValidity | None = None
     residue_shape: float | None = None  # the study's gamma residue shape (inf: box), when one was chosen
+    # CBF's standard deviation under the study's own noise (``uncertainty``), mL/100 g/min, where it was
+    # estimated (``cbf_sd_evaluated``: tissue with CBF below ``uncertainty.BAND_RCBF`` of the reference); 0 elsewhere.
+    cbf_sd: np.ndarray | None = None
+    cbf_sd_evaluated: np.ndarray | None = None
 
     @property
     def valid_masks(self) -> dict[str, np.ndarray]:
@@ -324,7 +334,7 @@ def compute_perfusion(
     block_px = parametric.SHAPE_BLOCK_MM / (cfg.pixel_mm or DEFAULT_PIXEL_MM)
     noise = denoise.estimate_noise(hu, arrival.baseline_frames, parenchyma)  # TIPS and the validity masks
     if cfg.denoise == "tips":
-        keep = method == "parametric" and cfg.low_flow_tmax_sigma_mm > 0
+        keep = method == "parametric" and (cfg.low_flow_tmax_sigma_mm > 0 or cfg.uncertainty_replicates > 0)
         conc_grid, note, noise_hu, basis, unfiltered = _tips(
             hu, conc_grid, brain, parenchyma, flat_index, interp, grid, aif_grid, arrival, cfg, times, noise, keep
         )
@@ -416,7 +426,7 @@ def compute_perfusion(
     per_voxel = {"cbf": cbf_v, "cbv": cbv_v, "mtt": mtt_v, "tmax": stats.tmax_s, "ttp": ttp_v}
     maps = {name: _to_volume(values, flat_index, shape) for name, values in per_voxel.items()}
     tissue = lesion.parenchyma_mask(brain, level, maps["cbv"], cfg.csf_max_hu)
-    if unfiltered is not None and fitted_mtt is not None:
+    if unfiltered is not None and fitted_mtt is not None and cfg.low_flow_tmax_sigma_mm > 0:
         # Low-flow tissue's Tmax from a wider neighbourhood (``low_flow``): its own curves are too weak.
         fitted = _to_volume(fitted_mtt, flat_index, shape) > 0
         slow = low_flow.low_flow_voxels(
@@ -428,7 +438,6 @@ def compute_perfusion(
             unfiltered, targets, grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape,
             cfg.low_flow_tmax_sigma_mm,
         )  # fmt: skip
-        del unfiltered
         if wide is not None:
             maps["tmax"].reshape(-1)[targets] = wide.tmax_s
             what = "Tmax"
@@ -443,11 +452,14 @@ def compute_perfusion(
             )
 
     # 5. Core and hypoperfusion.
-    masks = lesion.lesion_masks(
-        tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
-        cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
-        cfg.normal_tmax_s,
-    )  # fmt: skip
+    def lesion_masks(cbf: np.ndarray, measurable: np.ndarray | None = None) -> lesion.LesionMasks:
+        return lesion.lesion_masks(
+            tissue, cbf, maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
+            cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
+            cfg.normal_tmax_s, measurable=measurable,
+        )  # fmt: skip
+
+    masks = lesion_masks(maps["cbf"])
     checked = validity.all_valid(tissue)
     invalid_ml: dict[str, float] = {}
     if cfg.validity_masks:
@@ -455,16 +467,21 @@ def compute_perfusion(
         if not checked.enhancing[tissue].all():
             # Voxels without measurable enhancement neither count nor vote: the masks again without them.
             unchecked = masks
-            masks = lesion.lesion_masks(
-                tissue, maps["cbf"], maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
-                cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
-                cfg.normal_tmax_s, measurable=checked.enhancing,
-            )  # fmt: skip
+            masks = lesion_masks(maps["cbf"], checked.enhancing)
             if voxel_volume_ml is not None:
                 before = {"core": unchecked.core, "tmax6": unchecked.hypoperfusion, "tmax10": unchecked.severe}
                 invalid_ml = {k: float((m & ~checked.enhancing).sum()) * voxel_volume_ml for k, m in before.items()}
         if not all(mask[tissue].all() for mask in checked.masks().values()):
             notes.append(checked.note(tissue))
+    spread, core_noise = None, None
+    if unfiltered is not None and fitted_mtt is not None and cfg.uncertainty_replicates > 0:
+        voters = tissue & checked.enhancing if cfg.validity_masks else tissue
+        spread, core_noise, note = _core_uncertainty(
+            unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, grid, aif_grid, arrival.time_s, times,
+            residue_shape, voxel_volume_ml, cfg,
+        )  # fmt: skip
+        notes.append(note)
+    del unfiltered
     result = PerfusionMaps(
         **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
         hypoperfusion_mask=masks.hypoperfusion, aif_curve=aif_curve.astype(np.float32),
@@ -476,6 +493,11 @@ def compute_perfusion(
         noise_hu=noise_hu, aif_selection=selection, severe_mask=masks.severe, reference_mask=masks.reference,
         validity=checked if cfg.validity_masks else None, residue_shape=residue_shape,
     )  # fmt: skip
+    if spread is not None:
+        result.cbf_sd = np.zeros(shape, dtype=np.float32)
+        result.cbf_sd.reshape(-1)[spread.targets] = spread.sd
+        result.cbf_sd_evaluated = np.zeros(shape, dtype=bool)
+        result.cbf_sd_evaluated.reshape(-1)[spread.targets] = True
     if residue_shape is not None:
         notes.append(f"residue: gamma shape {residue_shape:g} for the whole study (1 = exponential, inf = box)")
     elif method == "parametric" and cfg.residue_family == "gamma" and cfg.residue_shape == "study":
@@ -486,6 +508,7 @@ def compute_perfusion(
         {"core": masks.core, "tmax6": masks.hypoperfusion, "tmax10": masks.severe}, tissue, voxel_volume_ml,
         result.acquired_interval_s, cfg.mirror_limit_ml, cfg.tmax_max_interval_s, cfg.core_max_interval_s,
         invalid_ml=invalid_ml if cfg.validity_masks and voxel_volume_ml is not None else None,
+        noise=None if core_noise is None else {"core": core_noise}, noise_limit_ml=cfg.noise_limit_ml,
     )  # fmt: skip
     if voxel_volume_ml is not None:
         _fill_volumes(result)
@@ -525,8 +548,18 @@ def _tips(
     coef = coef.reshape(basis.shape[0], *shape)
     pixel = cfg.pixel_mm or DEFAULT_PIXEL_MM
     noise_cov = denoise.coefficient_noise_cov(basis, interp, arrival.baseline_frames, hu.shape[0])
+    # Computed here (not inside the filter) when kept: the noise-injected replicates (``uncertainty``) weigh curve
+    # differences on the study's own scales.
+    scales = denoise.range_scales(coef, parenchyma, noise, pixel, noise_cov=noise_cov) if keep_unfiltered else None
     filtered = denoise.tips_filter(
-        coef, parenchyma, noise, pixel, denoise.SPATIAL_SIGMA_MM, noise_cov=noise_cov, overwrite=not keep_unfiltered
+        coef,
+        parenchyma,
+        noise,
+        pixel,
+        denoise.SPATIAL_SIGMA_MM,
+        noise_cov=noise_cov,
+        overwrite=not keep_unfiltered,
+        scales=scales,
     ).reshape(basis.shape[0], -1)
     unfiltered = None
     if keep_unfiltered:
@@ -538,6 +571,7 @@ def _tips(
             noise_cov=noise_cov,
             pixel_mm=pixel,
             filtered=filtered.reshape(coef.shape),
+            scales=scales,
         )
     # Written into the caller's curves (which it owns and no longer needs): a second (V, N) array would be
     # 290 MB at 512 x 512. One product over all rows, not chunks: float32 BLAS sums in another order when
@@ -550,6 +584,89 @@ def _tips(
         f"{'' if cfg.pixel_mm else ', pixel size assumed'})"
     )
     return out, note, noise.sigma_hu, basis, unfiltered
+
+
+def _core_uncertainty(
+    curves: low_flow.UnfilteredCurves,
+    cbf: np.ndarray,
+    masks: lesion.LesionMasks,
+    fitted_tissue: np.ndarray,
+    voters: np.ndarray,
+    grid: np.ndarray,
+    aif_grid: np.ndarray,
+    arrival_s: float,
+    times: np.ndarray,
+    residue_shape: float | None,
+    voxel_volume_ml: float | None,
+    cfg: PerfusionSettings,
+) -> tuple[uncertainty.CbfSpread | None, reliability.NoiseRange | None, str]:
+    """Low-flow tissue's CBF spread under the study's noise (``uncertainty``), the core volume's range over the
+    replicates and the core counted apart whose per-voxel interval reaches the threshold; and the note.
+    ``voters``: the tissue the lesion masks' majority vote counts (``lesion.lesion_masks``)."""
+    if cfg.low_flow_cbf != "area" or cfg.complete_truncated_area:
+        return None, None, "CBF spread not estimated: the replicates follow the default CBF (area / fitted MTT) only"
+    reference = masks.reference_cbf
+    if not (np.isfinite(reference) and reference > 0):
+        return None, None, "CBF spread not estimated: no normally perfused reference tissue"
+    # Where a replicate's core can lie: the core is cleaned by the same majority vote, and a voxel whose
+    # neighbourhood mostly reads above BAND_RCBF would need most of it misread by half. So: the majority of the
+    # voxels below BAND_RCBF (isolated noisy voxels out), widened by one voxel (its rim can still flip).
+    threshold = cfg.core_rcbf * reference
+    candidates = lesion.majority(voters & (cbf < uncertainty.BAND_RCBF * reference), voters, cfg.mask_majority_size)
+    reach = max(cfg.mask_majority_size // 2, 1)
+    region = ndimage.binary_dilation(candidates, np.ones((1, 2 * reach + 1, 2 * reach + 1), bool)) & voters
+    region &= fitted_tissue
+    size = denoise.median_window(cfg.mtt_median_mm, cfg.pixel_mm or DEFAULT_PIXEL_MM)
+    spread = uncertainty.cbf_spread(
+        curves, np.flatnonzero(region), fitted_tissue, grid, aif_grid, arrival_s, times, cfg.residue_family,
+        residue_shape, cfg.k, size, cfg.uncertainty_replicates,
+    )  # fmt: skip
+    if spread is None:
+        return None, None, "CBF spread not estimated: no low-flow tissue or no noise measured"
+    note = (
+        f"CBF spread of {spread.targets.size} voxels at or near flow below {uncertainty.BAND_RCBF:g} of the "
+        f"reference from {spread.replicates} replicates of the study with its own noise added"
+    )
+    if voxel_volume_ml is None:
+        return spread, None, note
+    # Every replicate's core lies inside ``region`` (see above): its masks are cleaned on a box around it, with
+    # the majority vote's reach to spare.
+    zs, ys, xs = np.nonzero(region)
+    box = (
+        slice(int(zs.min()), int(zs.max()) + 1),
+        slice(max(int(ys.min()) - reach, 0), int(ys.max()) + reach + 1),
+        slice(max(int(xs.min()) - reach, 0), int(xs.max()) + reach + 1),
+    )
+    local = np.ravel_multi_index(
+        tuple(i - b.start for i, b in zip(np.unravel_index(spread.targets, cbf.shape), box, strict=True)),
+        cbf[box].shape,
+    )
+    hypo = masks.hypoperfusion[box] if cfg.core_within_hypoperfusion else None
+    min_voxels = lesion.min_cluster_voxels(voxel_volume_ml, cfg.min_cluster_ml)
+    volumes = []
+    for values in spread.values:
+        trial = cbf[box].copy()
+        trial.reshape(-1)[local] = values
+        low = trial < threshold if hypo is None else (trial < threshold) & hypo
+        core = lesion.clean_mask(low, voters[box], cfg.mask_majority_size, min_voxels)
+        volumes.append(float(core.sum()) * voxel_volume_ml)
+    measured = float(masks.core.sum()) * voxel_volume_ml
+    half = uncertainty.Z_INTERVAL * float(np.std(volumes, ddof=1)) if len(volumes) > 1 else 0.0
+    # Counted apart: core voxels whose flow, at the upper end of its own 95 % interval, reaches the threshold.
+    upper = cbf.copy()
+    upper.reshape(-1)[spread.targets] += uncertainty.Z_INTERVAL * spread.sd
+    uncertain = float((masks.core & (upper >= threshold)).sum()) * voxel_volume_ml
+    noise = reliability.NoiseRange(
+        low_ml=max(measured - half, 0.0), high_ml=measured + half, uncertain_ml=uncertain, replicates=len(volumes)
+    )
+    return (
+        spread,
+        noise,
+        (
+            f"{note}: core {measured:.1f} mL, {noise.low_ml:.1f}-{noise.high_ml:.1f} mL over them (95 %); "
+            f"{uncertain:.1f} mL of it within its voxels' own noise of the {cfg.core_rcbf:g} rCBF threshold"
+        ),
+    )
 
 
 def _validity(

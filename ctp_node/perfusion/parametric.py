@@ -125,6 +125,7 @@ def deconvolve_parametric(
     acquired_s: np.ndarray | None = None,
     shape: float | Literal["study"] | None = None,
     shape_groups: np.ndarray | None = None,
+    free_first_pass: bool = False,
 ) -> tuple[ResidueStats, np.ndarray]:
     """Flow (1/s) and Tmax (= delay, s) per voxel for (V, T) curves at ``times_s``; also the fitted MTT.
 
@@ -153,7 +154,8 @@ def deconvolve_parametric(
     if study_shape and (shape != "study" or family != "gamma" or shape_groups is None):
         raise ValueError(f"shape {shape!r}: a number, None, or 'study' with the gamma family and shape_groups")
     shapes = None if shape is None or study_shape else (float(shape),)
-    first, fitted_mtt = _fit(conc, times_s, aif, family, chunk, basis, acquired_s, shapes)
+    first_shapes = None if free_first_pass and arrival_s is not None else shapes
+    first, fitted_mtt = _fit(conc, times_s, aif, family, chunk, basis, acquired_s, first_shapes)
     if arrival_s is None:
         if study_shape:
             raise ValueError("shape='study' needs arrival_s (the shape is chosen on offset-corrected curves)")

@@ -336,7 +336,7 @@ def _perfusion_outputs(
     analysis = PerfusionSettings(
         pixel_mm=float(series.spacing_mm[2]),  # the noise filter works in mm
         mirror_limit_ml=cfg.mirror_limit_ml, tmax_max_interval_s=cfg.tmax_max_interval_s,
-        core_max_interval_s=cfg.core_max_interval_s,
+        core_max_interval_s=cfg.core_max_interval_s, noise_limit_ml=cfg.noise_limit_ml,
     )  # fmt: skip
     acquired_times = series.times_s[np.asarray(fill.input_second) >= 0]  # the volumes the seconds rest on
     try:

@@ -171,6 +171,12 @@ def test_phantom_with_truth_reports_volumes_input_functions_and_agreement(tmp_pa
     assert summary["input_functions"]["vof"] is not None
     saved = np.load(tmp_path / "out" / "maps.npz")
     assert {"vof_voxels", "vof_curve", "severe_hypoperfusion_mask", "aif_curve_uncorrected"} <= set(saved.files)
+    # The core's range under the study's own noise, everywhere the volume is: printed, in the summary, and the
+    # per-voxel spread as a map of its own.
+    assert {"cbf_sd", "cbf_sd_evaluated"} <= set(saved.files) and saved["cbf_sd"][saved["cbf_sd_evaluated"]].min() >= 0
+    noise = summary["volume_checks"]["core"]["noise"]
+    assert noise["range_ml"][0] <= summary["volume_checks"]["core"]["measured_ml"] <= noise["range_ml"][1]
+    assert "core under the study's own noise" in text
 
 
 def test_missing_truth_file_is_a_usage_error(tmp_path):

@@ -151,3 +151,4 @@ def test_the_node_configuration_defaults_are_the_analysis_defaults():
     assert node.mirror_limit_ml == reliability.MIRROR_LIMIT_ML
     assert node.tmax_max_interval_s == reliability.TMAX_MAX_INTERVAL_S
     assert node.core_max_interval_s == reliability.CORE_MAX_INTERVAL_S
+    assert node.noise_limit_ml == reliability.NOISE_LIMIT_ML

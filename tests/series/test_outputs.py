@@ -403,6 +403,13 @@ def test_withheld_volumes_are_left_out_of_sr_and_seg_with_the_reason(reference_f
     assert report.pixel_array.ndim == 3
 
 
+def _sr_items(item):
+    """Every content item below ``item`` in an SR content tree."""
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _sr_items(child)
+
+
 def _sr_texts(item):
     """Every TEXT value of an SR content tree."""
     for child in item.get("ContentSequence", []):
@@ -430,3 +437,27 @@ def test_every_volume_withheld_writes_no_seg_and_a_report_that_says_withheld(ref
     for row in ("core, rCBF < 30 %", "Tmax > 6 s", "mismatch ratio", "hypoperfusion intensity ratio"):
         line = next(line for line in text.splitlines() if line.startswith(row))
         assert line.rstrip().endswith("withheld"), line
+
+
+def test_the_core_range_under_the_study_noise_is_the_sr_measurement_uncertainty(reference_files, tmp_path):
+    from ctp_node.perfusion.reliability import NoiseRange
+
+    core_ml = make_analysis().core_volume_ml
+    noise = NoiseRange(low_ml=core_ml - 1.5, high_ml=core_ml + 2.0, uncertain_ml=3.0, replicates=8)
+    analysis = make_analysis(noise={"core": noise})
+    data = make_input(reference_files, synthetic=analysis, acquired=None)
+    settings = PerfusionOutputSettings(quantitative_maps=False, colour_maps=False)
+    written = write_perfusion_outputs(data, tmp_path, settings)
+    sr_path = by_kind(written, "sr", "synthetic").paths[0]
+    groups = {g.tracking_identifier: g for g in _measurement_groups(hd.sr.srread(sr_path))}
+    (core,) = groups["Core rCBF<30%"].get_measurements()
+    uncertainty = {"371886008": "upper", "371885007": "lower"}  # SCT, TID 310's measurement uncertainty
+    values = {
+        uncertainty[item.ConceptNameCodeSequence[0].CodeValue]: float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _sr_items(core[0])
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue in uncertainty
+    }
+    assert values == {"upper": 2.0, "lower": 1.5}, values
+    (tmax6,) = groups["Tmax>6s"].get_measurements()
+    assert not any(i.ConceptNameCodeSequence[0].CodeValue in uncertainty for i in _sr_items(tmax6[0]))
+    assert dciodvfy_errors(sr_path) == []

@@ -18,6 +18,7 @@ import numpy as np
 
 from ctp_node.errors import PerfusionOutputError
 from ctp_node.perfusion import PerfusionMaps
+from ctp_node.perfusion.reliability import NoiseRange
 from ctp_node.series.guardrail import GuardrailVerdict
 
 MAP_NAMES = ("cbf", "cbv", "mtt", "tmax")
@@ -85,6 +86,9 @@ class PerfusionAnalysis:
     # empty when the analysis did not say. The maps and the QA report state the invalid fraction.
     valid: Mapping[str, np.ndarray] = field(default_factory=dict)
     tissue_mask: np.ndarray | None = None  # the analysed tissue the invalid fractions refer to
+    # Volume name -> how far the study's own noise moves it (``ctp_node.perfusion.uncertainty``): the SR gives
+    # the range as the measurement's uncertainty; empty when not estimated.
+    noise: Mapping[str, NoiseRange] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -255,6 +259,10 @@ def analysis_from_maps(
         withheld=withheld,
         valid=maps.validity.masks() if getattr(maps, "validity", None) is not None else {},
         tissue_mask=getattr(maps, "tissue_mask", None),
+        noise={
+            name: check.noise for name, check in (getattr(maps, "volume_checks", {}) or {}).items()
+            if check.noise is not None and name not in withheld
+        },
     )  # fmt: skip
 
 

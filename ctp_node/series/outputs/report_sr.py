@@ -104,12 +104,22 @@ def measurement_groups(
         if value is None or not math.isfinite(float(value)):
             unknown.append(quantity.tracking_id)
             continue
+        noise = analysis.noise.get(quantity.volume) if quantity.volume is not None else None
+        properties = None
+        if noise is not None:
+            # TID 310's measurement uncertainty: the range the study's own noise gives this volume (the
+            # analysis' noise-injected replicates, 95 %), as distances below and above the value.
+            properties = hd.sr.MeasurementProperties(
+                upper_measurement_uncertainty=round(max(noise.high_ml - float(value), 0.0), 3),
+                lower_measurement_uncertainty=round(max(float(value) - noise.low_ml, 0.0), 3),
+            )
         measurement = hd.sr.Measurement(
             name=quantity.name,
             value=round(float(value), 3),
             unit=quantity.unit,
             method=SUM_OF_VOXELS if quantity.unit == MILLILITRE else None,
             algorithm_id=algorithm,
+            properties=properties,
         )
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
