@@ -7,4 +7,4 @@ bash scripts/install.sh
 # offline, that one check is skipped and says so (CI: fails, CTP_NODE_DEPLOY_CHECKS=required).
 bash tests/deploy/fetch-compose-schema.sh || echo "note: compose schema not fetched (no access to registry.npmjs.org?)"
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=30 "$@"

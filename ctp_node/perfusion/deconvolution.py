@@ -32,6 +32,7 @@ class ResidueStats:
     tmax_s: np.ndarray  # (V,) time of max K (sub-sample), s; negative: tissue before AIF
     offset_hu: np.ndarray | None = None  # (V,) baseline offset re-estimated by the fit (parametric)
     residue_shape: float | None = None  # the study's gamma shape, when the fit chose one (parametric)
+    first_tmax_s: np.ndarray | None = None  # (V,) the first pass's delay, which placed the baseline (parametric)
 
 
 def fft_length(n: int) -> int:

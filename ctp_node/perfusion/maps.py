@@ -318,6 +318,7 @@ def compute_perfusion(
         raise NoAIFError("the arterial input curve has no positive area: check aif_mask and the baseline")
 
     noise_hu, basis, fitted_mtt, residue_shape, unfiltered = None, None, None, None, None
+    first_tmax_volume = None
     acquired = times if acquired_times_s is None else np.asarray(acquired_times_s, dtype=np.float64)
     # One residue shape for the study only where the scanner sampled the bolus about every second:
     # that is where it was measured to help (docs/benchmarks.md). Every 2 s it helped family A
@@ -364,6 +365,10 @@ def compute_perfusion(
         residue_shape = part.residue_shape
         stats = dec.ResidueStats(flow=np.zeros(fit.size), tmax_s=np.zeros(fit.size))
         stats.flow[fit], stats.tmax_s[fit] = part.flow, part.tmax_s
+        if unfiltered is not None and part.first_tmax_s is not None:
+            first_tmax = np.zeros(fit.size)
+            first_tmax[fit] = part.first_tmax_s
+            first_tmax_volume = _to_volume(first_tmax, flat_index, shape)  # the baselines the replicates keep
         fitted_mtt = np.zeros(fit.size)
         fitted_mtt[fit] = mtt_part
         conc_grid[fit] -= part.offset_hu[:, None].astype(np.float32)
@@ -474,11 +479,11 @@ def compute_perfusion(
         if not all(mask[tissue].all() for mask in checked.masks().values()):
             notes.append(checked.note(tissue))
     spread, core_noise = None, None
-    if unfiltered is not None and fitted_mtt is not None and cfg.uncertainty_replicates > 0:
+    if unfiltered is not None and first_tmax_volume is not None and cfg.uncertainty_replicates > 0:
         voters = tissue & checked.enhancing if cfg.validity_masks else tissue
         spread, core_noise, note = _core_uncertainty(
             unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, grid, aif_grid, arrival.time_s, times,
-            residue_shape, voxel_volume_ml, cfg,
+            residue_shape, voxel_volume_ml, cfg, first_tmax_volume,
         )  # fmt: skip
         notes.append(note)
     del unfiltered
@@ -599,10 +604,12 @@ def _core_uncertainty(
     residue_shape: float | None,
     voxel_volume_ml: float | None,
     cfg: PerfusionSettings,
+    first_tmax: np.ndarray,
 ) -> tuple[uncertainty.CbfSpread | None, reliability.NoiseRange | None, str]:
     """Low-flow tissue's CBF spread under the study's noise (``uncertainty``), the core volume's range over the
     replicates and the core counted apart whose per-voxel interval reaches the threshold; and the note.
-    ``voters``: the tissue the lesion masks' majority vote counts (``lesion.lesion_masks``)."""
+    ``voters``: the tissue the lesion masks' majority vote counts (``lesion.lesion_masks``); ``first_tmax``
+    (Z, Y, X): the study fit's first-pass delays (``uncertainty.cbf_spread``)."""
     if cfg.low_flow_cbf != "area" or cfg.complete_truncated_area:
         return None, None, "CBF spread not estimated: the replicates follow the default CBF (area / fitted MTT) only"
     reference = masks.reference_cbf
@@ -619,7 +626,7 @@ def _core_uncertainty(
     size = denoise.median_window(cfg.mtt_median_mm, cfg.pixel_mm or DEFAULT_PIXEL_MM)
     spread = uncertainty.cbf_spread(
         curves, np.flatnonzero(region), fitted_tissue, grid, aif_grid, arrival_s, times, cfg.residue_family,
-        residue_shape, cfg.k, size, cfg.uncertainty_replicates,
+        residue_shape, cfg.k, size, first_tmax, cfg.uncertainty_replicates,
     )  # fmt: skip
     if spread is None:
         return None, None, "CBF spread not estimated: no low-flow tissue or no noise measured"

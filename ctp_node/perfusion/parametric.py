@@ -125,7 +125,7 @@ def deconvolve_parametric(
     acquired_s: np.ndarray | None = None,
     shape: float | Literal["study"] | None = None,
     shape_groups: np.ndarray | None = None,
-    free_first_pass: bool = False,
+    first_tmax_s: np.ndarray | None = None,
 ) -> tuple[ResidueStats, np.ndarray]:
     """Flow (1/s) and Tmax (= delay, s) per voxel for (V, T) curves at ``times_s``; also the fitted MTT.
 
@@ -154,8 +154,10 @@ def deconvolve_parametric(
     if study_shape and (shape != "study" or family != "gamma" or shape_groups is None):
         raise ValueError(f"shape {shape!r}: a number, None, or 'study' with the gamma family and shape_groups")
     shapes = None if shape is None or study_shape else (float(shape),)
-    first_shapes = None if free_first_pass and arrival_s is not None else shapes
-    first, fitted_mtt = _fit(conc, times_s, aif, family, chunk, basis, acquired_s, first_shapes)
+    if first_tmax_s is not None and arrival_s is not None:
+        first = ResidueStats(flow=np.zeros(conc.shape[0]), tmax_s=np.asarray(first_tmax_s, dtype=np.float64))
+    else:
+        first, fitted_mtt = _fit(conc, times_s, aif, family, chunk, basis, acquired_s, shapes)
     if arrival_s is None:
         if study_shape:
             raise ValueError("shape='study' needs arrival_s (the shape is chosen on offset-corrected curves)")
@@ -183,7 +185,7 @@ def deconvolve_parametric(
     second, fitted_mtt = _fit(corrected, times_s, aif, family, chunk, basis, acquired_s, shapes)
     stats = ResidueStats(
         flow=second.flow, tmax_s=second.tmax_s, offset_hu=offset.astype(np.float64),
-        residue_shape=None if shapes is None else shapes[0],
+        residue_shape=None if shapes is None else shapes[0], first_tmax_s=first.tmax_s,
     )  # fmt: skip
     return stats, fitted_mtt
 

@@ -11,10 +11,11 @@ in-plane texture (both measured on the difference of two baseline frames, ``deno
 is correlated by the reconstruction kernel, and white noise would average away in the filter far faster than
 the real one) and its temporal structure after baseline subtraction (``denoise.coefficient_noise_cov``). Each
 replicate goes through the study's own steps: the TIPS filter on the study's range scales, the dictionary fit
-with the study's residue shape and baseline re-estimation, the MTT median, CBV = area / AIF area and
-CBF = CBV / MTT (with no noise added and from the unfiltered curves, a replicate repeats the study's CBF
-exactly: tests). Evaluated only where a core can form: tissue whose flow is below ``BAND_RCBF`` of the
-reference (after the masks' majority vote) and a voxel around it, plus the neighbours its MTT median reads.
+with the study's residue shape (each voxel's baseline from the frames the study's first pass chose), the MTT
+median, CBV = area / AIF area and CBF = CBV / MTT (with no noise added and from the unfiltered curves, a
+replicate repeats the study's CBF exactly: tests). Evaluated only where a core can form: tissue whose flow is
+below ``BAND_RCBF`` of the reference (after the masks' majority vote) and a voxel around it, plus the
+neighbours its MTT median reads.
 
 Two outputs:
 
@@ -63,7 +64,6 @@ class CbfSpread:
     sd: np.ndarray  # (n,) mL/100 g/min, robust (``_robust_sd``), pooled over POOL_SIZE x POOL_SIZE neighbours
     replicates: int
     values: np.ndarray  # (replicates, n) each replicate's CBF
-    model: np.ndarray | None = None  # (n,) the filtered curves analysed without added noise (``with_model``)
 
 
 def noise_kernel(noise_image: np.ndarray, mask: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -133,18 +133,20 @@ def cbf_spread(
     residue_shape: float | None,
     k: float,
     median_size: int,
+    first_tmax_s: np.ndarray,
     replicates: int = REPLICATES,
     seed: int = SEED,
     noise_scale: float = 1.0,
     from_filtered: bool = True,
-    with_model: bool = False,
 ) -> CbfSpread | None:
     """CBF of ``targets`` (flat indices into the volume) over ``replicates`` noise-injected copies of the study
     (module doc). ``fitted_region`` (Z, Y, X) bool: the parenchyma the study's fit and MTT median ran on.
-    ``median_size``: the MTT median's window (pixels; < 3: none). ``noise_scale``: of the study's noise (0: the
-    study's own analysis, repeated: its CBF at the targets; for tests). ``from_filtered``: the replicates are the
-    study's filtered curves plus noise (the parametric bootstrap: data drawn from the fitted model at the study's
-    noise level); False: its unfiltered curves plus noise (for tests). None: no targets or no noise."""
+    ``median_size``: the MTT median's window (pixels; < 3: none). ``first_tmax_s`` (Z, Y, X): the study fit's
+    first-pass delays (``ResidueStats.first_tmax_s``), which place each voxel's baseline in every replicate.
+    ``noise_scale``: of the study's noise (0: the study's own analysis, repeated; for tests).
+    ``from_filtered``: the replicates are the study's filtered curves plus noise (the parametric bootstrap: data
+    drawn from the fitted model at the study's noise level); False: its unfiltered curves plus noise (for
+    tests). None: no targets or no noise."""
     targets = np.asarray(targets, dtype=np.int64)
     shape = fitted_region.shape
     scales = curves.scales
@@ -174,16 +176,17 @@ def cbf_spread(
     sigma = np.float32(curves.noise.sigma_hu * noise_scale)
     local_eval = evaluated[crop]
     rows = np.flatnonzero(local_eval)  # flat indices in the crop
+    first_tmax = np.asarray(first_tmax_s)[crop].reshape(-1)[rows]
     z, y, x = np.unravel_index(targets, shape)
     local_targets = np.ravel_multi_index((z - crop[0].start, y - crop[1].start, x - crop[2].start), mask.shape)
     area_scale = k * 100.0 / float(np.sum(aif_grid))
     rng = np.random.default_rng(seed)
     fields = correlated_noise(rng, coef.shape, kernel, replicates) if noise_scale > 0 else None
-    values = np.empty((replicates + with_model, targets.size), dtype=np.float64)
+    values = np.empty((replicates, targets.size), dtype=np.float64)
     noisy = np.empty_like(coef)  # one buffer for every replicate
     outside = ~mask
-    for r in range(replicates + with_model):
-        if fields is not None and r < replicates:
+    for r in range(replicates):
+        if fields is not None:
             np.einsum("kl,l...->k...", mixing, fields[r], out=noisy)
             noisy *= sigma
             noisy += coef
@@ -198,7 +201,7 @@ def cbf_spread(
         flat = filtered.T @ curves.basis  # (m, N) curves
         stats, mtt = parametric.deconvolve_parametric(
             flat, grid_s, aif_grid, family, basis=curves.basis, arrival_s=arrival_s, acquired_s=acquired_s,
-            shape=residue_shape if family == "gamma" else None, free_first_pass=True,
+            shape=residue_shape if family == "gamma" else None, first_tmax_s=first_tmax,
         )  # fmt: skip
         mtt_volume = np.zeros(mask.shape, dtype=np.float32)
         mtt_volume.reshape(-1)[rows] = mtt
@@ -209,12 +212,10 @@ def cbf_spread(
         mtt_t = mtt_volume.reshape(-1)[local_targets].astype(np.float64)
         cbv = area[local_targets] * area_scale
         values[r] = np.where(mtt_t > 0, np.maximum(cbv, 0.0) / np.where(mtt_t > 0, mtt_t, 1.0) * 60.0, 0.0)
-    model = values[-1] if with_model else None
-    values = values[:replicates]
     mean = values.mean(axis=0)
     return CbfSpread(
         targets=targets, mean=mean, sd=_robust_sd(values, target_mask, targets), replicates=replicates,
-        values=values, model=model,
+        values=values,
     )  # fmt: skip
 
 
