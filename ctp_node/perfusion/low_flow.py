@@ -79,19 +79,11 @@ def low_flow_voxels(
 
 
 def wide_fit(
-    curves: UnfilteredCurves,
-    targets: np.ndarray,
-    grid_s: np.ndarray,
-    aif_grid: np.ndarray,
-    arrival_s: float,
-    acquired_s: np.ndarray,
-    family: parametric.ResidueFamily,
-    residue_shape: float | None,
-    sigma_mm: float = SPATIAL_SIGMA_MM,
+    curves: UnfilteredCurves, targets: np.ndarray, study: parametric.StudyFit, sigma_mm: float = SPATIAL_SIGMA_MM
 ) -> WideFit | None:
     """The fit of ``targets`` (flat indices into the volume, inside ``curves.mask``) from their curves
-    TIPS-filtered over ``sigma_mm`` and fitted like the main fit (``family``; for the gamma family the study's
-    ``residue_shape`` or, with None, each voxel's; baseline re-estimated before each voxel's bolus). None:
+    TIPS-filtered over ``sigma_mm`` and fitted like the main fit (``study``: for the gamma family the study's
+    residue shape or, with None, each voxel's; baseline re-estimated before each voxel's bolus). None:
     nothing to filter."""
     if targets.size == 0:
         return None
@@ -103,10 +95,7 @@ def wide_fit(
     if coefficients is None:  # no noise measured: nothing to pool
         return None
     filtered = coefficients.T @ curves.basis  # (n, N)
-    stats, mtt = parametric.deconvolve_parametric(
-        filtered, grid_s, aif_grid, family, basis=curves.basis, arrival_s=arrival_s, acquired_s=acquired_s,
-        shape=residue_shape if family == "gamma" else None,
-    )  # fmt: skip
+    stats, mtt = study.refit(filtered, curves.basis)
     area = filtered.sum(axis=1, dtype=np.float64) - stats.offset_hu * filtered.shape[1]
     return WideFit(tmax_s=stats.tmax_s, flow=stats.flow, mtt_s=mtt, area_hu_frames=area)
 

@@ -120,7 +120,7 @@ class PerfusionSettings:
     # frame (``validity.missing_area_fraction``). Each helps one family's core volume and hurts another's.
     low_flow_cbf: Literal["area", "fit", "wide", "widecomplete"] = "area"
     # method="parametric" with "tips": noise-injected replicates of the study (``uncertainty``) give each low-flow
-    # voxel's CBF spread (``PerfusionMaps.cbf_sd``) and the core volume's range (``VolumeCheck.range_ml``); 0 = off.
+    # voxel's CBF spread (``PerfusionMaps.cbf_sd``) and the core volume's range (``VolumeCheck.noise``); 0 = off.
     uncertainty_replicates: int = uncertainty.REPLICATES
     # ... and the core volume is withheld when those replicates' core volumes spread by more than this (mL,
     # half the 95 % range; 0 = off): noise alone would move it further between two scans (``reliability``).
@@ -168,8 +168,9 @@ class PerfusionMaps:
     # Per map ("cbf", "cbv", "mtt", "tmax") whether the data support the value, and why not (``validity``).
     validity: validity.MapValidity | None = None
     residue_shape: float | None = None  # the study's gamma residue shape (inf: box), when one was chosen
-    # CBF's standard deviation under the study's own noise (``uncertainty``), mL/100 g/min, where it was
-    # estimated (``cbf_sd_evaluated``: tissue with CBF below ``uncertainty.BAND_RCBF`` of the reference); 0 elsewhere.
+    # CBF's spread under the study's own noise (``uncertainty``: robust, as a standard deviation), mL/100 g/min,
+    # where it was estimated (``cbf_sd_evaluated``: where a core can form, around flow below
+    # ``uncertainty.BAND_RCBF`` of the reference); 0 elsewhere.
     cbf_sd: np.ndarray | None = None
     cbf_sd_evaluated: np.ndarray | None = None
 
@@ -439,10 +440,8 @@ def compute_perfusion(
             cfg.low_flow_rcbf,
         )  # fmt: skip
         targets = np.flatnonzero(slow)
-        wide = low_flow.wide_fit(
-            unfiltered, targets, grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape,
-            cfg.low_flow_tmax_sigma_mm,
-        )  # fmt: skip
+        study = parametric.StudyFit(grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape)
+        wide = low_flow.wide_fit(unfiltered, targets, study, cfg.low_flow_tmax_sigma_mm)
         if wide is not None:
             maps["tmax"].reshape(-1)[targets] = wide.tmax_s
             what = "Tmax"
@@ -481,9 +480,9 @@ def compute_perfusion(
     spread, core_noise = None, None
     if unfiltered is not None and first_tmax_volume is not None and cfg.uncertainty_replicates > 0:
         voters = tissue & checked.enhancing if cfg.validity_masks else tissue
+        study = parametric.StudyFit(grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape)
         spread, core_noise, note = _core_uncertainty(
-            unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, grid, aif_grid, arrival.time_s, times,
-            residue_shape, voxel_volume_ml, cfg, first_tmax_volume,
+            unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, study, voxel_volume_ml, cfg, first_tmax_volume
         )  # fmt: skip
         notes.append(note)
     del unfiltered
@@ -597,11 +596,7 @@ def _core_uncertainty(
     masks: lesion.LesionMasks,
     fitted_tissue: np.ndarray,
     voters: np.ndarray,
-    grid: np.ndarray,
-    aif_grid: np.ndarray,
-    arrival_s: float,
-    times: np.ndarray,
-    residue_shape: float | None,
+    study: parametric.StudyFit,
     voxel_volume_ml: float | None,
     cfg: PerfusionSettings,
     first_tmax: np.ndarray,
@@ -625,9 +620,8 @@ def _core_uncertainty(
     region &= fitted_tissue
     size = denoise.median_window(cfg.mtt_median_mm, cfg.pixel_mm or DEFAULT_PIXEL_MM)
     spread = uncertainty.cbf_spread(
-        curves, np.flatnonzero(region), fitted_tissue, grid, aif_grid, arrival_s, times, cfg.residue_family,
-        residue_shape, cfg.k, size, first_tmax, cfg.uncertainty_replicates,
-    )  # fmt: skip
+        curves, np.flatnonzero(region), fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
+    )
     if spread is None:
         return None, None, "CBF spread not estimated: no low-flow tissue or no noise measured"
     note = (

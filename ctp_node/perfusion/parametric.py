@@ -16,6 +16,7 @@ vectorised as one matrix product per chunk.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -112,6 +113,29 @@ def dictionary(
             resample = interpolation_matrix(acquired, grid) @ interpolation_matrix(grid, acquired)  # (T, T)
             atoms = atoms @ resample.T
     return atoms, mtt, delay
+
+
+@dataclass(frozen=True)
+class StudyFit:
+    """How a study's curves were fitted (``deconvolve_parametric``): later refits of some of its voxels
+    (``low_flow``, ``uncertainty``) repeat it with these."""
+
+    grid_s: np.ndarray
+    aif_grid: np.ndarray
+    arrival_s: float
+    acquired_s: np.ndarray
+    family: ResidueFamily
+    residue_shape: float | None  # the study's gamma shape; None: each voxel chose
+
+    def refit(
+        self, curves: np.ndarray, basis: np.ndarray | None, first_tmax_s: np.ndarray | None = None
+    ) -> tuple[ResidueStats, np.ndarray]:
+        """``deconvolve_parametric`` of (n, N) grid ``curves`` as the study was fitted."""
+        return deconvolve_parametric(
+            curves, self.grid_s, self.aif_grid, self.family, basis=basis, arrival_s=self.arrival_s,
+            acquired_s=self.acquired_s, shape=self.residue_shape if self.family == "gamma" else None,
+            first_tmax_s=first_tmax_s,
+        )  # fmt: skip
 
 
 def deconvolve_parametric(

@@ -104,10 +104,11 @@ def noise_kernel(noise_image: np.ndarray, mask: np.ndarray, pixel_mm: float) -> 
 
 def correlated_noise(
     rng: np.random.Generator, shape: tuple[int, ...], kernel: np.ndarray, count: int = 1
-) -> np.ndarray:
+) -> list[np.ndarray]:
     """``count`` independent unit-variance Gaussian fields of ``shape`` (..., Y, X), correlated in-plane by
-    ``kernel``: (count, *shape) float32. One convolution for all: the fields are windows of one taller field
-    whose starts lie a kernel's width apart, so no two share a white-noise sample."""
+    ``kernel``, float32. One convolution for all: the fields are windows (views: on this VM a copy of a crop's
+    fields cost more than the convolution that made them) of one taller field whose starts lie a kernel's width
+    apart, so no two share a white-noise sample."""
     r = kernel.shape[0] // 2
     step = 2 * r + 1
     rows = shape[-2] + step * (count - 1)
@@ -125,12 +126,7 @@ def cbf_spread(
     curves: UnfilteredCurves,
     targets: np.ndarray,
     fitted_region: np.ndarray,
-    grid_s: np.ndarray,
-    aif_grid: np.ndarray,
-    arrival_s: float,
-    acquired_s: np.ndarray,
-    family: parametric.ResidueFamily,
-    residue_shape: float | None,
+    study: parametric.StudyFit,
     k: float,
     median_size: int,
     first_tmax_s: np.ndarray,
@@ -140,7 +136,8 @@ def cbf_spread(
     from_filtered: bool = True,
 ) -> CbfSpread | None:
     """CBF of ``targets`` (flat indices into the volume) over ``replicates`` noise-injected copies of the study
-    (module doc). ``fitted_region`` (Z, Y, X) bool: the parenchyma the study's fit and MTT median ran on.
+    (module doc). ``fitted_region`` (Z, Y, X) bool: the parenchyma the study's fit and MTT median ran on;
+    ``study``: how it was fitted.
     ``median_size``: the MTT median's window (pixels; < 3: none). ``first_tmax_s`` (Z, Y, X): the study fit's
     first-pass delays (``ResidueStats.first_tmax_s``), which place each voxel's baseline in every replicate.
     ``noise_scale``: of the study's noise (0: the study's own analysis, repeated; for tests).
@@ -179,7 +176,7 @@ def cbf_spread(
     first_tmax = np.asarray(first_tmax_s)[crop].reshape(-1)[rows]
     z, y, x = np.unravel_index(targets, shape)
     local_targets = np.ravel_multi_index((z - crop[0].start, y - crop[1].start, x - crop[2].start), mask.shape)
-    area_scale = k * 100.0 / float(np.sum(aif_grid))
+    area_scale = k * 100.0 / float(np.sum(study.aif_grid))
     rng = np.random.default_rng(seed)
     fields = correlated_noise(rng, coef.shape, kernel, replicates) if noise_scale > 0 else None
     values = np.empty((replicates, targets.size), dtype=np.float64)
@@ -199,10 +196,7 @@ def cbf_spread(
             scales=scales,
         )  # fmt: skip
         flat = filtered.T @ curves.basis  # (m, N) curves
-        stats, mtt = parametric.deconvolve_parametric(
-            flat, grid_s, aif_grid, family, basis=curves.basis, arrival_s=arrival_s, acquired_s=acquired_s,
-            shape=residue_shape if family == "gamma" else None, first_tmax_s=first_tmax,
-        )  # fmt: skip
+        stats, mtt = study.refit(flat, curves.basis, first_tmax)
         mtt_volume = np.zeros(mask.shape, dtype=np.float32)
         mtt_volume.reshape(-1)[rows] = mtt
         if half:

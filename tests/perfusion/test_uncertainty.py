@@ -91,7 +91,7 @@ def test_the_replicate_pipeline_repeats_the_study_analysis(monkeypatch):
     original = unc.cbf_spread
 
     def spy(curves, targets, *args, **kwargs):
-        seen["repeat"] = original(curves, targets, *args[:10], replicates=1, noise_scale=0.0, from_filtered=False)
+        seen["repeat"] = original(curves, targets, *args[:5], replicates=1, noise_scale=0.0, from_filtered=False)
         return original(curves, targets, *args, **kwargs)
 
     monkeypatch.setattr(unc, "cbf_spread", spy)
