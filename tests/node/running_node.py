@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from pynetdicom.sop_class import Verification
 from tests.integration.node_helpers import node_settings, write_config
 from tests.peers import stop_process
 from tests.ports import free_port, wait_for_port
+
+PORT_ATTEMPTS = 3
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -56,25 +59,51 @@ class RunningNode:
 
     def __init__(self, folder: Path, timeout_s: float, **dicom) -> None:
         self.folder = folder
-        self.metrics_port = free_port()
-        dicom = {"network_timeout_s": timeout_s, "acse_timeout_s": timeout_s, "max_associations": 10, **dicom}
-        self.settings = node_settings(
-            folder / "data", folder / "unused.pt", None, dicom=dicom, metrics={"port": self.metrics_port}
-        )
-        self.port = self.settings.dicom.port
         self.log = folder / "serve.log"
-        config = write_config(folder / "node.toml", self.settings)
         self.workdir = folder / "cwd"
         self.workdir.mkdir()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ctp_node", "serve", "--config", str(config), "--log-level", "INFO"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        dicom = {"network_timeout_s": timeout_s, "acse_timeout_s": timeout_s, "max_associations": 10, **dicom}
+        # A port that was free when chosen can be taken before the node binds it (CI saw it once: the node
+        # exited with "Address already in use" while another process answered on the port). The node's own
+        # log says when it listens; a port taken meanwhile is chosen again.
+        for _ in range(PORT_ATTEMPTS):
+            self.metrics_port = free_port()
+            self.settings = node_settings(
+                folder / "data", folder / "unused.pt", None, dicom=dicom, metrics={"port": self.metrics_port}
             )
+            self.port = self.settings.dicom.port
+            config = write_config(folder / "node.toml", self.settings)
+            start = self.log.stat().st_size if self.log.exists() else 0
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "ctp_node", "serve", "--config", str(config), "--log-level", "INFO"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workdir,
+                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                )
+            if self._listening(start):
+                break
+            stop_process(self.proc)
+        else:
+            raise RuntimeError(f"ctp-node serve found every port taken ({PORT_ATTEMPTS} tries): {self.log}")
         wait_for_port(self.port, self.proc, "ctp-node serve")
+
+    def _listening(self, start: int, timeout_s: float = 30.0) -> bool:
+        """True once the node's log (from byte ``start``) says it listens on its port; False when it could not
+        bind it; RuntimeError when it exited otherwise, TimeoutError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.log.read_bytes()[start:].decode(errors="replace")
+            if f"listening as CTPNODE on 127.0.0.1:{self.port}" in text:
+                return True
+            if f"cannot listen on 127.0.0.1:{self.port}" in text:
+                return False
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ctp-node serve exited with {self.proc.returncode}: {text[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ctp-node serve did not say it listens within {timeout_s} s: {text[-2000:]}")
+            time.sleep(0.05)
 
     def echo(self, tls: ssl.SSLContext | None = None, source: str = "127.0.0.1") -> bool:
         ae = AE(ae_title="SCANNER")
