@@ -57,10 +57,9 @@ POOL_SIZE = 3  # in-plane window over which a voxel's replicate variance is pool
 
 @dataclass(frozen=True)
 class CbfSpread:
-    """Per target voxel (flat indices ``targets`` into the volume): CBF's replicate mean and standard deviation."""
+    """Per target voxel (flat indices ``targets`` into the volume): CBF's spread over the replicates."""
 
     targets: np.ndarray  # (n,) int64
-    mean: np.ndarray  # (n,) mL/100 g/min
     sd: np.ndarray  # (n,) mL/100 g/min, robust (``_robust_sd``), pooled over POOL_SIZE x POOL_SIZE neighbours
     replicates: int
     values: np.ndarray  # (replicates, n) each replicate's CBF
@@ -206,9 +205,8 @@ def cbf_spread(
         mtt_t = mtt_volume.reshape(-1)[local_targets].astype(np.float64)
         cbv = area[local_targets] * area_scale
         values[r] = np.where(mtt_t > 0, np.maximum(cbv, 0.0) / np.where(mtt_t > 0, mtt_t, 1.0) * 60.0, 0.0)
-    mean = values.mean(axis=0)
     return CbfSpread(
-        targets=targets, mean=mean, sd=_robust_sd(values, target_mask, targets), replicates=replicates,
+        targets=targets, sd=_robust_sd(values, target_mask, targets), replicates=replicates,
         values=values,
     )  # fmt: skip
 

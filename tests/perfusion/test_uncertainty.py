@@ -155,7 +155,7 @@ def test_replicates_that_repeat_the_study_give_its_core_exactly(monkeypatch):
     def repeated(curves, targets, *args, **kwargs):
         spread = original(curves, targets, *args, **kwargs)
         study = holder["cbf"].reshape(-1)[spread.targets]
-        return unc.CbfSpread(spread.targets, study, spread.sd, 3, np.stack([study] * 3))
+        return unc.CbfSpread(spread.targets, spread.sd, 3, np.stack([study] * 3))
 
     holder["cbf"] = head_maps(hu, uncertainty_replicates=0).cbf
     monkeypatch.setattr(unc, "cbf_spread", repeated)
