@@ -102,6 +102,8 @@ ANALYSES = {
     "parametric+tips-lowflowwidec": ("parametric", PerfusionSettings(low_flow_cbf="widecomplete")),
     # CBV completed by the share of the response after the last frame (exact without noise)
     "parametric+tips-complete": ("parametric", PerfusionSettings(complete_truncated_area=True)),
+    # the rCBF reference and low-flow CBF less what the study's own noise adds to them (``perfusion.uncertainty``)
+    "parametric+tips-noisebias": ("parametric", PerfusionSettings(noise_bias_correction=True)),
     # every voxel's values counted, whether or not its region enhances measurably (diagnostic only)
     "parametric+tips-novalidity": ("parametric", PerfusionSettings(validity_masks=False)),
 }

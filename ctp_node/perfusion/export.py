@@ -24,11 +24,15 @@ def valid_arrays(maps: PerfusionMaps) -> dict[str, np.ndarray]:
 
 
 def uncertainty_arrays(maps: PerfusionMaps) -> dict[str, np.ndarray]:
-    """``cbf_sd`` (mL/100 g/min, CBF's spread under the study's noise) and ``cbf_sd_evaluated`` (bool: where it
-    was estimated; ``perfusion.uncertainty``); empty when not estimated."""
+    """``cbf_sd`` (mL/100 g/min, CBF's spread under the study's noise), ``cbf_sd_evaluated`` (bool: where it
+    was estimated; ``perfusion.uncertainty``) and ``cbf_noise_bias`` (what was taken off CBF there, so that the
+    uncorrected flow is ``cbf + cbf_noise_bias``); empty when not estimated."""
     if maps.cbf_sd is None or maps.cbf_sd_evaluated is None:
         return {}
-    return {"cbf_sd": maps.cbf_sd, "cbf_sd_evaluated": maps.cbf_sd_evaluated}
+    arrays = {"cbf_sd": maps.cbf_sd, "cbf_sd_evaluated": maps.cbf_sd_evaluated}
+    if maps.cbf_noise_bias is not None:
+        arrays["cbf_noise_bias"] = maps.cbf_noise_bias
+    return arrays
 
 
 def write_npz(path: Path, maps: PerfusionMaps) -> Path:

@@ -125,10 +125,12 @@ def lesion_masks(
     min_cluster_ml: float = MIN_CLUSTER_ML,
     normal_tmax_s: float = NORMAL_TMAX_S,
     measurable: np.ndarray | None = None,
+    reference_cbf: float | None = None,
 ) -> LesionMasks:
     """The lesion masks (module doc). ``measurable`` (Z, Y, X) bool: tissue whose curve enhances measurably
     (``validity``); the rest neither counts nor votes in any mask, nor in the reference, so a flat curve
-    is never core (its CBF of about 0 is not a measurement). None: all tissue."""
+    is never core (its CBF of about 0 is not a measurement). None: all tissue. ``reference_cbf``: the rCBF
+    reference to use (the reference voxels are still reported); None: their median CBF."""
     min_voxels = min_cluster_voxels(voxel_volume_ml, min_cluster_ml)
     voters = tissue if measurable is None else tissue & measurable
 
@@ -137,7 +139,10 @@ def lesion_masks(
 
     hypo = clean(tmax > hypoperfusion_tmax_s)
     reference_voxels = reference_region(voters, tmax, hypo, normal_tmax_s)
-    reference = float(np.median(cbf[reference_voxels])) if reference_voxels.any() else float("nan")
+    if reference_cbf is not None:
+        reference = float(reference_cbf)
+    else:
+        reference = float(np.median(cbf[reference_voxels])) if reference_voxels.any() else float("nan")
     low_flow = cbf < core_rcbf * reference if np.isfinite(reference) else np.zeros_like(tissue)
     core = clean(low_flow & hypo if core_within_hypoperfusion else low_flow)
     severe = clean(tmax > severe_tmax_s)

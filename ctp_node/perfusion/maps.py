@@ -125,6 +125,13 @@ class PerfusionSettings:
     # ... and the core volume is withheld when those replicates' core volumes spread by more than this (mL,
     # half the 95 % range; 0 = off): noise alone would move it further between two scans (``reliability``).
     noise_limit_ml: float = reliability.NOISE_LIMIT_ML
+    # ... and those replicates' shift under noise taken off (``uncertainty``; a candidate, not the default): of the
+    # rCBF reference, the median of normal tissue's CBF (a skewed mixture, which noise moves), and of low-flow
+    # tissue's CBF (the replicates' mean less their noise-free pass, pooled 3 x 3). Measured at 6 and 10 HU
+    # (docs/benchmarks.md): low-flow CBF far less noise-dependent on family B (core CBF +19 -> +10 % at 6 HU,
+    # +37 -> -3 % at 10 HU), but the core volumes no better on the whole (family A and the box residues worse),
+    # and the reference's shift is underestimated 2-3-fold where the residue model is wrong (box residues).
+    noise_bias_correction: bool = False
 
 
 @dataclass
@@ -173,6 +180,10 @@ class PerfusionMaps:
     # ``uncertainty.BAND_RCBF`` of the reference); 0 elsewhere.
     cbf_sd: np.ndarray | None = None
     cbf_sd_evaluated: np.ndarray | None = None
+    # With ``noise_bias_correction``: what was taken off those voxels' CBF (mL/100 g/min; 0 elsewhere), and the
+    # reference before its correction (``reference_cbf`` is the one the core threshold used).
+    cbf_noise_bias: np.ndarray | None = None
+    reference_cbf_measured: float | None = None
 
     @property
     def valid_masks(self) -> dict[str, np.ndarray]:
@@ -219,7 +230,7 @@ class PerfusionMaps:
             "method", "k", "grid_step_s", "arrival_time_s", "reference_cbf", "vof_scale", "voxel_volume_ml",
             "core_volume_ml", "hypoperfusion_volume_ml", "severe_hypoperfusion_volume_ml",
             "mismatch_volume_ml", "hypoperfusion_intensity_ratio", "notes", "noise_hu", "acquired_interval_s",
-            "residue_shape",
+            "residue_shape", "reference_cbf_measured",
         )  # fmt: skip
         out = {key: getattr(self, key) for key in keys}
         out["notes"] = list(self.notes)
@@ -456,11 +467,13 @@ def compute_perfusion(
             )
 
     # 5. Core and hypoperfusion.
-    def lesion_masks(cbf: np.ndarray, measurable: np.ndarray | None = None) -> lesion.LesionMasks:
+    def lesion_masks(
+        cbf: np.ndarray, measurable: np.ndarray | None = None, reference_cbf: float | None = None
+    ) -> lesion.LesionMasks:
         return lesion.lesion_masks(
             tissue, cbf, maps["tmax"], cfg.core_rcbf, cfg.hypoperfusion_tmax_s, cfg.severe_tmax_s,
             cfg.core_within_hypoperfusion, cfg.mask_majority_size, voxel_volume_ml, cfg.min_cluster_ml,
-            cfg.normal_tmax_s, measurable=measurable,
+            cfg.normal_tmax_s, measurable=measurable, reference_cbf=reference_cbf,
         )  # fmt: skip
 
     masks = lesion_masks(maps["cbf"])
@@ -477,14 +490,22 @@ def compute_perfusion(
                 invalid_ml = {k: float((m & ~checked.enhancing).sum()) * voxel_volume_ml for k, m in before.items()}
         if not all(mask[tissue].all() for mask in checked.masks().values()):
             notes.append(checked.note(tissue))
-    spread, core_noise = None, None
+    spread, core_noise, reference_measured = None, None, None
     if unfiltered is not None and first_tmax_volume is not None and cfg.uncertainty_replicates > 0:
         voters = tissue & checked.enhancing if cfg.validity_masks else tissue
         study = parametric.StudyFit(grid, aif_grid, arrival.time_s, times, cfg.residue_family, residue_shape)
-        spread, core_noise, note = _core_uncertainty(
-            unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, study, voxel_volume_ml, cfg, first_tmax_volume
+        spread, reference, step_notes = _noise_step(
+            unfiltered, maps["cbf"], masks, tissue & parenchyma, voters, study, cfg, first_tmax_volume
         )  # fmt: skip
-        notes.append(note)
+        notes.extend(step_notes)
+        if cfg.noise_bias_correction and (reference != masks.reference_cbf or spread is not None):
+            # The masks again, on the corrected flows and reference (the reference voxels do not change).
+            reference_measured = masks.reference_cbf
+            masks = lesion_masks(maps["cbf"], checked.enhancing if cfg.validity_masks else None, reference)
+        if spread is not None:
+            core_noise, note = _core_range(spread, maps["cbf"], masks, voters, voxel_volume_ml, cfg)
+            if note:
+                notes.append(note)
     del unfiltered
     result = PerfusionMaps(
         **maps, brain_mask=brain, tissue_mask=tissue, core_mask=masks.core,
@@ -502,6 +523,10 @@ def compute_perfusion(
         result.cbf_sd.reshape(-1)[spread.targets] = spread.sd
         result.cbf_sd_evaluated = np.zeros(shape, dtype=bool)
         result.cbf_sd_evaluated.reshape(-1)[spread.targets] = True
+        if cfg.noise_bias_correction:
+            result.cbf_noise_bias = np.zeros(shape, dtype=np.float32)
+            result.cbf_noise_bias.reshape(-1)[spread.targets] = spread.bias
+    result.reference_cbf_measured = reference_measured
     if residue_shape is not None:
         notes.append(f"residue: gamma shape {residue_shape:g} for the whole study (1 = exponential, inf = box)")
     elif method == "parametric" and cfg.residue_family == "gamma" and cfg.residue_shape == "study":
@@ -590,64 +615,103 @@ def _tips(
     return out, note, noise.sigma_hu, basis, unfiltered
 
 
-def _core_uncertainty(
+def _noise_step(
     curves: low_flow.UnfilteredCurves,
     cbf: np.ndarray,
     masks: lesion.LesionMasks,
     fitted_tissue: np.ndarray,
     voters: np.ndarray,
     study: parametric.StudyFit,
-    voxel_volume_ml: float | None,
     cfg: PerfusionSettings,
     first_tmax: np.ndarray,
-) -> tuple[uncertainty.CbfSpread | None, reliability.NoiseRange | None, str]:
-    """Low-flow tissue's CBF spread under the study's noise (``uncertainty``), the core volume's range over the
-    replicates and the core counted apart whose per-voxel interval reaches the threshold; and the note.
-    ``voters``: the tissue the lesion masks' majority vote counts (``lesion.lesion_masks``); ``first_tmax``
-    (Z, Y, X): the study fit's first-pass delays (``uncertainty.cbf_spread``)."""
-    if cfg.low_flow_cbf != "area" or cfg.complete_truncated_area:
-        return None, None, "CBF spread not estimated: the replicates follow the default CBF (area / fitted MTT) only"
+) -> tuple[uncertainty.CbfSpread | None, float, list[str]]:
+    """What the study's own noise does to the core's flows (``uncertainty``): low-flow tissue's CBF over the
+    replicates (the spread) and, with ``cfg.noise_bias_correction``, the rCBF reference and those flows less
+    what the noise adds to them (``cbf`` is corrected in place). Returns the spread, the reference the masks
+    use and the notes. ``voters``: the tissue the lesion masks' majority vote counts (``lesion.lesion_masks``);
+    ``first_tmax`` (Z, Y, X): the study fit's first-pass delays (``uncertainty.cbf_spread``)."""
     reference = masks.reference_cbf
+    if cfg.low_flow_cbf != "area" or cfg.complete_truncated_area:
+        why = "the replicates follow the default CBF (area / fitted MTT) only"
+        return None, reference, [f"CBF spread not estimated: {why}"]
     if not (np.isfinite(reference) and reference > 0):
-        return None, None, "CBF spread not estimated: no normally perfused reference tissue"
+        return None, reference, ["CBF spread not estimated: no normally perfused reference tissue"]
+    notes: list[str] = []
+    size = denoise.median_window(cfg.mtt_median_mm, cfg.pixel_mm or DEFAULT_PIXEL_MM)
+    if cfg.noise_bias_correction and masks.reference is not None:
+        # The reference is the median of a skewed mixture (white and grey matter, CBF's heavy upper tail under
+        # noise): noise moves it, by +9 % on family A and +36 % on box residues at 6 HU (docs/benchmarks.md).
+        shift = uncertainty.reference_shift(
+            curves, masks.reference, fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
+        )  # fmt: skip
+        if shift is not None and abs(shift) > uncertainty.MAX_REFERENCE_SHIFT * reference:
+            notes.append(
+                f"rCBF reference not corrected for noise: the replicates moved its median by {shift:+.1f} "
+                f"mL/100 g/min, more than {uncertainty.MAX_REFERENCE_SHIFT:.0%} of it"
+            )
+        elif shift is not None:
+            notes.append(
+                f"rCBF reference {reference - shift:.1f} mL/100 g/min: normal tissue's median CBF {reference:.1f} "
+                f"less the {shift:+.1f} the study's own noise adds to it ({cfg.uncertainty_replicates} replicates)"
+            )
+            reference -= shift
     # Where a replicate's core can lie: the core is cleaned by the same majority vote, and a voxel whose
     # neighbourhood mostly reads above BAND_RCBF would need most of it misread by half. So: the majority of the
     # voxels below BAND_RCBF (isolated noisy voxels out), widened by one voxel (its rim can still flip).
-    threshold = cfg.core_rcbf * reference
     candidates = lesion.majority(voters & (cbf < uncertainty.BAND_RCBF * reference), voters, cfg.mask_majority_size)
     reach = max(cfg.mask_majority_size // 2, 1)
     region = ndimage.binary_dilation(candidates, np.ones((1, 2 * reach + 1, 2 * reach + 1), bool)) & voters
     region &= fitted_tissue
-    size = denoise.median_window(cfg.mtt_median_mm, cfg.pixel_mm or DEFAULT_PIXEL_MM)
     spread = uncertainty.cbf_spread(
         curves, np.flatnonzero(region), fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
     )
     if spread is None:
-        return None, None, "CBF spread not estimated: no low-flow tissue or no noise measured"
-    note = (
+        return None, reference, [*notes, "CBF spread not estimated: no low-flow tissue or no noise measured"]
+    notes.append(
         f"CBF spread of {spread.targets.size} voxels at or near flow below {uncertainty.BAND_RCBF:g} of the "
         f"reference from {spread.replicates} replicates of the study with its own noise added"
     )
+    if cfg.noise_bias_correction:
+        flat = cbf.reshape(-1)
+        flat[spread.targets] = np.maximum(flat[spread.targets] - spread.bias, 0.0)
+        notes.append(
+            f"CBF of those voxels less what the noise adds to it (median {float(np.median(spread.bias)):+.2f} "
+            "mL/100 g/min; CBV and MTT as fitted)"
+        )
+    return spread, reference, notes
+
+
+def _core_range(
+    spread: uncertainty.CbfSpread,
+    cbf: np.ndarray,
+    masks: lesion.LesionMasks,
+    voters: np.ndarray,
+    voxel_volume_ml: float | None,
+    cfg: PerfusionSettings,
+) -> tuple[reliability.NoiseRange | None, str]:
+    """The core volume's range over the replicates of ``spread`` (each less the same noise bias as the study's
+    flows when those were corrected) and the core counted apart whose per-voxel interval reaches the
+    threshold; and the note."""
     if voxel_volume_ml is None:
-        return spread, None, note
-    # Every replicate's core lies inside ``region`` (see above): its masks are cleaned on a box around it, with
-    # the majority vote's reach to spare.
-    zs, ys, xs = np.nonzero(region)
+        return None, ""
+    threshold = cfg.core_rcbf * masks.reference_cbf
+    reach = max(cfg.mask_majority_size // 2, 1)
+    # Every replicate's core lies inside the evaluated region (``_noise_step``): its masks are cleaned on a box
+    # around it, with the majority vote's reach to spare.
+    zs, ys, xs = np.unravel_index(spread.targets, cbf.shape)
     box = (
         slice(int(zs.min()), int(zs.max()) + 1),
         slice(max(int(ys.min()) - reach, 0), int(ys.max()) + reach + 1),
         slice(max(int(xs.min()) - reach, 0), int(xs.max()) + reach + 1),
     )
-    local = np.ravel_multi_index(
-        tuple(i - b.start for i, b in zip(np.unravel_index(spread.targets, cbf.shape), box, strict=True)),
-        cbf[box].shape,
-    )
+    local = np.ravel_multi_index(tuple(i - b.start for i, b in zip((zs, ys, xs), box, strict=True)), cbf[box].shape)
     hypo = masks.hypoperfusion[box] if cfg.core_within_hypoperfusion else None
     min_voxels = lesion.min_cluster_voxels(voxel_volume_ml, cfg.min_cluster_ml)
+    offset = spread.bias if cfg.noise_bias_correction else 0.0
     volumes = []
     for values in spread.values:
         trial = cbf[box].copy()
-        trial.reshape(-1)[local] = values
+        trial.reshape(-1)[local] = np.maximum(values - offset, 0.0)
         low = trial < threshold if hypo is None else (trial < threshold) & hypo
         core = lesion.clean_mask(low, voters[box], cfg.mask_majority_size, min_voxels)
         volumes.append(float(core.sum()) * voxel_volume_ml)
@@ -660,13 +724,9 @@ def _core_uncertainty(
     noise = reliability.NoiseRange(
         low_ml=max(measured - half, 0.0), high_ml=measured + half, uncertain_ml=uncertain, replicates=len(volumes)
     )
-    return (
-        spread,
-        noise,
-        (
-            f"{note}: core {measured:.1f} mL, {noise.low_ml:.1f}-{noise.high_ml:.1f} mL over them (95 %); "
-            f"{uncertain:.1f} mL of it within its voxels' own noise of the {cfg.core_rcbf:g} rCBF threshold"
-        ),
+    return noise, (
+        f"core {measured:.1f} mL, {noise.low_ml:.1f}-{noise.high_ml:.1f} mL over the replicates (95 %); "
+        f"{uncertain:.1f} mL of it within its voxels' own noise of the {cfg.core_rcbf:g} rCBF threshold"
     )
 
 

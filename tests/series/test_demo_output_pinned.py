@@ -3,9 +3,11 @@
 The reference (``data/demo_output_pixels.npz``, int16 stored values of the 488 derived images in
 InstanceNumber order) was written by the pipeline before the issue-12 restructuring, with the shipped
 demo weights, the checkpoint's recommended sampler (DDIM, 2 steps) and seed 0, on CPU. The same CPU
-kernel family (``torch.backends.cpu.get_cpu_capability()``) must reproduce it bit for bit; on another
-instruction set float rounding may move a few stored values by one unit, which is all that is allowed
-there.
+kernel family (``torch.backends.cpu.get_cpu_capability()``) reproduces it bit for bit on the machine that
+wrote it and to within a handful of values elsewhere (``SAME_FAMILY_MAX_CHANGED``: on a Sapphire Rapids Xeon,
+also "AVX512", one of the 1,998,848 values came out one unit off on 2026-12-08, the library's kernels
+differing by CPU generation); on another instruction set float rounding may move a few stored values by one
+unit, which is all that is allowed there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from model.checkpoint import DEMO_WEIGHTS
 REFERENCE = Path(__file__).parent / "data" / "demo_output_pixels.npz"
 REFERENCE_SHA256 = "8438202254b50ae5710f72c1fb4dd3dd0c5aa8bd3f0fc866e0160270af55d415"
 REFERENCE_CPU = "AVX512"
+SAME_FAMILY_MAX_CHANGED = 10  # stored values that may move by one unit on another CPU of the reference's family
 
 
 def _demo_series_pixels(tmp_path: Path) -> np.ndarray:
@@ -53,8 +56,8 @@ def test_demo_study_synthetic_series_is_unchanged(tmp_path):
     reference = np.load(REFERENCE)["pixels"]
     assert hashlib.sha256(reference.tobytes()).hexdigest() == REFERENCE_SHA256  # the stored file itself
     assert pixels.shape == reference.shape
+    difference = np.abs(pixels.astype(np.int32) - reference)
     if torch.backends.cpu.get_cpu_capability() == REFERENCE_CPU:
-        assert hashlib.sha256(pixels.tobytes()).hexdigest() == REFERENCE_SHA256
+        assert difference.max() <= 1 and (difference > 0).sum() <= SAME_FAMILY_MAX_CHANGED, (difference > 0).sum()
     else:
-        difference = np.abs(pixels.astype(np.int32) - reference)
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
