@@ -4,10 +4,10 @@ The reference (``data/demo_output_pixels.npz``, int16 stored values of the 488 d
 InstanceNumber order) was written by the pipeline before the issue-12 restructuring, with the shipped
 demo weights, the checkpoint's recommended sampler (DDIM, 2 steps) and seed 0, on CPU. The same CPU
 kernel family (``torch.backends.cpu.get_cpu_capability()``) reproduces it bit for bit on the machine that
-wrote it and to within a handful of values elsewhere (``SAME_FAMILY_MAX_CHANGED``: on a Sapphire Rapids Xeon,
-also "AVX512", one of the 1,998,848 values came out one unit off on 2026-12-08, the library's kernels
-differing by CPU generation); on another instruction set float rounding may move a few stored values by one
-unit, which is all that is allowed there.
+wrote it and to within a handful of values elsewhere (``SAME_FAMILY_MAX_CHANGED``: on an Intel Xeon with
+AVX-512 FP16 and BF16, Sapphire Rapids or later, also "AVX512", one of the 1,998,848 values came out one unit
+off on 2026-12-08, the libraries' kernels differing by CPU generation); on another instruction set float
+rounding may move a few stored values by one unit, which is all that is allowed there.
 """
 
 from __future__ import annotations
