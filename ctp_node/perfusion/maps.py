@@ -641,9 +641,11 @@ def _noise_step(
     if cfg.noise_bias_correction and masks.reference is not None:
         # The reference is the median of a skewed mixture (white and grey matter, CBF's heavy upper tail under
         # noise): noise moves it, by +9 % on family A and +36 % on box residues at 6 HU (docs/benchmarks.md).
-        shift = uncertainty.reference_shift(
-            curves, masks.reference, fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
-        )  # fmt: skip
+        sample = uncertainty.reference_sample(masks.reference, fitted_tissue)
+        normal = uncertainty.cbf_spread(
+            curves, sample, fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
+        )
+        shift = None if normal is None else uncertainty.median_shift(normal)
         if shift is not None and abs(shift) > uncertainty.MAX_REFERENCE_SHIFT * reference:
             notes.append(
                 f"rCBF reference not corrected for noise: the replicates moved its median by {shift:+.1f} "

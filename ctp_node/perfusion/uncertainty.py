@@ -31,9 +31,9 @@ Two outputs:
 A third, behind a setting that is off by default (``PerfusionSettings.noise_bias_correction``): what the noise
 adds on average. One more pass with no noise added is the baseline; the replicates' mean CBF less it, per
 low-flow voxel (``CbfSpread.bias``), and the replicates' median less its median over a sample of the rCBF
-reference tissue (``reference_shift``: that median sits in white matter's upper tail, where noise moves it). Where
-the residue model fits the estimates follow what the noise does on the phantoms; the core volumes were no
-better for taking them off (docs/benchmarks.md, "measured, not adopted").
+reference tissue (``median_shift`` over a ``reference_sample``: that median sits in white matter's upper tail,
+where noise moves it). Where the residue model fits the estimates follow what the noise does on the phantoms;
+the core volumes were no better for taking them off (docs/benchmarks.md, "measured, not adopted").
 
 What it does not capture: bias other than the noise's. A systematic error (the truncation of a slow curve by
 the end of the acquisition, a wrong residue shape, a filter that mixes a small core with its rim) moves every
@@ -229,29 +229,21 @@ def cbf_spread(
     )  # fmt: skip
 
 
-def reference_shift(
-    curves: UnfilteredCurves,
-    reference: np.ndarray,
-    fitted_region: np.ndarray,
-    study: parametric.StudyFit,
-    k: float,
-    median_size: int,
-    first_tmax_s: np.ndarray,
-    replicates: int = REPLICATES,
-    seed: int = SEED,
-    sample: int = REFERENCE_SAMPLE,
-) -> float | None:
-    """How far the study's own noise moves the median CBF of ``reference`` (Z, Y, X) bool, the normal tissue
-    the rCBF reference is the median of (module doc): the replicates' medians, averaged, less the noise-free
-    replicate's, over a fixed random ``sample`` of its voxels (the median of a few thousand voxels is within a
-    few tenths of a percent of the region's). None: no reference voxel fitted or no noise."""
+def reference_sample(
+    reference: np.ndarray, fitted_region: np.ndarray, seed: int = SEED, sample: int = REFERENCE_SAMPLE
+) -> np.ndarray:
+    """A fixed random ``sample`` (sorted flat indices) of the fitted voxels of ``reference`` (Z, Y, X) bool, the
+    normal tissue the rCBF reference is the median of: the median of a few thousand voxels is within a few
+    tenths of a percent of the region's, and the replicates cost what their voxels cost."""
     pool = np.flatnonzero(reference & fitted_region)
     if pool.size == 0:
-        return None
-    chosen = np.sort(np.random.default_rng(seed).choice(pool, min(sample, pool.size), replace=False))
-    spread = cbf_spread(curves, chosen, fitted_region, study, k, median_size, first_tmax_s, replicates, seed)
-    if spread is None:
-        return None
+        return pool
+    return np.sort(np.random.default_rng(seed).choice(pool, min(sample, pool.size), replace=False))
+
+
+def median_shift(spread: CbfSpread) -> float:
+    """How far the noise moves the median CBF of ``spread``'s targets: the replicates' medians, averaged, less
+    the noise-free pass's median (module doc)."""
     return float(np.mean(np.median(spread.values, axis=1)) - np.median(spread.noise_free))
 
 
