@@ -523,7 +523,7 @@ def compute_perfusion(
         result.cbf_sd.reshape(-1)[spread.targets] = spread.sd
         result.cbf_sd_evaluated = np.zeros(shape, dtype=bool)
         result.cbf_sd_evaluated.reshape(-1)[spread.targets] = True
-        if cfg.noise_bias_correction:
+        if spread.bias is not None:
             result.cbf_noise_bias = np.zeros(shape, dtype=np.float32)
             result.cbf_noise_bias.reshape(-1)[spread.targets] = spread.bias
     result.reference_cbf_measured = reference_measured
@@ -643,8 +643,9 @@ def _noise_step(
         # noise): noise moves it, by +9 % on family A and +36 % on box residues at 6 HU (docs/benchmarks.md).
         sample = uncertainty.reference_sample(masks.reference, fitted_tissue)
         normal = uncertainty.cbf_spread(
-            curves, sample, fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
-        )
+            curves, sample, fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates,
+            noise_free_pass=True,
+        )  # fmt: skip
         shift = None if normal is None else uncertainty.median_shift(normal)
         if shift is not None and abs(shift) > uncertainty.MAX_REFERENCE_SHIFT * reference:
             notes.append(
@@ -665,15 +666,16 @@ def _noise_step(
     region = ndimage.binary_dilation(candidates, np.ones((1, 2 * reach + 1, 2 * reach + 1), bool)) & voters
     region &= fitted_tissue
     spread = uncertainty.cbf_spread(
-        curves, np.flatnonzero(region), fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates
-    )
+        curves, np.flatnonzero(region), fitted_tissue, study, cfg.k, size, first_tmax, cfg.uncertainty_replicates,
+        noise_free_pass=cfg.noise_bias_correction,
+    )  # fmt: skip
     if spread is None:
         return None, reference, [*notes, "CBF spread not estimated: no low-flow tissue or no noise measured"]
     notes.append(
         f"CBF spread of {spread.targets.size} voxels at or near flow below {uncertainty.BAND_RCBF:g} of the "
         f"reference from {spread.replicates} replicates of the study with its own noise added"
     )
-    if cfg.noise_bias_correction:
+    if spread.bias is not None:
         flat = cbf.reshape(-1)
         flat[spread.targets] = np.maximum(flat[spread.targets] - spread.bias, 0.0)
         notes.append(
@@ -709,7 +711,7 @@ def _core_range(
     local = np.ravel_multi_index(tuple(i - b.start for i, b in zip((zs, ys, xs), box, strict=True)), cbf[box].shape)
     hypo = masks.hypoperfusion[box] if cfg.core_within_hypoperfusion else None
     min_voxels = lesion.min_cluster_voxels(voxel_volume_ml, cfg.min_cluster_ml)
-    offset = spread.bias if cfg.noise_bias_correction else 0.0
+    offset = 0.0 if spread.bias is None else spread.bias
     volumes = []
     for values in spread.values:
         trial = cbf[box].copy()

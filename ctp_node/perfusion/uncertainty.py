@@ -73,11 +73,12 @@ class CbfSpread:
     sd: np.ndarray  # (n,) mL/100 g/min, robust (``_robust_sd``), pooled over POOL_SIZE x POOL_SIZE neighbours
     replicates: int
     values: np.ndarray  # (replicates, n) each replicate's CBF
-    # (n,) the replicate with no noise added (the same steps on the study's filtered curves): what the noise
-    # is measured against; and what the noise adds to each voxel's CBF on average (replicates' mean less it,
-    # median-pooled over POOL_SIZE x POOL_SIZE neighbours, ``_pooled``).
-    noise_free: np.ndarray
-    bias: np.ndarray
+    # With ``cbf_spread(noise_free_pass=True)``, else None: (n,) the replicate with no noise added (the same
+    # steps on the study's filtered curves), what the noise is measured against; and what the noise adds to
+    # each voxel's CBF on average (replicates' mean less it, median-pooled over POOL_SIZE x POOL_SIZE
+    # neighbours, ``_pooled``).
+    noise_free: np.ndarray | None = None
+    bias: np.ndarray | None = None
 
 
 def noise_kernel(noise_image: np.ndarray, mask: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -148,6 +149,7 @@ def cbf_spread(
     seed: int = SEED,
     noise_scale: float = 1.0,
     from_filtered: bool = True,
+    noise_free_pass: bool = False,
 ) -> CbfSpread | None:
     """CBF of ``targets`` (flat indices into the volume) over ``replicates`` noise-injected copies of the study
     (module doc). ``fitted_region`` (Z, Y, X) bool: the parenchyma the study's fit and MTT median ran on;
@@ -157,7 +159,8 @@ def cbf_spread(
     ``noise_scale``: of the study's noise (0: the study's own analysis, repeated; for tests).
     ``from_filtered``: the replicates are the study's filtered curves plus noise (the parametric bootstrap: data
     drawn from the fitted model at the study's noise level); False: its unfiltered curves plus noise (for
-    tests). None: no targets or no noise."""
+    tests). ``noise_free_pass``: one more pass with no noise added (``CbfSpread.noise_free`` and ``bias``).
+    None: no targets or no noise."""
     targets = np.asarray(targets, dtype=np.int64)
     shape = fitted_region.shape
     scales = curves.scales
@@ -193,11 +196,12 @@ def cbf_spread(
     area_scale = k * 100.0 / float(np.sum(study.aif_grid))
     rng = np.random.default_rng(seed)
     fields = correlated_noise(rng, coef.shape, kernel, replicates) if noise_scale > 0 else None
-    # One more pass after the replicates: the same steps with no noise added (``CbfSpread.noise_free``).
-    values = np.empty((replicates + 1, targets.size), dtype=np.float64)
+    # With ``noise_free_pass``, one more pass after the replicates: the same steps with no noise added.
+    passes = replicates + int(noise_free_pass)
+    values = np.empty((passes, targets.size), dtype=np.float64)
     noisy = np.empty_like(coef)  # one buffer for every replicate
     outside = ~mask
-    for r in range(replicates + 1):
+    for r in range(passes):
         if fields is not None and r < replicates:
             np.einsum("kl,l...->k...", mixing, fields[r], out=noisy)
             noisy *= sigma
@@ -221,11 +225,12 @@ def cbf_spread(
         mtt_t = mtt_volume.reshape(-1)[local_targets].astype(np.float64)
         cbv = area[local_targets] * area_scale
         values[r] = np.where(mtt_t > 0, np.maximum(cbv, 0.0) / np.where(mtt_t > 0, mtt_t, 1.0) * 60.0, 0.0)
-    noisy_values, noise_free = values[:replicates], values[replicates]
+    noisy_values = values[:replicates]
+    noise_free = values[replicates] if noise_free_pass else None
+    bias = None if noise_free is None else _pooled(noisy_values.mean(axis=0) - noise_free, target_mask, targets)
     return CbfSpread(
         targets=targets, sd=_robust_sd(noisy_values, target_mask, targets), replicates=replicates,
-        values=noisy_values, noise_free=noise_free,
-        bias=_pooled(noisy_values.mean(axis=0) - noise_free, target_mask, targets),
+        values=noisy_values, noise_free=noise_free, bias=bias,
     )  # fmt: skip
 
 
@@ -243,7 +248,9 @@ def reference_sample(
 
 def median_shift(spread: CbfSpread) -> float:
     """How far the noise moves the median CBF of ``spread``'s targets: the replicates' medians, averaged, less
-    the noise-free pass's median (module doc)."""
+    the noise-free pass's median (module doc; ``spread`` from ``cbf_spread(noise_free_pass=True)``)."""
+    if spread.noise_free is None:
+        raise ValueError("median_shift needs the noise-free pass: cbf_spread(..., noise_free_pass=True)")
     return float(np.mean(np.median(spread.values, axis=1)) - np.median(spread.noise_free))
 
 

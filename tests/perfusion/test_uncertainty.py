@@ -159,7 +159,9 @@ def test_replicates_that_repeat_the_study_give_its_core_exactly(monkeypatch):
         spread = original(curves, targets, *args, **kwargs)
         study = holder["cbf"].reshape(-1)[spread.targets]
         # Every replicate is the study, and so is the noise-free pass: noise moves nothing, nothing is corrected.
-        return unc.CbfSpread(spread.targets, spread.sd, 3, np.stack([study] * 3), study, np.zeros(study.size))
+        pass_ = kwargs.get("noise_free_pass", False)
+        zero = np.zeros(study.size) if pass_ else None
+        return unc.CbfSpread(spread.targets, spread.sd, 3, np.stack([study] * 3), study if pass_ else None, zero)
 
     holder["cbf"] = head_maps(hu, uncertainty_replicates=0).cbf
     monkeypatch.setattr(unc, "cbf_spread", repeated)
