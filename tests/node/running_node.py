@@ -9,7 +9,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -64,8 +63,8 @@ class RunningNode:
         self.workdir.mkdir()
         dicom = {"network_timeout_s": timeout_s, "acse_timeout_s": timeout_s, "max_associations": 10, **dicom}
         # A port that was free when chosen can be taken before the node binds it (CI saw it once: the node
-        # exited with "Address already in use" while another process answered on the port). The node's own
-        # log says when it listens; a port taken meanwhile is chosen again.
+        # exited with "Address already in use" while another process answered on the port). ``wait_for_port``
+        # waits for the node's own socket; when the node says it could not bind, another port is chosen.
         for _ in range(PORT_ATTEMPTS):
             self.metrics_port = free_port()
             self.settings = node_settings(
@@ -82,28 +81,15 @@ class RunningNode:
                     cwd=self.workdir,
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
                 )
-            if self._listening(start):
-                break
-            stop_process(self.proc)
-        else:
-            raise RuntimeError(f"ctp-node serve found every port taken ({PORT_ATTEMPTS} tries): {self.log}")
-        wait_for_port(self.port, self.proc, "ctp-node serve")
-
-    def _listening(self, start: int, timeout_s: float = 30.0) -> bool:
-        """True once the node's log (from byte ``start``) says it listens on its port; False when it could not
-        bind it; RuntimeError when it exited otherwise, TimeoutError after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            text = self.log.read_bytes()[start:].decode(errors="replace")
-            if f"listening as CTPNODE on 127.0.0.1:{self.port}" in text:
-                return True
-            if f"cannot listen on 127.0.0.1:{self.port}" in text:
-                return False
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ctp-node serve exited with {self.proc.returncode}: {text[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ctp-node serve did not say it listens within {timeout_s} s: {text[-2000:]}")
-            time.sleep(0.05)
+            try:
+                wait_for_port(self.port, self.proc, "ctp-node serve", timeout_s=30)
+                return
+            except RuntimeError:
+                said = self.log.read_bytes()[start:].decode(errors="replace")
+                if "cannot listen on" not in said:
+                    raise RuntimeError(f"ctp-node serve exited before listening: {said[-2000:]}") from None
+                stop_process(self.proc)
+        raise RuntimeError(f"ctp-node serve found every port taken ({PORT_ATTEMPTS} tries): {self.log}")
 
     def echo(self, tls: ssl.SSLContext | None = None, source: str = "127.0.0.1") -> bool:
         ae = AE(ae_title="SCANNER")
