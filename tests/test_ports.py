@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,52 +20,48 @@ LISTEN_THEN_SLEEP = (
 )
 
 
+@contextlib.contextmanager
+def started(code: str, *args: str):
+    """``python -c code args`` in a session of its own, killed with everything it started afterwards."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def test_returns_once_the_process_listens():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)\n" + LISTEN_THEN_SLEEP, str(port)])
-    try:
+    with started("import time; time.sleep(0.3)\n" + LISTEN_THEN_SLEEP, str(port)) as proc:
         wait_for_port(port, proc, "listener", timeout_s=10)
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_a_stranger_on_the_port_is_not_the_process():
     """The port is taken by someone else (here: this test); the process waited for fails to bind and exits.
     The wait must report that, not return because something answered on the port."""
-    stranger = socket.socket()
-    stranger.bind(("127.0.0.1", 0))
-    stranger.listen()
-    port = stranger.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
-    try:
-        with pytest.raises(RuntimeError, match="exited with 3 before listening.*another process listens there"):
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        expected = "exited with 3 before listening.*another process listens there"
+        with (
+            started("import time; time.sleep(0.5); raise SystemExit(3)") as proc,
+            pytest.raises(RuntimeError, match=expected),
+        ):
             wait_for_port(port, proc, "server", timeout_s=10)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        stranger.close()
 
 
 def test_a_listening_child_counts_as_the_process():
     """Servers that fork (PostgreSQL, nginx) or run under a wrapper listen from a child."""
     port = free_port()
     child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {LISTEN_THEN_SLEEP!r}, '{port}'])"
-    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
-    try:
+    with started(child) as proc:
         wait_for_port(port, proc, "wrapper", timeout_s=10)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and its listening child
-        proc.wait(timeout=10)
 
 
 def test_no_listener_times_out():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
-    try:
-        with pytest.raises(TimeoutError, match="did not listen"):
-            wait_for_port(port, proc, "sleeper", timeout_s=0.5)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    with started("import time; time.sleep(5)") as proc, pytest.raises(TimeoutError, match="did not listen"):
+        wait_for_port(free_port(), proc, "sleeper", timeout_s=0.5)
